@@ -1,0 +1,49 @@
+"""The errors lossx raises. Each carries the exit code the CLI maps it to.
+
+Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment
+(e.g. a requested execution provider is not really available), 4 the exporter failed.
+"""
+
+
+class LossxError(Exception):
+    """Base class: a problem the user can act on, reported as one line."""
+
+    exit_code = 2
+
+
+class ArtifactError(LossxError):
+    """An artifact directory, manifest or ONNX file is missing, corrupt or inconsistent."""
+
+
+class DataError(LossxError):
+    """A CIFAR-10 data source is missing, malformed or unsafe."""
+
+
+class CheckpointError(LossxError):
+    """A checkpoint cannot be loaded safely or does not fit the model."""
+
+
+class SpecError(LossxError):
+    """An unknown model or loss name, or an option value out of range."""
+
+
+class ParityError(LossxError):
+    """ONNX Runtime and eager PyTorch disagree beyond tolerance."""
+
+    exit_code = 1
+
+
+class EnvironmentProblem(LossxError):
+    """This machine lacks something lossx needs (a working provider, a network)."""
+
+    exit_code = 3
+
+
+class ProviderError(EnvironmentProblem):
+    """A requested execution provider cannot really be used."""
+
+
+class ExportError(LossxError):
+    """torch.onnx failed to export a graph."""
+
+    exit_code = 4

@@ -1,0 +1,214 @@
+"""An exported artifact: a directory of ONNX graphs, a weights file and `manifest.json`.
+
+`load_artifact` verifies every file's sha256 against the manifest before anything runs, and
+each session's inputs and outputs against the manifest's description of its graph.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from lossx.errors import ArtifactError
+from lossx.runtime.graphs import GraphSpec, TensorSpec
+from lossx.runtime.session import open_session
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "lossx-artifact"
+FORMAT_VERSION = 1
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph of an artifact: its spec and the opset/IR version it was written with."""
+
+    spec: GraphSpec
+    opset: int
+    ir_version: int
+
+    def to_dict(self) -> dict:
+        return {
+            "file": self.spec.file,
+            "kind": self.spec.kind,
+            "loss": self.spec.loss,
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "inputs": [t.to_dict() for t in self.spec.inputs],
+            "outputs": [t.to_dict() for t in self.spec.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GraphEntry":
+        file = data["file"]
+        if not file.endswith(".onnx"):
+            raise ValueError(f"graph file {file!r} does not end in .onnx")
+        spec = GraphSpec(
+            stem=file.removesuffix(".onnx"),
+            kind=data["kind"],
+            loss=data["loss"],
+            inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+        )
+        return cls(spec, int(data["opset"]), int(data["ir_version"]))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to use an artifact correctly, as written to `manifest.json`."""
+
+    model: str
+    opset: int
+    class_names: tuple[str, ...]
+    preprocessing: dict
+    losses: tuple[dict, ...]  # [{"name": "ce", "options": {"reduction": "mean"}}, ...]
+    weights: dict  # {"file": "weights.npz", "source": "seed" | "checkpoint", ...}
+    graphs: tuple[GraphEntry, ...]
+    files: dict[str, dict]  # file name -> {"sha256": ..., "bytes": ...}, every file listed
+    producer: dict[str, str]  # package versions that produced the artifact
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "opset": self.opset,
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing,
+            "losses": list(self.losses),
+            "weights": self.weights,
+            "graphs": [g.to_dict() for g in self.graphs],
+            "files": self.files,
+            "producer": self.producer,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"not a {FORMAT} version {FORMAT_VERSION} manifest")
+        return cls(
+            model=data["model"],
+            opset=int(data["opset"]),
+            class_names=tuple(data["class_names"]),
+            preprocessing=dict(data["preprocessing"]),
+            losses=tuple(data["losses"]),
+            weights=dict(data["weights"]),
+            graphs=tuple(GraphEntry.from_dict(g) for g in data["graphs"]),
+            files={name: dict(info) for name, info in data["files"].items()},
+            producer=dict(data["producer"]),
+        )
+
+    @property
+    def loss_names(self) -> list[str]:
+        return [loss["name"] for loss in self.losses]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A verified artifact directory. Sessions open lazily, one per graph and provider."""
+
+    path: Path
+    manifest: Manifest
+    _sessions: dict = field(default_factory=dict, repr=False)
+
+    def graph(self, stem: str) -> GraphEntry:
+        for entry in self.manifest.graphs:
+            if entry.spec.stem == stem:
+                return entry
+        raise ArtifactError(f"{self.path}: the artifact has no graph {stem}.onnx")
+
+    def has_graph(self, stem: str) -> bool:
+        return any(entry.spec.stem == stem for entry in self.manifest.graphs)
+
+    def session(
+        self, stem: str, provider: str = "cpu", threads: int | None = None
+    ) -> ort.InferenceSession:
+        """An ONNX Runtime session for graph `stem`, checked against the manifest."""
+        key = (stem, provider, threads)
+        if key not in self._sessions:
+            entry = self.graph(stem)
+            session = open_session(self.path / entry.spec.file, provider, threads)
+            check_signature(session, entry.spec)
+            self._sessions[key] = session
+        return self._sessions[key]
+
+
+def check_signature(session: ort.InferenceSession, spec: GraphSpec) -> None:
+    """Refuse a session whose input/output names, dtypes or ranks differ from `spec`."""
+    for role, actual, declared in (
+        ("inputs", session.get_inputs(), spec.inputs),
+        ("outputs", session.get_outputs(), spec.outputs),
+    ):
+        got = [(a.name, _ORT_DTYPES.get(a.type, a.type), len(a.shape)) for a in actual]
+        want = [(t.name, t.dtype, len(t.shape)) for t in declared]
+        if got != want:
+            raise ArtifactError(
+                f"{spec.file}: graph {role} {_describe(got)} differ from the manifest's "
+                f"{_describe(want)}"
+            )
+
+
+def _describe(signature: list[tuple[str, str, int]]) -> str:
+    return "[" + ", ".join(f"{name}:{dtype}/rank {rank}" for name, dtype, rank in signature) + "]"
+
+
+def _safe_member(root: Path, name: object) -> Path:
+    """The path of a file the manifest lists, refusing anything that leaves the artifact."""
+    if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
+        raise ArtifactError(f"{root / MANIFEST_FILE}: file name {name!r} is not a plain file name")
+    path = root / name
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(f"{path}: refusing a link; artifact files must be regular files")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: listed in the manifest but missing")
+    return path
+
+
+def load_manifest(artifact_dir: Path) -> Manifest:
+    """Read and parse `manifest.json` without verifying the files it lists."""
+    artifact_dir = Path(artifact_dir)
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"artifact directory {artifact_dir} does not exist")
+    manifest_path = artifact_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ArtifactError(
+            f"{artifact_dir}: no {MANIFEST_FILE}, not a lossx artifact (create one with lossx export)"
+        )
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{manifest_path}: not valid JSON ({e})") from None
+    try:
+        return Manifest.from_dict(data)
+    except KeyError as e:
+        raise ArtifactError(f"{manifest_path}: missing key {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{manifest_path}: malformed ({e})") from None
+
+
+def load_artifact(artifact_dir: Path) -> Artifact:
+    """Load an artifact directory, verifying every file's sha256 against the manifest."""
+    artifact_dir = Path(artifact_dir)
+    manifest = load_manifest(artifact_dir)
+    listed = set(manifest.files)
+    for entry in manifest.graphs:
+        if entry.spec.file not in listed:
+            raise ArtifactError(f"{artifact_dir / MANIFEST_FILE}: {entry.spec.file} has no sha256")
+    for name, info in manifest.files.items():
+        path = _safe_member(artifact_dir, name)
+        expected = info.get("sha256") if isinstance(info, dict) else None
+        if sha256_of(path) != expected:
+            raise ArtifactError(
+                f"{path}: sha256 does not match the manifest (file changed or corrupt)"
+            )
+    return Artifact(artifact_dir, manifest)

@@ -1,0 +1,202 @@
+"""A torch-free CIFAR-10 reader: the standard `cifar-10-batches-py` layout or the packaged sample.
+
+The batch files are Python pickles. Unpickling runs whatever a file asks for, so the reader
+uses an unpickler that admits only what a CIFAR-10 batch holds (numpy array reconstruction and
+plain containers) and refuses anything else before it runs.
+"""
+
+import codecs
+import io
+import pickle
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from lossx.errors import DataError
+
+CLASS_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+BATCHES_DIR = "cifar-10-batches-py"
+SPLIT_FILES = {
+    "test": ("test_batch",),
+    "train": tuple(f"data_batch_{k}" for k in range(1, 6)),
+}
+SAMPLE_RESOURCE = "cifar10_test_subset.npz"
+_PIXELS = 32 * 32 * 3
+
+
+@dataclass(frozen=True)
+class Cifar10Split:
+    """Decoded images, uint8 [N,32,32,3] HWC RGB, with int64 labels [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, limit: int | None) -> "Cifar10Split":
+        """The first `limit` images (all of them when `limit` is None)."""
+        if limit is None:
+            return self
+        return Cifar10Split(self.images[:limit], self.labels[:limit], self.class_names, self.source)
+
+
+_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's array reconstructor, whatever its module
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # how Python 3 pickles bytes at protocol 2
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays"
+            ) from None
+
+
+def _unpickle(path: Path) -> object:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return _BatchUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except Exception as e:  # any malformed pickle: report it in one line
+        raise DataError(f"{path}: not a CIFAR-10 batch ({e})") from None
+
+
+def _str_keys(obj: object, path: Path) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR-10 batch (holds {type(obj).__name__}, not dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _validated(images: object, labels: object, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check a batch's arrays; return images as uint8 [N,32,32,3] and labels as int64 [N]."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        kind = getattr(images, "dtype", type(images).__name__)
+        raise DataError(f"{where}: images must be a uint8 array, got {kind}")
+    if images.ndim == 2 and images.shape[1] == _PIXELS:  # official layout: R, G, B planes
+        images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise DataError(
+            f"{where}: images must have shape [N,3072] or [N,32,32,3], got {list(images.shape)}"
+        )
+    try:
+        label_array = np.asarray(labels)
+    except Exception:
+        label_array = np.empty(0, dtype=object)
+    if label_array.ndim != 1 or not np.issubdtype(label_array.dtype, np.integer):
+        raise DataError(f"{where}: labels must be a list of integers")
+    if len(label_array) != len(images):
+        raise DataError(f"{where}: {len(images)} images but {len(label_array)} labels")
+    bad = (label_array < 0) | (label_array >= len(CLASS_NAMES))
+    if bad.any():
+        raise DataError(
+            f"{where}: label {int(label_array[bad][0])} out of range 0..{len(CLASS_NAMES) - 1}"
+        )
+    return images, label_array.astype(np.int64)
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one `cifar-10-batches-py` batch file: images uint8 [N,32,32,3], labels int64 [N]."""
+    batch = _str_keys(_unpickle(path), path)
+    missing = {"data", "labels"} - batch.keys()
+    if missing:
+        raise DataError(f"{path}: not a CIFAR-10 batch (no {', '.join(sorted(missing))} key)")
+    return _validated(batch["data"], batch["labels"], str(path))
+
+
+def _read_class_names(batches: Path) -> tuple[str, ...]:
+    meta = batches / "batches.meta"
+    if not meta.exists():
+        return CLASS_NAMES
+    names = _str_keys(_unpickle(meta), meta).get("label_names")
+    if (
+        not isinstance(names, list)
+        or len(names) != len(CLASS_NAMES)
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise DataError(f"{meta}: label_names must be a list of {len(CLASS_NAMES)} strings")
+    return tuple(names)
+
+
+def _batches_dir(data_dir: Path) -> Path:
+    if not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} does not exist")
+    for candidate in (data_dir / BATCHES_DIR, data_dir):
+        if any((candidate / f).is_file() for files in SPLIT_FILES.values() for f in files):
+            return candidate
+    raise DataError(
+        f"{data_dir}: no CIFAR-10 batches (expected {data_dir / BATCHES_DIR}/test_batch "
+        "or data_batch_1..5)"
+    )
+
+
+def load_cifar10(
+    data_dir: Path | None = None, split: str = "test", limit: int | None = None
+) -> Cifar10Split:
+    """Load a CIFAR-10 split from `data_dir` (the folder holding `cifar-10-batches-py/`).
+
+    With `data_dir` None, the packaged sample is used: official test images 0-999.
+    """
+    if split not in SPLIT_FILES:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_FILES)}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1, got {limit}")
+    if data_dir is None:
+        if split != "test":
+            raise DataError(
+                "the packaged sample holds test images only; pass --data-dir for the train split"
+            )
+        return load_packaged_sample().head(limit)
+    batches = _batches_dir(Path(data_dir))
+    images, labels = [], []
+    loaded = 0
+    for name in SPLIT_FILES[split]:
+        path = batches / name
+        if not path.is_file():
+            raise DataError(f"{batches}: missing {name} for the {split} split")
+        batch_images, batch_labels = read_batch(path)
+        images.append(batch_images)
+        labels.append(batch_labels)
+        loaded += len(batch_labels)
+        if limit is not None and loaded >= limit:
+            break
+    split_data = Cifar10Split(
+        np.concatenate(images),
+        np.concatenate(labels),
+        _read_class_names(batches),
+        f"{batches} ({split})",
+    )
+    return split_data.head(limit)
+
+
+def load_packaged_sample() -> Cifar10Split:
+    """The 1,000 official CIFAR-10 test images 0-999 shipped inside lossx."""
+    resource = resources.files("lossx.runtime").joinpath("data", SAMPLE_RESOURCE)
+    with resources.as_file(resource) as path, np.load(path, allow_pickle=False) as npz:
+        images, labels = _validated(npz["images"], npz["labels"], f"packaged {SAMPLE_RESOURCE}")
+    return Cifar10Split(images, labels, CLASS_NAMES, "packaged sample: CIFAR-10 test images 0-999")

@@ -1,0 +1,20 @@
+"""What the model expects: uint8 HWC RGB images become float32 NCHW in [0, 1].
+
+This is exactly torchvision's `ToTensor()` (a division by 255 in float32), the transform the
+model was trained with. The manifest records the same facts as `PREPROCESSING`.
+"""
+
+import numpy as np
+
+PREPROCESSING = {
+    "input": "uint8 RGB images, HWC layout, shape [N,32,32,3]",
+    "output": "float32 NCHW tensor, shape [N,3,32,32]",
+    "scale": "x / 255 (float32), no mean or std normalisation",
+    "equivalent": "torchvision.transforms.ToTensor()",
+}
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """Turn uint8 images [N,32,32,3] (HWC, RGB) into the model's float32 [N,3,32,32] input."""
+    chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return chw.astype(np.float32) / np.float32(255)

@@ -1,0 +1,60 @@
+"""ONNX Runtime sessions on the execution provider the user asked for, and no other.
+
+ONNX Runtime quietly falls back to the CPU when the CUDA provider cannot load. lossx checks the
+providers a session really got and refuses a silent fallback.
+"""
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from lossx.errors import ArtifactError, ProviderError
+
+PROVIDER_CHOICES = ("cpu", "cuda", "auto")
+_ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _requested_providers(provider: str) -> list[str]:
+    if provider not in PROVIDER_CHOICES:
+        raise ProviderError(
+            f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}"
+        )
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return [_ORT_NAMES["cpu"]]
+    if _ORT_NAMES["cuda"] in available:
+        return [_ORT_NAMES["cuda"], _ORT_NAMES["cpu"]]
+    if provider == "cuda":
+        raise ProviderError(
+            "provider 'cuda' requested but this onnxruntime build has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu"
+        )
+    return [_ORT_NAMES["cpu"]]
+
+
+def open_session(
+    path: Path, provider: str = "cpu", threads: int | None = None
+) -> ort.InferenceSession:
+    """An InferenceSession for `path` that really runs on `provider` ("cpu", "cuda" or "auto")."""
+    providers = _requested_providers(provider)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: lossx reports problems itself
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # ORT raises several unrelated types for unreadable models
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line}") from None
+    if provider == "cuda" and session.get_providers()[0] != _ORT_NAMES["cuda"]:
+        raise ProviderError(
+            f"provider 'cuda' requested but ONNX Runtime fell back to {session.get_providers()[0]} "
+            "(CUDA or cuDNN libraries could not be loaded)"
+        )
+    return session
+
+
+def provider_names(session: ort.InferenceSession) -> list[str]:
+    """The short names ("cuda", "cpu") of the providers a session really uses, in order."""
+    short = {v: k for k, v in _ORT_NAMES.items()}
+    return [short.get(p, p) for p in session.get_providers()]
