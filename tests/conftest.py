@@ -1,0 +1,102 @@
+"""Shared fixtures: real CIFAR-10 data and exported artifacts, built once per session.
+
+Tests read the real data in ../shared/data/cifar10 (beside the checkout). In a user's clone
+without it they fall back to the packaged sample (official test images 0-999); CI must have it
+(tests/runtime/test_cifar10.py::test_ci_reads_the_shared_dataset).
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lossx.build import build_model, export_artifact
+from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample, to_model_input
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
+
+
+def shared_cifar10_dir() -> Path | None:
+    if (SHARED_CIFAR10 / "cifar-10-batches-py" / "test_batch").is_file():
+        return SHARED_CIFAR10
+    return None
+
+
+def require_shared(cifar_dir: Path | None) -> None:
+    """For tests that need the full dataset: fail in CI, skip (saying why) in a user's clone."""
+    if cifar_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs the real dataset in {SHARED_CIFAR10}")
+        pytest.skip(f"needs the real dataset in {SHARED_CIFAR10}")
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path | None:
+    found = shared_cifar10_dir()
+    if found is None and not os.environ.get("CI"):
+        warnings.warn(f"{SHARED_CIFAR10} not found: tests use the packaged sample", stacklevel=1)
+    return found
+
+
+@pytest.fixture(scope="session")
+def test_split(cifar_dir):
+    """The official CIFAR-10 test images 0-999 (1,000 real images)."""
+    return load_cifar10(cifar_dir, "test") if cifar_dir else load_packaged_sample()
+
+
+@pytest.fixture(scope="session")
+def train_subset(cifar_dir):
+    """5,000 real training images (the test sample where the training set is absent)."""
+    return load_cifar10(cifar_dir, "train", limit=5000) if cifar_dir else load_packaged_sample()
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory) -> Path:
+    """An artifact of the seeded (untrained) model with all three losses."""
+    out = tmp_path_factory.mktemp("artifacts") / "seeded"
+    export_artifact(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifact(artifact_dir):
+    return load_artifact(artifact_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, train_subset) -> Path:
+    """A state_dict after one epoch of SGD on real training images: logits of realistic size."""
+    torch.manual_seed(0)
+    model = build_model().train()
+    images = torch.from_numpy(to_model_input(train_subset.images))
+    labels = torch.from_numpy(train_subset.labels)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for start in range(0, len(labels), 64):
+        batch = slice(start, start + 64)
+        loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("checkpoints") / "trained.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(tmp_path_factory, trained_checkpoint):
+    out = tmp_path_factory.mktemp("artifacts") / "trained"
+    export_artifact(out, checkpoint=trained_checkpoint)
+    return load_artifact(out)
+
+
+def eager_model(artifact) -> nn.Module:
+    """The artifact's model, rebuilt eagerly from its weights file."""
+    model = build_model(artifact.manifest.model)
+    with np.load(artifact.path / "weights.npz") as npz:
+        model.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files})
+    return model
