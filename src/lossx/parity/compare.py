@@ -77,7 +77,10 @@ def compare(
     error = np.where(np.isnan(error), np.inf, error)  # NaN on one side only
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(error == 0, 0.0, error / np.abs(want))
-    mismatches = int(np.count_nonzero(error > atol + rtol * np.abs(want)))
+    one_sided_special = ~same_special & ~(np.isfinite(got) & np.isfinite(want))
+    with np.errstate(invalid="ignore"):
+        outside = error > atol + rtol * np.abs(want)
+    mismatches = int(np.count_nonzero(outside | one_sided_special))
     rows = agreements = 0
     if got.ndim == 2:
         rows = got.shape[0]

@@ -15,7 +15,7 @@ from lossx.runtime.graphs import GraphSpec
 
 
 class EagerRunner:
-    """Runs any graph of an artifact eagerly: the model rebuilt by name with the artifact's weights."""
+    """Runs any graph of an artifact eagerly: the model rebuilt with the artifact's weights."""
 
     def __init__(self, artifact: Artifact) -> None:
         self.model = build_model(artifact.manifest.model)

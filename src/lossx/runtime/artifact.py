@@ -182,7 +182,7 @@ def load_manifest(artifact_dir: Path) -> Manifest:
     manifest_path = artifact_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise ArtifactError(
-            f"{artifact_dir}: no {MANIFEST_FILE}, not a lossx artifact (create one with lossx export)"
+            f"{artifact_dir}: no {MANIFEST_FILE}; not a lossx artifact (make one with lossx export)"
         )
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))

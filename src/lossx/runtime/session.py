@@ -4,6 +4,7 @@ ONNX Runtime quietly falls back to the CPU when the CUDA provider cannot load. l
 providers a session really got and refuses a silent fallback.
 """
 
+import warnings
 from pathlib import Path
 
 import onnxruntime as ort
@@ -39,10 +40,15 @@ def open_session(
     providers = _requested_providers(provider)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: lossx reports problems itself
+    # Idle pool threads would spin between runs; with several sessions (and eager torch beside
+    # them in parity checks) spinning threads starve the work on a small machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback warning: checked below instead
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # ORT raises several unrelated types for unreadable models
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line}") from None

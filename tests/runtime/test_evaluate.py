@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lossx.errors import DataError
+from lossx.runtime import evaluate, to_model_input
+from tests.conftest import eager_model
+
+
+@pytest.fixture(scope="module")
+def eager_figures(trained_artifact, test_split):
+    """Accuracy and losses computed by eager torch over the 1,000 real test images."""
+    model = eager_model(trained_artifact)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(to_model_input(test_split.images))).double()
+    labels = torch.from_numpy(test_split.labels)
+    probabilities = logits.softmax(dim=1)
+    one_hot = nn.functional.one_hot(labels, 10).double()
+    return {
+        "accuracy": (logits.argmax(dim=1) == labels).double().mean().item(),
+        "ce": nn.functional.cross_entropy(logits, labels).item(),
+        "mse": nn.functional.mse_loss(probabilities, one_hot).item(),
+        "l1": nn.functional.l1_loss(probabilities, one_hot).item(),
+    }
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 256])
+def test_eval_figures_match_eager_torch(trained_artifact, test_split, eager_figures, batch_size):
+    result = evaluate(trained_artifact, test_split, batch_size=batch_size)
+    assert result.images == 1000
+    assert result.top1_accuracy == eager_figures["accuracy"]
+    assert result.top1_accuracy > 0.2  # a briefly trained model, well above chance (0.1)
+    for name in ("ce", "mse", "l1"):  # float32 graphs against a float64 reference
+        assert result.losses[name] == pytest.approx(eager_figures[name], rel=2e-6)
+    assert result.providers == ["cpu"]
+    assert result.images_per_second > 0
+
+
+def test_eval_result_as_json(artifact, test_split):
+    data = json.loads(json.dumps(evaluate(artifact, test_split.head(10)).to_dict()))
+    assert data["images"] == 10
+    assert set(data["losses"]) == set(data["loss_definitions"]) == {"ce", "mse", "l1"}
+    assert "softmax probabilities against one-hot" in data["loss_definitions"]["mse"]
+
+
+def test_eval_of_no_images_is_refused(artifact, test_split):
+    with pytest.raises(DataError, match="no images to evaluate"):
+        evaluate(artifact, test_split.head(0))
+
+
+def test_batch_size_zero_is_refused(artifact, test_split):
+    with pytest.raises(DataError, match="batch size must be at least 1"):
+        evaluate(artifact, test_split, batch_size=0)
+
+
+def test_progress_counts_every_image(artifact, test_split):
+    seen = []
+    evaluate(artifact, test_split.head(100), batch_size=30, progress=seen.append)
+    assert seen == [30, 30, 30, 10]
