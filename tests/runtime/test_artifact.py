@@ -38,43 +38,43 @@ def test_artifact_loads_and_lists_its_graphs(artifact):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(ArtifactError, match="artifact directory .* does not exist"):
+    with pytest.raises(ArtifactError, match=r"artifact directory .* does not exist"):
         load_artifact(tmp_path / "nothing")
 
 
 def test_empty_directory(tmp_path):
-    with pytest.raises(ArtifactError, match="no manifest.json; not a lossx artifact"):
+    with pytest.raises(ArtifactError, match=r"no manifest.json; not a lossx artifact"):
         load_artifact(tmp_path)
 
 
 def test_manifest_that_is_not_json(copy):
     (copy / "manifest.json").write_text("{not json")
-    with pytest.raises(ArtifactError, match="manifest.json: not valid JSON"):
+    with pytest.raises(ArtifactError, match=r"manifest.json: not valid JSON"):
         load_artifact(copy)
 
 
 def test_manifest_missing_a_key(copy):
     _edit_manifest(copy, lambda m: m.pop("graphs"))
-    with pytest.raises(ArtifactError, match="manifest.json: missing key 'graphs'"):
+    with pytest.raises(ArtifactError, match=r"manifest.json: missing key 'graphs'"):
         load_artifact(copy)
 
 
 def test_manifest_of_another_format(copy):
     _edit_manifest(copy, lambda m: m.update(format_version=99))
-    with pytest.raises(ArtifactError, match="not a lossx-artifact version 1 manifest"):
+    with pytest.raises(ArtifactError, match=r"not a lossx-artifact version 1 manifest"):
         load_artifact(copy)
 
 
 def test_sha256_mismatch(copy):
     with (copy / "loss_ce.onnx").open("ab") as f:
         f.write(b"\x00")
-    with pytest.raises(ArtifactError, match="loss_ce.onnx: sha256 does not match the manifest"):
+    with pytest.raises(ArtifactError, match=r"loss_ce.onnx: sha256 does not match the manifest"):
         load_artifact(copy)
 
 
 def test_missing_graph_file(copy):
     (copy / "model_l1.onnx").unlink()
-    with pytest.raises(ArtifactError, match="model_l1.onnx: listed in the manifest but missing"):
+    with pytest.raises(ArtifactError, match=r"model_l1.onnx: listed in the manifest but missing"):
         load_artifact(copy)
 
 
@@ -84,7 +84,7 @@ def test_corrupt_graph_with_matching_sha256_fails_to_open(copy, content):
     path.write_bytes(path.read_bytes()[:1000] if content is None else content)
     _rehash(copy, "model.onnx")
     artifact = load_artifact(copy)
-    with pytest.raises(ArtifactError, match="model.onnx: ONNX Runtime cannot load it"):
+    with pytest.raises(ArtifactError, match=r"model.onnx: ONNX Runtime cannot load it"):
         artifact.session("model")
 
 
@@ -106,7 +106,7 @@ def test_file_outside_the_artifact_is_refused(copy, name):
         manifest["graphs"][0]["file"] = name
 
     _edit_manifest(copy, point_outside)
-    with pytest.raises(ArtifactError, match="is not a plain file name"):
+    with pytest.raises(ArtifactError, match=r"is not a plain file name"):
         load_artifact(copy)
 
 
@@ -114,7 +114,7 @@ def test_symlink_leading_out_is_refused(copy, tmp_path):
     outside = tmp_path / "outside.onnx"
     shutil.move(copy / "model.onnx", outside)
     (copy / "model.onnx").symlink_to(outside)
-    with pytest.raises(ArtifactError, match="refusing a link"):
+    with pytest.raises(ArtifactError, match=r"refusing a link"):
         load_artifact(copy)
 
 
@@ -123,5 +123,5 @@ def test_weights_file_outside_the_artifact_is_refused(copy):
         manifest["files"]["../weights.npz"] = manifest["files"].pop("weights.npz")
 
     _edit_manifest(copy, point_outside)
-    with pytest.raises(ArtifactError, match="'../weights.npz' is not a plain file name"):
+    with pytest.raises(ArtifactError, match=r"'../weights.npz' is not a plain file name"):
         load_artifact(copy)
