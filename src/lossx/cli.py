@@ -205,3 +205,7 @@ def _write_json(path: str, payload: dict) -> None:
         os.replace(f.name, target)
     except OSError as e:
         raise click.FileError(path, e.strerror) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lossx.build import build_model
+from lossx.cli import main
+from lossx.runtime import evaluate, load_artifact
+from lossx.runtime.artifact import sha256_of
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, exit_code: int, message: str) -> None:
+    """A handled error: the documented exit code, one `Error:` line last on stderr, no traceback."""
+    assert result.exit_code == exit_code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()  # progress labels may come first
+    assert [line for line in lines if line.startswith("Error: ")] == lines[-1:], result.stderr
+    assert message in lines[-1]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def cli_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    result = run_cli("export", out)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"wrote {out}: 7 graphs at opset 20, each verified against eager PyTorch" in result.stdout
+    )
+    assert "exporting model.onnx" in result.stderr
+    return out
+
+
+def test_export_then_eval_round_trip(cli_artifact, tmp_path, test_split, cifar_dir):
+    data = ["--data-dir", cifar_dir] if cifar_dir else []
+    result = run_cli("eval", cli_artifact, *data, "--json", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    assert "images evaluated  1,000" in result.stdout
+    assert "top-1 accuracy" in result.stdout
+    assert "providers         cpu" in result.stdout
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    expected = evaluate(load_artifact(cli_artifact), test_split)
+    assert figures["eval"]["top1_accuracy"] == expected.top1_accuracy
+    assert figures["eval"]["losses"] == pytest.approx(expected.losses, rel=1e-9)
+    assert f"{expected.top1_accuracy:.2%}" in result.stdout
+    assert figures["parity"] is None
+
+
+def test_eval_without_data_dir_uses_the_packaged_sample(cli_artifact):
+    result = run_cli("eval", cli_artifact, "--limit", "50", "--batch-size", "16")
+    assert result.exit_code == 0, result.output
+    assert "packaged sample: CIFAR-10 test images 0-999" in result.stdout
+    assert "images evaluated  50" in result.stdout
+
+
+def test_eval_compare_eager_reports_every_graph(cli_artifact, tmp_path):
+    result = run_cli("eval", cli_artifact, "--compare-eager", "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    assert "pass: |onnx - eager| <= 1e-05 + 1e-05 * |eager|" in result.stdout
+    parity = json.loads((tmp_path / "e.json").read_text())["parity"]
+    assert parity["passed"] is True
+    assert len(parity["comparisons"]) == 10
+    assert result.stdout.count(" ok") == 10
+
+
+def test_eval_compare_eager_fails_with_exit_1_on_a_mismatch(cli_artifact, tmp_path):
+    copy = tmp_path / "art"
+    shutil.copytree(cli_artifact, copy)
+    with np.load(copy / "weights.npz") as npz:
+        weights = {k: npz[k] for k in npz.files}
+    weights["model1.0.weight"][0, 0, 0, 0] += np.float32(0.5)
+    np.savez(copy / "weights.npz", **weights)
+    old = load_artifact(cli_artifact).manifest.files["weights.npz"]["sha256"]
+    manifest = (copy / "manifest.json").read_text()
+    (copy / "manifest.json").write_text(manifest.replace(old, sha256_of(copy / "weights.npz")))
+    result = run_cli("eval", copy, "--compare-eager", "--limit", "64")
+    assert_one_line_error(result, 1, "output(s), first model/logits: max abs error")
+    assert "FAIL" in result.stdout
+
+
+def test_json_to_stdout(cli_artifact):
+    result = run_cli("eval", cli_artifact, "--limit", "10", "--json", "-")
+    assert result.exit_code == 0, result.output
+    payload = result.stdout[result.stdout.index("{") :]
+    assert json.loads(payload)["eval"]["images"] == 10
+
+
+def _pickle_payload_dir(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("payload ran",))
+
+    batches = tmp_path / "data" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "test_batch").write_bytes(pickle.dumps({"data": Payload(), "labels": []}))
+    return tmp_path / "data"
+
+
+def _damaged_copy(cli_artifact, tmp_path, damage):
+    copy = tmp_path / "damaged"
+    shutil.copytree(cli_artifact, copy)
+    damage(copy)
+    return copy
+
+
+def _truncate_and_rehash(copy):
+    (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes()[:5000])
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model.onnx"]["sha256"] = sha256_of(copy / "model.onnx")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+
+EVAL_ERRORS = {
+    "missing dir": (lambda a, t: [t / "nope"], 2, "does not exist"),
+    "empty dir": (lambda a, t: [t], 2, "no manifest.json; not a lossx artifact"),
+    "sha256 mismatch": (
+        lambda a, t: [
+            _damaged_copy(a, t, lambda c: (c / "loss_l1.onnx").write_bytes(b"\x00" * 10))
+        ],
+        2,
+        "loss_l1.onnx: sha256 does not match the manifest",
+    ),
+    "truncated onnx": (
+        lambda a, t: [_damaged_copy(a, t, _truncate_and_rehash)],
+        2,
+        "model.onnx: ONNX Runtime cannot load it",
+    ),
+    "data dir without batches": (
+        lambda a, t: [a, "--data-dir", t],
+        2,
+        "no CIFAR-10 batches",
+    ),
+    "pickle payload": (
+        lambda a, t: [a, "--data-dir", _pickle_payload_dir(t)],
+        2,
+        "refused to load builtins.print",
+    ),
+    "train split without data dir": (lambda a, t: [a, "--split", "train"], 2, "test images only"),
+    "atol without compare": (lambda a, t: [a, "--atol", "1"], 2, "only with --compare-eager"),
+    "batch size 0": (lambda a, t: [a, "--batch-size", "0"], 2, "--batch-size"),
+}
+
+
+@pytest.mark.parametrize("case", EVAL_ERRORS)
+def test_eval_bad_input(cli_artifact, tmp_path, monkeypatch, case):
+    args, code, message = EVAL_ERRORS[case]
+    result = run_cli("eval", *args(cli_artifact, tmp_path))
+    if code == 2 and result.exit_code == 2 and "Usage:" in result.stderr:  # click usage errors
+        assert message in result.stderr and "Traceback" not in result.output
+        return
+    assert_one_line_error(result, code, message)
+    assert "payload ran" not in result.output
+
+
+def test_eval_cuda_without_cuda_exits_3(cli_artifact, monkeypatch):
+    from lossx.runtime import session
+
+    monkeypatch.setattr(session.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    result = run_cli("eval", cli_artifact, "--provider", "cuda")
+    assert_one_line_error(result, 3, "provider 'cuda' requested")
+
+
+def _checkpoint(tmp_path, state):
+    torch.save(state, tmp_path / "ckpt.pt")
+    return tmp_path / "ckpt.pt"
+
+
+EXPORT_ERRORS = {
+    "unknown loss": (lambda t: ["--losses", "ce,focal"], "unknown loss 'focal'"),
+    "unknown model": (lambda t: ["--model", "vgg"], "unknown model 'vgg'"),
+    "opset": (lambda t: ["--opset", "99"], "opset 99 is not supported"),
+    "checkpoint keys": (
+        lambda t: ["--checkpoint", _checkpoint(t, {"fc.weight": torch.zeros(1)})],
+        "keys do not fit the model",
+    ),
+    "checkpoint shapes": (
+        lambda t: [
+            "--checkpoint",
+            _checkpoint(t, {**build_model().state_dict(), "model1.7.bias": torch.zeros(3)}),
+        ],
+        "model1.7.bias has shape [3], the model needs [64]",
+    ),
+    "whole module": (
+        lambda t: ["--checkpoint", _checkpoint(t, build_model())],
+        "save model.state_dict() rather than the whole model",
+    ),
+    "missing checkpoint": (lambda t: ["--checkpoint", t / "none.pt"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_ERRORS)
+def test_export_bad_input(tmp_path, case):
+    args, message = EXPORT_ERRORS[case]
+    result = run_cli("export", tmp_path / "out", *args(tmp_path))
+    assert_one_line_error(result, 2, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    result = run_cli("export", tmp_path, "--losses", "ce")
+    assert_one_line_error(result, 2, "not a lossx artifact; refusing to overwrite it")
+    assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+def test_download_without_network_exits_3_and_leaves_nothing(cli_artifact, tmp_path):
+    result = run_cli("eval", cli_artifact, "--data-dir", tmp_path / "cifar", "--download")
+    assert_one_line_error(result, 3, "CIFAR-10 download into")
+    assert not (tmp_path / "cifar").exists()
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "lossx.cli", "eval", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"Error: artifact directory {tmp_path / 'missing'} does not exist"
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("lossx, version ")
