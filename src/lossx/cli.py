@@ -179,14 +179,14 @@ def _render_parity(report, atol: float, rtol: float) -> str:
         f"parity with eager PyTorch on {report.images:,} images "
         f"(pass: |onnx - eager| <= {atol:g} + {rtol:g} * |eager|)",
         f"{'graph':<14}{'output':<8}{'max abs err':>13}{'max rel err':>13}"
-        f"{'argmax agree':>14}  result",
+        f"{'tol used':>10}{'argmax agree':>14}  result",
     ]
     for c in report.comparisons:
         agree = "" if c.argmax_agreement is None else f"{c.argmax_agreement:.2%}"
         verdict = "ok" if c.passed else f"FAIL ({c.mismatches} of {c.elements} elements)"
         lines.append(
             f"{c.graph:<14}{c.output:<8}{c.max_abs_error:>13.3g}{c.max_rel_error:>13.3g}"
-            f"{agree:>14}  {verdict}"
+            f"{c.max_tolerance_used:>10.1%}{agree:>14}  {verdict}"
         )
     return "\n".join(lines)
 

@@ -67,3 +67,9 @@ def test_merged_comparisons_add_counts_and_keep_maxima():
     merged = a.merged(b)
     assert (merged.elements, merged.mismatches) == (3, 2)
     assert merged.max_abs_error == pytest.approx(0.5)
+
+
+def test_tolerance_used_is_the_worst_error_over_its_bound():
+    result = compare("g", "y", np.array([1.5, 10.2]), np.array([1.0, 10.0]), 0.5, 0.1)
+    assert result.max_tolerance_used == pytest.approx(max(0.5 / 0.6, 0.2 / 1.5))
+    assert result.passed
