@@ -1,0 +1,296 @@
+"""Export a model and its losses to an ONNX artifact that verifies itself before it lands.
+
+Every graph is exported with torch.onnx (dynamo), checked with `onnx.checker` (full check), run
+in ONNX Runtime on fresh inputs of other sizes and compared with eager PyTorch. The artifact is
+written to a temporary sibling directory and renamed into place only when all of that passed.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import onnxscript
+import torch
+from torch import nn
+
+import lossx
+from lossx.build.losses import LOSS_OPTIONS, graph_module
+from lossx.build.models import build_model, load_checkpoint, weights_to_arrays
+from lossx.errors import ArtifactError, ExportError, ParityError, SpecError
+from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
+from lossx.runtime.artifact import (
+    MANIFEST_FILE,
+    GraphEntry,
+    Manifest,
+    check_signature,
+    load_artifact,
+    sha256_of,
+)
+from lossx.runtime.cifar10 import CLASS_NAMES
+from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, TensorSpec, artifact_graphs
+from lossx.runtime.preprocessing import PREPROCESSING
+from lossx.runtime.session import open_session
+
+MIN_OPSET = 17
+MAX_OPSET = 23  # the newest opset torch.onnx 2.14 writes
+DEFAULT_OPSET = 20
+WEIGHTS_FILE = "weights.npz"
+
+# Sizes of the symbolic dims: the export example, then the self-check's fresh inputs
+# (batch 1, an odd batch, and other class/feature counts than the example).
+EXAMPLE_SIZES = {"N": 4, "C": NUM_CLASSES, "D": NUM_CLASSES}
+CHECK_SIZES = ({"N": 1, "C": 10, "D": 10}, {"N": 7, "C": 5, "D": 3}, {"N": 64, "C": 13, "D": 21})
+_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def sample_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int) -> list[torch.Tensor]:
+    """Random inputs for `spec`, each a distinct tensor (an aliased pair exports wrongly)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for tensor in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
+        if tensor.dtype == "int64":
+            classes = sizes["C"] if "C" in _symbols(spec) else NUM_CLASSES
+            tensors.append(torch.randint(0, classes, shape, generator=generator))
+        elif tensor.name == "images":
+            tensors.append(torch.rand(shape, generator=generator))
+        else:
+            tensors.append(torch.randn(shape, generator=generator))
+    return tensors
+
+
+def _symbols(spec: GraphSpec) -> set[str]:
+    return {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+
+
+def _dynamic_shapes(spec: GraphSpec) -> tuple[dict, ...]:
+    dims = {name: torch.export.Dim(name, min=1) for name in sorted(_symbols(spec))}
+    return tuple(
+        {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)}
+        for t in spec.inputs
+    )
+
+
+def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Check the exported graph's I/O against `spec` and name its dynamic dims as `spec` does."""
+    for actual, declared in (
+        *zip(proto.graph.input, spec.inputs, strict=True),
+        *zip(proto.graph.output, spec.outputs, strict=True),
+    ):
+        dims = actual.type.tensor_type.shape.dim
+        if actual.name != declared.name or len(dims) != len(declared.shape):
+            raise ExportError(
+                f"{spec.file}: exported {actual.name} of rank {len(dims)}, expected "
+                f"{declared.name} of rank {len(declared.shape)}"
+            )
+        for dim, want in zip(dims, declared.shape, strict=True):
+            if isinstance(want, str):
+                if dim.HasField("dim_value"):
+                    raise ExportError(
+                        f"{spec.file}: {declared.name} dim {want} was fixed to {dim.dim_value}"
+                    )
+                dim.dim_param = want
+            elif dim.dim_value != want:
+                raise ExportError(f"{spec.file}: {declared.name} has a dim {dim} != {want}")
+
+
+def _export_graph(
+    spec: GraphSpec, module: nn.Module, path: Path, opset: int, metadata: dict[str, str]
+) -> onnx.ModelProto:
+    example = tuple(sample_inputs(spec, EXAMPLE_SIZES, seed=0))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                example,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                opset_version=opset,
+                dynamic_shapes=_dynamic_shapes(spec),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{spec.file}: torch.onnx.export failed: {reason}") from None
+    proto = program.model_proto
+    _conform_signature(proto, spec)
+    proto.producer_name = "lossx"
+    proto.producer_version = lossx.__version__
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save_model(proto, path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{spec.file}: onnx.checker rejected it: {str(e).splitlines()[0]}") from None
+    return proto
+
+
+def verify_graph(
+    spec: GraphSpec,
+    module: nn.Module,
+    path: Path,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+) -> None:
+    """Run the graph in ONNX Runtime on fresh inputs and compare with eager `module`.
+
+    Raises ParityError naming the graph, the output, the batch size and the error.
+    """
+    session = open_session(path, "cpu")
+    check_signature(session, spec)
+    for index, sizes in enumerate(CHECK_SIZES):
+        inputs = sample_inputs(spec, sizes, seed=1 + index)
+        with torch.no_grad():
+            eager = module(*inputs)
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        feed = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
+        onnx_outputs = session.run(spec.output_names, feed)
+        for name, got, want in zip(spec.output_names, onnx_outputs, eager, strict=True):
+            result = compare(spec.stem, name, got, want.numpy(), atol, rtol)
+            if not result.passed:
+                raise ParityError(
+                    f"export self-check failed: {spec.file} output {name!r} at batch "
+                    f"{sizes['N']}: max abs error {result.max_abs_error:.3g} "
+                    f"exceeds atol {atol:g} + rtol {rtol:g}"
+                )
+
+
+def _tensor_facts(tensors: tuple[TensorSpec, ...]) -> str:
+    return json.dumps([t.to_dict() for t in tensors])
+
+
+def _producer_versions() -> dict[str, str]:
+    return {
+        "lossx": lossx.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _prepare_destination(out_dir: Path) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ArtifactError(f"{out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+            raise ArtifactError(
+                f"{out_dir} exists and is not a lossx artifact; refusing to overwrite it"
+            )
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"cannot create {out_dir.parent}: {e.strerror}") from None
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(staged: Path, out_dir: Path) -> None:
+    """Replace `out_dir` with `staged`; a previous artifact survives any failure."""
+    if not out_dir.exists():
+        staged.rename(out_dir)
+        return
+    previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    previous.rmdir()
+    out_dir.rename(previous)
+    try:
+        staged.rename(out_dir)
+    except OSError:
+        previous.rename(out_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def export_artifact(
+    out_dir: Path,
+    model_name: str = "tudui",
+    losses: list[str] | tuple[str, ...] = ("ce", "mse", "l1"),
+    checkpoint: Path | None = None,
+    seed: int = 0,
+    opset: int = DEFAULT_OPSET,
+    progress: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Export the model, each loss alone and each model+loss pair into `out_dir`."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SpecError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    out_dir = Path(out_dir)
+    model = build_model(model_name, seed)
+    if checkpoint is None:
+        weights = {"file": WEIGHTS_FILE, "source": "seed", "seed": seed}
+    else:
+        load_checkpoint(model, checkpoint)
+        weights = {
+            "file": WEIGHTS_FILE,
+            "source": "checkpoint",
+            "checkpoint": Path(checkpoint).name,
+            "checkpoint_sha256": sha256_of(Path(checkpoint)),
+        }
+    _prepare_destination(out_dir)
+    losses = list(losses)
+    common = {
+        "lossx.model": model_name,
+        "lossx.class_names": json.dumps(CLASS_NAMES),
+        "lossx.preprocessing": json.dumps(PREPROCESSING),
+        "lossx.weights": json.dumps(weights),
+        **{f"producer.{k}": v for k, v in _producer_versions().items()},
+    }
+    staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        staged.chmod(0o777 & ~_current_umask())  # mkdtemp makes it private; artifacts are not
+        entries = []
+        for spec in artifact_graphs(losses):
+            if progress:
+                progress(spec.file)
+            metadata = {
+                **common,
+                "lossx.graph": spec.kind,
+                "lossx.inputs": _tensor_facts(spec.inputs),
+                "lossx.outputs": _tensor_facts(spec.outputs),
+            }
+            if spec.loss:
+                metadata["lossx.loss"] = json.dumps({"name": spec.loss, "options": LOSS_OPTIONS})
+            module = graph_module(spec, model)
+            proto = _export_graph(spec, module, staged / spec.file, opset, metadata)
+            verify_graph(spec, module, staged / spec.file)
+            entries.append(GraphEntry(spec, opset, proto.ir_version))
+        np.savez(staged / WEIGHTS_FILE, **weights_to_arrays(model))
+        files = sorted([e.spec.file for e in entries] + [WEIGHTS_FILE])
+        manifest = Manifest(
+            model=model_name,
+            opset=opset,
+            class_names=CLASS_NAMES,
+            preprocessing=PREPROCESSING,
+            losses=tuple({"name": n, "options": dict(LOSS_OPTIONS)} for n in losses),
+            weights=weights,
+            graphs=tuple(entries),
+            files={
+                name: {"sha256": sha256_of(staged / name), "bytes": (staged / name).stat().st_size}
+                for name in files
+            },
+            producer=_producer_versions(),
+        )
+        (staged / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        load_artifact(staged)  # the runtime must accept exactly what was written
+        _move_into_place(staged, out_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,128 @@
+"""Models by name, seeded construction and safe checkpoint loading."""
+
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lossx.errors import CheckpointError, SpecError
+
+MODELS: dict[str, Callable[[], nn.Module]] = {}
+DEFAULT_MODEL = "tudui"
+
+
+def register_model(name: str) -> Callable:
+    def register(constructor: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        MODELS[name] = constructor
+        return constructor
+
+    return register
+
+
+@register_model("tudui")
+class Tudui(nn.Module):
+    """The CIFAR-10 CNN of the classic tutorial: three 5x5 conv + max-pool stages, two linears.
+
+    The layers live in `model1` so a state_dict saved from the tutorial's network loads as is.
+    Max-pooling is its only non-linearity.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model1 = nn.Sequential(
+            nn.Conv2d(3, 32, 5, padding=2),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 5, padding=2),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(1024, 64),
+            nn.Linear(64, 10),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model1(images)
+
+
+def build_model(name: str = DEFAULT_MODEL, seed: int = 0) -> nn.Module:
+    """A model from the registry, its initial weights drawn from `seed`, in eval mode."""
+    if name not in MODELS:
+        raise SpecError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    torch.manual_seed(seed)
+    return MODELS[name]().eval()
+
+
+def _state_dict_from(obj: object, path: Path) -> Mapping[str, torch.Tensor]:
+    for key in ("state_dict", "model_state_dict", "model"):  # common training-script wrappers
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"{path}: not a state_dict (a mapping of names to tensors)")
+    return obj
+
+
+def _load_failure(error: Exception) -> str:
+    """One line saying why torch.load refused a file."""
+    text = str(error)
+    global_name = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if global_name:
+        return (
+            f"it pickles {global_name.group(1)}, refused under weights_only=True; "
+            "save model.state_dict() rather than the whole model"
+        )
+    if "WeightsUnpickler error" in text or isinstance(error, EOFError):
+        return "not a torch checkpoint (unreadable or truncated pickle)"
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first.split(". ")[0]
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a state_dict checkpoint into `model` with `torch.load(weights_only=True)`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load checkpoint: {_load_failure(e)}") from None
+    state = _state_dict_from(obj, path)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if unexpected:
+            parts.append(
+                f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")
+            )
+        raise CheckpointError(f"{path}: keys do not fit the model: {'; '.join(parts)}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {list(tensor.shape)}, the model needs "
+                f"{list(expected[key].shape)}"
+            )
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+
+
+def weights_to_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_weights_npz(model: nn.Module, path: Path) -> None:
+    """Load weights saved by `weights_to_arrays` (an .npz, never a pickle)."""
+    with np.load(path, allow_pickle=False) as npz:
+        state = {k: torch.from_numpy(npz[k]) for k in npz.files}
+    model.load_state_dict(state)

@@ -1,0 +1,216 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import lossx
+from lossx.build import export as export_module
+from lossx.build.export import export_artifact, sample_inputs, verify_graph
+from lossx.build.losses import make_loss
+from lossx.errors import ArtifactError, ParityError, SpecError
+from lossx.runtime import load_artifact
+from lossx.runtime.artifact import sha256_of
+from lossx.runtime.cifar10 import CLASS_NAMES
+from lossx.runtime.graphs import artifact_graphs, loss_graph
+
+GRAPH_FILES = [
+    "model.onnx",
+    "loss_ce.onnx",
+    "loss_mse.onnx",
+    "loss_l1.onnx",
+    "model_ce.onnx",
+    "model_mse.onnx",
+    "model_l1.onnx",
+]
+
+
+def _shape(value_info) -> list:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in dims]
+
+
+def test_artifact_holds_every_graph_weights_and_manifest(artifact_dir):
+    assert sorted(p.name for p in artifact_dir.iterdir()) == sorted(
+        [*GRAPH_FILES, "weights.npz", "manifest.json"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("file", "inputs", "outputs"),
+    [
+        ("model.onnx", {"images": (1, ["N", 3, 32, 32])}, {"logits": (1, ["N", 10])}),
+        ("loss_ce.onnx", {"logits": (1, ["N", "C"]), "labels": (7, ["N"])}, {"loss": (1, [])}),
+        ("loss_mse.onnx", {"input": (1, ["N", "D"]), "target": (1, ["N", "D"])}, {"loss": (1, [])}),
+        ("loss_l1.onnx", {"input": (1, ["N", "D"]), "target": (1, ["N", "D"])}, {"loss": (1, [])}),
+        (
+            "model_ce.onnx",
+            {"images": (1, ["N", 3, 32, 32]), "labels": (7, ["N"])},
+            {"logits": (1, ["N", 10]), "loss": (1, [])},
+        ),
+        (
+            "model_mse.onnx",
+            {"images": (1, ["N", 3, 32, 32]), "targets": (1, ["N", 10])},
+            {"logits": (1, ["N", 10]), "loss": (1, [])},
+        ),
+        (
+            "model_l1.onnx",
+            {"images": (1, ["N", 3, 32, 32]), "targets": (1, ["N", 10])},
+            {"logits": (1, ["N", 10]), "loss": (1, [])},
+        ),
+    ],
+)
+def test_graph_inputs_and_outputs(artifact_dir, file, inputs, outputs):
+    """Names, element types (1 float32, 7 int64) and shapes with symbolic dims."""
+    model = onnx.load(artifact_dir / file)
+    for values, expected in ((model.graph.input, inputs), (model.graph.output, outputs)):
+        assert {v.name: (v.type.tensor_type.elem_type, _shape(v)) for v in values} == expected
+
+
+@pytest.mark.parametrize("file", GRAPH_FILES)
+def test_graphs_pass_the_full_onnx_check(artifact_dir, file):
+    onnx.checker.check_model(str(artifact_dir / file), full_check=True)
+
+
+@pytest.mark.parametrize("file", GRAPH_FILES)
+def test_graph_metadata_carries_the_key_facts(artifact_dir, file):
+    meta = {p.key: p.value for p in onnx.load(artifact_dir / file).metadata_props}
+    assert meta["lossx.model"] == "tudui"
+    assert json.loads(meta["lossx.class_names"]) == list(CLASS_NAMES)
+    assert "ToTensor" in json.loads(meta["lossx.preprocessing"])["equivalent"]
+    assert meta["producer.lossx"] == lossx.__version__
+    assert meta["producer.torch"] == torch.__version__
+    assert meta["producer.onnx"] == onnx.__version__
+    assert json.loads(meta["lossx.weights"]) == {"file": "weights.npz", "source": "seed", "seed": 0}
+    if file != "model.onnx":
+        loss = file.removesuffix(".onnx").split("_")[1]
+        assert json.loads(meta["lossx.loss"]) == {"name": loss, "options": {"reduction": "mean"}}
+
+
+def test_manifest_lists_every_file_with_its_sha256(artifact_dir):
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted([*GRAPH_FILES, "weights.npz"])
+    for name, info in manifest["files"].items():
+        assert info["sha256"] == sha256_of(artifact_dir / name)
+        assert info["bytes"] == (artifact_dir / name).stat().st_size
+
+
+def test_manifest_describes_how_to_use_the_artifact(artifact_dir):
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    assert manifest["model"] == "tudui"
+    assert manifest["class_names"] == list(CLASS_NAMES)
+    assert manifest["preprocessing"]["scale"].startswith("x / 255")
+    assert manifest["losses"] == [
+        {"name": n, "options": {"reduction": "mean"}} for n in ("ce", "mse", "l1")
+    ]
+    assert manifest["producer"]["torch"] == torch.__version__
+    assert manifest["producer"]["onnx"] == onnx.__version__
+    assert manifest["producer"]["lossx"] == lossx.__version__
+    for graph in manifest["graphs"]:
+        proto = onnx.load(artifact_dir / graph["file"])
+        assert graph["opset"] == manifest["opset"] == proto.opset_import[0].version == 20
+        assert graph["ir_version"] == proto.ir_version
+        assert [i["name"] for i in graph["inputs"]] == [i.name for i in proto.graph.input]
+        assert [i["shape"] for i in graph["inputs"]] == [_shape(i) for i in proto.graph.input]
+
+
+def test_weights_file_holds_the_exported_weights(artifact_dir):
+    proto = onnx.load(artifact_dir / "model.onnx")
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    with np.load(artifact_dir / "weights.npz") as npz:
+        assert sorted(npz.files) == sorted(k for k in initializers if k.startswith("model1."))
+        for key in npz.files:
+            np.testing.assert_array_equal(npz[key], initializers[key])
+
+
+def test_export_is_reproducible(tmp_path):
+    export_artifact(tmp_path / "a", losses=["ce"])
+    export_artifact(tmp_path / "b", losses=["ce"])
+    assert (tmp_path / "a" / "manifest.json").read_text() == (
+        tmp_path / "b" / "manifest.json"
+    ).read_text()
+
+
+def test_checkpoint_weights_are_exported(tmp_path, trained_checkpoint, trained_artifact):
+    state = torch.load(trained_checkpoint, weights_only=True)
+    with np.load(trained_artifact.path / "weights.npz") as npz:
+        for key, tensor in state.items():
+            np.testing.assert_array_equal(npz[key], tensor.numpy())
+    assert trained_artifact.manifest.weights["checkpoint_sha256"] == sha256_of(trained_checkpoint)
+
+
+@pytest.mark.parametrize("opset", [17, 23])
+def test_other_opsets_export_and_run(tmp_path, opset):
+    export_artifact(tmp_path / "a", losses=["ce"], opset=opset)
+    artifact = load_artifact(tmp_path / "a")
+    assert {g.opset for g in artifact.manifest.graphs} == {opset}
+    (logits,) = artifact.session("model").run(None, {"images": np.zeros((3, 3, 32, 32), "f4")})
+    assert logits.shape == (3, 10)
+
+
+@pytest.mark.parametrize("opset", [16, 24])
+def test_unsupported_opset_is_refused(tmp_path, opset):
+    with pytest.raises(SpecError, match=f"opset {opset} is not supported; choose 17..23"):
+        export_artifact(tmp_path / "a", opset=opset)
+    assert not (tmp_path / "a").exists()
+
+
+def test_self_check_catches_a_graph_that_ignores_an_input(tmp_path):
+    """The tutorial's L1 example aliases input and target; that export ignores its target."""
+    spec = loss_graph("l1")
+    module = make_loss("l1")
+    aliased = torch.randn(4, 10)
+    program = torch.onnx.export(
+        module,
+        (aliased, aliased),
+        input_names=spec.input_names,
+        output_names=spec.output_names,
+        dynamic_shapes=({0: torch.export.Dim("N")}, {0: torch.export.Dim("N")}),
+        dynamo=True,
+        verbose=False,
+    )
+    program.save(str(tmp_path / "loss_l1.onnx"))
+    with pytest.raises(ParityError, match=r"loss_l1.onnx output 'loss' at batch 1"):
+        verify_graph(spec, module, tmp_path / "loss_l1.onnx")
+
+
+def test_self_check_inputs_are_distinct_tensors():
+    for spec in artifact_graphs(["ce", "mse", "l1"]):
+        tensors = sample_inputs(spec, {"N": 4, "C": 10, "D": 10}, seed=0)
+        assert len({t.data_ptr() for t in tensors}) == len(tensors)
+
+
+def test_failed_export_leaves_the_previous_artifact_intact(tmp_path, monkeypatch):
+    out = tmp_path / "art"
+    export_artifact(out, losses=["ce"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def failing_verify(spec, module, path):
+        calls.append(spec.file)
+        if len(calls) == 2:
+            raise ParityError(f"export self-check failed: {spec.file}")
+
+    monkeypatch.setattr(export_module, "verify_graph", failing_verify)
+    with pytest.raises(ParityError):
+        export_artifact(out, losses=["ce"], seed=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no partial directory left
+
+
+def test_export_replaces_a_previous_artifact(tmp_path):
+    out = tmp_path / "art"
+    export_artifact(out, losses=["ce"], seed=0)
+    export_artifact(out, losses=["mse"], seed=1)
+    assert load_artifact(out).manifest.loss_names == ["mse"]
+    assert not (out / "loss_ce.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_export_refuses_to_overwrite_a_foreign_directory(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not a lossx artifact; refusing to overwrite"):
+        export_artifact(tmp_path / "notes", losses=["ce"])
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
