@@ -1,6 +1,7 @@
 """How much of the default parity tolerance each graph uses, per batch size, on real data.
 
-    python bench/parity_margin.py ARTIFACT_DIR --data-dir ../shared/data/cifar10 --split train --limit 10000
+    python bench/parity_margin.py ARTIFACT_DIR --data-dir ../shared/data/cifar10 \\
+        --split train --limit 10000
 
 Prints, for every output of every graph, the max absolute error and the share of the tolerance
 (|onnx - eager| / (atol + rtol * |eager|), worst element) at batch sizes 1, 7, 64 and 256.

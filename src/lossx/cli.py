@@ -4,6 +4,7 @@ torch is imported only by the commands that need it (export, eval --compare-eage
 Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment, 4 export failed.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import click
 
 from lossx import __version__
-from lossx.errors import LossxError, ParityError
+from lossx.errors import EnvironmentProblem, LossxError, ParityError
 from lossx.runtime.evaluate import LOSS_DESCRIPTIONS
 from lossx.runtime.session import PROVIDER_CHOICES
 
@@ -53,6 +54,7 @@ def export(
     out_dir: Path, model_name: str, losses: str, checkpoint: Path | None, seed: int, opset: int
 ) -> None:
     """Export the model, each loss and each model+loss graph to OUT_DIR, verified against eager."""
+    _require_torch("lossx export")
     from lossx.build import export_artifact, parse_losses
 
     loss_names = parse_losses(losses)
@@ -117,6 +119,7 @@ def eval_(
     if download:
         if data_dir is None:
             raise click.UsageError("--download needs --data-dir")
+        _require_torch("--download")
         from lossx.build.download import download_cifar10
 
         download_cifar10(data_dir)
@@ -127,6 +130,7 @@ def eval_(
     click.echo(_render_eval(result))
     report = None
     if compare_eager:
+        _require_torch("--compare-eager")
         from lossx.parity.eager import artifact_parity
 
         atol = DEFAULT_ATOL if atol is None else atol
@@ -145,6 +149,11 @@ def eval_(
             f"parity failed for {len(report.failures)} output(s), first {worst.graph}/"
             f"{worst.output}: max abs error {worst.max_abs_error:.3g}"
         )
+
+
+def _require_torch(what: str) -> None:
+    if importlib.util.find_spec("torch") is None:
+        raise EnvironmentProblem(f"{what} needs torch, which is not installed here")
 
 
 def _progress(total: int, label: str):
@@ -204,7 +213,7 @@ def _write_json(path: str, payload: dict) -> None:
             f.write(text)
         os.replace(f.name, target)
     except OSError as e:
-        raise click.FileError(path, e.strerror) from None
+        raise LossxError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

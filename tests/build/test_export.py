@@ -156,10 +156,11 @@ def test_unsupported_opset_is_refused(tmp_path, opset):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch.onnx notes on shared axis names
 def test_self_check_catches_a_graph_that_ignores_an_input(tmp_path):
     """The tutorial's L1 example aliases input and target; that export ignores its target."""
     spec = loss_graph("l1")
-    module = make_loss("l1")
+    module = make_loss("l1").eval()
     aliased = torch.randn(4, 10)
     program = torch.onnx.export(
         module,
@@ -211,6 +212,31 @@ def test_export_replaces_a_previous_artifact(tmp_path):
 def test_export_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    with pytest.raises(ArtifactError, match="not a lossx artifact; refusing to overwrite"):
+    with pytest.raises(ArtifactError, match=r"not a lossx artifact; refusing to overwrite"):
         export_artifact(tmp_path / "notes", losses=["ce"])
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_disk_full_during_export_leaves_the_previous_artifact(tmp_path, monkeypatch):
+    out = tmp_path / "art"
+    export_artifact(out, losses=["ce"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module.np, "savez", full_disk)
+    with pytest.raises(ArtifactError, match=r"cannot write the artifact to .*No space left"):
+        export_artifact(out, losses=["ce"], seed=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_unwritable_destination_is_reported(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(export_module.tempfile, "mkdtemp", denied)
+    with pytest.raises(ArtifactError, match=r"cannot write the artifact to .*Permission denied"):
+        export_artifact(tmp_path / "art", losses=["ce"])
+    assert not (tmp_path / "art").exists()

@@ -33,7 +33,7 @@ def test_tudui_is_the_default_registered_model():
 
 
 def test_unknown_model_is_refused_with_the_known_names():
-    with pytest.raises(SpecError, match="unknown model 'resnet'.*tudui"):
+    with pytest.raises(SpecError, match=r"unknown model 'resnet'.*tudui"):
         build_model("resnet")
 
 
@@ -62,7 +62,10 @@ def test_wrapped_state_dict_loads(tmp_path):
 
 def test_whole_pickled_module_is_refused_with_a_hint(tmp_path):
     torch.save(build_model(), tmp_path / "module.pth")  # the tutorial's "method 1"
-    with pytest.raises(CheckpointError, match=r"pickles .*Tudui, refused under weights_only=True; save model.state_dict\(\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"pickles .*Tudui, refused under weights_only=True; save model.state_dict\(\)",
+    ):
         load_checkpoint(build_model(), tmp_path / "module.pth")
 
 
@@ -102,10 +105,10 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path, state, message):
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 10, b"PK\x03\x04truncated"])
 def test_unreadable_checkpoint_is_refused(tmp_path, content):
     (tmp_path / "bad.pt").write_bytes(content)
-    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint"):
         load_checkpoint(build_model(), tmp_path / "bad.pt")
 
 
 def test_missing_checkpoint_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match=r"does not exist"):
         load_checkpoint(build_model(), tmp_path / "nope.pt")

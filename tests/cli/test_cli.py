@@ -233,3 +233,19 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
 def test_version():
     result = run_cli("--version")
     assert result.exit_code == 0 and result.stdout.startswith("lossx, version ")
+
+
+def test_unwritable_json_path_is_a_one_line_error(cli_artifact, tmp_path):
+    result = run_cli("eval", cli_artifact, "--limit", "5", "--json", tmp_path / "no" / "e.json")
+    assert_one_line_error(result, 2, "cannot write")
+
+
+def test_compare_eager_without_torch_is_an_environment_error(cli_artifact, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    result = run_cli("eval", cli_artifact, "--limit", "5", "--compare-eager")
+    assert_one_line_error(result, 3, "--compare-eager needs torch")

@@ -118,24 +118,24 @@ def test_malformed_batches_are_refused(tmp_path, data, labels, message):
 def test_batch_without_expected_keys_is_refused(tmp_path):
     path = tmp_path / "test_batch"
     path.write_bytes(pickle.dumps({"images": 1}, protocol=2))
-    with pytest.raises(DataError, match="no data, labels key"):
+    with pytest.raises(DataError, match=r"no data, labels key"):
         read_batch(path)
 
 
 def test_non_dict_pickle_is_refused(tmp_path):
     path = tmp_path / "test_batch"
     path.write_bytes(pickle.dumps([1, 2, 3], protocol=2))
-    with pytest.raises(DataError, match="holds list, not dict"):
+    with pytest.raises(DataError, match=r"holds list, not dict"):
         read_batch(path)
 
 
 def test_directory_without_batches_is_refused(tmp_path):
-    with pytest.raises(DataError, match="no CIFAR-10 batches"):
+    with pytest.raises(DataError, match=r"no CIFAR-10 batches"):
         load_cifar10(tmp_path, "test")
 
 
 def test_missing_directory_is_refused(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match=r"does not exist"):
         load_cifar10(tmp_path / "nowhere", "test")
 
 
@@ -143,12 +143,12 @@ def test_missing_split_file_is_refused(tmp_path, cifar_dir):
     require_shared(cifar_dir)
     (tmp_path / "cifar-10-batches-py").mkdir()
     shutil.copy(cifar_dir / "cifar-10-batches-py" / "test_batch", tmp_path / "cifar-10-batches-py")
-    with pytest.raises(DataError, match="missing data_batch_1 for the train split"):
+    with pytest.raises(DataError, match=r"missing data_batch_1 for the train split"):
         load_cifar10(tmp_path, "train")
 
 
 def test_packaged_sample_has_no_train_split():
-    with pytest.raises(DataError, match="test images only"):
+    with pytest.raises(DataError, match=r"test images only"):
         load_cifar10(None, "train")
 
 

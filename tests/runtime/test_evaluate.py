@@ -46,12 +46,12 @@ def test_eval_result_as_json(artifact, test_split):
 
 
 def test_eval_of_no_images_is_refused(artifact, test_split):
-    with pytest.raises(DataError, match="no images to evaluate"):
+    with pytest.raises(DataError, match=r"no images to evaluate"):
         evaluate(artifact, test_split.head(0))
 
 
 def test_batch_size_zero_is_refused(artifact, test_split):
-    with pytest.raises(DataError, match="batch size must be at least 1"):
+    with pytest.raises(DataError, match=r"batch size must be at least 1"):
         evaluate(artifact, test_split, batch_size=0)
 
 

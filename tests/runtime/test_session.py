@@ -14,7 +14,7 @@ def test_cpu_session_runs_on_cpu(artifact_dir):
 
 def test_cuda_without_a_cuda_build_is_refused(artifact_dir, monkeypatch):
     monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: CPU_ONLY)
-    with pytest.raises(ProviderError, match="no CUDAExecutionProvider") as error:
+    with pytest.raises(ProviderError, match=r"no CUDAExecutionProvider") as error:
         open_session(artifact_dir / "model.onnx", "cuda")
     assert error.value.exit_code == 3
 
@@ -25,7 +25,7 @@ def test_silent_fallback_to_cpu_is_refused(artifact_dir, monkeypatch):
         pytest.skip("this machine's CUDA provider really loads")
     listed = [*CPU_ONLY, "CUDAExecutionProvider"]
     monkeypatch.setattr(session_module.ort, "get_available_providers", lambda: listed)
-    with pytest.raises(ProviderError, match="fell back to CPUExecutionProvider"):
+    with pytest.raises(ProviderError, match=r"fell back to CPUExecutionProvider"):
         open_session(artifact_dir / "model.onnx", "cuda")
 
 
@@ -35,7 +35,7 @@ def test_auto_uses_cpu_when_cuda_is_absent(artifact_dir, monkeypatch):
 
 
 def test_unknown_provider_is_refused(artifact_dir):
-    with pytest.raises(ProviderError, match="unknown provider 'tpu'"):
+    with pytest.raises(ProviderError, match=r"unknown provider 'tpu'"):
         open_session(artifact_dir / "model.onnx", "tpu")
 
 

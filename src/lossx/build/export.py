@@ -75,8 +75,7 @@ def _symbols(spec: GraphSpec) -> set[str]:
 def _dynamic_shapes(spec: GraphSpec) -> tuple[dict, ...]:
     dims = {name: torch.export.Dim(name, min=1) for name in sorted(_symbols(spec))}
     return tuple(
-        {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)}
-        for t in spec.inputs
+        {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs
     )
 
 
@@ -134,7 +133,9 @@ def _export_graph(
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"{spec.file}: onnx.checker rejected it: {str(e).splitlines()[0]}") from None
+        raise ExportError(
+            f"{spec.file}: onnx.checker rejected it: {str(e).splitlines()[0]}"
+        ) from None
     return proto
 
 
@@ -228,7 +229,11 @@ def export_artifact(
     opset: int = DEFAULT_OPSET,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Export the model, each loss alone and each model+loss pair into `out_dir`."""
+    """Export the model, each loss alone and each model+loss pair into `out_dir`.
+
+    The artifact is written to a hidden sibling directory and renamed into place only after every
+    graph passed its self-check; on any failure `out_dir` is left as it was.
+    """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise SpecError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     out_dir = Path(out_dir)
@@ -244,7 +249,33 @@ def export_artifact(
             "checkpoint_sha256": sha256_of(Path(checkpoint)),
         }
     _prepare_destination(out_dir)
-    losses = list(losses)
+    staged = None
+    try:
+        staged = Path(
+            tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent)
+        )
+        staged.chmod(0o777 & ~_current_umask())  # mkdtemp makes it private; artifacts are not
+        manifest = _write_artifact(
+            staged, model, model_name, list(losses), weights, opset, progress
+        )
+        _move_into_place(staged, out_dir)
+    except OSError as e:  # disk full, permissions: nothing half-written stays behind
+        raise ArtifactError(f"cannot write the artifact to {out_dir}: {e.strerror or e}") from None
+    finally:
+        if staged is not None and staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+    return manifest
+
+
+def _write_artifact(
+    staged: Path,
+    model: nn.Module,
+    model_name: str,
+    losses: list[str],
+    weights: dict,
+    opset: int,
+    progress: Callable[[str], None] | None,
+) -> Manifest:
     common = {
         "lossx.model": model_name,
         "lossx.class_names": json.dumps(CLASS_NAMES),
@@ -252,45 +283,38 @@ def export_artifact(
         "lossx.weights": json.dumps(weights),
         **{f"producer.{k}": v for k, v in _producer_versions().items()},
     }
-    staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        staged.chmod(0o777 & ~_current_umask())  # mkdtemp makes it private; artifacts are not
-        entries = []
-        for spec in artifact_graphs(losses):
-            if progress:
-                progress(spec.file)
-            metadata = {
-                **common,
-                "lossx.graph": spec.kind,
-                "lossx.inputs": _tensor_facts(spec.inputs),
-                "lossx.outputs": _tensor_facts(spec.outputs),
-            }
-            if spec.loss:
-                metadata["lossx.loss"] = json.dumps({"name": spec.loss, "options": LOSS_OPTIONS})
-            module = graph_module(spec, model)
-            proto = _export_graph(spec, module, staged / spec.file, opset, metadata)
-            verify_graph(spec, module, staged / spec.file)
-            entries.append(GraphEntry(spec, opset, proto.ir_version))
-        np.savez(staged / WEIGHTS_FILE, **weights_to_arrays(model))
-        files = sorted([e.spec.file for e in entries] + [WEIGHTS_FILE])
-        manifest = Manifest(
-            model=model_name,
-            opset=opset,
-            class_names=CLASS_NAMES,
-            preprocessing=PREPROCESSING,
-            losses=tuple({"name": n, "options": dict(LOSS_OPTIONS)} for n in losses),
-            weights=weights,
-            graphs=tuple(entries),
-            files={
-                name: {"sha256": sha256_of(staged / name), "bytes": (staged / name).stat().st_size}
-                for name in files
-            },
-            producer=_producer_versions(),
-        )
-        (staged / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-        load_artifact(staged)  # the runtime must accept exactly what was written
-        _move_into_place(staged, out_dir)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    entries = []
+    for spec in artifact_graphs(losses):
+        if progress:
+            progress(spec.file)
+        metadata = {
+            **common,
+            "lossx.graph": spec.kind,
+            "lossx.inputs": _tensor_facts(spec.inputs),
+            "lossx.outputs": _tensor_facts(spec.outputs),
+        }
+        if spec.loss:
+            metadata["lossx.loss"] = json.dumps({"name": spec.loss, "options": LOSS_OPTIONS})
+        module = graph_module(spec, model)
+        proto = _export_graph(spec, module, staged / spec.file, opset, metadata)
+        verify_graph(spec, module, staged / spec.file)
+        entries.append(GraphEntry(spec, opset, proto.ir_version))
+    np.savez(staged / WEIGHTS_FILE, **weights_to_arrays(model))
+    files = sorted([e.spec.file for e in entries] + [WEIGHTS_FILE])
+    manifest = Manifest(
+        model=model_name,
+        opset=opset,
+        class_names=CLASS_NAMES,
+        preprocessing=PREPROCESSING,
+        losses=tuple({"name": n, "options": dict(LOSS_OPTIONS)} for n in losses),
+        weights=weights,
+        graphs=tuple(entries),
+        files={
+            name: {"sha256": sha256_of(staged / name), "bytes": (staged / name).stat().st_size}
+            for name in files
+        },
+        producer=_producer_versions(),
+    )
+    (staged / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    load_artifact(staged)  # the runtime must accept exactly what was written
     return manifest
