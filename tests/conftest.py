@@ -5,7 +5,9 @@ without it they fall back to the packaged sample (official test images 0-999); C
 (tests/runtime/test_cifar10.py::test_ci_reads_the_shared_dataset).
 """
 
+import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from lossx.build import build_model, export_artifact
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample, to_model_input
+from lossx.runtime.artifact import sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
@@ -100,6 +103,22 @@ def eager_model(artifact) -> nn.Module:
     with np.load(artifact.path / "weights.npz") as npz:
         model.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files})
     return model
+
+
+def copy_with_eager_weights_changed(artifact_dir: Path, target: Path, change) -> Path:
+    """Copy an artifact, let `change` edit its weights.npz arrays and re-hash it in the manifest.
+
+    The ONNX graphs keep the old weights, so parity with the eager side must fail.
+    """
+    shutil.copytree(artifact_dir, target)
+    with np.load(target / "weights.npz") as npz:
+        weights = {k: npz[k] for k in npz.files}
+    change(weights)
+    np.savez(target / "weights.npz", **weights)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"]["weights.npz"]["sha256"] = sha256_of(target / "weights.npz")
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,6 +13,7 @@ from lossx.build import build_model
 from lossx.cli import main
 from lossx.runtime import evaluate, load_artifact
 from lossx.runtime.artifact import sha256_of
+from tests.conftest import copy_with_eager_weights_changed
 
 
 def run_cli(*args: str):
@@ -74,15 +75,10 @@ def test_eval_compare_eager_reports_every_graph(cli_artifact, tmp_path):
 
 
 def test_eval_compare_eager_fails_with_exit_1_on_a_mismatch(cli_artifact, tmp_path):
-    copy = tmp_path / "art"
-    shutil.copytree(cli_artifact, copy)
-    with np.load(copy / "weights.npz") as npz:
-        weights = {k: npz[k] for k in npz.files}
-    weights["model1.0.weight"][0, 0, 0, 0] += np.float32(0.5)
-    np.savez(copy / "weights.npz", **weights)
-    old = load_artifact(cli_artifact).manifest.files["weights.npz"]["sha256"]
-    manifest = (copy / "manifest.json").read_text()
-    (copy / "manifest.json").write_text(manifest.replace(old, sha256_of(copy / "weights.npz")))
+    def perturb(weights):
+        weights["model1.0.weight"][0, 0, 0, 0] += np.float32(0.5)
+
+    copy = copy_with_eager_weights_changed(cli_artifact, tmp_path / "art", perturb)
     result = run_cli("eval", copy, "--compare-eager", "--limit", "64")
     assert_one_line_error(result, 1, "output(s), first model/logits: max abs error")
     assert "FAIL" in result.stdout
