@@ -62,7 +62,7 @@ def train_subset(cifar_dir):
 def artifact_dir(tmp_path_factory) -> Path:
     """An artifact of the seeded (untrained) model with all three losses."""
     out = tmp_path_factory.mktemp("artifacts") / "seeded"
-    export_artifact(out)
+    export_artifact(out, init="random")
     return out
 
 

@@ -46,12 +46,25 @@ def main() -> None:
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="state_dict to export (loaded with weights_only=True); default: seeded initial weights.",
+    help="state_dict or `lossx train` checkpoint to export (loaded with weights_only=True).",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the initial weights.")
+@click.option(
+    "--init",
+    type=click.Choice(["trained", "random"]),
+    default="trained",
+    show_default=True,
+    help="Without --checkpoint: the trained weights lossx ships, or seeded random weights.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--opset", default=20, show_default=True, help="ONNX opset (17..23).")
 def export(
-    out_dir: Path, model_name: str, losses: str, checkpoint: Path | None, seed: int, opset: int
+    out_dir: Path,
+    model_name: str,
+    losses: str,
+    checkpoint: Path | None,
+    init: str,
+    seed: int,
+    opset: int,
 ) -> None:
     """Export the model, each loss and each model+loss graph to OUT_DIR, verified against eager."""
     _require_torch("lossx export")
@@ -65,6 +78,7 @@ def export(
         checkpoint=checkpoint,
         seed=seed,
         opset=opset,
+        init=init,
         progress=lambda file: click.echo(f"exporting {file}", err=True),
     )
     click.echo(
@@ -149,6 +163,115 @@ def eval_(
             f"parity failed for {len(report.failures)} output(s), first {worst.graph}/"
             f"{worst.output}: max abs error {worst.max_abs_error:.3g}"
         )
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Folder holding cifar-10-batches-py/ with the training batches (required).",
+)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=0.02, show_default=True, help="Peak one-cycle LR.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=int, help="Train on the first N training images only.")
+@click.option(
+    "--holdout",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Hold out the last N training images and evaluate on them instead of the test images.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("checkpoint.pt"),
+    show_default=True,
+    help="Checkpoint written after every epoch.",
+)
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Continue the run saved in this checkpoint (its recipe wins).",
+)
+@click.option("--log-json", type=click.Path(path_type=Path), help="Write one JSON line per epoch.")
+def train(
+    data_dir: Path | None,
+    out: Path,
+    resume: Path | None,
+    log_json: Path | None,
+    **recipe,
+) -> None:
+    """Train the model on the CIFAR-10 training split with CrossEntropyLoss."""
+    _require_torch("lossx train")
+    from lossx.build.train import TrainConfig
+    from lossx.build.train import train as run_training
+
+    if data_dir is None:
+        raise click.UsageError("--data-dir is required: the training images do not ship with lossx")
+    log = None
+    if log_json:
+        try:
+            log = log_json.open("w", encoding="utf-8")
+        except OSError as e:
+            raise LossxError(f"cannot write {log_json}: {e.strerror}") from None
+    progress = _EpochProgress(log)
+    try:
+        history = run_training(
+            data_dir,
+            out,
+            TrainConfig(**recipe),
+            resume=resume,
+            on_batch=progress.batch,
+            on_epoch=progress.epoch,
+        )
+    finally:
+        progress.close()
+        if log:
+            log.close()
+    if history:
+        last = history[-1]
+        click.echo(
+            f"wrote {out}: epoch {last.epoch}/{last.epochs}, {last.eval_split} accuracy "
+            f"{last.eval_accuracy:.2%}"
+        )
+
+
+class _EpochProgress:
+    """A progress bar per epoch on stderr, then one line per epoch on stdout (and JSON lines)."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+        self.bar = None
+        self.done = 0
+
+    def batch(self, epoch: int, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = _progress(total, f"epoch {epoch}").__enter__()
+            self.done = 0
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def epoch(self, result) -> None:
+        self.close()
+        click.echo(
+            f"epoch {result.epoch:>3}/{result.epochs}  lr {result.lr:.5f}  "
+            f"train loss {result.train_loss:.4f}  {result.eval_split} loss "
+            f"{result.eval_loss:.4f}  {result.eval_split} accuracy {result.eval_accuracy:.2%}  "
+            f"{result.images_per_second:,.0f} images/s  {result.seconds:.1f} s"
+        )
+        if self.log:
+            self.log.write(json.dumps(result.to_dict()) + "\n")
+            self.log.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _require_torch(what: str) -> None:

@@ -125,8 +125,8 @@ def test_weights_file_holds_the_exported_weights(artifact_dir):
 
 
 def test_export_is_reproducible(tmp_path):
-    export_artifact(tmp_path / "a", losses=["ce"])
-    export_artifact(tmp_path / "b", losses=["ce"])
+    export_artifact(tmp_path / "a", init="random", losses=["ce"])
+    export_artifact(tmp_path / "b", init="random", losses=["ce"])
     assert (tmp_path / "a" / "manifest.json").read_text() == (
         tmp_path / "b" / "manifest.json"
     ).read_text()
@@ -142,7 +142,7 @@ def test_checkpoint_weights_are_exported(tmp_path, trained_checkpoint, trained_a
 
 @pytest.mark.parametrize("opset", [17, 23])
 def test_other_opsets_export_and_run(tmp_path, opset):
-    export_artifact(tmp_path / "a", losses=["ce"], opset=opset)
+    export_artifact(tmp_path / "a", init="random", losses=["ce"], opset=opset)
     artifact = load_artifact(tmp_path / "a")
     assert {g.opset for g in artifact.manifest.graphs} == {opset}
     (logits,) = artifact.session("model").run(None, {"images": np.zeros((3, 3, 32, 32), "f4")})
@@ -184,7 +184,7 @@ def test_self_check_inputs_are_distinct_tensors():
 
 def test_failed_export_leaves_the_previous_artifact_intact(tmp_path, monkeypatch):
     out = tmp_path / "art"
-    export_artifact(out, losses=["ce"])
+    export_artifact(out, init="random", losses=["ce"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
 
@@ -195,15 +195,15 @@ def test_failed_export_leaves_the_previous_artifact_intact(tmp_path, monkeypatch
 
     monkeypatch.setattr(export_module, "verify_graph", failing_verify)
     with pytest.raises(ParityError):
-        export_artifact(out, losses=["ce"], seed=1)
+        export_artifact(out, init="random", losses=["ce"], seed=1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no partial directory left
 
 
 def test_export_replaces_a_previous_artifact(tmp_path):
     out = tmp_path / "art"
-    export_artifact(out, losses=["ce"], seed=0)
-    export_artifact(out, losses=["mse"], seed=1)
+    export_artifact(out, init="random", losses=["ce"], seed=0)
+    export_artifact(out, init="random", losses=["mse"], seed=1)
     assert load_artifact(out).manifest.loss_names == ["mse"]
     assert not (out / "loss_ce.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
@@ -213,13 +213,13 @@ def test_export_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(ArtifactError, match=r"not a lossx artifact; refusing to overwrite"):
-        export_artifact(tmp_path / "notes", losses=["ce"])
+        export_artifact(tmp_path / "notes", init="random", losses=["ce"])
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
 def test_disk_full_during_export_leaves_the_previous_artifact(tmp_path, monkeypatch):
     out = tmp_path / "art"
-    export_artifact(out, losses=["ce"])
+    export_artifact(out, init="random", losses=["ce"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def full_disk(*args, **kwargs):
@@ -227,7 +227,7 @@ def test_disk_full_during_export_leaves_the_previous_artifact(tmp_path, monkeypa
 
     monkeypatch.setattr(export_module.np, "savez", full_disk)
     with pytest.raises(ArtifactError, match=r"cannot write the artifact to .*No space left"):
-        export_artifact(out, losses=["ce"], seed=3)
+        export_artifact(out, init="random", losses=["ce"], seed=3)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
@@ -238,5 +238,5 @@ def test_unwritable_destination_is_reported(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_module.tempfile, "mkdtemp", denied)
     with pytest.raises(ArtifactError, match=r"cannot write the artifact to .*Permission denied"):
-        export_artifact(tmp_path / "art", losses=["ce"])
+        export_artifact(tmp_path / "art", init="random", losses=["ce"])
     assert not (tmp_path / "art").exists()

@@ -24,7 +24,8 @@ from torch import nn
 
 import lossx
 from lossx.build.losses import LOSS_OPTIONS, graph_module
-from lossx.build.models import build_model, load_checkpoint, weights_to_arrays
+from lossx.build.models import build_model, load_checkpoint, packaged_weights, weights_to_arrays
+from lossx.build.train import CHECKPOINT_FORMAT as TRAIN_CHECKPOINT_FORMAT
 from lossx.errors import ArtifactError, ExportError, ParityError, SpecError
 from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from lossx.runtime.artifact import (
@@ -44,6 +45,7 @@ MIN_OPSET = 17
 MAX_OPSET = 23  # the newest opset torch.onnx 2.14 writes
 DEFAULT_OPSET = 20
 WEIGHTS_FILE = "weights.npz"
+INITS = ("trained", "random")
 
 # Sizes of the symbolic dims: the export example, then the self-check's fresh inputs
 # (batch 1, an odd batch, and other class/feature counts than the example).
@@ -220,6 +222,35 @@ def _move_into_place(staged: Path, out_dir: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def _load_weights(
+    model: nn.Module, model_name: str, init: str, checkpoint: Path | None, seed: int
+) -> dict:
+    """Load the weights the export asks for; return the manifest's account of them."""
+    if init not in INITS:
+        raise SpecError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    if checkpoint is None and init == "random":
+        return {"file": WEIGHTS_FILE, "source": "seed", "seed": seed}
+    source = "checkpoint" if checkpoint is not None else "packaged"
+    path = Path(checkpoint) if checkpoint is not None else packaged_weights(model_name)
+    payload = load_checkpoint(model, path)
+    weights = {
+        "file": WEIGHTS_FILE,
+        "source": source,
+        "checkpoint": path.name,
+        "checkpoint_sha256": sha256_of(path),
+    }
+    if isinstance(payload, dict) and payload.get("format") == TRAIN_CHECKPOINT_FORMAT:
+        history = payload.get("history") or [{}]
+        weights["recipe"] = payload.get("config")
+        weights["trained"] = {
+            "epochs": history[-1].get("epoch"),
+            "seconds": round(sum(e.get("seconds", 0.0) for e in history), 1),
+            "final_eval": {k: history[-1].get(k) for k in ("eval_split", "eval_accuracy")},
+            "torch": payload.get("torch"),
+        }
+    return weights
+
+
 def export_artifact(
     out_dir: Path,
     model_name: str = "tudui",
@@ -227,9 +258,13 @@ def export_artifact(
     checkpoint: Path | None = None,
     seed: int = 0,
     opset: int = DEFAULT_OPSET,
+    init: str = "trained",
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export the model, each loss alone and each model+loss pair into `out_dir`.
+
+    The weights come from `checkpoint` if given, else from the trained weights lossx ships
+    (`init="trained"`) or from `seed` (`init="random"`).
 
     The artifact is written to a hidden sibling directory and renamed into place only after every
     graph passed its self-check; on any failure `out_dir` is left as it was.
@@ -238,16 +273,7 @@ def export_artifact(
         raise SpecError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     out_dir = Path(out_dir)
     model = build_model(model_name, seed)
-    if checkpoint is None:
-        weights = {"file": WEIGHTS_FILE, "source": "seed", "seed": seed}
-    else:
-        load_checkpoint(model, checkpoint)
-        weights = {
-            "file": WEIGHTS_FILE,
-            "source": "checkpoint",
-            "checkpoint": Path(checkpoint).name,
-            "checkpoint_sha256": sha256_of(Path(checkpoint)),
-        }
+    weights = _load_weights(model, model_name, init, checkpoint, seed)
     _prepare_destination(out_dir)
     staged = None
     try:

@@ -3,6 +3,7 @@
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from lossx.errors import CheckpointError, SpecError
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
 DEFAULT_MODEL = "tudui"
+# Trained weights in lossx/build/weights: `lossx train` checkpoints (README, "Trained weights").
+PACKAGED_WEIGHTS = {"tudui": "tudui_cifar10.pt"}
 
 
 def register_model(name: str) -> Callable:
@@ -47,6 +50,15 @@ class Tudui(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model1(images)
+
+
+def packaged_weights(name: str) -> Path:
+    """The trained checkpoint lossx ships for model `name`."""
+    if name not in PACKAGED_WEIGHTS:
+        raise SpecError(
+            f"no trained weights ship for model {name!r}; use --init random or --checkpoint"
+        )
+    return Path(str(resources.files("lossx.build").joinpath("weights", PACKAGED_WEIGHTS[name])))
 
 
 def build_model(name: str = DEFAULT_MODEL, seed: int = 0) -> nn.Module:
@@ -84,8 +96,11 @@ def _load_failure(error: Exception) -> str:
     return first.split(". ")[0]
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a state_dict checkpoint into `model` with `torch.load(weights_only=True)`."""
+def load_checkpoint(model: nn.Module, path: Path) -> object:
+    """Load a state_dict checkpoint into `model` with `torch.load(weights_only=True)`.
+
+    Returns what the file held (a training checkpoint also carries its recipe and log).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -115,6 +130,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
                 f"{list(expected[key].shape)}"
             )
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    return obj
 
 
 def weights_to_arrays(model: nn.Module) -> dict[str, np.ndarray]:

@@ -1,0 +1,157 @@
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lossx.build.export import export_artifact
+from lossx.build.models import build_model
+from lossx.build.train import TrainConfig, augment, load_training_checkpoint, train
+from lossx.cli import main
+from lossx.errors import CheckpointError, LossxError, SpecError
+from lossx.runtime import load_artifact
+from tests.conftest import require_shared
+
+SMALL = TrainConfig(epochs=2, batch_size=32, lr=0.02, limit=512)
+
+
+@pytest.fixture(scope="module")
+def data_dir(cifar_dir):
+    require_shared(cifar_dir)
+    return cifar_dir
+
+
+@pytest.fixture(scope="module")
+def short_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "ckpt.pt"
+    return out, train(data_dir, out, SMALL)
+
+
+def test_short_training_lowers_the_training_loss(short_run):
+    _, history = short_run
+    assert [e.epoch for e in history] == [1, 2]
+    assert history[1].train_loss < history[0].train_loss
+    assert all(e.eval_split == "test" and 0 <= e.eval_accuracy <= 1 for e in history)
+    assert all(math.isfinite(e.eval_loss) for e in history)
+
+
+def test_checkpoint_is_safe_to_load_and_exports(short_run, tmp_path):
+    checkpoint, history = short_run
+    payload = torch.load(checkpoint, weights_only=True)
+    assert payload["model_name"] == "tudui" and len(payload["history"]) == 2
+    export_artifact(tmp_path / "art", losses=["ce"], checkpoint=checkpoint)
+    weights = load_artifact(tmp_path / "art").manifest.weights
+    assert weights["source"] == "checkpoint"
+    assert weights["recipe"]["epochs"] == 2 and weights["recipe"]["limit"] == 512
+    assert weights["trained"]["final_eval"]["eval_accuracy"] == history[-1].eval_accuracy
+
+
+def test_checkpoint_write_leaves_no_temporary_files(short_run):
+    checkpoint, _ = short_run
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["ckpt.pt"]
+
+
+def _comparable(history):
+    return [{k: v for k, v in e.to_dict().items() if k not in ("seconds", "images_per_second")}
+            for e in history]  # fmt: skip
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(data_dir, short_run, tmp_path):
+    straight_checkpoint, straight = short_run
+    partial = tmp_path / "partial.pt"
+    assert len(train(data_dir, partial, SMALL, stop_after=1)) == 1
+    resumed = train(data_dir, tmp_path / "resumed.pt", resume=partial)
+    assert _comparable(resumed) == _comparable(straight)
+    expected = torch.load(straight_checkpoint, weights_only=True)["model"]
+    got = torch.load(tmp_path / "resumed.pt", weights_only=True)["model"]
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+
+
+def test_augment_returns_shifted_or_flipped_crops():
+    images = torch.rand(16, 3, 32, 32)
+    out = augment(images, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for original, crop in zip(padded, out, strict=True):
+        candidates = [
+            window.flip(-1) if flip else window
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            for window in [original[:, dy : dy + 32, dx : dx + 32]]
+        ]
+        assert any(torch.equal(crop, c) for c in candidates)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epochs": 0}, "epochs must be 1..10000"),
+        ({"batch_size": 0}, "batch size must be 1..4096"),
+        ({"lr": 0.0}, r"lr must be in \(0, 10\]"),
+        ({"lr": float("nan")}, r"lr must be in \(0, 10\]"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of sgd, adamw"),
+        ({"holdout": 512}, "holdout 512 leaves no training images"),
+    ],
+)
+def test_bad_recipes_are_refused(data_dir, tmp_path, change, message):
+    config = TrainConfig(**{**SMALL.__dict__, **change})
+    with pytest.raises(SpecError, match=message):
+        train(data_dir, tmp_path / "c.pt", config)
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_unwritable_output_is_refused(data_dir, tmp_path):
+    with pytest.raises(LossxError, match="is not a directory"):
+        train(data_dir, tmp_path / "missing" / "c.pt", SMALL)
+
+
+def test_resume_from_a_plain_state_dict_is_refused(data_dir, tmp_path):
+    torch.save(build_model().state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a lossx training checkpoint"):
+        train(data_dir, tmp_path / "c.pt", resume=tmp_path / "plain.pt")
+
+
+def test_resume_from_another_model_is_refused(data_dir, short_run, tmp_path):
+    payload = load_training_checkpoint(short_run[0])
+    payload["model"] = {"layer.weight": torch.zeros(3, 3)}
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not fit model tudui"):
+        train(data_dir, tmp_path / "c.pt", resume=tmp_path / "other.pt")
+
+
+def test_cli_train_logs_every_epoch(data_dir, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        ["train", "--data-dir", str(data_dir), "--epochs", "2", "--limit", "96",
+         "--batch-size", "32", "--out", str(tmp_path / "c.pt"),
+         "--log-json", str(tmp_path / "log.jsonl")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [line.split()[1] for line in result.stdout.splitlines()[:2]] == ["1/2", "2/2"]
+    assert f"wrote {tmp_path / 'c.pt'}: epoch 2/2" in result.stdout
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "epochs must be 1..10000"),
+        (["--lr", "-1"], "lr must be in (0, 10]"),
+        (["--out", "/nonexistent-dir/c.pt"], "is not a directory"),
+    ],
+)
+def test_cli_train_bad_input(data_dir, args, message):
+    result = CliRunner().invoke(
+        main, ["train", "--data-dir", str(data_dir), "--limit", "64", *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1] == f"Error: {message}" or message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_cli_train_needs_a_data_dir():
+    result = CliRunner().invoke(main, ["train"])
+    assert result.exit_code == 2 and "--data-dir is required" in result.stderr
