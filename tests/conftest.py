@@ -97,6 +97,14 @@ def trained_artifact(tmp_path_factory, trained_checkpoint):
     return load_artifact(out)
 
 
+@pytest.fixture(scope="session")
+def shipped_artifact(tmp_path_factory):
+    """An artifact of the trained weights lossx ships (export's default)."""
+    out = tmp_path_factory.mktemp("artifacts") / "shipped"
+    export_artifact(out)
+    return load_artifact(out)
+
+
 def eager_model(artifact) -> nn.Module:
     """The artifact's model, rebuilt eagerly from its weights file."""
     model = build_model(artifact.manifest.model)

@@ -1,8 +1,8 @@
 """ONNX Runtime against eager PyTorch for every graph, on 1,000 real CIFAR-10 test images.
 
-Tolerances are the documented defaults (atol 1e-5, rtol 1e-5). Measured worst case on these
-graphs: 3.8e-6 absolute on logits over these images (0.17 of the tolerance), 5.7e-6 over 10,000
-training images (0.33 of it); README, "Parity tolerances".
+Tolerances are the documented defaults (atol 1e-5, rtol 1e-5). Measured worst case with the
+shipped weights: 34% of the tolerance on logits over these images, 48% over all 50,000 training
+images (README, "Parity tolerances").
 """
 
 import numpy as np
@@ -27,10 +27,11 @@ EXPECTED_OUTPUTS = [
 ]
 
 
-@pytest.mark.parametrize("weights", ["seeded", "trained"])
+@pytest.mark.parametrize("weights", ["seeded", "trained", "shipped"])
 @pytest.mark.parametrize("batch_size", [1, 7, 64, 256])
-def test_every_graph_matches_eager(artifact, trained_artifact, test_split, weights, batch_size):
-    chosen = artifact if weights == "seeded" else trained_artifact
+def test_every_graph_matches_eager(request, test_split, weights, batch_size):
+    fixture = {"seeded": "artifact", "trained": "trained_artifact", "shipped": "shipped_artifact"}
+    chosen = request.getfixturevalue(fixture[weights])
     report = artifact_parity(chosen, test_split, DEFAULT_ATOL, DEFAULT_RTOL, batch_size)
     assert report.images == 1000
     assert [(c.graph, c.output) for c in report.comparisons] == EXPECTED_OUTPUTS

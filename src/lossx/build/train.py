@@ -136,6 +136,9 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         ) as f:
             temporary = Path(f.name)
             torch.save(payload, f)
+        mask = os.umask(0)
+        os.umask(mask)
+        temporary.chmod(0o666 & ~mask)  # a temporary file is private; the checkpoint need not be
         os.replace(temporary, path)
     except OSError as e:
         if temporary is not None:
