@@ -160,6 +160,21 @@ def load_training_checkpoint(path: Path) -> dict:
     return payload
 
 
+def _training_data(data_dir: Path | None, config: TrainConfig) -> tuple[Cifar10Split, Cifar10Split]:
+    """The images to train on, and the ones to report on: the holdout, or the test split."""
+    train_split = load_cifar10(data_dir, "train", config.limit)
+    if not config.holdout:
+        test = load_cifar10(data_dir, "test")
+        return train_split, Cifar10Split(test.images, test.labels, test.class_names, "test")
+    if config.holdout >= len(train_split):
+        raise SpecError(f"holdout {config.holdout} leaves no training images")
+    keep = len(train_split) - config.holdout
+    holdout = Cifar10Split(
+        train_split.images[keep:], train_split.labels[keep:], train_split.class_names, "holdout"
+    )
+    return train_split.head(keep), holdout
+
+
 def train(
     data_dir: Path | None,
     out: Path,
@@ -187,18 +202,7 @@ def train(
     if not out.parent.is_dir():
         raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
 
-    train_split = load_cifar10(data_dir, "train", config.limit)
-    if config.holdout:
-        if config.holdout >= len(train_split):
-            raise SpecError(f"holdout {config.holdout} leaves no training images")
-        keep = len(train_split) - config.holdout
-        eval_split = Cifar10Split(
-            train_split.images[keep:], train_split.labels[keep:], train_split.class_names, "holdout"
-        )
-        train_split = train_split.head(keep)
-        eval_name = "holdout"
-    else:
-        eval_split, eval_name = load_cifar10(data_dir, "test"), "test"
+    train_split, eval_split = _training_data(data_dir, config)
     images, labels = _as_tensors(train_split)
     eval_images, eval_labels = _as_tensors(eval_split)
 
@@ -254,7 +258,7 @@ def train(
             epochs=config.epochs,
             lr=schedule.get_last_lr()[0],
             train_loss=total / len(labels),
-            eval_split=eval_name,
+            eval_split=eval_split.source,
             eval_loss=eval_loss,
             eval_accuracy=eval_accuracy,
             seconds=seconds,
