@@ -6,15 +6,14 @@ Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment, 4 
 
 import importlib.util
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from lossx import __version__
 from lossx.errors import EnvironmentProblem, LossxError, ParityError
+from lossx.files import write_atomically
 from lossx.runtime.evaluate import LOSS_DESCRIPTIONS
 from lossx.runtime.session import PROVIDER_CHOICES
 
@@ -327,16 +326,8 @@ def _write_json(path: str, payload: dict) -> None:
     text = json.dumps(payload, indent=2) + "\n"
     if path == "-":
         click.echo(text, nl=False)
-        return
-    target = Path(path)
-    try:
-        with tempfile.NamedTemporaryFile(
-            "w", dir=target.parent, prefix=f".{target.name}.", delete=False
-        ) as f:
-            f.write(text)
-        os.replace(f.name, target)
-    except OSError as e:
-        raise LossxError(f"cannot write {path}: {e.strerror or e}") from None
+    else:
+        write_atomically(Path(path), lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -47,3 +47,9 @@ class ExportError(LossxError):
     """torch.onnx failed to export a graph."""
 
     exit_code = 4
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -155,3 +155,11 @@ def test_cli_train_bad_input(data_dir, args, message):
 def test_cli_train_needs_a_data_dir():
     result = CliRunner().invoke(main, ["train"])
     assert result.exit_code == 2 and "--data-dir is required" in result.stderr
+
+
+def test_resume_from_a_damaged_checkpoint_is_refused(data_dir, short_run, tmp_path):
+    payload = load_training_checkpoint(short_run[0])
+    del payload["optimizer"]
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="does not fit model tudui: 'optimizer'"):
+        train(data_dir, tmp_path / "c.pt", resume=tmp_path / "damaged.pt")

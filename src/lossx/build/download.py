@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lossx.errors import EnvironmentProblem
+from lossx.errors import EnvironmentProblem, first_line
 
 
 def download_cifar10(data_dir: Path) -> None:
@@ -15,5 +15,6 @@ def download_cifar10(data_dir: Path) -> None:
     except Exception as e:  # urllib, ssl and socket errors alike
         if created and Path(data_dir).is_dir() and not any(Path(data_dir).iterdir()):
             Path(data_dir).rmdir()  # leave nothing behind
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EnvironmentProblem(f"CIFAR-10 download into {data_dir} failed: {reason}") from None
+        raise EnvironmentProblem(
+            f"CIFAR-10 download into {data_dir} failed: {first_line(e)}"
+        ) from None

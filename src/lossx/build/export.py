@@ -8,7 +8,6 @@ written to a temporary sibling directory and renamed into place only when all of
 import contextlib
 import io
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -26,7 +25,8 @@ import lossx
 from lossx.build.losses import LOSS_OPTIONS, graph_module
 from lossx.build.models import build_model, load_checkpoint, packaged_weights, weights_to_arrays
 from lossx.build.train import CHECKPOINT_FORMAT as TRAIN_CHECKPOINT_FORMAT
-from lossx.errors import ArtifactError, ExportError, ParityError, SpecError
+from lossx.errors import ArtifactError, ExportError, ParityError, SpecError, first_line
+from lossx.files import current_umask
 from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from lossx.runtime.artifact import (
     MANIFEST_FILE,
@@ -123,8 +123,7 @@ def _export_graph(
                 verbose=False,
             )
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{spec.file}: torch.onnx.export failed: {reason}") from None
+        raise ExportError(f"{spec.file}: torch.onnx.export failed: {first_line(e)}") from None
     proto = program.model_proto
     _conform_signature(proto, spec)
     proto.producer_name = "lossx"
@@ -135,9 +134,7 @@ def _export_graph(
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(
-            f"{spec.file}: onnx.checker rejected it: {str(e).splitlines()[0]}"
-        ) from None
+        raise ExportError(f"{spec.file}: onnx.checker rejected it: {first_line(e)}") from None
     return proto
 
 
@@ -198,12 +195,6 @@ def _prepare_destination(out_dir: Path) -> None:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ArtifactError(f"cannot create {out_dir.parent}: {e.strerror}") from None
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _move_into_place(staged: Path, out_dir: Path) -> None:
@@ -280,7 +271,7 @@ def export_artifact(
         staged = Path(
             tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent)
         )
-        staged.chmod(0o777 & ~_current_umask())  # mkdtemp makes it private; artifacts are not
+        staged.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; artifacts are not
         manifest = _write_artifact(
             staged, model, model_name, list(losses), weights, opset, progress
         )

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lossx.errors import CheckpointError, SpecError
+from lossx.errors import CheckpointError, SpecError, first_line
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
 DEFAULT_MODEL = "tudui"
@@ -92,8 +92,7 @@ def _load_failure(error: Exception) -> str:
         )
     if "WeightsUnpickler error" in text or isinstance(error, EOFError):
         return "not a torch checkpoint (unreadable or truncated pickle)"
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return first.split(". ")[0]
+    return first_line(error).split(". ")[0]
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> object:

@@ -7,8 +7,6 @@ resumed run continues exactly where it stopped.
 """
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -18,7 +16,8 @@ import torch
 from torch import nn
 
 from lossx.build.models import DEFAULT_MODEL, build_model
-from lossx.errors import CheckpointError, LossxError, SpecError
+from lossx.errors import CheckpointError, LossxError, SpecError, first_line
+from lossx.files import write_atomically
 from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.preprocessing import to_model_input
 
@@ -127,23 +126,8 @@ def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically: a temporary file in the same directory, then a rename."""
-    path = Path(path)
-    temporary = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", delete=False
-        ) as f:
-            temporary = Path(f.name)
-            torch.save(payload, f)
-        mask = os.umask(0)
-        os.umask(mask)
-        temporary.chmod(0o666 & ~mask)  # a temporary file is private; the checkpoint need not be
-        os.replace(temporary, path)
-    except OSError as e:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
-        raise LossxError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    """Write atomically: a crash never leaves a corrupt checkpoint."""
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def load_training_checkpoint(path: Path) -> dict:
@@ -217,15 +201,14 @@ def train(
     if state is not None:
         try:
             model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            reason = str(e).strip().splitlines()[0]
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            history = [EpochResult(**e) for e in state["history"]]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(
-                f"{resume}: does not fit model {config.model}: {reason}"
+                f"{resume}: does not fit model {config.model}: {first_line(e)}"
             ) from None
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        history = [EpochResult(**e) for e in state["history"]]
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     last_epoch = config.epochs if stop_after is None else min(stop_after, config.epochs)

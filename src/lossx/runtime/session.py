@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from lossx.errors import ArtifactError, ProviderError
+from lossx.errors import ArtifactError, ProviderError, first_line
 
 PROVIDER_CHOICES = ("cpu", "cuda", "auto")
 _ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -50,8 +50,7 @@ def open_session(
             warnings.simplefilter("ignore")  # the fallback warning: checked below instead
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # ORT raises several unrelated types for unreadable models
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line}") from None
+        raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line(e)}") from None
     if provider == "cuda" and session.get_providers()[0] != _ORT_NAMES["cuda"]:
         raise ProviderError(
             f"provider 'cuda' requested but ONNX Runtime fell back to {session.get_providers()[0]} "
