@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lossx.build import build_model, export_artifact
+from lossx.parity.eager import EagerRunner
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample, to_model_input
 from lossx.runtime.artifact import sha256_of
 
@@ -107,10 +108,7 @@ def shipped_artifact(tmp_path_factory):
 
 def eager_model(artifact) -> nn.Module:
     """The artifact's model, rebuilt eagerly from its weights file."""
-    model = build_model(artifact.manifest.model)
-    with np.load(artifact.path / "weights.npz") as npz:
-        model.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files})
-    return model
+    return EagerRunner(artifact).model
 
 
 def copy_with_eager_weights_changed(artifact_dir: Path, target: Path, change) -> Path:

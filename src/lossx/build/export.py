@@ -51,7 +51,6 @@ INITS = ("trained", "random")
 # (batch 1, an odd batch, and other class/feature counts than the example).
 EXAMPLE_SIZES = {"N": 4, "C": NUM_CLASSES, "D": NUM_CLASSES}
 CHECK_SIZES = ({"N": 1, "C": 10, "D": 10}, {"N": 7, "C": 5, "D": 3}, {"N": 64, "C": 13, "D": 21})
-_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
 def sample_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int) -> list[torch.Tensor]:
@@ -293,12 +292,13 @@ def _write_artifact(
     opset: int,
     progress: Callable[[str], None] | None,
 ) -> Manifest:
+    producer = _producer_versions()
     common = {
         "lossx.model": model_name,
         "lossx.class_names": json.dumps(CLASS_NAMES),
         "lossx.preprocessing": json.dumps(PREPROCESSING),
         "lossx.weights": json.dumps(weights),
-        **{f"producer.{k}": v for k, v in _producer_versions().items()},
+        **{f"producer.{k}": v for k, v in producer.items()},
     }
     entries = []
     for spec in artifact_graphs(losses):
@@ -330,7 +330,7 @@ def _write_artifact(
             name: {"sha256": sha256_of(staged / name), "bytes": (staged / name).stat().st_size}
             for name in files
         },
-        producer=_producer_versions(),
+        producer=producer,
     )
     (staged / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     load_artifact(staged)  # the runtime must accept exactly what was written
