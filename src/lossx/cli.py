@@ -14,10 +14,11 @@ import click
 from lossx import __version__
 from lossx.errors import EnvironmentProblem, LossxError, ParityError
 from lossx.files import write_atomically
-from lossx.runtime.evaluate import LOSS_DESCRIPTIONS
+from lossx.runtime.graphs import DEFAULT_OPSET, MIN_OPSET
+from lossx.runtime.losses import LOSSES, format_value, parse_loss_spec
 from lossx.runtime.session import PROVIDER_CHOICES
 
-DEFAULT_LOSSES = "ce,mse,l1"
+DEFAULT_LOSSES = ("ce", "mse", "l1")
 
 
 class _LossxGroup(click.Group):
@@ -41,7 +42,16 @@ def main() -> None:
 @main.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--model", "model_name", default="tudui", show_default=True, help="Model name.")
-@click.option("--losses", default=DEFAULT_LOSSES, show_default=True, help="Comma-separated losses.")
+@click.option(
+    "--loss",
+    "losses",
+    multiple=True,
+    default=DEFAULT_LOSSES,
+    show_default=True,
+    metavar="SPEC",
+    help='A loss spec, e.g. "ce(label_smoothing=0.1, reduction=sum)"; repeat for more. '
+    "`lossx losses` lists them.",
+)
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -55,11 +65,16 @@ def main() -> None:
     help="Without --checkpoint: the trained weights lossx ships, or seeded random weights.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
-@click.option("--opset", default=20, show_default=True, help="ONNX opset (17..23).")
+@click.option(
+    "--opset",
+    default=DEFAULT_OPSET,
+    show_default=True,
+    help=f"ONNX opset, {MIN_OPSET} up to the newest the installed exporter and ONNX Runtime run.",
+)
 def export(
     out_dir: Path,
     model_name: str,
-    losses: str,
+    losses: tuple[str, ...],
     checkpoint: Path | None,
     init: str,
     seed: int,
@@ -67,13 +82,12 @@ def export(
 ) -> None:
     """Export the model, each loss and each model+loss graph to OUT_DIR, verified against eager."""
     _require_torch("lossx export")
-    from lossx.build import export_artifact, parse_losses
+    from lossx.build import export_artifact
 
-    loss_names = parse_losses(losses)
     manifest = export_artifact(
         out_dir,
         model_name=model_name,
-        losses=loss_names,
+        losses=[parse_loss_spec(text) for text in losses],
         checkpoint=checkpoint,
         seed=seed,
         opset=opset,
@@ -86,6 +100,38 @@ def export(
     )
     for name, info in manifest.files.items():
         click.echo(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256'][:16]}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the catalogue as JSON.")
+def losses(as_json: bool) -> None:
+    """List the losses `lossx export --loss` takes, with their options and defaults."""
+    if as_json:
+        click.echo(json.dumps([_loss_to_dict(info) for info in LOSSES.values()], indent=2))
+        return
+    for info in LOSSES.values():
+        click.echo(f"{info.name:<11} torch.nn.{info.torch_class}: {info.summary}")
+        for option in info.options:
+            default = format_value(option.default)
+            click.echo(
+                f"{'':<13}{option.name:<16} default {default:<8} {option.accepted():<28} "
+                f"{option.help}"
+            )
+    click.echo(
+        '\nexample: lossx export out/ --loss "ce(label_smoothing=0.1, reduction=sum)" --loss mse'
+    )
+
+
+def _loss_to_dict(info) -> dict:
+    return {
+        "name": info.name,
+        "torch_class": f"torch.nn.{info.torch_class}",
+        "summary": info.summary,
+        "options": [
+            {"name": o.name, "default": o.default, "accepts": o.accepted(), "help": o.help}
+            for o in info.options
+        ],
+    }
 
 
 @main.command(name="eval")
@@ -289,7 +335,7 @@ def _render_eval(result) -> str:
         ("top-1 accuracy", f"{result.top1_accuracy:.2%}"),
     ]
     rows += [
-        (f"{name} loss", f"{value:.6f}  ({LOSS_DESCRIPTIONS[name]})")
+        (f"{name} loss", f"{value:.6f}  ({result.loss_definitions[name]})")
         for name, value in result.losses.items()
     ]
     rows += [

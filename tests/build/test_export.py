@@ -8,12 +8,13 @@ import torch
 import lossx
 from lossx.build import export as export_module
 from lossx.build.export import export_artifact, sample_inputs, verify_graph
-from lossx.build.losses import make_loss
+from lossx.build.losses import reference_loss
 from lossx.errors import ArtifactError, ParityError, SpecError
 from lossx.runtime import load_artifact
 from lossx.runtime.artifact import sha256_of
 from lossx.runtime.cifar10 import CLASS_NAMES
 from lossx.runtime.graphs import artifact_graphs, loss_graph
+from lossx.runtime.losses import parse_loss_spec
 
 GRAPH_FILES = [
     "model.onnx",
@@ -85,7 +86,7 @@ def test_graph_metadata_carries_the_key_facts(artifact_dir, file):
     assert json.loads(meta["lossx.weights"]) == {"file": "weights.npz", "source": "seed", "seed": 0}
     if file != "model.onnx":
         loss = file.removesuffix(".onnx").split("_")[1]
-        assert json.loads(meta["lossx.loss"]) == {"name": loss, "options": {"reduction": "mean"}}
+        assert json.loads(meta["lossx.loss"]) == parse_loss_spec(loss).to_dict()
 
 
 def test_manifest_lists_every_file_with_its_sha256(artifact_dir):
@@ -101,9 +102,14 @@ def test_manifest_describes_how_to_use_the_artifact(artifact_dir):
     assert manifest["model"] == "tudui"
     assert manifest["class_names"] == list(CLASS_NAMES)
     assert manifest["preprocessing"]["scale"].startswith("x / 255")
-    assert manifest["losses"] == [
-        {"name": n, "options": {"reduction": "mean"}} for n in ("ce", "mse", "l1")
-    ]
+    assert [loss["name"] for loss in manifest["losses"]] == ["ce", "mse", "l1"]
+    assert manifest["losses"][0]["options"] == {
+        "weight": None,
+        "ignore_index": -100,
+        "label_smoothing": 0.0,
+        "reduction": "mean",
+        "target": "index",
+    }
     assert manifest["producer"]["torch"] == torch.__version__
     assert manifest["producer"]["onnx"] == onnx.__version__
     assert manifest["producer"]["lossx"] == lossx.__version__
@@ -151,7 +157,7 @@ def test_other_opsets_export_and_run(tmp_path, opset):
 
 @pytest.mark.parametrize("opset", [16, 24])
 def test_unsupported_opset_is_refused(tmp_path, opset):
-    with pytest.raises(SpecError, match=f"opset {opset} is not supported; choose 17..23"):
+    with pytest.raises(SpecError, match=f"opset {opset} is not supported; choose 17..23 "):
         export_artifact(tmp_path / "a", opset=opset)
     assert not (tmp_path / "a").exists()
 
@@ -159,8 +165,8 @@ def test_unsupported_opset_is_refused(tmp_path, opset):
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch.onnx notes on shared axis names
 def test_self_check_catches_a_graph_that_ignores_an_input(tmp_path):
     """The tutorial's L1 example aliases input and target; that export ignores its target."""
-    spec = loss_graph("l1")
-    module = make_loss("l1").eval()
+    spec = loss_graph(parse_loss_spec("l1"))
+    module = reference_loss(spec.loss)
     aliased = torch.randn(4, 10)
     program = torch.onnx.export(
         module,
@@ -177,7 +183,7 @@ def test_self_check_catches_a_graph_that_ignores_an_input(tmp_path):
 
 
 def test_self_check_inputs_are_distinct_tensors():
-    for spec in artifact_graphs(["ce", "mse", "l1"]):
+    for spec in artifact_graphs([parse_loss_spec(n) for n in ("ce", "mse", "l1")]):
         tensors = sample_inputs(spec, {"N": 4, "C": 10, "D": 10}, seed=0)
         assert len({t.data_ptr() for t in tensors}) == len(tensors)
 

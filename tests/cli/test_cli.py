@@ -172,7 +172,7 @@ def _checkpoint(tmp_path, state):
 
 
 EXPORT_ERRORS = {
-    "unknown loss": (lambda t: ["--losses", "ce,focal"], "unknown loss 'focal'"),
+    "unknown loss": (lambda t: ["--loss", "focal"], "unknown loss 'focal'"),
     "unknown model": (lambda t: ["--model", "vgg"], "unknown model 'vgg'"),
     "opset": (lambda t: ["--opset", "99"], "opset 99 is not supported"),
     "checkpoint keys": (
@@ -204,7 +204,7 @@ def test_export_bad_input(tmp_path, case):
 
 def test_export_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
-    result = run_cli("export", tmp_path, "--losses", "ce")
+    result = run_cli("export", tmp_path, "--loss", "ce")
     assert_one_line_error(result, 2, "not a lossx artifact; refusing to overwrite it")
     assert (tmp_path / "keep.txt").read_text() == "x"
 

@@ -61,7 +61,10 @@ def test_manifest_missing_a_key(copy):
 
 def test_manifest_of_another_format(copy):
     _edit_manifest(copy, lambda m: m.update(format_version=99))
-    with pytest.raises(ArtifactError, match=r"not a lossx-artifact version 1 manifest"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"format version 99, this lossx reads version 2; export the artifact again",
+    ):
         load_artifact(copy)
 
 

@@ -6,6 +6,7 @@ written to a temporary sibling directory and renamed into place only when all of
 """
 
 import contextlib
+import functools
 import io
 import json
 import shutil
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime
 import onnxscript
 import torch
 from torch import nn
 
 import lossx
-from lossx.build.losses import LOSS_OPTIONS, graph_module
+from lossx.build.losses import exported_module, reference_module
 from lossx.build.models import build_model, load_checkpoint, packaged_weights, weights_to_arrays
 from lossx.build.train import CHECKPOINT_FORMAT as TRAIN_CHECKPOINT_FORMAT
 from lossx.errors import ArtifactError, ExportError, ParityError, SpecError, first_line
@@ -37,36 +39,88 @@ from lossx.runtime.artifact import (
     sha256_of,
 )
 from lossx.runtime.cifar10 import CLASS_NAMES
-from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, TensorSpec, artifact_graphs
+from lossx.runtime.graphs import (
+    CLASS_DIM_LOSSES,
+    DEFAULT_OPSET,
+    MIN_OPSET,
+    NUM_CLASSES,
+    GraphSpec,
+    TensorSpec,
+    artifact_graphs,
+    loss_graph,
+)
+from lossx.runtime.losses import LossSpec, parse_loss_spec
 from lossx.runtime.preprocessing import PREPROCESSING
 from lossx.runtime.session import open_session
 
-MIN_OPSET = 17
-MAX_OPSET = 23  # the newest opset torch.onnx 2.14 writes
-DEFAULT_OPSET = 20
 WEIGHTS_FILE = "weights.npz"
 INITS = ("trained", "random")
 
 # Sizes of the symbolic dims: the export example, then the self-check's fresh inputs
 # (batch 1, an odd batch, and other class/feature counts than the example).
-EXAMPLE_SIZES = {"N": 4, "C": NUM_CLASSES, "D": NUM_CLASSES}
-CHECK_SIZES = ({"N": 1, "C": 10, "D": 10}, {"N": 7, "C": 5, "D": 3}, {"N": 64, "C": 13, "D": 21})
+# (d1.. are the extra dims of loss graphs exported with extra_dims > 0.)
+EXAMPLE_SIZES = {"N": 4, "C": NUM_CLASSES, "D": NUM_CLASSES, "d1": 3, "d2": 5, "d3": 2}
+CHECK_SIZES = (
+    {"N": 1, "C": 10, "D": 10, "d1": 1, "d2": 1, "d3": 1},
+    {"N": 7, "C": 5, "D": 3, "d1": 2, "d2": 3, "d3": 4},
+    {"N": 64, "C": 13, "D": 21, "d1": 3, "d2": 1, "d3": 2},
+)
+
+
+@functools.cache
+def max_opset() -> int:
+    """The newest opset that torch.onnx writes, onnx checks and ONNX Runtime loads here."""
+    return min(torch.onnx._constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version(), _ort_opset())
+
+
+def _ort_opset() -> int:
+    """The newest default-domain opset ONNX Runtime loads, probed with a one-node graph."""
+    newest = MIN_OPSET
+    for opset in range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1):
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "probe",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        try:
+            onnxruntime.InferenceSession(model.SerializeToString())
+        except Exception:
+            break
+        newest = opset
+    return newest
 
 
 def sample_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int) -> list[torch.Tensor]:
-    """Random inputs for `spec`, each a distinct tensor (an aliased pair exports wrongly)."""
+    """Random inputs for `spec` with the values each input means (class indices with some
+    ignore_index among them, probabilities, ...), each a distinct tensor (an aliased pair
+    exports wrongly)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for tensor in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
-        if tensor.dtype == "int64":
-            classes = sizes["C"] if "C" in _symbols(spec) else NUM_CLASSES
-            tensors.append(torch.randint(0, classes, shape, generator=generator))
-        elif tensor.name == "images":
+        if tensor.values == "class_index":
+            classes = _class_count(spec, sizes)
+            labels = torch.randint(0, classes, shape, generator=generator)
+            ignored = torch.rand(shape, generator=generator) < 0.25
+            tensors.append(torch.where(ignored, spec.loss["ignore_index"], labels))
+        elif tensor.values in ("image", "unit"):
             tensors.append(torch.rand(shape, generator=generator))
+        elif tensor.values in ("probabilities", "log_probabilities"):
+            scores = torch.randn(shape, generator=generator)
+            normalise = torch.softmax if tensor.values == "probabilities" else torch.log_softmax
+            tensors.append(normalise(scores, 1))
         else:
             tensors.append(torch.randn(shape, generator=generator))
     return tensors
+
+
+def _class_count(spec: GraphSpec, sizes: dict[str, int]) -> int:
+    if spec.kind == "fused":
+        return NUM_CLASSES
+    classes = spec.inputs[0].shape[1]
+    return classes if isinstance(classes, int) else sizes[classes]
 
 
 def _symbols(spec: GraphSpec) -> set[str]:
@@ -123,7 +177,7 @@ def _export_graph(
             )
     except Exception as e:
         raise ExportError(f"{spec.file}: torch.onnx.export failed: {first_line(e)}") from None
-    proto = program.model_proto
+    proto = _at_opset(program.model_proto, opset, spec)
     _conform_signature(proto, spec)
     proto.producer_name = "lossx"
     proto.producer_version = lossx.__version__
@@ -135,6 +189,25 @@ def _export_graph(
     except onnx.checker.ValidationError as e:
         raise ExportError(f"{spec.file}: onnx.checker rejected it: {first_line(e)}") from None
     return proto
+
+
+def _at_opset(proto: onnx.ModelProto, opset: int, spec: GraphSpec) -> onnx.ModelProto:
+    """`proto` at exactly `opset`. torch.onnx writes opset 18 at least and, when its own
+    down-conversion fails, keeps 18 without an error; converting the finished graph works."""
+    if _default_opset(proto) != opset:
+        try:
+            proto = onnx.version_converter.convert_version(proto, opset)
+        except Exception as e:
+            raise ExportError(
+                f"{spec.file}: cannot convert the graph to opset {opset}: {first_line(e)}"
+            ) from None
+    if _default_opset(proto) != opset:
+        raise ExportError(f"{spec.file}: exported at opset {_default_opset(proto)}, not {opset}")
+    return proto
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def verify_graph(
@@ -152,7 +225,8 @@ def verify_graph(
     check_signature(session, spec)
     for index, sizes in enumerate(CHECK_SIZES):
         inputs = sample_inputs(spec, sizes, seed=1 + index)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. KLDivLoss's note on reduction="mean"
             eager = module(*inputs)
         eager = eager if isinstance(eager, tuple) else (eager,)
         feed = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
@@ -241,10 +315,54 @@ def _load_weights(
     return weights
 
 
+def resolve_losses(losses: list[LossSpec | str] | tuple[LossSpec | str, ...]) -> list[LossSpec]:
+    """Loss specs for an artifact: parsed, each loss at most once, weights sized for the model."""
+    specs = [parse_loss_spec(s) if isinstance(s, str) else s for s in losses]
+    if not specs:
+        raise SpecError("no losses given")
+    names = [spec.name for spec in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise SpecError(f"loss {name} given twice; an artifact holds one spec per loss")
+    for spec in specs:
+        length = spec.class_weight_length
+        if length is not None and length != NUM_CLASSES:
+            dim = "classes" if spec.name in CLASS_DIM_LOSSES else "logits per image"
+            raise SpecError(
+                f"{spec}: weight has {length} values; the model has {NUM_CLASSES} {dim}"
+            )
+    return specs
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset that torch.onnx, onnx or ONNX Runtime cannot use (every loss works from
+    MIN_OPSET on)."""
+    newest = max_opset()
+    if not MIN_OPSET <= opset <= newest:
+        raise SpecError(
+            f"opset {opset} is not supported; choose {MIN_OPSET}..{newest} (the newest that the "
+            "installed torch.onnx, onnx and onnxruntime all support)"
+        )
+
+
+def export_loss(
+    loss: LossSpec | str, path: Path, opset: int = DEFAULT_OPSET, extra_dims: int = 0
+) -> GraphSpec:
+    """Export one loss graph to `path`, for inputs of rank 2 + `extra_dims` (e.g. 2 for
+    [N, C, H, W] segmentation logits), verified against torch.nn like an artifact's graphs."""
+    spec = loss_graph(parse_loss_spec(loss) if isinstance(loss, str) else loss, extra_dims)
+    check_opset(opset)
+    metadata = {"lossx.graph": spec.kind, "lossx.loss": json.dumps(spec.loss.to_dict())}
+    model = nn.Identity()
+    _export_graph(spec, exported_module(spec, model), Path(path), opset, metadata)
+    verify_graph(spec, reference_module(spec, model), Path(path))
+    return spec
+
+
 def export_artifact(
     out_dir: Path,
     model_name: str = "tudui",
-    losses: list[str] | tuple[str, ...] = ("ce", "mse", "l1"),
+    losses: list[LossSpec | str] | tuple[LossSpec | str, ...] = ("ce", "mse", "l1"),
     checkpoint: Path | None = None,
     seed: int = 0,
     opset: int = DEFAULT_OPSET,
@@ -259,8 +377,8 @@ def export_artifact(
     The artifact is written to a hidden sibling directory and renamed into place only after every
     graph passed its self-check; on any failure `out_dir` is left as it was.
     """
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise SpecError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    specs = resolve_losses(losses)
+    check_opset(opset)
     out_dir = Path(out_dir)
     model = build_model(model_name, seed)
     weights = _load_weights(model, model_name, init, checkpoint, seed)
@@ -271,9 +389,7 @@ def export_artifact(
             tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent)
         )
         staged.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; artifacts are not
-        manifest = _write_artifact(
-            staged, model, model_name, list(losses), weights, opset, progress
-        )
+        manifest = _write_artifact(staged, model, model_name, specs, weights, opset, progress)
         _move_into_place(staged, out_dir)
     except OSError as e:  # disk full, permissions: nothing half-written stays behind
         raise ArtifactError(f"cannot write the artifact to {out_dir}: {e.strerror or e}") from None
@@ -287,7 +403,7 @@ def _write_artifact(
     staged: Path,
     model: nn.Module,
     model_name: str,
-    losses: list[str],
+    losses: list[LossSpec],
     weights: dict,
     opset: int,
     progress: Callable[[str], None] | None,
@@ -311,10 +427,11 @@ def _write_artifact(
             "lossx.outputs": _tensor_facts(spec.outputs),
         }
         if spec.loss:
-            metadata["lossx.loss"] = json.dumps({"name": spec.loss, "options": LOSS_OPTIONS})
-        module = graph_module(spec, model)
-        proto = _export_graph(spec, module, staged / spec.file, opset, metadata)
-        verify_graph(spec, module, staged / spec.file)
+            metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
+        proto = _export_graph(
+            spec, exported_module(spec, model), staged / spec.file, opset, metadata
+        )
+        verify_graph(spec, reference_module(spec, model), staged / spec.file)
         entries.append(GraphEntry(spec, opset, proto.ir_version))
     np.savez(staged / WEIGHTS_FILE, **weights_to_arrays(model))
     files = sorted([e.spec.file for e in entries] + [WEIGHTS_FILE])
@@ -323,7 +440,7 @@ def _write_artifact(
         opset=opset,
         class_names=CLASS_NAMES,
         preprocessing=PREPROCESSING,
-        losses=tuple({"name": n, "options": dict(LOSS_OPTIONS)} for n in losses),
+        losses=tuple(losses),
         weights=weights,
         graphs=tuple(entries),
         files={

@@ -1,34 +1,133 @@
-"""The losses lossx exports, by name, and the torch modules every graph of an artifact computes."""
+"""Every loss spec as two torch modules: torch.nn's (the reference) and the one lossx exports.
 
+torch.onnx translates cross-entropy to ONNX's SoftmaxCrossEntropyLoss, which has no label
+smoothing (the smoothing is silently dropped) and whose probability-target form ONNX Runtime
+refuses to load. So ce, nll and kl_div are exported from lossx's own formulations below, written
+in plain tensor ops to compute exactly what torch.nn computes; the other losses export correctly
+from torch.nn's modules. Every exported graph is checked against the reference.
+"""
+
+import torch
 from torch import nn
 
-from lossx.errors import SpecError
-from lossx.runtime.graphs import LOSS_TARGETS, GraphSpec
-
-LOSSES: dict[str, type[nn.Module]] = {
-    "ce": nn.CrossEntropyLoss,
-    "mse": nn.MSELoss,
-    "l1": nn.L1Loss,
-}
-LOSS_OPTIONS = {"reduction": "mean"}  # recorded in the manifest and each graph's metadata
-assert LOSSES.keys() == LOSS_TARGETS.keys()
+from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.losses import LOSSES, LossSpec
 
 
-def parse_losses(text: str) -> list[str]:
-    """`"ce,mse,l1"` -> `["ce", "mse", "l1"]`, refusing unknown names, duplicates and nothing."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise SpecError("no losses given; choose from " + ", ".join(LOSSES))
-    for name in names:
-        if name not in LOSSES:
-            raise SpecError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
-    if len(set(names)) != len(names):
-        raise SpecError(f"loss listed twice in {text!r}")
-    return names
+def _tensor(values: tuple[float, ...] | None) -> torch.Tensor | None:
+    return None if values is None else torch.tensor(values, dtype=torch.float32)
 
 
-def make_loss(name: str) -> nn.Module:
-    return LOSSES[name](**LOSS_OPTIONS)
+def reference_loss(spec: LossSpec) -> nn.Module:
+    """torch.nn's module for `spec`, e.g. `nn.CrossEntropyLoss(label_smoothing=0.1)`."""
+    options = {k: _tensor(v) if k in ("weight", "pos_weight") else v for k, v in spec.options}
+    options.pop("target", None)  # lossx's name for the target form torch infers from the dtype
+    return getattr(nn, LOSSES[spec.name].torch_class)(**options)
+
+
+class ClassIndexLoss(nn.Module):
+    """ce with class-index targets, and nll, as torch computes them (weight, ignore_index, label
+    smoothing, every reduction), for inputs [N, C, d1, ...] and labels [N, d1, ...]."""
+
+    def __init__(self, spec: LossSpec) -> None:
+        super().__init__()
+        self.takes_logits = spec.name == "ce"
+        self.smoothing = spec["label_smoothing"] if spec.name == "ce" else 0.0
+        self.ignore_index = spec["ignore_index"]
+        self.reduction = spec["reduction"]
+        self.register_buffer("weight", _tensor(spec["weight"]))
+
+    def forward(self, input: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(input, 1) if self.takes_logits else input
+        ignored = labels == self.ignore_index
+        safe = torch.where(ignored, torch.zeros_like(labels), labels)
+        picked = -log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
+        if self.weight is None:
+            weights = torch.ones_like(picked)
+        else:
+            weights = self.weight[safe]
+            picked = picked * weights
+        zero = torch.zeros_like(picked)
+        nll = torch.where(ignored, zero, picked)
+        weights = torch.where(ignored, zero, weights)
+        smooth = None
+        if self.smoothing > 0:
+            spread = log_probs if self.weight is None else log_probs * self._class_weight(input)
+            smooth = torch.where(ignored, zero, -spread.sum(1))
+            classes = input.shape[1]
+        if self.reduction == "none":
+            if smooth is None:
+                return nll
+            return (1 - self.smoothing) * nll + smooth * (self.smoothing / classes)
+        if self.reduction == "sum":
+            loss, smooth_loss = nll.sum(), None if smooth is None else smooth.sum()
+        else:  # mean: normalised by the total weight of the kept targets (NaN when none is kept)
+            total = weights.sum()
+            loss, smooth_loss = nll.sum() / total, None if smooth is None else smooth.sum() / total
+        if smooth_loss is None:
+            return loss
+        return (1 - self.smoothing) * loss + smooth_loss * (self.smoothing / classes)
+
+    def _class_weight(self, input: torch.Tensor) -> torch.Tensor:
+        return self.weight.view(-1, *([1] * (input.dim() - 2)))
+
+
+class ProbabilityTargetCrossEntropy(nn.Module):
+    """ce with class-probability targets: -sum(target * log_softmax(input)) over the class dim."""
+
+    def __init__(self, spec: LossSpec) -> None:
+        super().__init__()
+        self.smoothing = spec["label_smoothing"]
+        self.reduction = spec["reduction"]
+        self.register_buffer("weight", _tensor(spec["weight"]))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(input, 1)
+        if self.smoothing > 0:
+            target = target * (1 - self.smoothing) + self.smoothing / input.shape[1]
+        product = log_probs * target
+        if self.weight is not None:
+            product = product * self.weight.view(-1, *([1] * (input.dim() - 2)))
+        if self.reduction == "none":
+            return -product.sum(1)
+        if self.reduction == "sum":
+            return -product.sum()
+        return -product.sum() / product.sum(1).numel()  # mean over samples, as torch divides
+
+
+class KLDivergence(nn.Module):
+    """kl_div elementwise: target * (log target - input), or exp(target) * (target - input)."""
+
+    def __init__(self, spec: LossSpec) -> None:
+        super().__init__()
+        self.log_target = spec["log_target"]
+        self.reduction = spec["reduction"]
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.log_target:
+            pointwise = torch.exp(target) * (target - input)
+        else:  # torch.xlogy(target, target): 0 where target is 0
+            safe = torch.where(target == 0, torch.ones_like(target), target)
+            pointwise = target * torch.log(safe) - target * input
+        if self.reduction == "none":
+            return pointwise
+        if self.reduction == "sum":
+            return pointwise.sum()
+        if self.reduction == "batchmean":
+            return pointwise.sum() / input.shape[0]
+        return pointwise.mean()
+
+
+def exported_loss(spec: LossSpec) -> nn.Module:
+    """The module a loss graph is exported from; the graph is then checked against
+    `reference_loss(spec)`."""
+    if spec.name == "nll" or (spec.name == "ce" and spec.target == "class_index"):
+        return ClassIndexLoss(spec)
+    if spec.name == "ce":
+        return ProbabilityTargetCrossEntropy(spec)
+    if spec.name == "kl_div":
+        return KLDivergence(spec)
+    return reference_loss(spec)
 
 
 class Fused(nn.Module):
@@ -44,10 +143,19 @@ class Fused(nn.Module):
         return logits, self.loss(logits, target)
 
 
-def graph_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
-    """The eager module graph `spec` computes; its forward takes the spec's inputs in order."""
+def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
+    """The eager module graph `spec` must equal; its forward takes the spec's inputs in order."""
     if spec.kind == "model":
         return model
     if spec.kind == "loss":
-        return make_loss(spec.loss)
-    return Fused(model, make_loss(spec.loss))
+        return reference_loss(spec.loss)
+    return Fused(model, reference_loss(spec.loss))
+
+
+def exported_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
+    """The module graph `spec` is exported from."""
+    if spec.kind == "model":
+        return model
+    if spec.kind == "loss":
+        return exported_loss(spec.loss)
+    return Fused(model, exported_loss(spec.loss))

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lossx.build.losses import graph_module
+from lossx.build.losses import reference_module
 from lossx.build.models import build_model, load_weights_npz
 from lossx.parity.compare import ParityReport, compare, merge_into
 from lossx.runtime.artifact import Artifact
@@ -22,7 +22,7 @@ class EagerRunner:
         load_weights_npz(self.model, artifact.path / artifact.manifest.weights["file"])
 
     def run(self, spec: GraphSpec, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        module = graph_module(spec, self.model)
+        module = reference_module(spec, self.model)
         with torch.no_grad():
             outputs = module(*(torch.from_numpy(feed[name]) for name in spec.input_names))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from lossx.errors import ArtifactError
+from lossx.errors import ArtifactError, SpecError
 from lossx.runtime.graphs import GraphSpec, TensorSpec
+from lossx.runtime.losses import LossSpec
 from lossx.runtime.session import open_session
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "lossx-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: loss specs with options, tensor value kinds
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
 
 
@@ -33,7 +34,7 @@ class GraphEntry:
         return {
             "file": self.spec.file,
             "kind": self.spec.kind,
-            "loss": self.spec.loss,
+            "loss": self.spec.loss.to_dict() if self.spec.loss else None,
             "opset": self.opset,
             "ir_version": self.ir_version,
             "inputs": [t.to_dict() for t in self.spec.inputs],
@@ -48,7 +49,7 @@ class GraphEntry:
         spec = GraphSpec(
             stem=file.removesuffix(".onnx"),
             kind=data["kind"],
-            loss=data["loss"],
+            loss=LossSpec.from_dict(data["loss"]) if data["loss"] is not None else None,
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
         )
@@ -63,7 +64,7 @@ class Manifest:
     opset: int
     class_names: tuple[str, ...]
     preprocessing: dict
-    losses: tuple[dict, ...]  # [{"name": "ce", "options": {"reduction": "mean"}}, ...]
+    losses: tuple[LossSpec, ...]
     weights: dict  # {"file": "weights.npz", "source": "seed" | "checkpoint", ...}
     graphs: tuple[GraphEntry, ...]
     files: dict[str, dict]  # file name -> {"sha256": ..., "bytes": ...}, every file listed
@@ -77,7 +78,7 @@ class Manifest:
             "opset": self.opset,
             "class_names": list(self.class_names),
             "preprocessing": self.preprocessing,
-            "losses": list(self.losses),
+            "losses": [loss.to_dict() for loss in self.losses],
             "weights": self.weights,
             "graphs": [g.to_dict() for g in self.graphs],
             "files": self.files,
@@ -86,14 +87,19 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"not a {FORMAT} version {FORMAT_VERSION} manifest")
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"format version {data.get('format_version')!r}, this lossx reads version "
+                f"{FORMAT_VERSION}; export the artifact again with this lossx"
+            )
         return cls(
             model=data["model"],
             opset=int(data["opset"]),
             class_names=tuple(data["class_names"]),
             preprocessing=dict(data["preprocessing"]),
-            losses=tuple(data["losses"]),
+            losses=tuple(LossSpec.from_dict(loss) for loss in data["losses"]),
             weights=dict(data["weights"]),
             graphs=tuple(GraphEntry.from_dict(g) for g in data["graphs"]),
             files={name: dict(info) for name, info in data["files"].items()},
@@ -102,7 +108,7 @@ class Manifest:
 
     @property
     def loss_names(self) -> list[str]:
-        return [loss["name"] for loss in self.losses]
+        return [loss.name for loss in self.losses]
 
 
 def sha256_of(path: Path) -> str:
@@ -192,7 +198,7 @@ def load_manifest(artifact_dir: Path) -> Manifest:
         return Manifest.from_dict(data)
     except KeyError as e:
         raise ArtifactError(f"{manifest_path}: missing key {e}") from None
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, SpecError) as e:
         raise ArtifactError(f"{manifest_path}: malformed ({e})") from None
 
 

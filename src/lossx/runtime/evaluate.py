@@ -1,7 +1,7 @@
 """Evaluate an artifact over CIFAR-10 with ONNX Runtime: accuracy, losses, throughput.
 
 The losses come from the artifact's own loss graphs; numpy only prepares their inputs
-(softmax probabilities and one-hot targets for the dense losses).
+(the logits in the form each loss takes, and the labels in the form its target takes).
 """
 
 import time
@@ -13,15 +13,37 @@ import numpy as np
 from lossx.errors import DataError
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.graphs import LOSS_TARGETS, NUM_CLASSES
+from lossx.runtime.graphs import NUM_CLASSES, fused_graph, loss_graph
+from lossx.runtime.losses import LossSpec
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
 
-LOSS_DESCRIPTIONS = {
-    "ce": "mean cross-entropy of the logits against the labels",
-    "mse": "mean squared error of the softmax probabilities against one-hot labels",
-    "l1": "mean absolute error of the softmax probabilities against one-hot labels",
+_EVAL_INPUTS = {
+    "logits": "the logits",
+    "softmax": "the softmax probabilities",
+    "log_softmax": "the log-softmax of the logits",
 }
+_EVAL_TARGETS = {
+    "class_index": "the labels",
+    "probabilities": "one-hot labels",
+    "unit": "one-hot labels",
+    "real": "one-hot labels",
+    "log_probabilities": "the log of one-hot labels (log 0 taken as log of float32's tiny)",
+}
+_AGGREGATES = {
+    "mean": "batch values averaged with batch-size weights",
+    "batchmean": "batch values averaged with batch-size weights",
+    "sum": "summed over all images",
+    "none": "per-element losses averaged over all elements",
+}
+
+
+def describe_loss(loss: LossSpec) -> str:
+    """What `lossx eval` reports for `loss`, in words."""
+    return (
+        f"{loss.info.torch_class} {loss} of {_EVAL_INPUTS[loss.info.eval_input]} against "
+        f"{_EVAL_TARGETS[loss.target]}; {_AGGREGATES[loss['reduction']]}"
+    )
 
 
 @dataclass(frozen=True)
@@ -33,16 +55,15 @@ class EvalResult:
     images: int
     batch_size: int
     top1_accuracy: float
-    losses: dict[str, float]  # loss name -> mean over all images, see LOSS_DESCRIPTIONS
+    losses: dict[str, float]  # loss name -> value over all images, see loss_definitions
+    loss_definitions: dict[str, str]  # loss name -> describe_loss(spec)
     seconds: float  # wall time of the whole evaluation: data preparation, model and losses
     images_per_second: float
     model_images_per_second: float  # model graph alone
     providers: list[str]  # execution providers ONNX Runtime really used, in order
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["loss_definitions"] = {name: LOSS_DESCRIPTIONS[name] for name in self.losses}
-        return data
+        return asdict(self)
 
 
 def iter_batches(split: Cifar10Split, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -59,22 +80,38 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
 def one_hot(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def loss_inputs(loss: str, logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The feed of standalone graph `loss_<loss>` as eval uses it."""
-    if LOSS_TARGETS[loss] == "class_index":
-        return {"logits": logits, "labels": labels}
-    return {"input": softmax(logits), "target": one_hot(labels)}
+def _target_form(loss: LossSpec, labels: np.ndarray) -> np.ndarray:
+    if loss.target == "class_index":
+        return labels
+    targets = one_hot(labels)
+    if loss.target == "log_probabilities":
+        return np.log(np.maximum(targets, np.finfo(np.float32).tiny))
+    return targets
 
 
-def fused_inputs(loss: str, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """The feed of fused graph `model_<loss>`: images and the loss's target form of the labels."""
-    if LOSS_TARGETS[loss] == "class_index":
-        return {"images": images, "labels": labels}
-    return {"images": images, "targets": one_hot(labels)}
+def loss_inputs(loss: LossSpec, logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The feed of standalone graph `loss_<name>` as eval uses it (see describe_loss)."""
+    transform = {"logits": np.asarray, "softmax": softmax, "log_softmax": log_softmax}
+    input_name, target_name = loss_graph(loss).input_names
+    return {
+        input_name: transform[loss.info.eval_input](logits),
+        target_name: _target_form(loss, labels),
+    }
+
+
+def fused_inputs(loss: LossSpec, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The feed of fused graph `model_<name>`: images and the loss's target form of the labels."""
+    images_name, target_name = fused_graph(loss).input_names
+    return {images_name: images, target_name: _target_form(loss, labels)}
 
 
 def evaluate(
@@ -90,11 +127,12 @@ def evaluate(
         raise DataError("no images to evaluate")
     model = artifact.session("model", provider, threads)
     losses = {
-        name: artifact.session(f"loss_{name}", provider, threads)
-        for name in artifact.manifest.loss_names
+        spec: artifact.session(f"loss_{spec.name}", provider, threads)
+        for spec in artifact.manifest.losses
     }
     correct = 0
-    loss_sums = dict.fromkeys(losses, 0.0)
+    totals = dict.fromkeys(losses, 0.0)
+    elements = dict.fromkeys(losses, 0)
     model_seconds = 0.0
     started = time.perf_counter()
     for images, labels in iter_batches(split, batch_size):
@@ -102,9 +140,11 @@ def evaluate(
         (logits,) = model.run(["logits"], {"images": images})
         model_seconds += time.perf_counter() - model_started
         correct += int((logits.argmax(axis=1) == labels).sum())
-        for name, session in losses.items():
-            (loss,) = session.run(["loss"], loss_inputs(name, logits, labels))
-            loss_sums[name] += float(loss) * len(labels)  # graphs reduce by mean
+        for spec, session in losses.items():
+            (loss,) = session.run(["loss"], loss_inputs(spec, logits, labels))
+            weight = len(labels) if spec["reduction"] in ("mean", "batchmean") else 1
+            totals[spec] += float(loss.sum(dtype=np.float64)) * weight
+            elements[spec] += loss.size if spec["reduction"] == "none" else len(labels)
         if progress:
             progress(len(labels))
     seconds = time.perf_counter() - started
@@ -115,9 +155,14 @@ def evaluate(
         images=count,
         batch_size=batch_size,
         top1_accuracy=correct / count,
-        losses={name: total / count for name, total in loss_sums.items()},
+        losses={spec.name: _aggregate(spec, totals[spec], elements[spec]) for spec in losses},
+        loss_definitions={spec.name: describe_loss(spec) for spec in losses},
         seconds=seconds,
         images_per_second=count / seconds,
         model_images_per_second=count / model_seconds,
         providers=provider_names(model),
     )
+
+
+def _aggregate(loss: LossSpec, total: float, elements: int) -> float:
+    return total if loss["reduction"] == "sum" else total / elements

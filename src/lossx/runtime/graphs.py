@@ -6,11 +6,13 @@ cannot disagree. A shape entry is an int (fixed) or a str (a symbolic, dynamic d
 
 from dataclasses import dataclass
 
+from lossx.runtime.losses import LossSpec
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
-
-# Loss name -> the kind of target it takes: class indices (int64 [N]) or a dense float tensor.
-LOSS_TARGETS = {"ce": "class_index", "mse": "dense", "l1": "dense"}
+CLASS_DIM_LOSSES = ("ce", "nll")  # losses over a class dim (dim 1); the others are elementwise
+MIN_OPSET = 17  # every graph exports from this opset on (up to what the installed tools support)
+DEFAULT_OPSET = 20
 
 
 @dataclass(frozen=True)
@@ -18,20 +20,28 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32" or "int64"
     shape: tuple[int | str, ...]
+    # What the values mean: "real", "image" (in [0, 1]), "class_index", "probabilities" (sum to
+    # 1 over the class dim), "log_probabilities" or "unit" (each in [0, 1]).
+    values: str = "real"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "values": self.values,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "TensorSpec":
-        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+        return cls(data["name"], data["dtype"], tuple(data["shape"]), data["values"])
 
 
 @dataclass(frozen=True)
 class GraphSpec:
     stem: str  # file name without ".onnx"
     kind: str  # "model", "loss" or "fused"
-    loss: str | None
+    loss: LossSpec | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
@@ -48,9 +58,8 @@ class GraphSpec:
         return [t.name for t in self.outputs]
 
 
-_IMAGES = TensorSpec("images", "float32", ("N", *IMAGE_SHAPE))
+_IMAGES = TensorSpec("images", "float32", ("N", *IMAGE_SHAPE), "image")
 _LOGITS = TensorSpec("logits", "float32", ("N", NUM_CLASSES))
-_LOSS = TensorSpec("loss", "float32", ())
 
 
 def model_graph() -> GraphSpec:
@@ -58,30 +67,56 @@ def model_graph() -> GraphSpec:
     return GraphSpec("model", "model", None, (_IMAGES,), (_LOGITS,))
 
 
-def loss_graph(loss: str) -> GraphSpec:
-    """`loss_<loss>.onnx`: the loss alone, on logits/labels (ce) or input/target (dense losses)."""
-    if LOSS_TARGETS[loss] == "class_index":
-        inputs = (
-            TensorSpec("logits", "float32", ("N", "C")),
-            TensorSpec("labels", "int64", ("N",)),
-        )
+def _target(loss: LossSpec, name: str, shape: tuple, labels_shape: tuple) -> TensorSpec:
+    if loss.target == "class_index":
+        return TensorSpec("labels", "int64", labels_shape, "class_index")
+    return TensorSpec(name, "float32", shape, loss.target)
+
+
+def _input_values(loss: LossSpec) -> str:
+    return "log_probabilities" if loss.info.input_name == "log_probs" else "real"
+
+
+def _loss_output(loss: LossSpec, per_element: tuple) -> TensorSpec:
+    return TensorSpec("loss", "float32", per_element if loss["reduction"] == "none" else ())
+
+
+def loss_graph(loss: LossSpec, extra_dims: int = 0) -> GraphSpec:
+    """`loss_<name>.onnx`: the loss alone, on inputs of rank 2 + `extra_dims`.
+
+    Class-dim losses (ce, nll) take [N, C, d1, ...] and class indices [N, d1, ...] (or class
+    probabilities shaped like the input); elementwise losses take two tensors [N, d1, ..., D].
+    A weight option fixes the size of the dim it weights (C, or the last dim).
+    """
+    spatial = tuple(f"d{i}" for i in range(1, extra_dims + 1))
+    fixed = loss.class_weight_length
+    if loss.name in CLASS_DIM_LOSSES:
+        shape = ("N", fixed or "C", *spatial)
+        per_element = ("N", *spatial)
     else:
-        inputs = (
-            TensorSpec("input", "float32", ("N", "D")),
-            TensorSpec("target", "float32", ("N", "D")),
-        )
-    return GraphSpec(f"loss_{loss}", "loss", loss, inputs, (_LOSS,))
+        shape = ("N", *spatial, fixed or "D")
+        per_element = shape
+    inputs = (
+        TensorSpec(loss.info.input_name, "float32", shape, _input_values(loss)),
+        _target(loss, "target", shape, per_element),
+    )
+    return GraphSpec(f"loss_{loss.name}", "loss", loss, inputs, (_loss_output(loss, per_element),))
 
 
-def fused_graph(loss: str) -> GraphSpec:
-    """`model_<loss>.onnx`: model and loss in one graph -> logits and loss."""
-    if LOSS_TARGETS[loss] == "class_index":
-        target = TensorSpec("labels", "int64", ("N",))
-    else:
-        target = TensorSpec("targets", "float32", ("N", NUM_CLASSES))
-    return GraphSpec(f"model_{loss}", "fused", loss, (_IMAGES, target), (_LOGITS, _LOSS))
+def fused_graph(loss: LossSpec) -> GraphSpec:
+    """`model_<name>.onnx`: model and loss in one graph, `loss(model(images), target)`."""
+    shape = ("N", NUM_CLASSES)
+    target = _target(loss, "targets", shape, ("N",))
+    per_element = ("N",) if loss.name in CLASS_DIM_LOSSES else shape
+    return GraphSpec(
+        f"model_{loss.name}",
+        "fused",
+        loss,
+        (_IMAGES, target),
+        (_LOGITS, _loss_output(loss, per_element)),
+    )
 
 
-def artifact_graphs(losses: list[str]) -> list[GraphSpec]:
+def artifact_graphs(losses: list[LossSpec]) -> list[GraphSpec]:
     """Every graph an artifact with these losses holds, model first."""
     return [model_graph(), *(loss_graph(n) for n in losses), *(fused_graph(n) for n in losses)]
