@@ -92,27 +92,40 @@ def _ort_opset() -> int:
     return newest
 
 
-def sample_inputs(spec: GraphSpec, sizes: dict[str, int], seed: int) -> list[torch.Tensor]:
-    """Random inputs for `spec` with the values each input means (class indices with some
-    ignore_index among them, probabilities, ...), each a distinct tensor (an aliased pair
-    exports wrongly)."""
+def sample_inputs(
+    spec: GraphSpec,
+    sizes: dict[str, int],
+    seed: int,
+    scale: float = 1.0,
+    ignore_fraction: float = 0.25,
+) -> list[torch.Tensor]:
+    """Random inputs for `spec`, with the values each input means, each a distinct tensor (an
+    aliased pair exports wrongly). Real values and scores are standard normal times `scale`;
+    class indices are ignore_index with probability `ignore_fraction`; unit targets include
+    exact 0 and 1."""
     generator = torch.Generator().manual_seed(seed)
+
+    def uniform(shape: list[int]) -> torch.Tensor:
+        return torch.rand(shape, generator=generator)
+
     tensors = []
     for tensor in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
         if tensor.values == "class_index":
-            classes = _class_count(spec, sizes)
-            labels = torch.randint(0, classes, shape, generator=generator)
-            ignored = torch.rand(shape, generator=generator) < 0.25
+            labels = torch.randint(0, _class_count(spec, sizes), shape, generator=generator)
+            ignored = uniform(shape) < ignore_fraction
             tensors.append(torch.where(ignored, spec.loss["ignore_index"], labels))
-        elif tensor.values in ("image", "unit"):
-            tensors.append(torch.rand(shape, generator=generator))
+        elif tensor.values == "image":
+            tensors.append(uniform(shape))
+        elif tensor.values == "unit":
+            values, pick = uniform(shape), uniform(shape)
+            tensors.append(torch.where(pick < 0.1, 0.0, torch.where(pick > 0.9, 1.0, values)))
         elif tensor.values in ("probabilities", "log_probabilities"):
-            scores = torch.randn(shape, generator=generator)
+            scores = torch.randn(shape, generator=generator) * scale
             normalise = torch.softmax if tensor.values == "probabilities" else torch.log_softmax
             tensors.append(normalise(scores, 1))
         else:
-            tensors.append(torch.randn(shape, generator=generator))
+            tensors.append(torch.randn(shape, generator=generator) * scale)
     return tensors
 
 
@@ -203,7 +216,22 @@ def _at_opset(proto: onnx.ModelProto, opset: int, spec: GraphSpec) -> onnx.Model
             ) from None
     if _default_opset(proto) != opset:
         raise ExportError(f"{spec.file}: exported at opset {_default_opset(proto)}, not {opset}")
+    if opset < 18:
+        _drop_noop_with_empty_axes(proto, spec)
     return proto
+
+
+def _drop_noop_with_empty_axes(proto: onnx.ModelProto, spec: GraphSpec) -> None:
+    """onnx's converter leaves opset 18's `noop_with_empty_axes` on the reductions it moves to
+    opset 17, where only ReduceSum has it; at its default 0 dropping it changes nothing."""
+    for node in proto.graph.node:
+        if not node.op_type.startswith("Reduce") or node.op_type == "ReduceSum":
+            continue
+        for attribute in list(node.attribute):
+            if attribute.name == "noop_with_empty_axes":
+                if attribute.i != 0:
+                    raise ExportError(f"{spec.file}: {node.op_type} has no opset 17 equivalent")
+                node.attribute.remove(attribute)
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -328,9 +356,7 @@ def resolve_losses(losses: list[LossSpec | str] | tuple[LossSpec | str, ...]) ->
         length = spec.class_weight_length
         if length is not None and length != NUM_CLASSES:
             dim = "classes" if spec.name in CLASS_DIM_LOSSES else "logits per image"
-            raise SpecError(
-                f"{spec}: weight has {length} values; the model has {NUM_CLASSES} {dim}"
-            )
+            raise SpecError(f"{spec}: weights for {length} {dim}; the model has {NUM_CLASSES}")
     return specs
 
 
@@ -353,10 +379,22 @@ def export_loss(
     spec = loss_graph(parse_loss_spec(loss) if isinstance(loss, str) else loss, extra_dims)
     check_opset(opset)
     metadata = {"lossx.graph": spec.kind, "lossx.loss": json.dumps(spec.loss.to_dict())}
-    model = nn.Identity()
-    _export_graph(spec, exported_module(spec, model), Path(path), opset, metadata)
-    verify_graph(spec, reference_module(spec, model), Path(path))
+    export_graph(spec, nn.Identity(), Path(path), opset, metadata)
     return spec
+
+
+def export_graph(
+    spec: GraphSpec,
+    model: nn.Module,
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, str] | None = None,
+) -> onnx.ModelProto:
+    """Export graph `spec` (of `model` for model and fused graphs) to `path`, checked with
+    onnx.checker and verified in ONNX Runtime against the torch.nn reference."""
+    proto = _export_graph(spec, exported_module(spec, model), path, opset, metadata or {})
+    verify_graph(spec, reference_module(spec, model), path)
+    return proto
 
 
 def export_artifact(
@@ -428,10 +466,7 @@ def _write_artifact(
         }
         if spec.loss:
             metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
-        proto = _export_graph(
-            spec, exported_module(spec, model), staged / spec.file, opset, metadata
-        )
-        verify_graph(spec, reference_module(spec, model), staged / spec.file)
+        proto = export_graph(spec, model, staged / spec.file, opset, metadata)
         entries.append(GraphEntry(spec, opset, proto.ir_version))
     np.savez(staged / WEIGHTS_FILE, **weights_to_arrays(model))
     files = sorted([e.spec.file for e in entries] + [WEIGHTS_FILE])

@@ -2,9 +2,10 @@
 
 torch.onnx translates cross-entropy to ONNX's SoftmaxCrossEntropyLoss, which has no label
 smoothing (the smoothing is silently dropped) and whose probability-target form ONNX Runtime
-refuses to load. So ce, nll and kl_div are exported from lossx's own formulations below, written
-in plain tensor ops to compute exactly what torch.nn computes; the other losses export correctly
-from torch.nn's modules. Every exported graph is checked against the reference.
+refuses to load; its binary cross-entropy overflows to inf for large logits. So ce, nll,
+bce_logits and kl_div are exported from lossx's own formulations below, written in plain tensor
+ops to compute what torch.nn computes; mse, l1, smooth_l1 and huber export correctly from
+torch.nn's modules. Every exported graph is checked against the reference.
 """
 
 import torch
@@ -95,6 +96,33 @@ class ProbabilityTargetCrossEntropy(nn.Module):
         return -product.sum() / product.sum(1).numel()  # mean over samples, as torch divides
 
 
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+class BinaryCrossEntropyWithLogits(nn.Module):
+    """bce_logits as torch computes it, with a log-sigmoid that stays finite for large logits
+    (torch.onnx's translation gives inf at logits of -1e4)."""
+
+    def __init__(self, spec: LossSpec) -> None:
+        super().__init__()
+        self.reduction = spec["reduction"]
+        self.register_buffer("weight", _tensor(spec["weight"]))
+        self.register_buffer("pos_weight", _tensor(spec["pos_weight"]))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros_like(input)
+        log_sigmoid = torch.minimum(input, zero) - torch.log1p(torch.exp(-torch.abs(input)))
+        if self.pos_weight is not None:
+            log_sigmoid = log_sigmoid * ((self.pos_weight - 1) * target + 1)
+        loss = (1 - target) * input - log_sigmoid
+        if self.weight is not None:
+            loss = loss * self.weight
+        return _reduce(loss, self.reduction)
+
+
 class KLDivergence(nn.Module):
     """kl_div elementwise: target * (log target - input), or exp(target) * (target - input)."""
 
@@ -109,13 +137,9 @@ class KLDivergence(nn.Module):
         else:  # torch.xlogy(target, target): 0 where target is 0
             safe = torch.where(target == 0, torch.ones_like(target), target)
             pointwise = target * torch.log(safe) - target * input
-        if self.reduction == "none":
-            return pointwise
-        if self.reduction == "sum":
-            return pointwise.sum()
         if self.reduction == "batchmean":
             return pointwise.sum() / input.shape[0]
-        return pointwise.mean()
+        return _reduce(pointwise, self.reduction)
 
 
 def exported_loss(spec: LossSpec) -> nn.Module:
@@ -127,6 +151,8 @@ def exported_loss(spec: LossSpec) -> nn.Module:
         return ProbabilityTargetCrossEntropy(spec)
     if spec.name == "kl_div":
         return KLDivergence(spec)
+    if spec.name == "bce_logits":
+        return BinaryCrossEntropyWithLogits(spec)
     return reference_loss(spec)
 
 

@@ -9,10 +9,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from lossx.errors import ArtifactError, SpecError
-from lossx.runtime.graphs import GraphSpec, TensorSpec
+from lossx.runtime.graphs import GraphSpec, TensorSpec, check_feed
 from lossx.runtime.losses import LossSpec
 from lossx.runtime.session import open_session
 
@@ -147,6 +148,19 @@ class Artifact:
             check_signature(session, entry.spec)
             self._sessions[key] = session
         return self._sessions[key]
+
+    def run(
+        self,
+        stem: str,
+        feed: dict[str, np.ndarray],
+        provider: str = "cpu",
+        threads: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Graph `stem`'s outputs by name, after checking `feed` (see `check_feed`)."""
+        spec = self.graph(stem).spec
+        check_feed(spec, feed)
+        outputs = self.session(stem, provider, threads).run(spec.output_names, feed)
+        return dict(zip(spec.output_names, outputs, strict=True))
 
 
 def check_signature(session: ort.InferenceSession, spec: GraphSpec) -> None:

@@ -6,7 +6,10 @@ cannot disagree. A shape entry is an int (fixed) or a str (a symbolic, dynamic d
 
 from dataclasses import dataclass
 
-from lossx.runtime.losses import LossSpec
+import numpy as np
+
+from lossx.errors import DataError
+from lossx.runtime.losses import LossSpec, check_labels
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
@@ -120,3 +123,38 @@ def fused_graph(loss: LossSpec) -> GraphSpec:
 def artifact_graphs(losses: list[LossSpec]) -> list[GraphSpec]:
     """Every graph an artifact with these losses holds, model first."""
     return [model_graph(), *(loss_graph(n) for n in losses), *(fused_graph(n) for n in losses)]
+
+
+def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
+    """Refuse inputs graph `spec` cannot take, naming the input and what was expected: names,
+    dtypes, ranks, fixed and shared dims, empty batches, and class indices out of range (which
+    ONNX Runtime's gathers would read from the end or fail on without saying why)."""
+    if sorted(feed) != sorted(spec.input_names):
+        given = ", ".join(feed) or "none"
+        raise DataError(f"{spec.file} takes inputs {', '.join(spec.input_names)}; got {given}")
+    dims: dict[str, tuple[str, int]] = {}
+    for tensor in spec.inputs:
+        value = feed[tensor.name]
+        if not isinstance(value, np.ndarray) or value.dtype != np.dtype(tensor.dtype):
+            got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+            raise DataError(f"{tensor.name}: expected a {tensor.dtype} array, got {got}")
+        expected = "[" + ", ".join(map(str, tensor.shape)) + "]"
+        if value.ndim != len(tensor.shape):
+            raise DataError(f"{tensor.name}: expected shape {expected}, got {list(value.shape)}")
+        for want, size in zip(tensor.shape, value.shape, strict=True):
+            if isinstance(want, int) and size != want:
+                raise DataError(
+                    f"{tensor.name}: expected shape {expected}, got {list(value.shape)}"
+                )
+            if isinstance(want, str):
+                seen = dims.setdefault(want, (tensor.name, size))
+                if seen[1] != size:
+                    raise DataError(
+                        f"{tensor.name}: dim {want} is {size} but {seen[0]} has {want} = {seen[1]}"
+                    )
+        if value.size == 0:
+            raise DataError(f"{tensor.name}: empty (shape {list(value.shape)}); nothing to compute")
+    for tensor in spec.inputs:
+        if tensor.values == "class_index":
+            classes = NUM_CLASSES if spec.kind == "fused" else feed[spec.inputs[0].name].shape[1]
+            check_labels(spec.loss, feed[tensor.name], classes, tensor.name)
