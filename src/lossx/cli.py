@@ -146,7 +146,9 @@ def _loss_to_dict(info) -> dict:
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images.")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True)
 @click.option(
-    "--json", "json_path", help="Also write the figures as JSON to this path ('-': stdout)."
+    "--json",
+    "json_path",
+    help="Also write the figures as JSON to this path ('-': stdout, the table then on stderr).",
 )
 @click.option(
     "--download",
@@ -186,7 +188,8 @@ def eval_(
     data = load_cifar10(data_dir, split, limit)
     with _progress(len(data), "evaluating") as bar:
         result = evaluate(artifact, data, batch_size, provider, progress=bar.update)
-    click.echo(_render_eval(result))
+    to_stderr = json_path == "-"  # stdout then carries the JSON alone
+    click.echo(_render_eval(result), err=to_stderr)
     report = None
     if compare_eager:
         _require_torch("--compare-eager")
@@ -198,7 +201,7 @@ def eval_(
             report = artifact_parity(
                 artifact, data, atol, rtol, batch_size, provider, progress=bar.update
             )
-        click.echo(_render_parity(report, atol, rtol))
+        click.echo(_render_parity(report, atol, rtol), err=to_stderr)
     if json_path:
         payload = {"eval": result.to_dict(), "parity": report.to_dict() if report else None}
         _write_json(json_path, payload)

@@ -173,6 +173,14 @@ def _checkpoint(tmp_path, state):
 
 EXPORT_ERRORS = {
     "unknown loss": (lambda t: ["--loss", "focal"], "unknown loss 'focal'"),
+    "unknown option": (lambda t: ["--loss", "mse(beta=1)"], "mse: unknown option 'beta'"),
+    "out of range": (
+        lambda t: ["--loss", "ce(label_smoothing=2)"],
+        "label_smoothing=2 is out of range; expected >= 0 and <= 1",
+    ),
+    "weights": (lambda t: ["--loss", "nll(weight=[1, 2])"], "weights for 2 classes"),
+    "twice": (lambda t: ["--loss", "ce", "--loss", "ce(reduction=sum)"], "loss ce given twice"),
+    "old opset": (lambda t: ["--opset", "16"], "opset 16 is not supported; choose 17.."),
     "unknown model": (lambda t: ["--model", "vgg"], "unknown model 'vgg'"),
     "opset": (lambda t: ["--opset", "99"], "opset 99 is not supported"),
     "checkpoint keys": (
@@ -245,3 +253,53 @@ def test_compare_eager_without_torch_is_an_environment_error(cli_artifact, monke
     )
     result = run_cli("eval", cli_artifact, "--limit", "5", "--compare-eager")
     assert_one_line_error(result, 3, "--compare-eager needs torch")
+
+
+def test_export_with_loss_specs_records_the_options(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(
+        "export",
+        out,
+        "--loss",
+        "ce(label_smoothing=0.1, reduction=sum)",
+        "--loss",
+        "kl_div",
+        "--opset",
+        "17",
+    )
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 5 graphs at opset 17" in result.stdout
+    assert "Setting ONNX exporter" not in result.stderr  # torch.onnx's notes stay quiet
+    manifest = json.loads((out / "manifest.json").read_text())
+    ce = manifest["losses"][0]
+    assert ce["name"] == "ce"
+    assert (ce["options"]["label_smoothing"], ce["options"]["reduction"]) == (0.1, "sum")
+    assert manifest["losses"][1] == {
+        "name": "kl_div",
+        "options": {"reduction": "mean", "log_target": False},
+    }
+    result = run_cli("eval", out, "--limit", "50", "--json", "-")
+    figures = json.loads(result.stdout)
+    assert (
+        "CrossEntropyLoss ce(label_smoothing=0.1, reduction=sum) of the logits"
+        in (figures["eval"]["loss_definitions"]["ce"])
+    )
+    assert figures["eval"]["losses"]["ce"] > 50 * 0.1  # a sum over 50 images, not a mean
+
+
+def test_losses_lists_every_loss_and_option():
+    result = run_cli("losses")
+    assert result.exit_code == 0
+    for name in ("ce", "nll", "mse", "l1", "smooth_l1", "huber", "bce_logits", "kl_div"):
+        assert f"\n{name} " in "\n" + result.stdout
+    assert "label_smoothing  default 0" in result.stdout
+    catalogue = json.loads(run_cli("losses", "--json").stdout)
+    ce = next(loss for loss in catalogue if loss["name"] == "ce")
+    assert ce["torch_class"] == "torch.nn.CrossEntropyLoss"
+    assert {o["name"] for o in ce["options"]} == {
+        "weight",
+        "ignore_index",
+        "label_smoothing",
+        "reduction",
+        "target",
+    }

@@ -7,10 +7,13 @@ images (README, "Parity tolerances").
 
 import numpy as np
 import pytest
+import torch
 
+from lossx.build import export_artifact
 from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL
-from lossx.parity.eager import artifact_parity
-from lossx.runtime import load_artifact
+from lossx.parity.eager import EagerRunner, artifact_parity
+from lossx.runtime import evaluate, load_artifact, to_model_input
+from lossx.runtime.evaluate import loss_inputs
 from tests.conftest import copy_with_eager_weights_changed
 
 EXPECTED_OUTPUTS = [
@@ -55,3 +58,52 @@ def test_parity_detects_a_graph_that_differs_from_eager(trained_artifact, tmp_pa
     holding_the_model = {(g, o) for g, o in EXPECTED_OUTPUTS if not g.startswith("loss_")}
     assert {(c.graph, c.output) for c in report.failures} == holding_the_model
     assert not report.passed
+
+
+EVERY_LOSS = {
+    "options": [
+        "ce(label_smoothing=0.1, weight=[1, 2, 1, 1, 0.5, 1, 1, 3, 1, 1])",
+        "nll(ignore_index=3, reduction=sum)",
+        "mse(reduction=none)",
+        "l1(reduction=sum)",
+        "smooth_l1(beta=0.5)",
+        "huber(delta=0.3, reduction=none)",
+        "bce_logits(pos_weight=[1, 2, 3, 1, 1, 1, 1, 1, 1, 5], "
+        "weight=[1, 1, 1, 1, 1, 2, 2, 2, 2, 3])",
+        "kl_div(reduction=batchmean)",
+    ],
+    "targets": ["ce(target=probs, label_smoothing=0.2)", "kl_div(log_target=true)"],
+}
+
+
+@pytest.fixture(scope="module", params=list(EVERY_LOSS))
+def every_loss_artifact(request, tmp_path_factory):
+    """The shipped weights with every loss and many options: real logits, real labels."""
+    out = tmp_path_factory.mktemp("every-loss") / request.param
+    export_artifact(out, losses=EVERY_LOSS[request.param])
+    return load_artifact(out)
+
+
+@pytest.mark.parametrize(("batch_size", "images"), [(1, 100), (7, 1000), (256, 1000)])
+def test_every_loss_matches_eager_on_real_data(every_loss_artifact, test_split, batch_size, images):
+    data = test_split.head(images)
+    report = artifact_parity(every_loss_artifact, data, DEFAULT_ATOL, DEFAULT_RTOL, batch_size)
+    assert len(report.comparisons) == 1 + 3 * len(every_loss_artifact.manifest.losses)
+    for c in report.comparisons:
+        assert c.passed, f"{c.graph}/{c.output}: {c.max_tolerance_used:.1f}x the tolerance"
+
+
+def test_eval_losses_are_torch_on_the_same_inputs(every_loss_artifact, test_split):
+    """lossx eval's figure for each loss: the torch.nn loss of the eval feed, aggregated as
+    describe_loss says (batch values weighted by batch size, sums summed, elements averaged)."""
+    eager = EagerRunner(every_loss_artifact)
+    with torch.no_grad():
+        logits = eager.model(torch.from_numpy(to_model_input(test_split.images))).numpy()
+    result = evaluate(every_loss_artifact, test_split, batch_size=1000)
+    for spec in every_loss_artifact.manifest.losses:
+        feed = loss_inputs(spec, logits, test_split.labels)
+        graph = every_loss_artifact.graph(f"loss_{spec.name}").spec
+        (value,) = eager.run(graph, feed)
+        expected = value.mean() if spec["reduction"] == "none" else value
+        assert result.losses[spec.name] == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
+        assert str(spec) in result.loss_definitions[spec.name]

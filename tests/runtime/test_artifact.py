@@ -1,10 +1,11 @@
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
-from lossx.errors import ArtifactError
+from lossx.errors import ArtifactError, DataError
 from lossx.runtime import load_artifact
 from lossx.runtime.artifact import sha256_of
 
@@ -128,3 +129,56 @@ def test_weights_file_outside_the_artifact_is_refused(copy):
     _edit_manifest(copy, point_outside)
     with pytest.raises(ArtifactError, match=r"'../weights.npz' is not a plain file name"):
         load_artifact(copy)
+
+
+def _ce_feed(n: int = 3) -> dict:
+    return {"logits": np.zeros((n, 10), np.float32), "labels": np.arange(n, dtype=np.int64)}
+
+
+def test_run_returns_outputs_by_name(artifact):
+    outputs = artifact.run("loss_ce", _ce_feed())
+    assert outputs["loss"] == pytest.approx(np.log(10), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda f: f.update(labels=np.array([0, 10, 1])),
+            r"labels: value 10 at index \[1\] is not a class index 0..9",
+        ),
+        (
+            lambda f: f.update(labels=np.array([0, -1, 1])),
+            r"labels: value -1 at index \[1\] .*nor ignore_index -100",
+        ),
+        (
+            lambda f: f.update(labels=f["labels"].astype(np.int32)),
+            r"labels: expected a int64 array, got int32",
+        ),
+        (
+            lambda f: f.update(logits=np.zeros((3, 10, 1), np.float32)),
+            r"logits: expected shape \[N, C\], got \[3, 10, 1\]",
+        ),
+        (lambda f: f.update(labels=np.arange(4)), r"labels: dim N is 4 but logits has N = 3"),
+        (
+            lambda f: f.update(logits=f["logits"][:0], labels=f["labels"][:0]),
+            r"logits: empty \(shape \[0, 10\]\)",
+        ),
+        (lambda f: f.pop("labels"), r"loss_ce.onnx takes inputs logits, labels; got logits"),
+        (
+            lambda f: f.update(logits=[[0.0] * 10] * 3),
+            r"logits: expected a float32 array, got list",
+        ),
+    ],
+)
+def test_run_refuses_a_bad_feed_before_onnxruntime_sees_it(artifact, change, message):
+    feed = _ce_feed()
+    change(feed)
+    with pytest.raises(DataError, match=message):
+        artifact.run("loss_ce", feed)
+
+
+def test_fused_graph_checks_labels_against_the_model_classes(artifact):
+    feed = {"images": np.zeros((2, 3, 32, 32), np.float32), "labels": np.array([0, 10])}
+    with pytest.raises(DataError, match=r"value 10 at index \[1\] is not a class index 0..9"):
+        artifact.run("model_ce", feed)

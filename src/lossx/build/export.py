@@ -67,6 +67,9 @@ CHECK_SIZES = (
 )
 
 
+EXPORTER_MIN_OPSET = 18  # torch.onnx (dynamo) writes 18 and newer; older ones are converted
+
+
 @functools.cache
 def max_opset() -> int:
     """The newest opset that torch.onnx writes, onnx checks and ONNX Runtime loads here."""
@@ -182,7 +185,7 @@ def _export_graph(
                 example,
                 input_names=spec.input_names,
                 output_names=spec.output_names,
-                opset_version=opset,
+                opset_version=max(opset, EXPORTER_MIN_OPSET),
                 dynamic_shapes=_dynamic_shapes(spec),
                 dynamo=True,
                 external_data=False,
@@ -205,8 +208,8 @@ def _export_graph(
 
 
 def _at_opset(proto: onnx.ModelProto, opset: int, spec: GraphSpec) -> onnx.ModelProto:
-    """`proto` at exactly `opset`. torch.onnx writes opset 18 at least and, when its own
-    down-conversion fails, keeps 18 without an error; converting the finished graph works."""
+    """`proto` at exactly `opset`, converted down by onnx's version converter if need be
+    (torch.onnx's own down-conversion fails on some graphs and then keeps opset 18 silently)."""
     if _default_opset(proto) != opset:
         try:
             proto = onnx.version_converter.convert_version(proto, opset)

@@ -1,5 +1,6 @@
 """Eager PyTorch beside ONNX Runtime on the same batches: a parity report for a whole artifact."""
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +24,8 @@ class EagerRunner:
 
     def run(self, spec: GraphSpec, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         module = reference_module(spec, self.model)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. KLDivLoss's note on reduction="mean"
             outputs = module(*(torch.from_numpy(feed[name]) for name in spec.input_names))
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         return [o.numpy() for o in outputs]
