@@ -103,6 +103,44 @@ def export(
 
 
 @main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+def predict(
+    artifact_dir: Path, images: tuple[Path, ...], top_k: int, provider: str, as_json: bool
+) -> None:
+    """Classify IMAGES (PNG, JPEG, ...) with the model in ARTIFACT_DIR."""
+    import numpy as np
+
+    from lossx.runtime import open_artifact
+    from lossx.runtime.images import load_image
+
+    runtime = open_artifact(artifact_dir, provider)
+    batch = np.stack([load_image(path) for path in images])  # every file read before any output
+    classes, probabilities = runtime.predict(batch).top_k(top_k)
+    results = [
+        {
+            "file": str(path),
+            "top_k": [
+                {"class": runtime.class_names[c], "index": int(c), "probability": float(p)}
+                for c, p in zip(row_classes, row_probabilities, strict=True)
+            ],
+        }
+        for path, row_classes, row_probabilities in zip(images, classes, probabilities, strict=True)
+    ]
+    if as_json:
+        payload = {"artifact": str(artifact_dir), "providers": runtime.providers}
+        click.echo(json.dumps({**payload, "predictions": results}, indent=2))
+        return
+    width = max(len(r["file"]) for r in results)
+    for result in results:
+        best = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top_k"])
+        click.echo(f"{result['file']:<{width}}  {best}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the catalogue as JSON.")
 def losses(as_json: bool) -> None:
     """List the losses `lossx export --loss` takes, with their options and defaults."""

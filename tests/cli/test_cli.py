@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from lossx.build import build_model
 from lossx.cli import main
-from lossx.runtime import evaluate, load_artifact
+from lossx.runtime import evaluate, load_artifact, open_artifact
 from lossx.runtime.artifact import sha256_of
 from tests.conftest import copy_with_eager_weights_changed
 
@@ -303,3 +304,40 @@ def test_losses_lists_every_loss_and_option():
         "reduction",
         "target",
     }
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory, test_split):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for index in range(3):
+        path = folder / f"image{index}.png"
+        Image.fromarray(test_split.images[index]).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_predict_classifies_image_files(cli_artifact, image_files, test_split):
+    result = run_cli("predict", cli_artifact, *image_files, "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3
+    expected = open_artifact(cli_artifact).predict(test_split.images[:3])
+    for line, path, best in zip(lines, image_files, expected.classes, strict=True):
+        assert line.startswith(str(path))
+        assert line.split()[1] == test_split.class_names[best]
+    payload = json.loads(run_cli("predict", cli_artifact, *image_files, "--json").stdout)
+    assert payload["providers"] == ["cpu"]
+    first = payload["predictions"][0]
+    assert first["file"] == str(image_files[0])
+    assert first["top_k"][0]["index"] == expected.classes[0]
+    assert first["top_k"][0]["probability"] == pytest.approx(
+        expected.probabilities[0].max(), rel=1e-6
+    )
+
+
+def test_predict_refuses_a_file_that_is_not_an_image(cli_artifact, image_files, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = run_cli("predict", cli_artifact, image_files[0], tmp_path / "notes.txt")
+    assert_one_line_error(result, 2, "notes.txt: not an image lossx can read")
+    assert result.stdout == ""  # no partial output

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from lossx.runtime import evaluate
 
@@ -55,6 +56,19 @@ def test_runtime_evaluates_without_torch(artifact, artifact_dir, cifar_dir, test
     assert result["images"] == 1000
     assert result["top1_accuracy"] == expected.top1_accuracy
     assert result["losses"] == pytest.approx(expected.losses, rel=1e-12)
+
+
+CLI_PREDICT = """
+from lossx.cli import main
+main(["predict", sys.argv[1], sys.argv[2], "--json"], standalone_mode=True)
+"""
+
+
+def test_cli_predict_runs_without_torch(artifact_dir, test_split, tmp_path):
+    Image.fromarray(test_split.images[0]).save(tmp_path / "cat.png")
+    done = _run(CLI_PREDICT, str(artifact_dir), str(tmp_path / "cat.png"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["predictions"][0]["file"] == str(tmp_path / "cat.png")
 
 
 def test_cli_eval_runs_without_torch(artifact_dir):

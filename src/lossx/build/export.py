@@ -86,9 +86,14 @@ def _ort_opset() -> int:
             [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
             [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
         )
-        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        # The IR version that goes with the opset: onnx's newest IR may be newer than ORT's.
+        model = onnx.helper.make_model_gen_version(
+            graph, opset_imports=[onnx.helper.make_opsetid("", opset)]
+        )
         try:
-            onnxruntime.InferenceSession(model.SerializeToString())
+            onnxruntime.InferenceSession(
+                model.SerializeToString(), providers=["CPUExecutionProvider"]
+            )
         except Exception:
             break
         newest = opset

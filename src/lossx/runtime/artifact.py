@@ -138,13 +138,21 @@ class Artifact:
         return any(entry.spec.stem == stem for entry in self.manifest.graphs)
 
     def session(
-        self, stem: str, provider: str = "cpu", threads: int | None = None
+        self,
+        stem: str,
+        provider: str = "cpu",
+        threads: int | None = None,
+        optimization: str = "all",
+        tf32: bool = False,
     ) -> ort.InferenceSession:
-        """An ONNX Runtime session for graph `stem`, checked against the manifest."""
-        key = (stem, provider, threads)
+        """An ONNX Runtime session for graph `stem`, checked against the manifest (see
+        `open_session` for the options)."""
+        key = (stem, provider, threads, optimization, tf32)
         if key not in self._sessions:
             entry = self.graph(stem)
-            session = open_session(self.path / entry.spec.file, provider, threads)
+            session = open_session(
+                self.path / entry.spec.file, provider, threads, optimization, tf32
+            )
             check_signature(session, entry.spec)
             self._sessions[key] = session
         return self._sessions[key]

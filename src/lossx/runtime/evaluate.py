@@ -121,13 +121,17 @@ def evaluate(
     provider: str = "cpu",
     threads: int | None = None,
     progress: Callable[[int], None] | None = None,
+    optimization: str = "all",
+    tf32: bool = False,
 ) -> EvalResult:
-    """Run the model and every loss graph of `artifact` over `split`."""
+    """Run the model and every loss graph of `artifact` over `split` (session options as in
+    `open_session`)."""
     if len(split) == 0:
         raise DataError("no images to evaluate")
-    model = artifact.session("model", provider, threads)
+    options = {"threads": threads, "optimization": optimization, "tf32": tf32}
+    model = artifact.session("model", provider, **options)
     losses = {
-        spec: artifact.session(f"loss_{spec.name}", provider, threads)
+        spec: artifact.session(f"loss_{spec.name}", provider, **options)
         for spec in artifact.manifest.losses
     }
     correct = 0

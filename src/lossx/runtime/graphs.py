@@ -154,7 +154,28 @@ def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
                     )
         if value.size == 0:
             raise DataError(f"{tensor.name}: empty (shape {list(value.shape)}); nothing to compute")
+        if value.dtype.kind == "f":
+            _check_values(tensor, value)
     for tensor in spec.inputs:
         if tensor.values == "class_index":
             classes = NUM_CLASSES if spec.kind == "fused" else feed[spec.inputs[0].name].shape[1]
             check_labels(spec.loss, feed[tensor.name], classes, tensor.name)
+
+
+def _check_values(tensor: TensorSpec, value: np.ndarray) -> None:
+    """NaN anywhere, or Inf other than a log-probability's -inf (log 0), or images outside
+    [0, 1], are refused: they mean a broken input, not a number to compute with."""
+    low, high = value.min(), value.max()  # NaN propagates: two fast passes decide most inputs
+    if not (np.isfinite(low) and np.isfinite(high)):
+        allowed = value == -np.inf if tensor.values == "log_probabilities" else False
+        bad = np.isnan(value) | (np.isinf(value) & np.logical_not(allowed))
+        if bad.any():
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            raise DataError(
+                f"{tensor.name}: {value[tuple(where)]} at index {where}; expected finite values"
+            )
+    if tensor.values == "image" and (low < 0 or high > 1):
+        raise DataError(
+            f"{tensor.name}: values from {low:g} to {high:g}; expected pixels scaled to [0, 1] "
+            "(x / 255, no mean/std normalisation)"
+        )

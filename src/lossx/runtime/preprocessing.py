@@ -11,6 +11,7 @@ PREPROCESSING = {
     "output": "float32 NCHW tensor, shape [N,3,32,32]",
     "scale": "x / 255 (float32), no mean or std normalisation",
     "equivalent": "torchvision.transforms.ToTensor()",
+    "files": "image files (lossx predict): converted to RGB, resized to 32x32 (Pillow bilinear)",
 }
 
 

@@ -1,0 +1,171 @@
+"""The runtime an application embeds: load an artifact, predict, compute losses, evaluate.
+
+    runtime = open_artifact("out/", provider="auto")
+    prediction = runtime.predict(images)   # uint8 [N,32,32,3] RGB, or float32 [N,3,32,32]
+    prediction.classes, prediction.probabilities, runtime.class_names, runtime.providers
+    runtime.loss("ce", logits=logits, labels=labels)
+    runtime.evaluate(load_cifar10(data_dir, "test"))
+
+Every input is checked before ONNX Runtime sees it, with an error that names the input and
+what was expected. torch is never imported.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lossx.errors import DataError
+from lossx.runtime.artifact import Artifact, load_artifact
+from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.evaluate import EvalResult, evaluate, softmax
+from lossx.runtime.graphs import IMAGE_SHAPE, check_feed
+from lossx.runtime.preprocessing import to_model_input
+from lossx.runtime.session import provider_names
+
+_HWC = (IMAGE_SHAPE[1], IMAGE_SHAPE[2], IMAGE_SHAPE[0])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for a batch of images."""
+
+    logits: np.ndarray  # float32 [N, 10]
+    probabilities: np.ndarray  # float32 [N, 10], the softmax of the logits
+    classes: np.ndarray  # int64 [N], the most probable class of each image
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k most probable classes of each image, best first, and their probabilities."""
+        k = max(1, min(k, self.probabilities.shape[1]))
+        order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(self.probabilities, order, axis=1)
+
+
+class Runtime:
+    """A verified artifact with its ONNX Runtime sessions, all opened with the same options."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        provider: str = "cpu",
+        threads: int | None = None,
+        optimization: str = "all",
+        tf32: bool = False,
+        batch_size: int = 256,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        self.artifact = artifact
+        self.batch_size = batch_size
+        self._options = {
+            "provider": provider,
+            "threads": threads,
+            "optimization": optimization,
+            "tf32": tf32,
+        }
+        self.session("model")  # a provider that cannot really be used is refused here
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.artifact.manifest.class_names
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers ONNX Runtime really uses, e.g. ["cuda", "cpu"]."""
+        return provider_names(self.session("model"))
+
+    def session(self, stem: str) -> ort.InferenceSession:
+        return self.artifact.session(stem, **self._options)
+
+    def run(self, stem: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Graph `stem`'s outputs by name, after checking `feed` against the manifest."""
+        spec = self.artifact.graph(stem).spec
+        check_feed(spec, feed)
+        session = self.session(stem)
+        if self.providers[0] != "cuda":
+            return dict(zip(spec.output_names, session.run(spec.output_names, feed), strict=True))
+        # IO binding: each input is copied to the GPU once and outputs stay there until the one
+        # copy back, instead of ONNX Runtime staging every tensor through host buffers.
+        binding = session.io_binding()
+        for name, value in feed.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+        for name in spec.output_names:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+        return dict(zip(spec.output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        """Classify `images`: uint8 [N,32,32,3] RGB as decoded (or one [32,32,3] image), or
+        float32 [N,3,32,32] already scaled to [0, 1] as the manifest's preprocessing says."""
+        batch = model_input(images)
+        logits = np.concatenate(
+            [
+                self.run("model", {"images": batch[start : start + self.batch_size]})["logits"]
+                for start in range(0, len(batch), self.batch_size)
+            ]
+        )
+        return Prediction(logits, softmax(logits), logits.argmax(axis=1))
+
+    def loss(self, name: str, **inputs: np.ndarray) -> np.ndarray:
+        """Run loss graph `loss_<name>` on its named inputs, e.g. `loss("ce", logits=...,
+        labels=...)`; labels outside the classes are refused as torch refuses them."""
+        if name not in self.artifact.manifest.loss_names:
+            known = ", ".join(self.artifact.manifest.loss_names)
+            raise DataError(f"the artifact has no loss {name!r}; it has {known}")
+        return self.run(f"loss_{name}", inputs)["loss"]
+
+    def evaluate(
+        self,
+        split: Cifar10Split,
+        batch_size: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> EvalResult:
+        """Accuracy, every loss and throughput over `split`, as `lossx eval` reports them."""
+        return evaluate(
+            self.artifact, split, batch_size or self.batch_size, progress=progress, **self._options
+        )
+
+
+def model_input(images: np.ndarray) -> np.ndarray:
+    """`images` as the model takes them, float32 [N,3,32,32] in [0, 1], or DataError saying
+    what was expected."""
+    if not isinstance(images, np.ndarray):
+        raise DataError(f"images: expected a numpy array, got {type(images).__name__}")
+    if images.dtype == np.uint8:
+        batch = images[None] if images.ndim == 3 else images
+        if batch.ndim != 4 or batch.shape[1:] != _HWC:
+            raise DataError(
+                f"images: uint8 images must be [N, 32, 32, 3] or [32, 32, 3] RGB (HWC); got "
+                f"{list(images.shape)} (resize and convert first, as lossx predict does)"
+            )
+        batch = to_model_input(batch)
+    elif images.dtype == np.float32:
+        batch = images[None] if images.ndim == 3 else images
+        if batch.ndim != 4 or batch.shape[1:] != IMAGE_SHAPE:
+            raise DataError(
+                f"images: float32 images must be [N, 3, 32, 32] (NCHW) or [3, 32, 32]; got "
+                f"{list(images.shape)}"
+            )
+    else:
+        raise DataError(
+            f"images: expected uint8 RGB [N, 32, 32, 3] or float32 [N, 3, 32, 32], got "
+            f"{images.dtype}"
+        )
+    if len(batch) == 0:
+        raise DataError("images: an empty batch; nothing to predict")
+    return batch
+
+
+def open_artifact(
+    path: Path | str,
+    provider: str = "cpu",
+    threads: int | None = None,
+    optimization: str = "all",
+    tf32: bool = False,
+    batch_size: int = 256,
+) -> Runtime:
+    """Load the artifact at `path` (every file's sha256 checked against the manifest) and open
+    its model on `provider` ("cpu", "cuda" or "auto"); see `open_session` for the options."""
+    return Runtime(load_artifact(Path(path)), provider, threads, optimization, tf32, batch_size)

@@ -1,0 +1,44 @@
+"""Image files as the model's uint8 [32,32,3] RGB input, with a clear error for anything else.
+
+Files of another mode become RGB (alpha dropped, 16-bit scaled to 8-bit, CMYK and palettes
+converted by Pillow); files of another size are resized to 32x32 with Pillow's bilinear filter,
+without keeping the aspect ratio. PREPROCESSING["files"] records this in every manifest.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lossx.errors import DataError
+from lossx.runtime.graphs import IMAGE_SHAPE
+
+_SIZE = (IMAGE_SHAPE[2], IMAGE_SHAPE[1])  # PIL's (width, height)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """The image in `path` as uint8 [32, 32, 3] RGB."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.width == 0 or image.height == 0:
+                raise DataError(f"{path}: an empty {image.width}x{image.height} image")
+            rgb = _to_rgb(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: not an image lossx can read ({type(e).__name__})") from None
+    except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or corrupt files
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise DataError(f"{path}: cannot read the image ({reason})") from None
+    if rgb.size != _SIZE:
+        rgb = rgb.resize(_SIZE, Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):  # 16-bit grey (Pillow's "I;16" or "I"): keep the top 8 bits
+        grey = np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "F":
+        raise DataError(f"{image.filename}: floating-point images are not supported")
+    return image.convert("RGB")

@@ -1,0 +1,66 @@
+"""Image files become the model's uint8 [32,32,3] RGB input, or a one-line DataError."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lossx.errors import DataError
+from lossx.runtime.images import load_image
+
+
+@pytest.fixture
+def cat(test_split):
+    return test_split.images[0]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tiff"])
+def test_lossless_32x32_files_come_back_unchanged(tmp_path, cat, suffix):
+    Image.fromarray(cat).save(tmp_path / f"cat{suffix}")
+    np.testing.assert_array_equal(load_image(tmp_path / f"cat{suffix}"), cat)
+
+
+def test_jpeg_and_other_sizes_are_resized_to_32x32(tmp_path, cat):
+    Image.fromarray(cat).resize((100, 80)).save(tmp_path / "cat.jpg", quality=95)
+    image = load_image(tmp_path / "cat.jpg")
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert np.abs(image.astype(int) - cat.astype(int)).mean() < 12  # close to the original
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "I", "1"])
+def test_other_modes_become_rgb(tmp_path, cat, mode):
+    if mode.startswith("I"):
+        grey = np.asarray(Image.fromarray(cat).convert("L"), dtype=np.uint16) * 257  # 16-bit
+        image = Image.fromarray(grey if mode == "I;16" else grey.astype(np.int32))
+        assert image.mode == mode
+        expected = np.repeat(np.asarray(Image.fromarray(cat).convert("L"))[..., None], 3, axis=2)
+    else:
+        image = Image.fromarray(cat).convert(mode)
+        expected = np.asarray(image.convert("RGB"))
+    suffix = ".tiff" if mode in ("CMYK", "I") else ".png"
+    image.save(tmp_path / f"x{suffix}")
+    loaded = load_image(tmp_path / f"x{suffix}")
+    assert loaded.shape == (32, 32, 3)
+    np.testing.assert_array_equal(loaded, expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"hello, not an image", r"notes.png: not an image lossx can read"),
+        (b"", r"notes.png: not an image lossx can read"),
+        (None, r"notes.png: cannot read the image \(No such file or directory\)"),
+    ],
+)
+def test_unreadable_files_are_refused(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "notes.png").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_image(tmp_path / "notes.png")
+
+
+def test_a_truncated_png_is_refused(tmp_path, cat):
+    Image.fromarray(cat).save(tmp_path / "cat.png")
+    data = (tmp_path / "cat.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut.png: cannot read the image"):
+        load_image(tmp_path / "cut.png")
