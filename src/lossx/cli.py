@@ -16,9 +16,41 @@ from lossx.errors import EnvironmentProblem, LossxError, ParityError
 from lossx.files import write_atomically
 from lossx.runtime.graphs import DEFAULT_OPSET, MIN_OPSET
 from lossx.runtime.losses import LOSSES, format_value, parse_loss_spec
-from lossx.runtime.session import PROVIDER_CHOICES
+from lossx.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES
 
 DEFAULT_LOSSES = ("ce", "mse", "l1")
+
+
+def _session_options(command):
+    """--provider, --threads, --optimization and --tf32: how ONNX Runtime runs the graphs."""
+    options = [
+        click.option(
+            "--provider",
+            type=click.Choice(PROVIDER_CHOICES),
+            default="cpu",
+            show_default=True,
+            help="Execution provider; cuda fails (exit 3) unless CUDA is really used, auto "
+            "takes CUDA when it works.",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            help="Intra-op threads.  [default: one per core]",
+        ),
+        click.option(
+            "--optimization",
+            type=click.Choice(list(OPTIMIZATION_LEVELS)),
+            default="all",
+            show_default=True,
+            help="ONNX Runtime graph optimisation level.",
+        ),
+        click.option(
+            "--tf32", is_flag=True, help="Let CUDA use TF32 (faster, but not fp32 parity)."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 class _LossxGroup(click.Group):
@@ -106,10 +138,14 @@ def export(
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True)
+@_session_options
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 def predict(
-    artifact_dir: Path, images: tuple[Path, ...], top_k: int, provider: str, as_json: bool
+    artifact_dir: Path,
+    images: tuple[Path, ...],
+    top_k: int,
+    as_json: bool,
+    **session_options,
 ) -> None:
     """Classify IMAGES (PNG, JPEG, ...) with the model in ARTIFACT_DIR."""
     import numpy as np
@@ -117,7 +153,7 @@ def predict(
     from lossx.runtime import open_artifact
     from lossx.runtime.images import load_image
 
-    runtime = open_artifact(artifact_dir, provider)
+    runtime = open_artifact(artifact_dir, **session_options)
     batch = np.stack([load_image(path) for path in images])  # every file read before any output
     classes, probabilities = runtime.predict(batch).top_k(top_k)
     results = [
@@ -182,7 +218,7 @@ def _loss_to_dict(info) -> dict:
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images.")
-@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True)
+@_session_options
 @click.option(
     "--json",
     "json_path",
@@ -202,12 +238,12 @@ def eval_(
     split: str,
     batch_size: int,
     limit: int | None,
-    provider: str,
     json_path: str | None,
     download: bool,
     compare_eager: bool,
     atol: float | None,
     rtol: float | None,
+    **session_options,
 ) -> None:
     """Evaluate the artifact in ARTIFACT_DIR on CIFAR-10 with ONNX Runtime."""
     from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL
@@ -224,8 +260,9 @@ def eval_(
         download_cifar10(data_dir)
     artifact = load_artifact(artifact_dir)
     data = load_cifar10(data_dir, split, limit)
+    artifact.session("model", **session_options)  # a provider problem stops us before any output
     with _progress(len(data), "evaluating") as bar:
-        result = evaluate(artifact, data, batch_size, provider, progress=bar.update)
+        result = evaluate(artifact, data, batch_size, progress=bar.update, **session_options)
     to_stderr = json_path == "-"  # stdout then carries the JSON alone
     click.echo(_render_eval(result), err=to_stderr)
     report = None
@@ -237,7 +274,7 @@ def eval_(
         rtol = DEFAULT_RTOL if rtol is None else rtol
         with _progress(len(data), "comparing with eager PyTorch") as bar:
             report = artifact_parity(
-                artifact, data, atol, rtol, batch_size, provider, progress=bar.update
+                artifact, data, atol, rtol, batch_size, session_options["provider"], bar.update
             )
         click.echo(_render_parity(report, atol, rtol), err=to_stderr)
     if json_path:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from lossx.build import build_model
 from lossx.cli import main
-from lossx.runtime import evaluate, load_artifact, open_artifact
+from lossx.runtime import evaluate, load_artifact, load_packaged_sample, open_artifact
 from lossx.runtime.artifact import sha256_of
 from tests.conftest import copy_with_eager_weights_changed
 
@@ -56,6 +56,19 @@ def test_export_then_eval_round_trip(cli_artifact, tmp_path, test_split, cifar_d
     assert figures["eval"]["losses"] == pytest.approx(expected.losses, rel=1e-9)
     assert f"{expected.top1_accuracy:.2%}" in result.stdout
     assert figures["parity"] is None
+
+
+def test_eval_session_options(cli_artifact, test_split):
+    result = run_cli(
+        "eval", cli_artifact, "--threads", "1", "--optimization", "basic", "--json", "-"
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)["eval"]
+    expected = evaluate(load_artifact(cli_artifact), load_packaged_sample())
+    assert figures["top1_accuracy"] == expected.top1_accuracy
+    assert figures["losses"] == pytest.approx(expected.losses, rel=1e-5)
+    bad = run_cli("eval", cli_artifact, "--optimization", "max")
+    assert bad.exit_code == 2 and "Invalid value for '--optimization'" in bad.stderr
 
 
 def test_eval_without_data_dir_uses_the_packaged_sample(cli_artifact):
