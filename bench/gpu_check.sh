@@ -20,7 +20,7 @@ nvidia_libs="$(python3 -c 'import glob, nvidia; print(":".join(glob.glob(list(nv
 export LD_LIBRARY_PATH="${nvidia_libs}:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/runtime
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/runtime tests/parity/test_check.py
 artifact="$(mktemp -d)/artifact"
 python3 -m lossx.cli export "$artifact" >/dev/null
 python3 bench/gpu_speed.py "$artifact"

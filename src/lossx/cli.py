@@ -14,6 +14,7 @@ import click
 from lossx import __version__
 from lossx.errors import EnvironmentProblem, LossxError, ParityError
 from lossx.files import write_atomically
+from lossx.parity.report import PROFILES
 from lossx.runtime.graphs import DEFAULT_OPSET, MIN_OPSET
 from lossx.runtime.losses import LOSSES, format_value, parse_loss_spec
 from lossx.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES
@@ -174,6 +175,125 @@ def predict(
     for result in results:
         best = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top_k"])
         click.echo(f"{result['file']:<{width}}  {best}")
+
+
+@main.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Eager weights from this checkpoint instead of the artifact's weights.npz.",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(path_type=Path),
+    help="Compare with this artifact's ONNX Runtime outputs instead of eager PyTorch.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Folder holding cifar-10-batches-py/; default: the packaged 1,000 test images.",
+)
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@_session_options
+@click.option(
+    "--tolerance-profile",
+    type=click.Choice(list(PROFILES)),
+    help="Default tolerances.  [default: fp32-cuda on CUDA, else fp32-cpu]",
+)
+@click.option("--atol", type=float, help="Absolute tolerance for every output.")
+@click.option("--rtol", type=float, help="Relative tolerance for every output.")
+@click.option(
+    "--atol-for",
+    multiple=True,
+    metavar="OUTPUT=X",
+    help="Absolute tolerance for one output (logits, or graph/output); repeatable.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--report-json", type=click.Path(path_type=Path), help="Write the JSON report.")
+@click.option("--junit-xml", type=click.Path(path_type=Path), help="Write a JUnit XML report.")
+@click.option("--markdown", type=click.Path(path_type=Path), help="Write a Markdown summary.")
+@click.option(
+    "--repro",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default="lossx-check-failure.npz",
+    show_default=True,
+    help="On a parity failure, save the failing inputs and both outputs here.",
+)
+def check(
+    artifact_dir: Path,
+    checkpoint: Path | None,
+    baseline: Path | None,
+    data_dir: Path | None,
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    tolerance_profile: str | None,
+    atol: float | None,
+    rtol: float | None,
+    atol_for: tuple[str, ...],
+    seed: int,
+    report_json: Path | None,
+    junit_xml: Path | None,
+    markdown: Path | None,
+    repro: Path,
+    **session_options,
+) -> None:
+    """Check every graph in ARTIFACT_DIR against eager PyTorch (or --baseline): a CI gate.
+
+    Exit codes: 0 all outputs within tolerance, 1 a parity failure, 2 a usage or input error,
+    3 an environment problem (e.g. the requested provider is not really available).
+    """
+    _require_torch("lossx check")
+    from lossx.parity.check import check_artifact, resolve_tolerances
+    from lossx.parity.render import to_json, to_junit_xml, to_markdown, to_text
+    from lossx.runtime import load_artifact, load_cifar10
+    from lossx.runtime.session import provider_names
+
+    if checkpoint is not None and baseline is not None:
+        raise click.UsageError("--checkpoint and --baseline exclude each other")
+    artifact = load_artifact(artifact_dir)
+    reference = load_artifact(baseline) if baseline is not None else None
+    data = load_cifar10(data_dir, split, limit)
+    used = provider_names(artifact.session("model", **session_options))  # exit 3 comes first
+    profile = tolerance_profile or ("fp32-cuda" if used[0] == "cuda" else "fp32-cpu")
+    tolerances = resolve_tolerances(profile, atol, rtol, atol_for)
+    report = check_artifact(
+        artifact,
+        data,
+        tolerances,
+        profile,
+        checkpoint=checkpoint,
+        baseline=reference,
+        batch_size=batch_size,
+        seed=seed,
+        session_options=session_options,
+        repro=repro,
+        progress=lambda label: click.echo(f"comparing {label}", err=True),
+    )
+    click.echo(to_text(report))
+    for path, render in (
+        (report_json, to_json),
+        (junit_xml, to_junit_xml),
+        (markdown, to_markdown),
+    ):
+        if path is not None:
+            text = render(report)
+            write_atomically(path, lambda f, text=text: f.write(text.encode()))
+    if not report.passed:
+        worst = max(report.failures, key=lambda o: o.max_tolerance_used)
+        where = (
+            f"; first failing layer {report.first_failing_layer}"
+            if report.first_failing_layer
+            else ""
+        )
+        raise ParityError(
+            f"parity failed for {len(report.failures)} of {len(report.outputs)} outputs, worst "
+            f"{worst.name} (max abs error {worst.max_abs_error:.3g}){where}; failing case saved "
+            f"to {report.repro}"
+        )
 
 
 @main.command()

@@ -58,6 +58,36 @@ class OutputComparison:
         return {**asdict(self), "passed": self.passed, "argmax_agreement": self.argmax_agreement}
 
 
+@dataclass(frozen=True)
+class ElementErrors:
+    """Per-element comparison of two same-shaped arrays (float64)."""
+
+    error: np.ndarray  # |onnx - reference|; 0 where both hold the same NaN/Inf, inf if one does
+    relative: np.ndarray  # error / |reference| (0 where error is 0)
+    used: np.ndarray  # error / (atol + rtol * |reference|): above 1 fails
+    failed: np.ndarray  # bool: outside tolerance, or non-finite on one side only
+
+
+def element_errors(
+    onnx_value: np.ndarray, reference: np.ndarray, atol: float, rtol: float
+) -> ElementErrors:
+    got = np.asarray(onnx_value, dtype=np.float64)
+    want = np.asarray(reference, dtype=np.float64)
+    same_special = (np.isnan(got) & np.isnan(want)) | (np.isinf(got) & (got == want))
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.where(same_special, 0.0, np.abs(got - want))
+    error = np.where(np.isnan(error), np.inf, error)  # NaN on one side only
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.nan_to_num(np.where(error == 0, 0.0, error / np.abs(want)), nan=np.inf)
+    one_sided_special = ~same_special & ~(np.isfinite(got) & np.isfinite(want))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = atol + rtol * np.abs(want)
+        outside = error > bound
+        used = np.where(error == 0, 0.0, error / bound)
+    used = np.where(one_sided_special, np.inf, np.nan_to_num(used, nan=np.inf))
+    return ElementErrors(error, relative, used, outside | one_sided_special)
+
+
 def compare(
     graph: str,
     output: str,
@@ -73,19 +103,7 @@ def compare(
         return OutputComparison(
             graph, output, want.size, max(want.size, 1), np.inf, np.inf, atol, rtol, np.inf
         )
-    same_special = (np.isnan(got) & np.isnan(want)) | (np.isinf(got) & (got == want))
-    with np.errstate(invalid="ignore", over="ignore"):
-        error = np.where(same_special, 0.0, np.abs(got - want))
-    error = np.where(np.isnan(error), np.inf, error)  # NaN on one side only
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(error == 0, 0.0, error / np.abs(want))
-    one_sided_special = ~same_special & ~(np.isfinite(got) & np.isfinite(want))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        bound = atol + rtol * np.abs(want)
-        outside = error > bound
-        used = np.where(error == 0, 0.0, error / bound)
-    mismatches = int(np.count_nonzero(outside | one_sided_special))
-    used = np.where(one_sided_special, np.inf, np.nan_to_num(used, nan=np.inf))
+    errors = element_errors(got, want, atol, rtol)
     rows = agreements = 0
     if got.ndim == 2:
         rows = got.shape[0]
@@ -94,12 +112,12 @@ def compare(
         graph,
         output,
         int(want.size),
-        mismatches,
-        float(error.max(initial=0.0)),
-        float(np.nan_to_num(relative, nan=np.inf).max(initial=0.0)),
+        int(np.count_nonzero(errors.failed)),
+        float(errors.error.max(initial=0.0)),
+        float(errors.relative.max(initial=0.0)),
         atol,
         rtol,
-        float(used.max(initial=0.0)),
+        float(errors.used.max(initial=0.0)),
         rows,
         agreements,
     )

@@ -2,12 +2,13 @@
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from lossx.build.losses import reference_module
-from lossx.build.models import build_model, load_weights_npz
+from lossx.build.models import build_model, load_checkpoint, load_weights_npz
 from lossx.parity.compare import ParityReport, compare, merge_into
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
@@ -16,11 +17,15 @@ from lossx.runtime.graphs import GraphSpec
 
 
 class EagerRunner:
-    """Runs any graph of an artifact eagerly: the model rebuilt with the artifact's weights."""
+    """Runs any graph of an artifact eagerly: the model rebuilt with the artifact's weights, or
+    with a checkpoint's (loaded with weights_only=True)."""
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, checkpoint: Path | None = None) -> None:
         self.model = build_model(artifact.manifest.model)
-        load_weights_npz(self.model, artifact.path / artifact.manifest.weights["file"])
+        if checkpoint is None:
+            load_weights_npz(self.model, artifact.path / artifact.manifest.weights["file"])
+        else:
+            load_checkpoint(self.model, Path(checkpoint))
 
     def run(self, spec: GraphSpec, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         module = reference_module(spec, self.model)
