@@ -169,19 +169,18 @@ class Fused(nn.Module):
         return logits, self.loss(logits, target)
 
 
-def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
-    """The eager module graph `spec` must equal; its forward takes the spec's inputs in order."""
+def _graph_module(spec: GraphSpec, model: nn.Module, make_loss) -> nn.Module:
     if spec.kind == "model":
         return model
-    if spec.kind == "loss":
-        return reference_loss(spec.loss)
-    return Fused(model, reference_loss(spec.loss))
+    loss = make_loss(spec.loss)
+    return loss if spec.kind == "loss" else Fused(model, loss)
+
+
+def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
+    """The eager module graph `spec` must equal; its forward takes the spec's inputs in order."""
+    return _graph_module(spec, model, reference_loss)
 
 
 def exported_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
     """The module graph `spec` is exported from."""
-    if spec.kind == "model":
-        return model
-    if spec.kind == "loss":
-        return exported_loss(spec.loss)
-    return Fused(model, exported_loss(spec.loss))
+    return _graph_module(spec, model, exported_loss)
