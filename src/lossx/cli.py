@@ -15,11 +15,19 @@ from lossx import __version__
 from lossx.errors import EnvironmentProblem, LossxError, ParityError
 from lossx.files import write_atomically
 from lossx.parity.report import PROFILES
+from lossx.runtime.artifact import sha256_of
 from lossx.runtime.graphs import DEFAULT_OPSET, MIN_OPSET
 from lossx.runtime.losses import LOSSES, format_value, parse_loss_spec
 from lossx.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES
 
 DEFAULT_LOSSES = ("ce", "mse", "l1")
+
+
+_require_sha256 = click.option(
+    "--require-sha256",
+    metavar="HEX",
+    help="Refuse the artifact unless its manifest.json has this sha256 (lossx export prints it).",
+)
 
 
 def _session_options(command):
@@ -133,6 +141,8 @@ def export(
     )
     for name, info in manifest.files.items():
         click.echo(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256'][:16]}")
+    manifest_sha256 = sha256_of(Path(out_dir) / "manifest.json")
+    click.echo(f"manifest.json sha256 {manifest_sha256} (pin it with --require-sha256)")
 
 
 @main.command()
@@ -140,12 +150,14 @@ def export(
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True)
 @_session_options
+@_require_sha256
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 def predict(
     artifact_dir: Path,
     images: tuple[Path, ...],
     top_k: int,
     as_json: bool,
+    require_sha256: str | None,
     **session_options,
 ) -> None:
     """Classify IMAGES (PNG, JPEG, ...) with the model in ARTIFACT_DIR."""
@@ -154,7 +166,7 @@ def predict(
     from lossx.runtime import open_artifact
     from lossx.runtime.images import load_image
 
-    runtime = open_artifact(artifact_dir, **session_options)
+    runtime = open_artifact(artifact_dir, manifest_sha256=require_sha256, **session_options)
     batch = np.stack([load_image(path) for path in images])  # every file read before any output
     classes, probabilities = runtime.predict(batch).top_k(top_k)
     results = [
@@ -215,6 +227,7 @@ def predict(
 @click.option("--report-json", type=click.Path(path_type=Path), help="Write the JSON report.")
 @click.option("--junit-xml", type=click.Path(path_type=Path), help="Write a JUnit XML report.")
 @click.option("--markdown", type=click.Path(path_type=Path), help="Write a Markdown summary.")
+@_require_sha256
 @click.option(
     "--repro",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -238,6 +251,7 @@ def check(
     report_json: Path | None,
     junit_xml: Path | None,
     markdown: Path | None,
+    require_sha256: str | None,
     repro: Path,
     **session_options,
 ) -> None:
@@ -254,7 +268,7 @@ def check(
 
     if checkpoint is not None and baseline is not None:
         raise click.UsageError("--checkpoint and --baseline exclude each other")
-    artifact = load_artifact(artifact_dir)
+    artifact = load_artifact(artifact_dir, require_sha256)
     reference = load_artifact(baseline) if baseline is not None else None
     data = load_cifar10(data_dir, split, limit)
     used = provider_names(artifact.session("model", **session_options))  # exit 3 comes first
@@ -349,6 +363,7 @@ def _loss_to_dict(info) -> dict:
     is_flag=True,
     help="Fetch CIFAR-10 into --data-dir first (needs torchvision and a network).",
 )
+@_require_sha256
 @click.option("--compare-eager", is_flag=True, help="Also run eager PyTorch and check parity.")
 @click.option("--atol", type=float, help="Absolute tolerance for --compare-eager.")
 @click.option("--rtol", type=float, help="Relative tolerance for --compare-eager.")
@@ -360,6 +375,7 @@ def eval_(
     limit: int | None,
     json_path: str | None,
     download: bool,
+    require_sha256: str | None,
     compare_eager: bool,
     atol: float | None,
     rtol: float | None,
@@ -368,6 +384,7 @@ def eval_(
     """Evaluate the artifact in ARTIFACT_DIR on CIFAR-10 with ONNX Runtime."""
     from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL
     from lossx.runtime import evaluate, load_artifact, load_cifar10
+    from lossx.runtime.evaluate import check_batch_size
 
     if (atol is not None or rtol is not None) and not compare_eager:
         raise click.UsageError("--atol and --rtol apply only with --compare-eager")
@@ -378,8 +395,9 @@ def eval_(
         from lossx.build.download import download_cifar10
 
         download_cifar10(data_dir)
-    artifact = load_artifact(artifact_dir)
+    artifact = load_artifact(artifact_dir, require_sha256)
     data = load_cifar10(data_dir, split, limit)
+    check_batch_size(batch_size)
     artifact.session("model", **session_options)  # a provider problem stops us before any output
     with _progress(len(data), "evaluating") as bar:
         result = evaluate(artifact, data, batch_size, progress=bar.update, **session_options)

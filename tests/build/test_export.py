@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -246,3 +248,43 @@ def test_unwritable_destination_is_reported(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match=r"cannot write the artifact to .*Permission denied"):
         export_artifact(tmp_path / "art", init="random", losses=["ce"])
     assert not (tmp_path / "art").exists()
+
+
+def test_two_racing_exports_leave_one_complete_artifact(tmp_path):
+    """Two processes export different weights to one directory at once: the directory ends
+    as one whole artifact, never a mix; a loser fails with a one-line error, if at all."""
+    out = tmp_path / "art"
+    command = [
+        sys.executable,
+        "-m",
+        "lossx.cli",
+        "export",
+        str(out),
+        "--init",
+        "random",
+        "--loss",
+        "ce",
+    ]
+    racers = [
+        subprocess.Popen(
+            [*command, "--seed", str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in racers]
+    for code, stderr in results:
+        assert code in (0, 2), stderr
+        assert "Traceback" not in stderr
+        if code:
+            assert stderr.strip().splitlines()[-1].startswith("Error: cannot write the artifact")
+    assert 0 in [code for code, _ in results]
+    artifact = load_artifact(out)  # every file matches the one manifest
+    seed = artifact.manifest.weights["seed"]
+    fresh = tmp_path / "fresh"
+    export_artifact(fresh, init="random", losses=["ce"], seed=seed)
+    for name in ("model.onnx", "model_ce.onnx", "weights.npz"):
+        assert sha256_of(out / name) == sha256_of(fresh / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "fresh"]  # no staging left

@@ -354,3 +354,27 @@ def test_predict_refuses_a_file_that_is_not_an_image(cli_artifact, image_files, 
     result = run_cli("predict", cli_artifact, image_files[0], tmp_path / "notes.txt")
     assert_one_line_error(result, 2, "notes.txt: not an image lossx can read")
     assert result.stdout == ""  # no partial output
+
+
+@pytest.mark.parametrize("command", ["eval", "check", "predict"])
+def test_require_sha256_pins_the_artifact(cli_artifact, image_files, command):
+    extra = [image_files[0]] if command == "predict" else ["--limit", "20"]
+    pinned = sha256_of(cli_artifact / "manifest.json")
+    good = run_cli(command, cli_artifact, *extra, "--require-sha256", pinned)
+    assert good.exit_code == 0, good.output
+    bad = run_cli(command, cli_artifact, *extra, "--require-sha256", "0" * 64)
+    assert_one_line_error(bad, 2, f"manifest.json: sha256 {pinned} is not the required 000")
+    assert bad.stdout == ""
+
+
+def test_export_prints_the_manifest_sha256(tmp_path):
+    result = run_cli("export", tmp_path / "a", "--init", "random", "--loss", "ce")
+    assert result.exit_code == 0, result.output
+    assert f"manifest.json sha256 {sha256_of(tmp_path / 'a' / 'manifest.json')}" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["eval", "check"])
+def test_a_batch_size_beyond_memory_fails_before_any_output(cli_artifact, command):
+    result = run_cli(command, cli_artifact, "--batch-size", "100000000")
+    assert_one_line_error(result, 2, "batch size 100,000,000 needs about 22,000.0 GB of memory")
+    assert result.stdout == ""

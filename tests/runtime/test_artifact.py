@@ -182,3 +182,33 @@ def test_fused_graph_checks_labels_against_the_model_classes(artifact):
     feed = {"images": np.zeros((2, 3, 32, 32), np.float32), "labels": np.array([0, 10])}
     with pytest.raises(DataError, match=r"value 10 at index \[1\] is not a class index 0..9"):
         artifact.run("model_ce", feed)
+
+
+@pytest.mark.parametrize("location", ["weights.bin", "../weights.bin", "/tmp/weights.bin"])
+def test_external_data_is_refused_wherever_it_points(copy, location):
+    """A tensor in an external file escapes the manifest's sha256s, even inside the folder."""
+    proto = onnx.load(copy / "model.onnx")
+    tensor = next(t for t in proto.graph.initializer if t.name == "model1.0.weight")
+    data = tensor.raw_data
+    (copy / "weights.bin").write_bytes(data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(len(data)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, copy / "model.onnx")
+    _rehash(copy, "model.onnx")
+    with pytest.raises(
+        ArtifactError, match=rf"model1.0.weight' keeps its data in external file '{location}'"
+    ):
+        load_artifact(copy)
+
+
+def test_a_pinned_manifest_sha256_is_required(copy):
+    pinned = sha256_of(copy / "manifest.json")
+    assert load_artifact(copy, pinned.upper()).manifest.model == "tudui"
+    _edit_manifest(copy, lambda m: m.update(model="tudui"))  # same content, other bytes
+    with pytest.raises(
+        ArtifactError, match=rf"manifest.json: sha256 [0-9a-f]{{64}} is not the required {pinned}"
+    ):
+        load_artifact(copy, pinned)

@@ -1,5 +1,8 @@
 """Image files become the model's uint8 [32,32,3] RGB input, or a one-line DataError."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -64,3 +67,20 @@ def test_a_truncated_png_is_refused(tmp_path, cat):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"cut.png: cannot read the image"):
         load_image(tmp_path / "cut.png")
+
+
+def test_a_zero_by_zero_png_is_refused(tmp_path):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)  # width 0, height 0, 8-bit RGB
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    (tmp_path / "empty.png").write_bytes(png)
+    with pytest.raises(DataError, match=r"empty.png: "):
+        load_image(tmp_path / "empty.png")

@@ -36,7 +36,7 @@ from lossx.parity.report import (
 )
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.evaluate import fused_inputs, loss_inputs
+from lossx.runtime.evaluate import check_batch_size, fused_inputs, loss_inputs
 from lossx.runtime.graphs import GraphSpec
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
@@ -240,6 +240,7 @@ def check_artifact(
 ) -> CheckReport:
     """Compare every output of every graph of `artifact` with eager PyTorch (or `baseline`)."""
     started = time.perf_counter()
+    check_batch_size(batch_size)
     options = {"provider": "cpu", **(session_options or {})}
     provider = options.pop("provider")
     eager = EagerRunner(artifact, checkpoint) if baseline is None else None

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from lossx.errors import DataError
 from lossx.runtime.artifact import Artifact, load_artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.evaluate import EvalResult, evaluate, softmax
+from lossx.runtime.evaluate import EvalResult, check_batch_size, evaluate, softmax
 from lossx.runtime.graphs import IMAGE_SHAPE, check_feed
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
@@ -55,8 +55,7 @@ class Runtime:
         tf32: bool = False,
         batch_size: int = 256,
     ) -> None:
-        if batch_size < 1:
-            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        check_batch_size(batch_size)
         self.artifact = artifact
         self.batch_size = batch_size
         self._options = {
@@ -165,7 +164,10 @@ def open_artifact(
     optimization: str = "all",
     tf32: bool = False,
     batch_size: int = 256,
+    manifest_sha256: str | None = None,
 ) -> Runtime:
-    """Load the artifact at `path` (every file's sha256 checked against the manifest) and open
-    its model on `provider` ("cpu", "cuda" or "auto"); see `open_session` for the options."""
-    return Runtime(load_artifact(Path(path)), provider, threads, optimization, tf32, batch_size)
+    """Load the artifact at `path` (every file's sha256 checked against the manifest, and the
+    manifest's against `manifest_sha256` if given) and open its model on `provider` ("cpu",
+    "cuda" or "auto"); see `open_session` for the options."""
+    artifact = load_artifact(Path(path), manifest_sha256)
+    return Runtime(artifact, provider, threads, optimization, tf32, batch_size)

@@ -224,10 +224,21 @@ def load_manifest(artifact_dir: Path) -> Manifest:
         raise ArtifactError(f"{manifest_path}: malformed ({e})") from None
 
 
-def load_artifact(artifact_dir: Path) -> Artifact:
-    """Load an artifact directory, verifying every file's sha256 against the manifest."""
+def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Artifact:
+    """Load an artifact directory, verifying every file's sha256 against the manifest.
+
+    `manifest_sha256` pins the artifact: the manifest's own sha256 (which `lossx export`
+    prints) must equal it, so every file is then the one the producer wrote.
+    """
     artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
+    if manifest_sha256 is not None:
+        actual = sha256_of(artifact_dir / MANIFEST_FILE)
+        if actual != manifest_sha256.strip().lower():
+            raise ArtifactError(
+                f"{artifact_dir / MANIFEST_FILE}: sha256 {actual} is not the required "
+                f"{manifest_sha256}"
+            )
     listed = set(manifest.files)
     for entry in manifest.graphs:
         if entry.spec.file not in listed:
@@ -239,4 +250,31 @@ def load_artifact(artifact_dir: Path) -> Artifact:
             raise ArtifactError(
                 f"{path}: sha256 does not match the manifest (file changed or corrupt)"
             )
+    for entry in manifest.graphs:
+        _refuse_external_data(artifact_dir / entry.spec.file)
     return Artifact(artifact_dir, manifest)
+
+
+def _refuse_external_data(path: Path) -> None:
+    """Refuse a graph whose tensors live in external files: those files are outside what the
+    manifest's sha256s cover (and ONNX Runtime would read them from wherever they point).
+
+    External data needs the key "location" in the file, so only a file holding those bytes is
+    parsed (importing onnx costs 0.2 s of start-up)."""
+    data = path.read_bytes()
+    if b"location" not in data:
+        return
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:  # unparsable: ONNX Runtime reports it when the session opens
+        return
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            where = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise ArtifactError(
+                f"{path}: tensor {tensor.name!r} keeps its data in external file {where!r}; "
+                "lossx artifacts hold every tensor inside the graph, covered by the manifest"
+            )

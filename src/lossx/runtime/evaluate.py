@@ -4,6 +4,7 @@ The losses come from the artifact's own loss graphs; numpy only prepares their i
 (the logits in the form each loss takes, and the labels in the form its target takes).
 """
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -66,10 +67,41 @@ class EvalResult:
         return asdict(self)
 
 
-def iter_batches(split: Cifar10Split, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Model-ready batches: float32 images [B,3,32,32] and int64 labels [B]."""
+# Peak memory per image of a batch, measured with lossx eval: 8,192-image batches took 1.87 GB
+# of RSS against 0.19 GB for 256-image ones (float32 input and ONNX Runtime's activations).
+BYTES_PER_BATCH_IMAGE = 220_000
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give this process (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size below 1, or one whose batches would not fit in memory."""
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
+    needed, available = batch_size * BYTES_PER_BATCH_IMAGE, available_memory()
+    if available is not None and needed > available:
+        raise DataError(
+            f"batch size {batch_size:,} needs about {needed / 1e9:,.1f} GB of memory; "
+            f"{available / 1e9:,.1f} GB are available. Choose a smaller --batch-size"
+        )
+
+
+def iter_batches(split: Cifar10Split, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Model-ready batches: float32 images [B,3,32,32] and int64 labels [B]."""
+    check_batch_size(batch_size)
     for start in range(0, len(split), batch_size):
         stop = start + batch_size
         yield to_model_input(split.images[start:stop]), split.labels[start:stop]
@@ -128,6 +160,7 @@ def evaluate(
     `open_session`)."""
     if len(split) == 0:
         raise DataError("no images to evaluate")
+    check_batch_size(batch_size)
     options = {"threads": threads, "optimization": optimization, "tf32": tf32}
     model = artifact.session("model", provider, **options)
     losses = {
