@@ -270,7 +270,7 @@ def check(
         raise click.UsageError("--checkpoint and --baseline exclude each other")
     artifact = load_artifact(artifact_dir, require_sha256)
     reference = load_artifact(baseline) if baseline is not None else None
-    data = load_cifar10(data_dir, split, limit)
+    data = load_cifar10(data_dir, split, limit, stream=True)
     used = provider_names(artifact.session("model", **session_options))  # exit 3 comes first
     profile = tolerance_profile or ("fp32-cuda" if used[0] == "cuda" else "fp32-cpu")
     tolerances = resolve_tolerances(profile, atol, rtol, atol_for)
@@ -396,7 +396,7 @@ def eval_(
 
         download_cifar10(data_dir)
     artifact = load_artifact(artifact_dir, require_sha256)
-    data = load_cifar10(data_dir, split, limit)
+    data = load_cifar10(data_dir, split, limit, stream=True)
     check_batch_size(batch_size)
     artifact.session("model", **session_options)  # a provider problem stops us before any output
     with _progress(len(data), "evaluating") as bar:

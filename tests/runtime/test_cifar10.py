@@ -8,7 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lossx.errors import DataError
-from lossx.runtime.cifar10 import CLASS_NAMES, load_cifar10, load_packaged_sample, read_batch
+from lossx.runtime.cifar10 import (
+    CLASS_NAMES,
+    StreamedImages,
+    load_cifar10,
+    load_packaged_sample,
+    read_batch,
+)
 from tests.conftest import SHARED_CIFAR10, require_shared, shared_cifar10_dir
 
 FIRST_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1, 0, 9, 5, 7, 9, 8, 5, 7, 8, 6]  # SOURCE.md
@@ -178,3 +184,16 @@ def test_corrupted_batches_give_a_data_error_or_a_valid_batch(tmp_path, cut, fli
         return
     assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
     assert len(labels) == len(images)
+
+
+def test_a_streamed_split_reads_the_same_images(cifar_dir):
+    require_shared(cifar_dir)
+    whole = load_cifar10(cifar_dir, "train", limit=20_000)
+    streamed = load_cifar10(cifar_dir, "train", limit=20_000, stream=True)
+    assert isinstance(streamed.images, StreamedImages) and len(streamed) == 20_000
+    np.testing.assert_array_equal(streamed.labels, whole.labels)
+    for start, stop in [(0, 5), (9_990, 10_010), (19_995, 20_000), (0, 20_000), (30_000, 30_005)]:
+        np.testing.assert_array_equal(streamed.images[start:stop], whole.images[start:stop])
+    np.testing.assert_array_equal(streamed.head(7).images[:], whole.images[:7])
+    with pytest.raises(TypeError, match="contiguous slices"):
+        streamed.images[::2]

@@ -37,11 +37,51 @@ SAMPLE_RESOURCE = "cifar10_test_subset.npz"
 _PIXELS = 32 * 32 * 3
 
 
+class StreamedImages:
+    """The images of several batch files, read again one file at a time when sliced, so that
+    going through a split in order holds one file (10,000 images, 30 MB) in memory, not all."""
+
+    def __init__(self, paths: list[Path], counts: list[int], length: int | None = None) -> None:
+        self.paths, self.counts = paths, counts
+        self.starts = np.cumsum([0, *counts])
+        self.length = int(self.starts[-1]) if length is None else length
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.length, 32, 32, 3)
+
+    def head(self, limit: int) -> "StreamedImages":
+        return StreamedImages(self.paths, self.counts, min(limit, self.length))
+
+    def _file(self, index: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != index:
+            images = read_batch(self.paths[index])[0]
+            if len(images) != self.counts[index]:
+                raise DataError(f"{self.paths[index]}: changed while being read")
+            self._cached = (index, images)
+        return self._cached[1]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("streamed images are read by contiguous slices")
+        start, stop, _ = key.indices(self.length)
+        parts = []
+        for index, (first, end) in enumerate(zip(self.starts[:-1], self.starts[1:], strict=True)):
+            if start < end and stop > first:
+                parts.append(self._file(index)[max(start, first) - first : min(stop, end) - first])
+        return np.concatenate(parts) if parts else np.empty((0, 32, 32, 3), np.uint8)
+
+
 @dataclass(frozen=True)
 class Cifar10Split:
-    """Decoded images, uint8 [N,32,32,3] HWC RGB, with int64 labels [N]."""
+    """Decoded images, uint8 [N,32,32,3] HWC RGB, with int64 labels [N]. The images are an
+    array, or StreamedImages when loaded with `stream=True`."""
 
-    images: np.ndarray
+    images: np.ndarray | StreamedImages
     labels: np.ndarray
     class_names: tuple[str, ...]
     source: str
@@ -53,7 +93,12 @@ class Cifar10Split:
         """The first `limit` images (all of them when `limit` is None)."""
         if limit is None:
             return self
-        return Cifar10Split(self.images[:limit], self.labels[:limit], self.class_names, self.source)
+        images = (
+            self.images.head(limit)
+            if isinstance(self.images, StreamedImages)
+            else self.images[:limit]
+        )
+        return Cifar10Split(images, self.labels[:limit], self.class_names, self.source)
 
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's array reconstructor, whatever its module
@@ -156,11 +201,16 @@ def _batches_dir(data_dir: Path) -> Path:
 
 
 def load_cifar10(
-    data_dir: Path | None = None, split: str = "test", limit: int | None = None
+    data_dir: Path | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    stream: bool = False,
 ) -> Cifar10Split:
     """Load a CIFAR-10 split from `data_dir` (the folder holding `cifar-10-batches-py/`).
 
-    With `data_dir` None, the packaged sample is used: official test images 0-999.
+    With `data_dir` None, the packaged sample is used: official test images 0-999. With
+    `stream`, every file is read and checked now but only its labels are kept; the images are
+    read again, one file at a time, as they are sliced (see StreamedImages).
     """
     if split not in SPLIT_FILES:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_FILES)}")
@@ -173,20 +223,25 @@ def load_cifar10(
             )
         return load_packaged_sample().head(limit)
     batches = _batches_dir(Path(data_dir))
-    images, labels = [], []
+    images, labels, paths = [], [], []
     loaded = 0
     for name in SPLIT_FILES[split]:
         path = batches / name
         if not path.is_file():
             raise DataError(f"{batches}: missing {name} for the {split} split")
         batch_images, batch_labels = read_batch(path)
-        images.append(batch_images)
+        if not stream:
+            images.append(batch_images)
+        paths.append(path)
         labels.append(batch_labels)
         loaded += len(batch_labels)
         if limit is not None and loaded >= limit:
             break
+    split_images = (
+        StreamedImages(paths, [len(b) for b in labels]) if stream else np.concatenate(images)
+    )
     split_data = Cifar10Split(
-        np.concatenate(images),
+        split_images,
         np.concatenate(labels),
         _read_class_names(batches),
         f"{batches} ({split})",
