@@ -107,6 +107,12 @@ def main() -> None:
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
 @click.option(
+    "--train",
+    is_flag=True,
+    help="Also export train_<loss>.onnx per loss: loss, logits and every parameter's gradient.",
+)
+@click.option("--input-grad", is_flag=True, help="Training graphs also output grad.images.")
+@click.option(
     "--opset",
     default=DEFAULT_OPSET,
     show_default=True,
@@ -119,6 +125,8 @@ def export(
     checkpoint: Path | None,
     init: str,
     seed: int,
+    train: bool,
+    input_grad: bool,
     opset: int,
 ) -> None:
     """Export the model, each loss and each model+loss graph to OUT_DIR, verified against eager."""
@@ -134,6 +142,8 @@ def export(
         opset=opset,
         init=init,
         progress=lambda file: click.echo(f"exporting {file}", err=True),
+        train=train,
+        input_grad=input_grad,
     )
     click.echo(
         f"wrote {out_dir}: {len(manifest.graphs)} graphs at opset {manifest.opset}, "

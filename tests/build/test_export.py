@@ -196,7 +196,7 @@ def test_failed_export_leaves_the_previous_artifact_intact(tmp_path, monkeypatch
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
 
-    def failing_verify(spec, module, path):
+    def failing_verify(spec, module, path, **options):
         calls.append(spec.file)
         if len(calls) == 2:
             raise ParityError(f"export self-check failed: {spec.file}")

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lossx.build.export import export_graph, sample_inputs
-from lossx.build.losses import reference_module
 from lossx.build.models import build_model
+from lossx.build.modules import reference_module
 from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from lossx.runtime.graphs import CLASS_DIM_LOSSES, NUM_CLASSES, fused_graph, loss_graph
 from lossx.runtime.losses import LOSSES, LossSpec, make_loss_spec, parse_loss_spec

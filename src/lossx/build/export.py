@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 import lossx
-from lossx.build.losses import exported_module, reference_module
 from lossx.build.models import build_model, load_checkpoint, packaged_weights, weights_to_arrays
+from lossx.build.modules import exported_module, reference_module
 from lossx.build.train import CHECKPOINT_FORMAT as TRAIN_CHECKPOINT_FORMAT
+from lossx.build.training import check_trainable
 from lossx.errors import ArtifactError, ExportError, ParityError, SpecError, first_line
 from lossx.files import current_umask
 from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
+from lossx.parity.report import GRADIENT_TOLERANCE
 from lossx.runtime.artifact import (
     MANIFEST_FILE,
     GraphEntry,
@@ -106,11 +108,13 @@ def sample_inputs(
     seed: int,
     scale: float = 1.0,
     ignore_fraction: float = 0.25,
+    parameters: dict[str, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Random inputs for `spec`, with the values each input means, each a distinct tensor (an
     aliased pair exports wrongly). Real values and scores are standard normal times `scale`;
     class indices are ignore_index with probability `ignore_fraction`; unit targets include
-    exact 0 and 1."""
+    exact 0 and 1; a training graph's parameters are `parameters` (a model's weights) or small
+    random values."""
     generator = torch.Generator().manual_seed(seed)
 
     def uniform(shape: list[int]) -> torch.Tensor:
@@ -119,7 +123,12 @@ def sample_inputs(
     tensors = []
     for tensor in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
-        if tensor.values == "class_index":
+        if tensor.values == "parameter":
+            if parameters is not None:
+                tensors.append(parameters[tensor.name].detach().clone())
+            else:
+                tensors.append(torch.randn(shape, generator=generator) * 0.05)
+        elif tensor.values == "class_index":
             labels = torch.randint(0, _class_count(spec, sizes), shape, generator=generator)
             ignored = uniform(shape) < ignore_fraction
             tensors.append(torch.where(ignored, spec.loss["ignore_index"], labels))
@@ -138,7 +147,7 @@ def sample_inputs(
 
 
 def _class_count(spec: GraphSpec, sizes: dict[str, int]) -> int:
-    if spec.kind == "fused":
+    if spec.kind in ("fused", "train"):
         return NUM_CLASSES
     classes = spec.inputs[0].shape[1]
     return classes if isinstance(classes, int) else sizes[classes]
@@ -148,11 +157,14 @@ def _symbols(spec: GraphSpec) -> set[str]:
     return {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
 
 
-def _dynamic_shapes(spec: GraphSpec) -> tuple[dict, ...]:
+def _dynamic_shapes(spec: GraphSpec) -> tuple:
     dims = {name: torch.export.Dim(name, min=1) for name in sorted(_symbols(spec))}
-    return tuple(
+    shapes = tuple(
         {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs
     )
+    if spec.kind == "train":  # forward(images, target, *parameters): the parameters are one arg
+        return (*shapes[:2], shapes[2:])
+    return shapes
 
 
 def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
@@ -252,15 +264,17 @@ def verify_graph(
     path: Path,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
+    parameters: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Run the graph in ONNX Runtime on fresh inputs and compare with eager `module`.
+    """Run the graph in ONNX Runtime on fresh inputs and compare with eager `module` (a
+    training graph gets `parameters`, the model's weights, as its parameter inputs).
 
     Raises ParityError naming the graph, the output, the batch size and the error.
     """
     session = open_session(path, "cpu")
     check_signature(session, spec)
     for index, sizes in enumerate(CHECK_SIZES):
-        inputs = sample_inputs(spec, sizes, seed=1 + index)
+        inputs = sample_inputs(spec, sizes, seed=1 + index, parameters=parameters)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. KLDivLoss's note on reduction="mean"
             eager = module(*inputs)
@@ -268,8 +282,13 @@ def verify_graph(
         feed = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
         onnx_outputs = session.run(spec.output_names, feed)
         for name, got, want in zip(spec.output_names, onnx_outputs, eager, strict=True):
-            result = compare(spec.stem, name, got, want.numpy(), atol, rtol)
-            if not result.passed:
+            allowed, output_atol, output_rtol = 0, atol, rtol
+            if name.startswith("grad."):  # sums over images and max-pool routing: see the note
+                output_atol = GRADIENT_TOLERANCE.atol_for(want.double().numpy())
+                output_rtol = GRADIENT_TOLERANCE.rtol
+                allowed = int(GRADIENT_TOLERANCE.max_mismatch_fraction * want.numel())
+            result = compare(spec.stem, name, got, want.numpy(), output_atol, output_rtol)
+            if result.mismatches > allowed:
                 raise ParityError(
                     f"export self-check failed: {spec.file} output {name!r} at batch "
                     f"{sizes['N']}: max abs error {result.max_abs_error:.3g} "
@@ -401,7 +420,8 @@ def export_graph(
     """Export graph `spec` (of `model` for model and fused graphs) to `path`, checked with
     onnx.checker and verified in ONNX Runtime against the torch.nn reference."""
     proto = _export_graph(spec, exported_module(spec, model), path, opset, metadata or {})
-    verify_graph(spec, reference_module(spec, model), path)
+    parameters = dict(model.named_parameters()) if spec.kind == "train" else None
+    verify_graph(spec, reference_module(spec, model), path, parameters=parameters)
     return proto
 
 
@@ -414,8 +434,12 @@ def export_artifact(
     opset: int = DEFAULT_OPSET,
     init: str = "trained",
     progress: Callable[[str], None] | None = None,
+    train: bool = False,
+    input_grad: bool = False,
 ) -> Manifest:
-    """Export the model, each loss alone and each model+loss pair into `out_dir`.
+    """Export the model, each loss alone and each model+loss pair into `out_dir`; with
+    `train`, also a training graph per loss (loss, logits and every parameter's gradient,
+    plus the images' gradient with `input_grad`).
 
     The weights come from `checkpoint` if given, else from the trained weights lossx ships
     (`init="trained"`) or from `seed` (`init="random"`).
@@ -425,8 +449,16 @@ def export_artifact(
     """
     specs = resolve_losses(losses)
     check_opset(opset)
+    if input_grad and not train:
+        raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")
     out_dir = Path(out_dir)
     model = build_model(model_name, seed)
+    parameters = None
+    if train:
+        for spec in specs:
+            check_trainable(model, spec)
+        parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    graphs = artifact_graphs(specs, parameters, input_grad)
     weights = _load_weights(model, model_name, init, checkpoint, seed)
     _prepare_destination(out_dir)
     staged = None
@@ -435,7 +467,9 @@ def export_artifact(
             tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent)
         )
         staged.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; artifacts are not
-        manifest = _write_artifact(staged, model, model_name, specs, weights, opset, progress)
+        manifest = _write_artifact(
+            staged, model, model_name, specs, graphs, weights, opset, progress
+        )
         _move_into_place(staged, out_dir)
     except OSError as e:  # disk full, permissions: nothing half-written stays behind
         raise ArtifactError(f"cannot write the artifact to {out_dir}: {e.strerror or e}") from None
@@ -450,6 +484,7 @@ def _write_artifact(
     model: nn.Module,
     model_name: str,
     losses: list[LossSpec],
+    graphs: list[GraphSpec],
     weights: dict,
     opset: int,
     progress: Callable[[str], None] | None,
@@ -463,7 +498,7 @@ def _write_artifact(
         **{f"producer.{k}": v for k, v in producer.items()},
     }
     entries = []
-    for spec in artifact_graphs(losses):
+    for spec in graphs:
         if progress:
             progress(spec.file)
         metadata = {

@@ -11,7 +11,6 @@ torch.nn's modules. Every exported graph is checked against the reference.
 import torch
 from torch import nn
 
-from lossx.runtime.graphs import GraphSpec
 from lossx.runtime.losses import LOSSES, LossSpec
 
 
@@ -154,33 +153,3 @@ def exported_loss(spec: LossSpec) -> nn.Module:
     if spec.name == "bce_logits":
         return BinaryCrossEntropyWithLogits(spec)
     return reference_loss(spec)
-
-
-class Fused(nn.Module):
-    """Model and loss in one graph: (images, target) -> (logits, loss)."""
-
-    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.loss = loss
-
-    def forward(self, images, target):
-        logits = self.model(images)
-        return logits, self.loss(logits, target)
-
-
-def _graph_module(spec: GraphSpec, model: nn.Module, make_loss) -> nn.Module:
-    if spec.kind == "model":
-        return model
-    loss = make_loss(spec.loss)
-    return loss if spec.kind == "loss" else Fused(model, loss)
-
-
-def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
-    """The eager module graph `spec` must equal; its forward takes the spec's inputs in order."""
-    return _graph_module(spec, model, reference_loss)
-
-
-def exported_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
-    """The module graph `spec` is exported from."""
-    return _graph_module(spec, model, exported_loss)

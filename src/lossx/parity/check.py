@@ -26,6 +26,7 @@ from lossx.parity.compare import element_errors
 from lossx.parity.eager import EagerRunner
 from lossx.parity.layers import layer_diagnosis
 from lossx.parity.report import (
+    GRADIENT_TOLERANCE,
     HISTOGRAM_BINS,
     PROFILES,
     CheckReport,
@@ -36,7 +37,7 @@ from lossx.parity.report import (
 )
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.evaluate import check_batch_size, fused_inputs, loss_inputs
+from lossx.runtime.evaluate import check_batch_size, graph_feed
 from lossx.runtime.graphs import GraphSpec
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
@@ -52,7 +53,18 @@ class Tolerances:
     per_output: dict[str, Tolerance]
 
     def of(self, graph: str, output: str) -> Tolerance:
-        return self.per_output.get(f"{graph}/{output}") or self.per_output.get(output, self.default)
+        """An --atol-for of "graph/output", else of "output", else the default (for gradients
+        at least GRADIENT_TOLERANCE)."""
+        fallback = self.default
+        if output.startswith("grad.") and fallback.atol < GRADIENT_TOLERANCE.atol:
+            fallback = replace(
+                fallback,
+                atol=GRADIENT_TOLERANCE.atol,
+                rtol=GRADIENT_TOLERANCE.rtol,
+                max_mismatch_fraction=GRADIENT_TOLERANCE.max_mismatch_fraction,
+                atol_scales=True,
+            )
+        return self.per_output.get(f"{graph}/{output}") or self.per_output.get(output, fallback)
 
 
 def resolve_tolerances(
@@ -141,7 +153,8 @@ class _Accumulator:
         onnx_value, reference = np.asarray(onnx_value), np.asarray(reference)
         if onnx_value.shape != reference.shape:
             onnx_value = np.full(reference.shape, np.nan)  # every element then fails
-        errors = element_errors(onnx_value, reference, self.tolerance.atol, self.tolerance.rtol)
+        atol = self.tolerance.atol_for(np.asarray(reference, dtype=np.float64))
+        errors = element_errors(onnx_value, reference, atol, self.tolerance.rtol)
         self.errors.append(errors.error.ravel())
         self.relatives.append(errors.relative.ravel())
         self.failed += int(np.count_nonzero(errors.failed))
@@ -248,6 +261,7 @@ def check_artifact(
     specs = _graphs_to_compare(artifact, baseline)
     model_spec = artifact.graph("model").spec
     accumulators: dict[tuple[str, str], _Accumulator] = {}
+    parameters = artifact.parameters()  # what training graphs are fed, on both sides
     labels_seen = []
     for inputs in input_sets(data, batch_size, seed):
         if progress:
@@ -258,13 +272,9 @@ def check_artifact(
             reference_logits = reference.run(model_spec, {"images": images})[0]
         for spec in specs:
             if inputs.images is None:
-                feed = _random_feed(spec, inputs)
-            elif spec.kind == "model":
-                feed = {"images": images}
-            elif spec.kind == "loss":
-                feed = loss_inputs(spec.loss, reference_logits, inputs.labels)
+                feed = _random_feed(spec, inputs, parameters)
             else:
-                feed = fused_inputs(spec.loss, images, inputs.labels)
+                feed = graph_feed(spec, images, inputs.labels, reference_logits, parameters)
             got = artifact.session(spec.stem, provider, **options).run(spec.output_names, feed)
             want = reference.run(spec, feed)
             for name, g, w in zip(spec.output_names, got, want, strict=True):
@@ -286,7 +296,9 @@ def check_artifact(
     )
     layers, first = [], None
     failing_model = [
-        o for o in report.failures if artifact.graph(o.graph).spec.kind in ("model", "fused")
+        o
+        for o in report.failures
+        if artifact.graph(o.graph).spec.kind in ("model", "fused", "train")
     ]
     if failing_model and eager is not None:
         diagnosis_images = to_model_input(data.images[:64]) if data is not None else None
@@ -326,8 +338,9 @@ def _graphs_to_compare(artifact: Artifact, baseline: Artifact | None) -> list[Gr
     return shared
 
 
-def _random_feed(spec: GraphSpec, inputs: InputSet) -> dict[str, np.ndarray]:
-    tensors = sample_inputs(spec, inputs.sizes, inputs.seed)
+def _random_feed(spec: GraphSpec, inputs: InputSet, parameters=None) -> dict[str, np.ndarray]:
+    weights = {k: torch.from_numpy(v) for k, v in (parameters or {}).items()}
+    tensors = sample_inputs(spec, inputs.sizes, inputs.seed, parameters=weights)
     return {t.name: x.numpy() for t, x in zip(spec.inputs, tensors, strict=True)}
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lossx.build.losses import reference_module
 from lossx.build.models import build_model, load_checkpoint, load_weights_npz
+from lossx.build.modules import reference_module
 from lossx.parity.compare import ParityReport, compare, merge_into
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.evaluate import fused_inputs, iter_batches, loss_inputs
+from lossx.runtime.evaluate import graph_feed, iter_batches
 from lossx.runtime.graphs import GraphSpec
 
 
@@ -54,15 +54,11 @@ def artifact_parity(
     table = {}
     model = artifact.graph("model").spec
     specs = [entry.spec for entry in artifact.manifest.graphs]
+    parameters = artifact.parameters()
     for images, labels in iter_batches(split, batch_size):
         eager_logits = eager.run(model, {"images": images})[0]
         for spec in specs:
-            if spec.kind == "model":
-                feed = {"images": images}
-            elif spec.kind == "loss":
-                feed = loss_inputs(spec.loss, eager_logits, labels)
-            else:
-                feed = fused_inputs(spec.loss, images, labels)
+            feed = graph_feed(spec, images, labels, eager_logits, parameters)
             onnx_outputs = artifact.session(spec.stem, provider).run(spec.output_names, feed)
             eager_outputs = eager.run(spec, feed)
             for name, got, want in zip(spec.output_names, onnx_outputs, eager_outputs, strict=True):

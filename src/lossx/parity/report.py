@@ -21,6 +21,16 @@ class Tolerance:
     rtol: float
     min_argmax_agreement: float = 1.0
     max_accuracy_drop: float = 0.0
+    max_mismatch_fraction: float = 0.0  # share of elements allowed outside (gradients only)
+    atol_scales: bool = False  # atol is times max(1, max |reference|) of each batch (gradients)
+
+    def atol_for(self, reference) -> float:
+        """The absolute tolerance for one batch's `reference` values."""
+        if not self.atol_scales or not len(reference):
+            return self.atol
+        finite = reference[reference == reference]  # NaN excluded
+        peak = float(abs(finite).max()) if finite.size else 0.0
+        return self.atol * max(1.0, peak if peak != float("inf") else 1.0)
 
 
 # Defaults per profile. fp32-cpu: on the shipped weights the worst element used 48% of it over
@@ -36,6 +46,18 @@ PROFILES = {
     "fp16": Tolerance(1e-2, 1e-2, min_argmax_agreement=0.99, max_accuracy_drop=0.005),
     "int8": Tolerance(1e-1, 5e-2, min_argmax_agreement=0.98, max_accuracy_drop=0.01),
 }
+
+
+# Gradients of training graphs (outputs "grad.*") under the fp32 profiles. A gradient sums over
+# every image and position, and max-pooling routes it through one argmax per window: where two
+# conv outputs differ by less than float32 rounding, ONNX Runtime and torch pick different
+# maxima and a few elements get another pixel's gradient. Measured on the 1,000 real test images
+# (batch 256, mean reductions): worst element 7.5e-4 (grad.images, mse), nothing outside; with
+# l1(reduction=sum), whose gradients are 2,560 times larger, such flips moved the first
+# convolution's weight gradient by up to 0.11 (of values up to 100). So a gradient element
+# passes within 2e-3 * max(1, largest |reference| in the batch) + 1e-3 * |reference|, and up to
+# 0.1% of a gradient's elements may fall outside.
+GRADIENT_TOLERANCE = Tolerance(2e-3, 1e-3, max_mismatch_fraction=0.001, atol_scales=True)
 
 
 @dataclass(frozen=True)
@@ -90,7 +112,9 @@ class OutputReport:
 
     @property
     def passed(self) -> bool:
-        return self.mismatches == 0 and not self.task_failures
+        allowed = int(self.tolerance.max_mismatch_fraction * self.elements)
+        within = self.mismatches <= allowed and self.nonfinite.disagreeing == 0
+        return within and not self.task_failures
 
     @property
     def fraction_out_of_tolerance(self) -> float:

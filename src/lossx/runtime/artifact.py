@@ -134,6 +134,11 @@ class Artifact:
                 return entry
         raise ArtifactError(f"{self.path}: the artifact has no graph {stem}.onnx")
 
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The model's weights from the weights file (never a pickle), by state_dict name."""
+        with np.load(self.path / self.manifest.weights["file"], allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+
     def has_graph(self, stem: str) -> bool:
         return any(entry.spec.stem == stem for entry in self.manifest.graphs)
 

@@ -14,7 +14,7 @@ import numpy as np
 from lossx.errors import DataError
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.graphs import NUM_CLASSES, fused_graph, loss_graph
+from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, fused_graph, loss_graph
 from lossx.runtime.losses import LossSpec
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
@@ -138,6 +138,25 @@ def loss_inputs(loss: LossSpec, logits: np.ndarray, labels: np.ndarray) -> dict[
         input_name: transform[loss.info.eval_input](logits),
         target_name: _target_form(loss, labels),
     }
+
+
+def graph_feed(
+    spec: GraphSpec,
+    images: np.ndarray,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    parameters: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The feed of any graph for a batch: images for the model, `logits` in the loss's form for
+    a loss graph, images and targets for a fused graph, plus `parameters` for a training one."""
+    if spec.kind == "model":
+        return {"images": images}
+    if spec.kind == "loss":
+        return loss_inputs(spec.loss, logits, labels)
+    feed = fused_inputs(spec.loss, images, labels)
+    if spec.kind == "train":
+        feed.update({name: parameters[name] for name in spec.input_names[2:]})
+    return feed
 
 
 def fused_inputs(loss: LossSpec, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:

@@ -24,7 +24,8 @@ class TensorSpec:
     dtype: str  # numpy dtype name: "float32" or "int64"
     shape: tuple[int | str, ...]
     # What the values mean: "real", "image" (in [0, 1]), "class_index", "probabilities" (sum to
-    # 1 over the class dim), "log_probabilities" or "unit" (each in [0, 1]).
+    # 1 over the class dim), "log_probabilities", "unit" (each in [0, 1]) or "parameter" (a
+    # model parameter fed to a training graph).
     values: str = "real"
 
     def to_dict(self) -> dict:
@@ -43,7 +44,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class GraphSpec:
     stem: str  # file name without ".onnx"
-    kind: str  # "model", "loss" or "fused"
+    kind: str  # "model", "loss", "fused" or "train"
     loss: LossSpec | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -120,9 +121,31 @@ def fused_graph(loss: LossSpec) -> GraphSpec:
     )
 
 
-def artifact_graphs(losses: list[LossSpec]) -> list[GraphSpec]:
-    """Every graph an artifact with these losses holds, model first."""
-    return [model_graph(), *(loss_graph(n) for n in losses), *(fused_graph(n) for n in losses)]
+def train_graph(
+    loss: LossSpec, parameters: list[tuple[str, tuple[int, ...]]], input_grad: bool = False
+) -> GraphSpec:
+    """`train_<name>.onnx`: the fused graph's inputs plus every parameter (by its state_dict
+    name) -> loss, logits and `grad.<name>` of every parameter (and `grad.images`)."""
+    fused = fused_graph(loss)
+    weights = tuple(TensorSpec(name, "float32", shape, "parameter") for name, shape in parameters)
+    grads = tuple(TensorSpec(f"grad.{name}", "float32", shape) for name, shape in parameters)
+    if input_grad:
+        grads += (TensorSpec("grad.images", "float32", _IMAGES.shape),)
+    outputs = (TensorSpec("loss", "float32", ()), _LOGITS, *grads)
+    return GraphSpec(f"train_{loss.name}", "train", loss, (*fused.inputs, *weights), outputs)
+
+
+def artifact_graphs(
+    losses: list[LossSpec],
+    parameters: list[tuple[str, tuple[int, ...]]] | None = None,
+    input_grad: bool = False,
+) -> list[GraphSpec]:
+    """Every graph an artifact with these losses holds, model first; training graphs when
+    `parameters` (the model's, by name and shape) are given."""
+    graphs = [model_graph(), *(loss_graph(n) for n in losses), *(fused_graph(n) for n in losses)]
+    if parameters is not None:
+        graphs += [train_graph(n, parameters, input_grad) for n in losses]
+    return graphs
 
 
 def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
@@ -158,7 +181,11 @@ def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
             _check_values(tensor, value)
     for tensor in spec.inputs:
         if tensor.values == "class_index":
-            classes = NUM_CLASSES if spec.kind == "fused" else feed[spec.inputs[0].name].shape[1]
+            classes = (
+                NUM_CLASSES
+                if spec.kind in ("fused", "train")
+                else feed[spec.inputs[0].name].shape[1]
+            )
             check_labels(spec.loss, feed[tensor.name], classes, tensor.name)
 
 

@@ -1,0 +1,44 @@
+"""The torch module each graph of an artifact is exported from, and the one it must equal."""
+
+from torch import nn
+
+from lossx.build.losses import exported_loss, reference_loss
+from lossx.build.training import ReferenceTrainingStep, TrainingStep
+from lossx.runtime.graphs import GraphSpec
+
+
+class Fused(nn.Module):
+    """Model and loss in one graph: (images, target) -> (logits, loss)."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, images, target):
+        logits = self.model(images)
+        return logits, self.loss(logits, target)
+
+
+def _input_grad(spec: GraphSpec) -> bool:
+    return "grad.images" in spec.output_names
+
+
+def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
+    """The eager module graph `spec` must equal; its forward takes the spec's inputs in order."""
+    if spec.kind == "model":
+        return model
+    if spec.kind == "train":
+        return ReferenceTrainingStep(model, spec.loss, _input_grad(spec))
+    loss = reference_loss(spec.loss)
+    return loss if spec.kind == "loss" else Fused(model, loss)
+
+
+def exported_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
+    """The module graph `spec` is exported from."""
+    if spec.kind == "model":
+        return model
+    if spec.kind == "train":
+        return TrainingStep(model, spec.loss, _input_grad(spec))
+    loss = exported_loss(spec.loss)
+    return loss if spec.kind == "loss" else Fused(model, loss)
