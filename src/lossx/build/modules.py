@@ -20,25 +20,20 @@ class Fused(nn.Module):
         return logits, self.loss(logits, target)
 
 
-def _input_grad(spec: GraphSpec) -> bool:
-    return "grad.images" in spec.output_names
+def _graph_module(spec: GraphSpec, model: nn.Module, make_loss, make_step) -> nn.Module:
+    if spec.kind == "model":
+        return model
+    if spec.kind == "train":
+        return make_step(model, spec.loss, "grad.images" in spec.output_names)
+    loss = make_loss(spec.loss)
+    return loss if spec.kind == "loss" else Fused(model, loss)
 
 
 def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
     """The eager module graph `spec` must equal; its forward takes the spec's inputs in order."""
-    if spec.kind == "model":
-        return model
-    if spec.kind == "train":
-        return ReferenceTrainingStep(model, spec.loss, _input_grad(spec))
-    loss = reference_loss(spec.loss)
-    return loss if spec.kind == "loss" else Fused(model, loss)
+    return _graph_module(spec, model, reference_loss, ReferenceTrainingStep)
 
 
 def exported_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
     """The module graph `spec` is exported from."""
-    if spec.kind == "model":
-        return model
-    if spec.kind == "train":
-        return TrainingStep(model, spec.loss, _input_grad(spec))
-    loss = exported_loss(spec.loss)
-    return loss if spec.kind == "loss" else Fused(model, loss)
+    return _graph_module(spec, model, exported_loss, TrainingStep)
