@@ -30,6 +30,36 @@ _require_sha256 = click.option(
 )
 
 
+def _with_options(command, options):
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _data_options(command):
+    """--data-dir, --split, --limit and --batch-size: the CIFAR-10 images eval and check read."""
+    return _with_options(
+        command,
+        [
+            click.option(
+                "--data-dir",
+                type=click.Path(path_type=Path),
+                help="Folder holding cifar-10-batches-py/; default: the packaged 1,000 test "
+                "images.",
+            ),
+            click.option(
+                "--split", type=click.Choice(["test", "train"]), default="test", show_default=True
+            ),
+            click.option(
+                "--limit", type=click.IntRange(min=1), help="Use only the first N images."
+            ),
+            click.option(
+                "--batch-size", type=click.IntRange(min=1), default=256, show_default=True
+            ),
+        ],
+    )
+
+
 def _session_options(command):
     """--provider, --threads, --optimization and --tf32: how ONNX Runtime runs the graphs."""
     options = [
@@ -57,9 +87,7 @@ def _session_options(command):
             "--tf32", is_flag=True, help="Let CUDA use TF32 (faster, but not fp32 parity)."
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 class _LossxGroup(click.Group):
@@ -211,14 +239,7 @@ def predict(
     type=click.Path(path_type=Path),
     help="Compare with this artifact's ONNX Runtime outputs instead of eager PyTorch.",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    help="Folder holding cifar-10-batches-py/; default: the packaged 1,000 test images.",
-)
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@_data_options
 @_session_options
 @click.option(
     "--tolerance-profile",
@@ -354,14 +375,7 @@ def _loss_to_dict(info) -> dict:
 
 @main.command(name="eval")
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    help="Folder holding cifar-10-batches-py/; default: the packaged 1,000 test images.",
-)
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images.")
+@_data_options
 @_session_options
 @click.option(
     "--json",

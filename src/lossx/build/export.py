@@ -31,7 +31,7 @@ from lossx.build.training import check_trainable
 from lossx.errors import ArtifactError, ExportError, ParityError, SpecError, first_line
 from lossx.files import current_umask
 from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
-from lossx.parity.report import GRADIENT_TOLERANCE
+from lossx.parity.report import Tolerance, output_tolerance
 from lossx.runtime.artifact import (
     MANIFEST_FILE,
     GraphEntry,
@@ -282,17 +282,14 @@ def verify_graph(
         feed = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
         onnx_outputs = session.run(spec.output_names, feed)
         for name, got, want in zip(spec.output_names, onnx_outputs, eager, strict=True):
-            allowed, output_atol, output_rtol = 0, atol, rtol
-            if name.startswith("grad."):  # sums over images and max-pool routing: see the note
-                output_atol = GRADIENT_TOLERANCE.atol_for(want.double().numpy())
-                output_rtol = GRADIENT_TOLERANCE.rtol
-                allowed = int(GRADIENT_TOLERANCE.max_mismatch_fraction * want.numel())
-            result = compare(spec.stem, name, got, want.numpy(), output_atol, output_rtol)
-            if result.mismatches > allowed:
+            tolerance = output_tolerance(name, Tolerance(atol, rtol))  # gradients: see its note
+            output_atol = tolerance.atol_for(want.double().numpy())
+            result = compare(spec.stem, name, got, want.numpy(), output_atol, tolerance.rtol)
+            if result.mismatches > int(tolerance.max_mismatch_fraction * want.numel()):
                 raise ParityError(
                     f"export self-check failed: {spec.file} output {name!r} at batch "
                     f"{sizes['N']}: max abs error {result.max_abs_error:.3g} "
-                    f"exceeds atol {atol:g} + rtol {rtol:g}"
+                    f"exceeds atol {output_atol:g} + rtol {tolerance.rtol:g}"
                 )
 
 

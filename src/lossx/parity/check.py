@@ -26,7 +26,6 @@ from lossx.parity.compare import element_errors
 from lossx.parity.eager import EagerRunner
 from lossx.parity.layers import layer_diagnosis
 from lossx.parity.report import (
-    GRADIENT_TOLERANCE,
     HISTOGRAM_BINS,
     PROFILES,
     CheckReport,
@@ -34,6 +33,7 @@ from lossx.parity.report import (
     OutputReport,
     Tolerance,
     WorstElement,
+    output_tolerance,
 )
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
@@ -55,15 +55,7 @@ class Tolerances:
     def of(self, graph: str, output: str) -> Tolerance:
         """An --atol-for of "graph/output", else of "output", else the default (for gradients
         at least GRADIENT_TOLERANCE)."""
-        fallback = self.default
-        if output.startswith("grad.") and fallback.atol < GRADIENT_TOLERANCE.atol:
-            fallback = replace(
-                fallback,
-                atol=GRADIENT_TOLERANCE.atol,
-                rtol=GRADIENT_TOLERANCE.rtol,
-                max_mismatch_fraction=GRADIENT_TOLERANCE.max_mismatch_fraction,
-                atol_scales=True,
-            )
+        fallback = output_tolerance(output, self.default)
         return self.per_output.get(f"{graph}/{output}") or self.per_output.get(output, fallback)
 
 
@@ -277,12 +269,13 @@ def check_artifact(
                 feed = graph_feed(spec, images, inputs.labels, reference_logits, parameters)
             got = artifact.session(spec.stem, provider, **options).run(spec.output_names, feed)
             want = reference.run(spec, feed)
+            onnx_outputs = dict(zip(spec.output_names, got, strict=True))
+            labels = None if inputs.repeated else inputs.labels
             for name, g, w in zip(spec.output_names, got, want, strict=True):
                 key = (spec.stem, name)
                 if key not in accumulators:
                     accumulators[key] = _Accumulator(spec.stem, name, tolerances.of(*key))
-                case = (spec.stem, feed, dict(zip(spec.output_names, got, strict=True)), w, name)
-                labels = None if inputs.repeated else inputs.labels
+                case = (spec.stem, feed, onnx_outputs, w, name)
                 accumulators[key].add(inputs.label, g, w, labels, case)
     outputs = [a.report() for a in accumulators.values()]
     report = CheckReport(

@@ -4,7 +4,7 @@ Everything here is numpy-free JSON-ready data; `CheckReport.to_dict` is the JSON
 schema is `check_report.schema.json` beside this file.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 SCHEMA_VERSION = 1
 # Decades of absolute error for the histogram: "0", then [1e-12, 1e-11), ..., [1e-1, 1), ">=1".
@@ -58,6 +58,18 @@ PROFILES = {
 # passes within 2e-3 * max(1, largest |reference| in the batch) + 1e-3 * |reference|, and up to
 # 0.1% of a gradient's elements may fall outside.
 GRADIENT_TOLERANCE = Tolerance(2e-3, 1e-3, max_mismatch_fraction=0.001, atol_scales=True)
+
+
+def output_tolerance(output: str, default: Tolerance) -> Tolerance:
+    """`default`, or for a gradient output (`grad.*`) GRADIENT_TOLERANCE where `default` is
+    tighter than it (the task-level limits stay `default`'s)."""
+    if output.startswith("grad.") and default.atol < GRADIENT_TOLERANCE.atol:
+        return replace(
+            GRADIENT_TOLERANCE,
+            min_argmax_agreement=default.min_argmax_agreement,
+            max_accuracy_drop=default.max_accuracy_drop,
+        )
+    return default
 
 
 @dataclass(frozen=True)

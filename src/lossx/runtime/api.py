@@ -80,11 +80,11 @@ class Runtime:
 
     def run(self, stem: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Graph `stem`'s outputs by name, after checking `feed` against the manifest."""
+        if self.providers[0] != "cuda":
+            return self.artifact.run(stem, feed, **self._options)
         spec = self.artifact.graph(stem).spec
         check_feed(spec, feed)
         session = self.session(stem)
-        if self.providers[0] != "cuda":
-            return dict(zip(spec.output_names, session.run(spec.output_names, feed), strict=True))
         # IO binding: each input is copied to the GPU once and outputs stay there until the one
         # copy back, instead of ONNX Runtime staging every tensor through host buffers.
         binding = session.io_binding()

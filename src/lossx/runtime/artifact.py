@@ -163,16 +163,13 @@ class Artifact:
         return self._sessions[key]
 
     def run(
-        self,
-        stem: str,
-        feed: dict[str, np.ndarray],
-        provider: str = "cpu",
-        threads: int | None = None,
+        self, stem: str, feed: dict[str, np.ndarray], **session_options
     ) -> dict[str, np.ndarray]:
-        """Graph `stem`'s outputs by name, after checking `feed` (see `check_feed`)."""
+        """Graph `stem`'s outputs by name, after checking `feed` (see `check_feed`);
+        `session_options` as for `session`."""
         spec = self.graph(stem).spec
         check_feed(spec, feed)
-        outputs = self.session(stem, provider, threads).run(spec.output_names, feed)
+        outputs = self.session(stem, **session_options).run(spec.output_names, feed)
         return dict(zip(spec.output_names, outputs, strict=True))
 
 
@@ -248,25 +245,27 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
     for entry in manifest.graphs:
         if entry.spec.file not in listed:
             raise ArtifactError(f"{artifact_dir / MANIFEST_FILE}: {entry.spec.file} has no sha256")
+    graph_files = {entry.spec.file for entry in manifest.graphs}
     for name, info in manifest.files.items():
         path = _safe_member(artifact_dir, name)
         expected = info.get("sha256") if isinstance(info, dict) else None
-        if sha256_of(path) != expected:
+        graph = path.read_bytes() if name in graph_files else None  # read once: hash and scan
+        actual = hashlib.sha256(graph).hexdigest() if graph is not None else sha256_of(path)
+        if actual != expected:
             raise ArtifactError(
                 f"{path}: sha256 does not match the manifest (file changed or corrupt)"
             )
-    for entry in manifest.graphs:
-        _refuse_external_data(artifact_dir / entry.spec.file)
+        if graph is not None:
+            _refuse_external_data(path, graph)
     return Artifact(artifact_dir, manifest)
 
 
-def _refuse_external_data(path: Path) -> None:
+def _refuse_external_data(path: Path, data: bytes) -> None:
     """Refuse a graph whose tensors live in external files: those files are outside what the
     manifest's sha256s cover (and ONNX Runtime would read them from wherever they point).
 
     External data needs the key "location" in the file, so only a file holding those bytes is
     parsed (importing onnx costs 0.2 s of start-up)."""
-    data = path.read_bytes()
     if b"location" not in data:
         return
     import onnx

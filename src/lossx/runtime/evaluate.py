@@ -179,7 +179,6 @@ def evaluate(
     `open_session`)."""
     if len(split) == 0:
         raise DataError("no images to evaluate")
-    check_batch_size(batch_size)
     options = {"threads": threads, "optimization": optimization, "tf32": tf32}
     model = artifact.session("model", provider, **options)
     losses = {
