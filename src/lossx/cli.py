@@ -30,6 +30,14 @@ _require_sha256 = click.option(
 )
 
 
+_weights = click.option(
+    "--weights",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Run with these weights instead of the artifact's: an .npz by state_dict name, as "
+    "`lossx train --engine onnxruntime` writes.",
+)
+
+
 def _with_options(command, options):
     for option in reversed(options):
         command = option(command)
@@ -189,6 +197,7 @@ def export(
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True)
 @_session_options
 @_require_sha256
+@_weights
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 def predict(
     artifact_dir: Path,
@@ -196,6 +205,7 @@ def predict(
     top_k: int,
     as_json: bool,
     require_sha256: str | None,
+    weights: Path | None,
     **session_options,
 ) -> None:
     """Classify IMAGES (PNG, JPEG, ...) with the model in ARTIFACT_DIR."""
@@ -204,7 +214,9 @@ def predict(
     from lossx.runtime import open_artifact
     from lossx.runtime.images import load_image
 
-    runtime = open_artifact(artifact_dir, manifest_sha256=require_sha256, **session_options)
+    runtime = open_artifact(
+        artifact_dir, manifest_sha256=require_sha256, weights=weights, **session_options
+    )
     batch = np.stack([load_image(path) for path in images])  # every file read before any output
     classes, probabilities = runtime.predict(batch).top_k(top_k)
     results = [
@@ -259,6 +271,7 @@ def predict(
 @click.option("--junit-xml", type=click.Path(path_type=Path), help="Write a JUnit XML report.")
 @click.option("--markdown", type=click.Path(path_type=Path), help="Write a Markdown summary.")
 @_require_sha256
+@_weights
 @click.option(
     "--repro",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -283,6 +296,7 @@ def check(
     junit_xml: Path | None,
     markdown: Path | None,
     require_sha256: str | None,
+    weights: Path | None,
     repro: Path,
     **session_options,
 ) -> None:
@@ -300,6 +314,8 @@ def check(
     if checkpoint is not None and baseline is not None:
         raise click.UsageError("--checkpoint and --baseline exclude each other")
     artifact = load_artifact(artifact_dir, require_sha256)
+    if weights is not None:
+        artifact = artifact.with_weights(weights)
     reference = load_artifact(baseline) if baseline is not None else None
     data = load_cifar10(data_dir, split, limit, stream=True)
     used = provider_names(artifact.session("model", **session_options))  # exit 3 comes first
@@ -388,6 +404,7 @@ def _loss_to_dict(info) -> dict:
     help="Fetch CIFAR-10 into --data-dir first (needs torchvision and a network).",
 )
 @_require_sha256
+@_weights
 @click.option("--compare-eager", is_flag=True, help="Also run eager PyTorch and check parity.")
 @click.option("--atol", type=float, help="Absolute tolerance for --compare-eager.")
 @click.option("--rtol", type=float, help="Relative tolerance for --compare-eager.")
@@ -400,6 +417,7 @@ def eval_(
     json_path: str | None,
     download: bool,
     require_sha256: str | None,
+    weights: Path | None,
     compare_eager: bool,
     atol: float | None,
     rtol: float | None,
@@ -420,6 +438,8 @@ def eval_(
 
         download_cifar10(data_dir)
     artifact = load_artifact(artifact_dir, require_sha256)
+    if weights is not None:
+        artifact = artifact.with_weights(weights)
     data = load_cifar10(data_dir, split, limit, stream=True)
     check_batch_size(batch_size)
     artifact.session("model", **session_options)  # a provider problem stops us before any output
@@ -451,6 +471,15 @@ def eval_(
 
 
 @main.command()
+@click.argument("artifact_dir", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--engine",
+    type=click.Choice(["torch", "onnxruntime"]),
+    default="torch",
+    show_default=True,
+    help="torch: eager PyTorch and autograd. onnxruntime: ARTIFACT_DIR's training graph in ONNX "
+    "Runtime with numpy updates, no torch (export it with --train).",
+)
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
@@ -461,7 +490,27 @@ def eval_(
 @click.option("--lr", type=float, default=0.02, show_default=True, help="Peak one-cycle LR.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option(
+    "--loss",
+    default="ce",
+    show_default=True,
+    metavar="SPEC",
+    help='Loss spec, e.g. "ce(label_smoothing=0.1)"; targets are the labels or their one-hot '
+    "vectors.",
+)
+@click.option(
+    "--clip-norm",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Clip the gradients' global norm to this (0: no clipping).",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=True,
+    show_default=True,
+    help="Random 4-pixel-padded crops and left-right flips.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=int, help="Train on the first N training images only.")
 @click.option(
@@ -474,9 +523,8 @@ def eval_(
 @click.option(
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("checkpoint.pt"),
-    show_default=True,
-    help="Checkpoint written after every epoch.",
+    help="Checkpoint written after every epoch.  [default: checkpoint.pt (torch), trained.npz "
+    "(onnxruntime)]",
 )
 @click.option(
     "--resume",
@@ -484,20 +532,51 @@ def eval_(
     help="Continue the run saved in this checkpoint (its recipe wins).",
 )
 @click.option("--log-json", type=click.Path(path_type=Path), help="Write one JSON line per epoch.")
+@_session_options
 def train(
+    artifact_dir: Path | None,
+    engine: str,
     data_dir: Path | None,
-    out: Path,
+    out: Path | None,
     resume: Path | None,
     log_json: Path | None,
+    provider: str,
+    threads: int | None,
+    optimization: str,
+    tf32: bool,
     **recipe,
 ) -> None:
-    """Train the model on the CIFAR-10 training split with CrossEntropyLoss."""
-    _require_torch("lossx train")
-    from lossx.build.train import TrainConfig
-    from lossx.build.train import train as run_training
+    """Train the model on the CIFAR-10 training split: with eager PyTorch, or with ARTIFACT_DIR's
+    training graph in ONNX Runtime (--engine onnxruntime). Both follow the same recipe: the same
+    seed gives the same weights."""
+    from lossx.runtime.recipe import TrainConfig
 
     if data_dir is None:
         raise click.UsageError("--data-dir is required: the training images do not ship with lossx")
+    if engine == "torch" and artifact_dir is not None:
+        raise click.UsageError(
+            "ARTIFACT_DIR is for --engine onnxruntime; --engine torch needs none"
+        )
+    if engine == "onnxruntime" and artifact_dir is None:
+        raise click.UsageError("--engine onnxruntime needs ARTIFACT_DIR (exported with --train)")
+    config = TrainConfig(**recipe)
+    if engine == "torch":
+        _require_torch("lossx train --engine torch")
+        from lossx.build.train import train as run_training
+
+        out = out or Path("checkpoint.pt")
+    else:
+        from lossx.runtime import load_artifact
+        from lossx.runtime.train import train as train_onnxruntime
+
+        artifact = load_artifact(artifact_dir)
+        session_options = {"provider": provider, "threads": threads,
+                           "optimization": optimization, "tf32": tf32}  # fmt: skip
+
+        def run_training(*args, **kwargs):
+            return train_onnxruntime(artifact, *args, **kwargs, **session_options)
+
+        out = out or Path("trained.npz")
     log = None
     if log_json:
         try:
@@ -509,7 +588,7 @@ def train(
         history = run_training(
             data_dir,
             out,
-            TrainConfig(**recipe),
+            config,
             resume=resume,
             on_batch=progress.batch,
             on_epoch=progress.epoch,

@@ -54,6 +54,7 @@ from lossx.runtime.graphs import (
 from lossx.runtime.losses import LossSpec, parse_loss_spec
 from lossx.runtime.preprocessing import PREPROCESSING
 from lossx.runtime.session import open_session
+from lossx.runtime.train import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT
 
 WEIGHTS_FILE = "weights.npz"
 INITS = ("trained", "random")
@@ -355,15 +356,18 @@ def _load_weights(
         "checkpoint": path.name,
         "checkpoint_sha256": sha256_of(path),
     }
-    if isinstance(payload, dict) and payload.get("format") == TRAIN_CHECKPOINT_FORMAT:
+    engines = {TRAIN_CHECKPOINT_FORMAT: "torch", ORT_CHECKPOINT_FORMAT: "onnxruntime"}
+    if isinstance(payload, dict) and payload.get("format") in engines:
         history = payload.get("history") or [{}]
         weights["recipe"] = payload.get("config")
         weights["trained"] = {
+            "engine": engines[payload["format"]],
             "epochs": history[-1].get("epoch"),
             "seconds": round(sum(e.get("seconds", 0.0) for e in history), 1),
             "final_eval": {k: history[-1].get(k) for k in ("eval_split", "eval_accuracy")},
-            "torch": payload.get("torch"),
         }
+        if payload.get("torch"):
+            weights["trained"]["torch"] = payload["torch"]
     return weights
 
 

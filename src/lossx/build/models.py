@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from lossx.errors import CheckpointError, SpecError, first_line
+from lossx.runtime.artifact import read_weights
+from lossx.runtime.train import checkpoint_state
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
 DEFAULT_MODEL = "tudui"
@@ -96,19 +98,25 @@ def _load_failure(error: Exception) -> str:
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> object:
-    """Load a state_dict checkpoint into `model` with `torch.load(weights_only=True)`.
+    """Load a checkpoint into `model`: a state_dict or `lossx train` checkpoint (loaded with
+    `torch.load(weights_only=True)`), or an .npz of weights by name (`lossx train --engine
+    onnxruntime` writes those; never a pickle).
 
     Returns what the file held (a training checkpoint also carries its recipe and log).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load checkpoint: {_load_failure(e)}") from None
+    if path.suffix == ".npz":
+        obj = {"model": {k: torch.from_numpy(v) for k, v in read_weights(path).items()}}
+        obj.update(checkpoint_state(path) or {})
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols it refuses
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot load checkpoint: {_load_failure(e)}") from None
     state = _state_dict_from(obj, path)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
@@ -134,10 +142,3 @@ def load_checkpoint(model: nn.Module, path: Path) -> object:
 
 def weights_to_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def load_weights_npz(model: nn.Module, path: Path) -> None:
-    """Load weights saved by `weights_to_arrays` (an .npz, never a pickle)."""
-    with np.load(path, allow_pickle=False) as npz:
-        state = {k: torch.from_numpy(npz[k]) for k in npz.files}
-    model.load_state_dict(state)

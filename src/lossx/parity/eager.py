@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lossx.build.models import build_model, load_checkpoint, load_weights_npz
+from lossx.build.models import build_model, load_checkpoint
 from lossx.build.modules import reference_module
 from lossx.parity.compare import ParityReport, compare, merge_into
 from lossx.runtime.artifact import Artifact
@@ -17,13 +17,14 @@ from lossx.runtime.graphs import GraphSpec
 
 
 class EagerRunner:
-    """Runs any graph of an artifact eagerly: the model rebuilt with the artifact's weights, or
-    with a checkpoint's (loaded with weights_only=True)."""
+    """Runs any graph of an artifact eagerly: the model rebuilt with the artifact's weights
+    (`artifact.parameters()`), or with a checkpoint's."""
 
     def __init__(self, artifact: Artifact, checkpoint: Path | None = None) -> None:
         self.model = build_model(artifact.manifest.model)
         if checkpoint is None:
-            load_weights_npz(self.model, artifact.path / artifact.manifest.weights["file"])
+            state = {k: torch.from_numpy(v) for k, v in artifact.parameters().items()}
+            self.model.load_state_dict(state)
         else:
             load_checkpoint(self.model, Path(checkpoint))
 

@@ -165,9 +165,13 @@ def open_artifact(
     tf32: bool = False,
     batch_size: int = 256,
     manifest_sha256: str | None = None,
+    weights: dict[str, np.ndarray] | Path | str | None = None,
 ) -> Runtime:
     """Load the artifact at `path` (every file's sha256 checked against the manifest, and the
     manifest's against `manifest_sha256` if given) and open its model on `provider` ("cpu",
-    "cuda" or "auto"); see `open_session` for the options."""
+    "cuda" or "auto"); see `open_session` for the options. `weights` (a dict by state_dict
+    name, or an .npz file) replace the shipped weights (see `Artifact.with_weights`)."""
     artifact = load_artifact(Path(path), manifest_sha256)
+    if weights is not None:
+        artifact = artifact.with_weights(weights)
     return Runtime(artifact, provider, threads, optimization, tf32, batch_size)

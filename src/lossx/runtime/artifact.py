@@ -6,13 +6,14 @@ each session's inputs and outputs against the manifest's description of its grap
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from lossx.errors import ArtifactError, SpecError
+from lossx.errors import ArtifactError, CheckpointError, SpecError, first_line
 from lossx.runtime.graphs import GraphSpec, TensorSpec, check_feed
 from lossx.runtime.losses import LossSpec
 from lossx.runtime.session import open_session
@@ -20,6 +21,9 @@ from lossx.runtime.session import open_session
 MANIFEST_FILE = "manifest.json"
 FORMAT = "lossx-artifact"
 FORMAT_VERSION = 2  # 2: loss specs with options, tensor value kinds
+# Where the model's weights are initializers, and their names' prefix there (the fused module
+# holds the model as `.model`); training graphs take them as inputs instead.
+WEIGHT_PREFIXES = {"model": "", "fused": "model."}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
 
 
@@ -122,11 +126,23 @@ def sha256_of(path: Path) -> str:
 
 @dataclass
 class Artifact:
-    """A verified artifact directory. Sessions open lazily, one per graph and provider."""
+    """A verified artifact directory. Sessions open lazily, one per graph and provider.
+
+    `weights`, when set (see `with_weights`), replace the shipped weights in every graph."""
 
     path: Path
     manifest: Manifest
+    weights: dict[str, np.ndarray] | None = None
     _sessions: dict = field(default_factory=dict, repr=False)
+
+    def with_weights(self, weights: dict[str, np.ndarray] | Path | str) -> "Artifact":
+        """This artifact with other weights: a dict by state_dict name or a weights file
+        (.npz, as `lossx train --engine onnxruntime` writes), checked against the shipped ones."""
+        if not isinstance(weights, dict):
+            weights = read_weights(Path(weights))
+        check_weights(weights, self.shipped_parameters())
+        return replace(self, weights={k: np.ascontiguousarray(v) for k, v in weights.items()},
+                       _sessions={})  # fmt: skip
 
     def graph(self, stem: str) -> GraphEntry:
         for entry in self.manifest.graphs:
@@ -135,9 +151,14 @@ class Artifact:
         raise ArtifactError(f"{self.path}: the artifact has no graph {stem}.onnx")
 
     def parameters(self) -> dict[str, np.ndarray]:
-        """The model's weights from the weights file (never a pickle), by state_dict name."""
-        with np.load(self.path / self.manifest.weights["file"], allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        """The model's weights by state_dict name: `weights` if set, else the shipped ones."""
+        if self.weights is not None:
+            return dict(self.weights)
+        return self.shipped_parameters()
+
+    def shipped_parameters(self) -> dict[str, np.ndarray]:
+        """The weights in the artifact's weights file (never a pickle)."""
+        return read_weights(self.path / self.manifest.weights["file"])
 
     def has_graph(self, stem: str) -> bool:
         return any(entry.spec.stem == stem for entry in self.manifest.graphs)
@@ -155,8 +176,12 @@ class Artifact:
         key = (stem, provider, threads, optimization, tf32)
         if key not in self._sessions:
             entry = self.graph(stem)
+            replaced = None
+            if self.weights is not None and entry.spec.kind in WEIGHT_PREFIXES:
+                prefix = WEIGHT_PREFIXES[entry.spec.kind]
+                replaced = {prefix + name: value for name, value in self.weights.items()}
             session = open_session(
-                self.path / entry.spec.file, provider, threads, optimization, tf32
+                self.path / entry.spec.file, provider, threads, optimization, tf32, replaced
             )
             check_signature(session, entry.spec)
             self._sessions[key] = session
@@ -258,6 +283,44 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
         if graph is not None:
             _refuse_external_data(path, graph)
     return Artifact(artifact_dir, manifest)
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray]:
+    """The weights in an .npz file (never a pickle) by state_dict name. Keys holding a "/"
+    (the optimizer state `lossx train --engine onnxruntime` keeps beside them) are left out."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: not an .npz weights file (not a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files if "/" not in name}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not an .npz weights file ({first_line(e)})") from None
+
+
+def check_weights(weights: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Refuse weights whose names, shapes or dtype differ from `expected`, or that are not
+    finite, naming the first offending parameter."""
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    if missing or unexpected:
+        parts = [f"missing {', '.join(missing[:3])}"] if missing else []
+        parts += [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []
+        raise CheckpointError(f"weights do not fit the model: {'; '.join(parts)}")
+    for name, value in weights.items():
+        value = np.asarray(value)
+        if value.dtype != np.float32:
+            raise CheckpointError(f"weights: {name} is {value.dtype}, the model needs float32")
+        if value.shape != expected[name].shape:
+            raise CheckpointError(
+                f"weights: {name} has shape {list(value.shape)}, the model needs "
+                f"{list(expected[name].shape)}"
+            )
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"weights: {name} holds NaN or Inf")
 
 
 def _refuse_external_data(path: Path, data: bytes) -> None:

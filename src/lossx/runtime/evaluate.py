@@ -121,7 +121,8 @@ def one_hot(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def _target_form(loss: LossSpec, labels: np.ndarray) -> np.ndarray:
+def target_form(loss: LossSpec, labels: np.ndarray) -> np.ndarray:
+    """The target input of `loss` for class labels: the labels, or their one-hot vectors."""
     if loss.target == "class_index":
         return labels
     targets = one_hot(labels)
@@ -136,7 +137,7 @@ def loss_inputs(loss: LossSpec, logits: np.ndarray, labels: np.ndarray) -> dict[
     input_name, target_name = loss_graph(loss).input_names
     return {
         input_name: transform[loss.info.eval_input](logits),
-        target_name: _target_form(loss, labels),
+        target_name: target_form(loss, labels),
     }
 
 
@@ -162,7 +163,7 @@ def graph_feed(
 def fused_inputs(loss: LossSpec, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """The feed of fused graph `model_<name>`: images and the loss's target form of the labels."""
     images_name, target_name = fused_graph(loss).input_names
-    return {images_name: images, target_name: _target_form(loss, labels)}
+    return {images_name: images, target_name: target_form(loss, labels)}
 
 
 def evaluate(

@@ -17,5 +17,9 @@ PREPROCESSING = {
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
     """Turn uint8 images [N,32,32,3] (HWC, RGB) into the model's float32 [N,3,32,32] input."""
-    chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    return chw.astype(np.float32) / np.float32(255)
+    return scale(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def scale(images: np.ndarray) -> np.ndarray:
+    """uint8 [N,3,32,32] (CHW) to the model's float32 values in [0, 1]."""
+    return images.astype(np.float32) / np.float32(255)

@@ -7,6 +7,7 @@ providers a session really got and refuses a silent fallback.
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from lossx.errors import ArtifactError, LossxError, ProviderError, first_line
@@ -45,12 +46,14 @@ def open_session(
     threads: int | None = None,
     optimization: str = "all",
     tf32: bool = False,
+    initializers: dict[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession for `path` that really runs on `provider` ("cpu", "cuda" or "auto").
 
     `threads`: intra-op threads (None: one per core). `optimization`: ONNX Runtime's graph
     optimisation level, one of OPTIMIZATION_LEVELS. `tf32`: let CUDA use TF32 matrix units;
     off by default because TF32 rounds fp32 inputs to 10-bit mantissas, which breaks parity.
+    `initializers`: values that replace the graph's initializers of the same names.
     """
     providers = _requested_providers(provider)
     if optimization not in OPTIMIZATION_LEVELS:
@@ -77,7 +80,8 @@ def open_session(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback warning: checked below instead
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            model = str(path) if initializers is None else _with_initializers(path, initializers)
+            session = ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as e:  # ORT raises several unrelated types for unreadable models
         raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line(e)}") from None
     if provider == "cuda" and session.get_providers()[0] != _ORT_NAMES["cuda"]:
@@ -86,6 +90,22 @@ def open_session(
             "(CUDA or cuDNN libraries could not be loaded)"
         )
     return session
+
+
+def _with_initializers(path: Path, values: dict[str, np.ndarray]) -> bytes:
+    """The model at `path` with these initializers replaced, serialised. (SessionOptions.
+    add_initializer is no substitute: at optimisation level all, ONNX Runtime's NCHWc layout
+    transformer keeps the file's Conv weights and silently ignores the replacements.)"""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    present = {tensor.name: tensor for tensor in model.graph.initializer}
+    for name, value in values.items():
+        if name not in present:
+            raise ArtifactError(f"{path.name}: the graph has no initializer {name!r} to replace")
+        present[name].CopyFrom(numpy_helper.from_array(value, name))
+    return model.SerializeToString()
 
 
 def provider_names(session: ort.InferenceSession) -> list[str]:

@@ -1,0 +1,269 @@
+"""The training recipe both engines follow: data order, augmentation, LR schedule, clipping.
+
+Everything here is numpy, so `lossx train --engine torch` and `--engine onnxruntime` draw the
+same batches and take the same steps from the same seed. Epoch e's randomness (shuffle, then
+crop offsets and flips) comes from a generator seeded with (seed, e): a resumed run needs no
+generator state to continue exactly where it stopped.
+"""
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from lossx.errors import SpecError
+from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
+from lossx.runtime.evaluate import log_softmax
+from lossx.runtime.losses import LossSpec, parse_loss_spec
+from lossx.runtime.preprocessing import scale, to_model_input
+
+OPTIMIZERS = ("sgd", "adamw")
+PAD = 4
+# torch.optim.lr_scheduler.OneCycleLR's defaults, which the schedule reproduces
+WARMUP_FRACTION = 0.3
+DIV_FACTOR = 25.0
+FINAL_DIV_FACTOR = 1e4
+MOMENTUM_RANGE = (0.85, 0.95)
+EVAL_BATCH = 500
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe. `holdout` keeps the last N training images out, for choosing recipes."""
+
+    model: str = "tudui"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.02  # peak of the one-cycle schedule
+    optimizer: str = "sgd"  # sgd: Nesterov momentum, cycled by the schedule
+    weight_decay: float = 5e-4
+    loss: str = "ce"  # a loss spec; targets are the labels or their one-hot vectors
+    clip_norm: float = 5.0  # 0: no clipping
+    augment: bool = True
+    seed: int = 0
+    limit: int | None = None  # train on the first N training images only
+    holdout: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """A recipe saved in a checkpoint, including those of lossx versions that stored the
+        loss as `label_smoothing` and a `momentum` the schedule always overrode."""
+        data = dict(data)
+        data.pop("momentum", None)
+        smoothing = data.pop("label_smoothing", None)
+        if smoothing:
+            data.setdefault("loss", f"ce(label_smoothing={smoothing!r})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(data.keys() - known)
+        if unknown:
+            raise SpecError(f"unknown recipe keys {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def loss_spec(self) -> LossSpec:
+        spec = parse_loss_spec(self.loss)
+        if spec["reduction"] == "none":
+            raise SpecError(f"cannot train on {spec}: it has no scalar loss; use mean or sum")
+        return spec
+
+    def validate(self) -> None:
+        checks = [
+            (1 <= self.epochs <= 10_000, f"epochs must be 1..10000, got {self.epochs}"),
+            (1 <= self.batch_size <= 4096, f"batch size must be 1..4096, got {self.batch_size}"),
+            (0 < self.lr <= 10 and math.isfinite(self.lr), f"lr must be in (0, 10], got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (
+                0 <= self.weight_decay < 1,
+                f"weight decay must be in [0, 1), got {self.weight_decay}",
+            ),
+            (
+                self.clip_norm >= 0 and math.isfinite(self.clip_norm),
+                f"clip norm must be at least 0, got {self.clip_norm}",
+            ),
+            (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
+            (self.holdout >= 0, f"holdout must be at least 0, got {self.holdout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpecError(message)
+        self.loss_spec()
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One line of the training log. `eval_split` says what was evaluated: test or holdout;
+    `eval_loss` is the cross-entropy there, whatever loss trains."""
+
+    epoch: int
+    epochs: int
+    lr: float
+    train_loss: float
+    eval_split: str
+    eval_loss: float
+    eval_accuracy: float
+    seconds: float
+    images_per_second: float  # training images per second of this epoch, augmentation included
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def one_cycle(step: int, total_steps: int, max_lr: float) -> tuple[float, float]:
+    """(learning rate, momentum) at `step` of torch's OneCycleLR with its defaults: a cosine
+    warm-up from max_lr/25 to max_lr over 30% of the steps, a cosine decay to max_lr/25e4,
+    and momentum cycled the other way between 0.95 and 0.85."""
+    low, high = MOMENTUM_RANGE
+    initial = max_lr / DIV_FACTOR
+    phases = (
+        (WARMUP_FRACTION * total_steps - 1, (initial, max_lr), (high, low)),
+        (total_steps - 1, (max_lr, initial / FINAL_DIV_FACTOR), (low, high)),
+    )
+    start = 0.0
+    for index, (end, lrs, momenta) in enumerate(phases):
+        if step <= end or index == len(phases) - 1:
+            fraction = (step - start) / (end - start)
+            return _cosine(*lrs, fraction), _cosine(*momenta, fraction)
+        start = end
+    raise AssertionError("unreachable")
+
+
+def _cosine(begin: float, end: float, fraction: float) -> float:
+    return end + (begin - end) / 2.0 * (math.cos(math.pi * fraction) + 1)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random 32x32 crops of uint8 [N,32,32,3] images zero-padded by 4, each flipped
+    left-right with p=0.5, as uint8 [N,3,32,32] (channels first, as the model takes them)."""
+    n = len(images)
+    padded = np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+    offsets = rng.integers(0, 2 * PAD + 1, size=(2, n))
+    flip = rng.random(n) < 0.5
+    windows = sliding_window_view(padded, (32, 32), axis=(1, 2))  # [N,9,9,3,32,32], no copy
+    crops = windows[np.arange(n), offsets[0], offsets[1]]
+    crops[flip] = crops[flip][..., ::-1]
+    return crops
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    return math.ceil(images / batch_size)
+
+
+def epoch_batches(
+    split: Cifar10Split, config: TrainConfig, epoch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Epoch `epoch`'s training batches: float32 images [B,3,32,32] (augmented if the recipe
+    says so) and int64 labels [B], in an order drawn from (seed, epoch)."""
+    rng = np.random.default_rng((config.seed, epoch))
+    order = rng.permutation(len(split))
+    for start in range(0, len(order), config.batch_size):
+        index = order[start : start + config.batch_size]
+        images = split.images[index]
+        if config.augment:
+            yield scale(augment(images, rng)), split.labels[index]
+        else:
+            yield to_model_input(images), split.labels[index]
+
+
+def clip_factor(grad_norm: float, clip_norm: float) -> float:
+    """What torch.nn.utils.clip_grad_norm_ multiplies every gradient by (1.0: unchanged)."""
+    if not clip_norm:
+        return 1.0
+    return min(clip_norm / (grad_norm + 1e-6), 1.0)
+
+
+def training_data(data_dir: Path | None, config: TrainConfig) -> tuple[Cifar10Split, Cifar10Split]:
+    """The images to train on, and the ones to report on: the holdout, or the test split."""
+    train_split = load_cifar10(data_dir, "train", config.limit)
+    if not config.holdout:
+        test = load_cifar10(data_dir, "test")
+        return train_split, Cifar10Split(test.images, test.labels, test.class_names, "test")
+    if config.holdout >= len(train_split):
+        raise SpecError(f"holdout {config.holdout} leaves no training images")
+    keep = len(train_split) - config.holdout
+    holdout = Cifar10Split(
+        train_split.images[keep:], train_split.labels[keep:], train_split.class_names, "holdout"
+    )
+    return train_split.head(keep), holdout
+
+
+def eval_batches(split: Cifar10Split) -> Iterator[np.ndarray]:
+    """The evaluation split's images, model-ready, in batches of EVAL_BATCH."""
+    for start in range(0, len(split), EVAL_BATCH):
+        yield to_model_input(split.images[start : start + EVAL_BATCH])
+
+
+def eval_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of logits [N,10] for labels [N], in float64."""
+    log_probs = log_softmax(logits.astype(np.float64))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    return float(loss), float((logits.argmax(axis=1) == labels).mean())
+
+
+class Engine(Protocol):
+    """What `run_epochs` drives: one engine's model, optimizer and checkpoint."""
+
+    def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
+        """One optimizer step on a batch with this LR and momentum; return the batch's loss."""
+
+    def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of the current weights on `split`."""
+
+    def save(self, history: list[EpochResult]) -> None:
+        """Checkpoint the weights, the optimizer state and the log so far."""
+
+
+def run_epochs(
+    engine: Engine,
+    config: TrainConfig,
+    data: tuple[Cifar10Split, Cifar10Split],
+    history: list[EpochResult],
+    stop_after: int | None = None,
+    on_batch: Callable[[int, int, int], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[EpochResult]:
+    """Train from epoch len(history) + 1 to the last (or `stop_after`), evaluating and saving
+    after each epoch. Callbacks: `on_batch(epoch, images done this epoch, images per epoch)`,
+    `on_epoch(result)`, `on_step(step, loss)` with steps counted from 0 over the whole run."""
+    train_split, eval_split = data
+    steps = steps_per_epoch(len(train_split), config.batch_size)
+    total_steps = config.epochs * steps
+    per_image = config.loss_spec()["reduction"] == "mean"
+    last_epoch = config.epochs if stop_after is None else min(stop_after, config.epochs)
+    for epoch in range(len(history) + 1, last_epoch + 1):
+        started = time.perf_counter()
+        total, done = 0.0, 0
+        for index, (images, labels) in enumerate(epoch_batches(train_split, config, epoch)):
+            step = (epoch - 1) * steps + index
+            loss = engine.step(images, labels, *one_cycle(step, total_steps, config.lr))
+            total += loss * len(labels) if per_image else loss
+            done += len(labels)
+            if on_step:
+                on_step(step, loss)
+            if on_batch:
+                on_batch(epoch, done, len(train_split))
+        seconds = time.perf_counter() - started
+        eval_loss, eval_accuracy = engine.evaluate(eval_split)
+        result = EpochResult(
+            epoch=epoch,
+            epochs=config.epochs,
+            lr=one_cycle(epoch * steps, total_steps, config.lr)[0],
+            train_loss=total / len(train_split),
+            eval_split=eval_split.source,
+            eval_loss=eval_loss,
+            eval_accuracy=eval_accuracy,
+            seconds=seconds,
+            images_per_second=len(train_split) / seconds,
+        )
+        history.append(result)
+        engine.save(history)
+        if on_epoch:
+            on_epoch(result)
+    return history

@@ -1,0 +1,221 @@
+"""`lossx train --engine onnxruntime`: train with an artifact's training graph in ONNX Runtime
+and numpy updates, without torch.
+
+Each step feeds the batch and the current weights to `train_<loss>.onnx`, takes the loss and
+every parameter's gradient back, and applies torch.optim.SGD's Nesterov update in numpy. The
+recipe (data order, augmentation, schedule, clipping) is lossx.runtime.recipe's, the one the
+torch engine follows, so both engines take the same steps from the same weights and seed.
+
+The checkpoint is one .npz: the weights by state_dict name (what `lossx export --checkpoint`,
+`lossx eval --weights` and `Artifact.with_weights` read), the momentum buffers under
+"momentum/<name>" and the recipe, log and artifact under "lossx/state" (JSON).
+"""
+
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from lossx.errors import CheckpointError, LossxError, SpecError, first_line
+from lossx.files import write_atomically
+from lossx.runtime.artifact import Artifact, check_weights, sha256_of
+from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.evaluate import graph_feed
+from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.recipe import (
+    EpochResult,
+    TrainConfig,
+    clip_factor,
+    eval_batches,
+    eval_scores,
+    run_epochs,
+    training_data,
+)
+
+CHECKPOINT_FORMAT = "lossx-onnxruntime-checkpoint"
+STATE_KEY = "lossx/state"
+MOMENTUM_PREFIX = "momentum/"
+
+
+class NesterovSGD:
+    """torch.optim.SGD(momentum, nesterov=True, weight_decay) in float32 numpy, in place."""
+
+    def __init__(self, parameters: dict[str, np.ndarray], weight_decay: float) -> None:
+        self.parameters = parameters
+        self.weight_decay = np.float32(weight_decay)
+        self.momentum_buffers: dict[str, np.ndarray] = {}
+
+    def step(self, grads: dict[str, np.ndarray], lr: float, momentum: float) -> None:
+        lr, momentum = np.float32(lr), np.float32(momentum)
+        for name, weight in self.parameters.items():
+            grad = grads[name]
+            if self.weight_decay:
+                grad = grad + self.weight_decay * weight
+            buffer = self.momentum_buffers.get(name)
+            if buffer is None:
+                buffer = self.momentum_buffers[name] = grad.copy()
+            else:
+                buffer *= momentum
+                buffer += grad
+            weight -= lr * (grad + momentum * buffer)
+
+
+class OnnxRuntimeEngine:
+    """One run's weights and optimizer, stepped by an artifact's training graph."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        config: TrainConfig,
+        out: Path,
+        session_options: dict,
+    ) -> None:
+        self.artifact = artifact
+        self.config = config
+        self.out = out
+        self.session_options = session_options
+        self.graph = training_graph(artifact, config)
+        self.session = artifact.session(self.graph.stem, **session_options)
+        self.grad_names = [f"grad.{name}" for name in self.graph.input_names[2:]]
+        parameters = artifact.parameters()
+        self.parameters = {name: parameters[name].copy() for name in self.graph.input_names[2:]}
+        self.optimizer = NesterovSGD(self.parameters, config.weight_decay)
+
+    def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
+        feed = graph_feed(self.graph, images, labels, None, self.parameters)
+        loss, *grads = self.session.run(["loss", *self.grad_names], feed)
+        norm = np.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+        factor = np.float32(clip_factor(norm, self.config.clip_norm))
+        if factor != 1:
+            grads = [g * factor for g in grads]
+        self.optimizer.step(dict(zip(self.parameters, grads, strict=True)), lr, momentum)
+        return float(loss)
+
+    def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
+        model = self.artifact.with_weights(self.parameters)
+        logits = [model.run("model", {"images": x}, **self.session_options)["logits"]
+                  for x in eval_batches(split)]  # fmt: skip
+        return eval_scores(np.concatenate(logits), split.labels)
+
+    def save(self, history: list[EpochResult]) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model_name": self.artifact.manifest.model,
+            "artifact_manifest_sha256": sha256_of(self.artifact.path / "manifest.json"),
+            "config": self.config.to_dict(),
+            "history": [e.to_dict() for e in history],
+        }
+        arrays = dict(self.parameters)
+        arrays.update({MOMENTUM_PREFIX + k: v for k, v in self.optimizer.momentum_buffers.items()})
+        arrays[STATE_KEY] = np.array(json.dumps(state))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomically(self.out, lambda f: f.write(buffer.getvalue()))
+
+    def restore(self, path: Path, state: dict) -> list[EpochResult]:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        weights = {k: v for k, v in arrays.items() if "/" not in k}
+        momentum = {
+            k.removeprefix(MOMENTUM_PREFIX): v
+            for k, v in arrays.items()
+            if k.startswith(MOMENTUM_PREFIX)
+        }
+        check_weights(weights, self.parameters)
+        if momentum:
+            check_weights(momentum, self.parameters)
+        for name, value in weights.items():
+            self.parameters[name][...] = value
+        self.optimizer.momentum_buffers = {k: v.copy() for k, v in momentum.items()}
+        return [EpochResult(**e) for e in state["history"]]
+
+
+def training_graph(artifact: Artifact, config: TrainConfig) -> GraphSpec:
+    """The artifact's training graph for the recipe's loss, or a one-line refusal."""
+    wanted = config.loss_spec()
+    for entry in artifact.manifest.graphs:
+        spec = entry.spec
+        if spec.kind == "train" and spec.loss.name == wanted.name:
+            if spec.loss != wanted:
+                raise SpecError(
+                    f"{artifact.path}: its training graph computes {spec.loss}, not {wanted}; "
+                    f"pass --loss {str(spec.loss)!r} or export {wanted} with --train"
+                )
+            return spec
+    raise SpecError(
+        f"{artifact.path}: no training graph for loss {wanted.name}; export it with "
+        f"`lossx export --train --loss {wanted.name}`"
+    )
+
+
+def checkpoint_state(path: Path) -> dict | None:
+    """The recipe and log an .npz checkpoint of this engine carries (None for plain weights)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if STATE_KEY not in npz.files:
+                return None
+            state = json.loads(str(npz[STATE_KEY]))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not an .npz checkpoint ({first_line(e)})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: {STATE_KEY} is not a lossx training state")
+    return state
+
+
+def _resume_state(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    state = checkpoint_state(path)
+    if state is None:
+        raise CheckpointError(
+            f"{path}: weights only, not a checkpoint of lossx train --engine onnxruntime; "
+            "cannot resume from it"
+        )
+    return state
+
+
+def train(
+    artifact: Artifact,
+    data_dir: Path | None,
+    out: Path,
+    config: TrainConfig | None = None,
+    resume: Path | None = None,
+    stop_after: int | None = None,
+    on_batch: Callable[[int, int, int], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    **session_options,
+) -> list[EpochResult]:
+    """Train the artifact's model from its shipped weights (or `resume`'s) and checkpoint to
+    `out` after every epoch; arguments as for lossx.build.train.train, plus ONNX Runtime's
+    `session_options` (provider, threads, ...)."""
+    state = _resume_state(resume) if resume else None
+    if state is not None:
+        try:
+            config = TrainConfig.from_dict(state["config"])
+        except (KeyError, TypeError, SpecError) as e:
+            raise CheckpointError(
+                f"{resume}: its recipe is not one lossx knows ({first_line(e)})"
+            ) from None
+        if state.get("artifact_manifest_sha256") != sha256_of(artifact.path / "manifest.json"):
+            raise CheckpointError(
+                f"{resume}: was trained with another artifact than {artifact.path}"
+            )
+    config = replace(config or TrainConfig(), model=artifact.manifest.model)
+    config.validate()
+    if config.optimizer != "sgd":
+        raise SpecError(
+            f"the onnxruntime engine implements optimizer sgd only, not {config.optimizer}"
+        )
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
+    engine = OnnxRuntimeEngine(artifact, config, out, session_options)
+    data = training_data(data_dir, config)
+    history = engine.restore(resume, state) if state is not None else []
+    return run_epochs(engine, config, data, history, stop_after, on_batch, on_epoch, on_step)

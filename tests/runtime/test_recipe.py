@@ -1,0 +1,133 @@
+"""The shared training recipe: torch's schedule, clipping and SGD reproduced in numpy, and a
+data order and augmentation that depend on (seed, epoch) only."""
+
+import numpy as np
+import pytest
+import torch
+
+from lossx.errors import SpecError
+from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.recipe import (
+    TrainConfig,
+    augment,
+    clip_factor,
+    epoch_batches,
+    eval_scores,
+    one_cycle,
+)
+from lossx.runtime.train import NesterovSGD
+
+
+@pytest.mark.parametrize(("total_steps", "max_lr"), [(1, 0.1), (2, 0.02), (7, 0.5), (160, 0.02)])
+def test_one_cycle_is_torchs_one_cycle_lr(total_steps, max_lr):
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max_lr, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=total_steps)
+    for step in range(total_steps):
+        group = optimizer.param_groups[0]
+        assert one_cycle(step, total_steps, max_lr) == pytest.approx(
+            (group["lr"], group["momentum"]), rel=1e-12
+        )
+        optimizer.step()
+        schedule.step()
+    assert one_cycle(total_steps, total_steps, max_lr)[0] == pytest.approx(
+        schedule.get_last_lr()[0], rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("norm", [0.5, 4.999, 5.0, 12.0, 1e6])
+def test_clip_factor_is_torchs_clip_grad_norm(norm):
+    grads = [torch.full((3,), norm / 3**0.5)]
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = grads[0].clone()
+    torch.nn.utils.clip_grad_norm_([p], 5.0)
+    factor = clip_factor(float(np.linalg.norm(grads[0].numpy())), 5.0)
+    np.testing.assert_allclose(grads[0].numpy() * np.float32(factor), p.grad.numpy(), rtol=1e-6)
+    assert clip_factor(norm, 0.0) == 1.0
+
+
+def test_nesterov_sgd_is_torchs():
+    rng = np.random.default_rng(0)
+    start = {"w": rng.standard_normal((4, 5)).astype(np.float32),
+             "b": rng.standard_normal(5).astype(np.float32)}  # fmt: skip
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in start.items()}
+    reference = torch.optim.SGD(
+        tensors.values(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    mine = NesterovSGD({k: v.copy() for k, v in start.items()}, weight_decay=5e-4)
+    for step in range(5):
+        lr, momentum = one_cycle(step, 5, 0.1)
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}
+        for name, tensor in tensors.items():
+            tensor.grad = torch.from_numpy(grads[name])
+        for group in reference.param_groups:
+            group["lr"], group["momentum"] = lr, momentum
+        reference.step()
+        mine.step(grads, lr, momentum)
+    for name, tensor in tensors.items():
+        np.testing.assert_allclose(mine.parameters[name], tensor.detach().numpy(), rtol=1e-6,
+                                   atol=1e-7)  # fmt: skip
+
+
+def test_augment_returns_shifted_or_flipped_crops():
+    images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    out = augment(images, np.random.default_rng(0))
+    assert out.shape == (16, 3, 32, 32) and out.dtype == np.uint8
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0))).transpose(0, 3, 1, 2)
+    flipped = 0
+    for original, crop in zip(padded, out, strict=True):
+        windows = [original[:, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
+        plain = any(np.array_equal(crop, w) for w in windows)
+        mirrored = any(np.array_equal(crop, w[..., ::-1]) for w in windows)
+        assert plain or mirrored
+        flipped += mirrored and not plain
+    assert 0 < flipped < 16
+
+
+def _split(n: int) -> Cifar10Split:
+    images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
+    return Cifar10Split(images, np.arange(n) % 10, tuple("abcdefghij"), "test")
+
+
+def test_each_epoch_visits_every_image_once_in_an_order_of_seed_and_epoch():
+    split = _split(100)
+    config = TrainConfig(batch_size=32, augment=False, seed=3)
+
+    def order(config, epoch):
+        batches = list(epoch_batches(split, config, epoch))
+        assert [len(labels) for _, labels in batches] == [32, 32, 32, 4]
+        return np.concatenate([images[:, 0, 0, 0] * 255 for images, _ in batches]).round()
+
+    first = order(config, 1)
+    assert sorted(first) == list(range(100))
+    np.testing.assert_array_equal(first, order(config, 1))
+    assert not np.array_equal(first, order(config, 2))
+    assert not np.array_equal(first, order(TrainConfig(batch_size=32, augment=False, seed=4), 1))
+
+
+def test_eval_scores():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0]], np.float32)
+    loss, accuracy = eval_scores(logits, np.array([0, 0]))
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.tensor([0, 0]))
+    assert loss == pytest.approx(float(expected), rel=1e-6) and accuracy == 0.5
+
+
+def test_recipes_saved_by_older_lossx_still_load():
+    old = {**TrainConfig().to_dict(), "momentum": 0.9, "label_smoothing": 0.1}
+    del old["loss"], old["clip_norm"], old["augment"]
+    config = TrainConfig.from_dict(old)
+    assert config.loss == "ce(label_smoothing=0.1)" and config.clip_norm == 5.0
+    with pytest.raises(SpecError, match="unknown recipe keys colour"):
+        TrainConfig.from_dict({**old, "colour": 1})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"clip_norm": -1.0}, "clip norm must be at least 0"),
+        ({"loss": "ce(reduction=none)"}, "has no scalar loss"),
+        ({"loss": "hinge"}, "unknown loss"),
+    ],
+)
+def test_bad_recipes_are_refused(change, message):
+    with pytest.raises(SpecError, match=message):
+        TrainConfig(**change).validate()

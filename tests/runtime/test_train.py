@@ -1,0 +1,235 @@
+"""`lossx train --engine onnxruntime`: training in ONNX Runtime with numpy updates, checked
+against the torch engine, and the weights it writes read back by export, eval and the API."""
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lossx.build.export import export_artifact
+from lossx.build.train import train as train_torch
+from lossx.cli import main
+from lossx.errors import CheckpointError, SpecError
+from lossx.runtime import load_artifact, open_artifact
+from lossx.runtime.recipe import TrainConfig
+from lossx.runtime.train import STATE_KEY
+from lossx.runtime.train import train as train_onnxruntime
+from tests.conftest import require_shared
+from tests.runtime.test_torch_free import BLOCK_TORCH
+
+SMALL = TrainConfig(epochs=2, batch_size=64, limit=512)  # 16 steps of the default recipe
+
+
+@pytest.fixture(scope="module")
+def data_dir(cifar_dir):
+    require_shared(cifar_dir)
+    return cifar_dir
+
+
+@pytest.fixture(scope="module")
+def train_artifact(tmp_path_factory):
+    """Seeded random weights, the ones `train --engine torch --seed 0` starts from."""
+    out = tmp_path_factory.mktemp("train-artifact") / "a"
+    export_artifact(out, losses=["ce", "mse"], init="random", seed=0, train=True)
+    return out
+
+
+def _both_engines(data_dir, artifact_dir, config, tmp_path):
+    curves = {"torch": [], "onnxruntime": []}
+    torch_log = train_torch(data_dir, tmp_path / "t.pt", config,
+                            on_step=lambda _, v: curves["torch"].append(v))  # fmt: skip
+    ort_log = train_onnxruntime(
+        load_artifact(artifact_dir),
+        data_dir,
+        tmp_path / "o.npz",
+        config,
+        on_step=lambda _, v: curves["onnxruntime"].append(v),
+        threads=2,
+    )
+    return curves, torch_log, ort_log
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_onnxruntime_training_reproduces_torch_training(data_dir, train_artifact, tmp_path, loss):
+    """Measured over 16 steps (bench/train_parity.py, seeds 0 and 1, ce/mse/l1): per-step
+    losses within 4.8e-7, test losses within 1.8e-7, final weights within 1.05e-4 of each
+    tensor's largest |weight|, identical test accuracy. Asserted with about 10x margin."""
+    config = replace(SMALL, loss=loss)
+    curves, torch_log, ort_log = _both_engines(data_dir, train_artifact, config, tmp_path)
+    assert len(curves["torch"]) == len(curves["onnxruntime"]) == 16
+    np.testing.assert_allclose(curves["onnxruntime"], curves["torch"], rtol=0, atol=1e-5)
+    assert curves["torch"][-1] < curves["torch"][0]  # it trained
+    for mine, theirs in zip(ort_log, torch_log, strict=True):
+        assert mine.lr == theirs.lr
+        assert abs(mine.train_loss - theirs.train_loss) < 1e-5
+        assert abs(mine.eval_loss - theirs.eval_loss) < 1e-5
+        assert abs(mine.eval_accuracy - theirs.eval_accuracy) <= 0.002
+    expected = torch.load(tmp_path / "t.pt", weights_only=True)["model"]
+    with np.load(tmp_path / "o.npz") as got:
+        for name, tensor in expected.items():
+            reference = tensor.numpy()
+            gap = np.abs(got[name] - reference).max() / np.abs(reference).max()
+            assert gap < 1e-3, name
+
+
+@pytest.fixture(scope="module")
+def ort_run(data_dir, train_artifact, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort-run") / "trained.npz"
+    return out, train_onnxruntime(load_artifact(train_artifact), data_dir, out, SMALL, threads=2)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
+    data_dir, train_artifact, ort_run, tmp_path
+):
+    straight, straight_log = ort_run
+    artifact = load_artifact(train_artifact)
+    partial = tmp_path / "partial.npz"
+    train_onnxruntime(artifact, data_dir, partial, SMALL, stop_after=1, threads=2)
+    resumed = train_onnxruntime(artifact, data_dir, tmp_path / "r.npz", resume=partial, threads=2)
+    assert [e.eval_loss for e in resumed] == [e.eval_loss for e in straight_log]
+    with np.load(straight) as a, np.load(tmp_path / "r.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            if name != STATE_KEY:  # the log's timings differ
+                np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_trained_weights_run_in_the_runtime_and_export(data_dir, train_artifact, ort_run, tmp_path):
+    weights, log = ort_run
+    runtime = open_artifact(train_artifact, weights=weights)
+    shipped = open_artifact(train_artifact)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert not np.allclose(runtime.predict(images).logits, shipped.predict(images).logits)
+
+    export_artifact(tmp_path / "exported", losses=["ce"], checkpoint=weights)
+    exported = load_artifact(tmp_path / "exported")
+    assert exported.manifest.weights["trained"]["engine"] == "onnxruntime"
+    assert exported.manifest.weights["recipe"]["limit"] == 512
+    np.testing.assert_array_equal(
+        runtime.predict(images).logits, open_artifact(tmp_path / "exported").predict(images).logits
+    )
+
+    cli = CliRunner().invoke(
+        main, ["eval", str(train_artifact), "--weights", str(weights), "--json", "-"]
+    )
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["eval"]["losses"]["ce"] == pytest.approx(log[-1].eval_loss, 1e-5)
+
+
+def test_every_graph_with_weights_runs_on_them(train_artifact, ort_run, test_split):
+    artifact = load_artifact(train_artifact).with_weights(ort_run[0])
+    from lossx.parity.eager import EagerRunner
+    from lossx.runtime.evaluate import graph_feed, iter_batches
+
+    images, labels = next(iter_batches(test_split, 16))
+    eager = EagerRunner(artifact)
+    logits = eager.run(artifact.graph("model").spec, {"images": images})[0]
+    for entry in artifact.manifest.graphs:
+        spec = entry.spec
+        feed = graph_feed(spec, images, labels, logits, artifact.parameters())
+        got = artifact.run(spec.stem, feed)
+        for name, want in zip(spec.output_names, eager.run(spec, feed), strict=True):
+            if not name.startswith("grad."):
+                np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda w: w.pop("model1.0.bias"), "missing model1.0.bias"),
+        (lambda w: w.update(extra=np.zeros(1, np.float32)), "unexpected extra"),
+        (lambda w: w.update({"model1.8.bias": np.zeros(3, np.float32)}), "has shape [3]"),
+        (lambda w: w.update({"model1.8.bias": np.zeros(10)}), "is float64"),
+        (lambda w: w.update({"model1.8.bias": np.full(10, np.nan, np.float32)}), "NaN or Inf"),
+    ],
+)
+def test_weights_that_do_not_fit_are_refused(train_artifact, tmp_path, change, message):
+    artifact = load_artifact(train_artifact)
+    weights = artifact.parameters()
+    change(weights)
+    np.savez(tmp_path / "w.npz", **weights)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        artifact.with_weights(tmp_path / "w.npz")
+    result = CliRunner().invoke(
+        main, ["eval", str(train_artifact), "--weights", str(tmp_path / "w.npz")]
+    )
+    assert result.exit_code == 2 and message in result.stderr and not result.stdout
+    assert "Traceback" not in result.output
+
+
+def test_a_file_that_is_not_an_npz_is_refused(train_artifact):
+    with pytest.raises(CheckpointError, match=r"not an \.npz weights file"):
+        load_artifact(train_artifact).with_weights(train_artifact / "model.onnx")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (replace(SMALL, loss="l1"), "no training graph for loss l1"),
+        (replace(SMALL, loss="ce(label_smoothing=0.1)"), "its training graph computes ce, not"),
+        (replace(SMALL, optimizer="adamw"), "implements optimizer sgd only"),
+        (replace(SMALL, epochs=0), "epochs must be 1..10000"),
+    ],
+)
+def test_recipes_the_engine_cannot_run_are_refused(
+    data_dir, train_artifact, tmp_path, config, message
+):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        train_onnxruntime(load_artifact(train_artifact), data_dir, tmp_path / "o.npz", config)
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_resume_needs_a_checkpoint_of_this_engine_and_artifact(
+    data_dir, train_artifact, ort_run, tmp_path
+):
+    artifact = load_artifact(train_artifact)
+    weights_only = tmp_path / "weights.npz"
+    np.savez(weights_only, **artifact.parameters())
+    with pytest.raises(CheckpointError, match="weights only, not a checkpoint"):
+        train_onnxruntime(artifact, data_dir, tmp_path / "o.npz", resume=weights_only)
+    export_artifact(tmp_path / "other", losses=["ce"], init="random", seed=1, train=True)
+    with pytest.raises(CheckpointError, match="was trained with another artifact"):
+        train_onnxruntime(
+            load_artifact(tmp_path / "other"), data_dir, tmp_path / "o.npz", resume=ort_run[0]
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--engine", "onnxruntime"], "--engine onnxruntime needs ARTIFACT_DIR"),
+        (["ARTIFACT"], "ARTIFACT_DIR is for --engine onnxruntime"),
+    ],
+)
+def test_cli_train_engine_usage(data_dir, train_artifact, args, message):
+    args = [str(train_artifact) if a == "ARTIFACT" else a for a in args]
+    result = CliRunner().invoke(main, ["train", "--data-dir", str(data_dir), *args])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+TRAIN_CLI = """
+from lossx.cli import main
+main(sys.argv[1:], standalone_mode=True)
+"""
+
+
+def test_cli_trains_in_onnxruntime_without_torch(data_dir, train_artifact, tmp_path):
+    out, log = tmp_path / "w.npz", tmp_path / "log.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + TRAIN_CLI, "train", str(train_artifact),
+         "--engine", "onnxruntime", "--data-dir", str(data_dir), "--epochs", "1",
+         "--limit", "128", "--batch-size", "32", "--out", str(out), "--log-json", str(log)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith(f"wrote {out}: epoch 1/1")
+    assert json.loads(log.read_text())["epoch"] == 1
+    assert sorted(load_artifact(train_artifact).with_weights(out).parameters()) == sorted(
+        load_artifact(train_artifact).parameters()
+    )
