@@ -47,7 +47,9 @@ def compare(data_dir: Path, loss: str, config: TrainConfig, threads: int, work: 
     return {
         "steps": len(curves["torch"]),
         "loss_gap": float(np.abs(np.subtract(curves["torch"], curves["onnxruntime"])).max()),
-        "eval_loss_gap": max(abs(a.eval_loss - b.eval_loss) for a, b in zip(torch_log, ort_log)),
+        "eval_loss_gap": max(
+            abs(a.eval_loss - b.eval_loss) for a, b in zip(torch_log, ort_log, strict=True)
+        ),
         "accuracy": (torch_log[-1].eval_accuracy, ort_log[-1].eval_accuracy),
         "weight_gap": weight_gap,
         "seconds": (sum(e.seconds for e in torch_log), sum(e.seconds for e in ort_log)),
@@ -65,17 +67,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, limit=args.limit, seed=args.seed)
-    print(f"{args.limit:,} training images, {args.epochs} epochs, batch {config.batch_size}, "
-          f"seed {args.seed}, default recipe")  # fmt: skip
-    print(f"{'loss':<6}{'steps':>6}{'max |dloss|':>13}{'max |d eval loss|':>19}"
-          f"{'max weight gap':>16}{'accuracy torch / ort':>24}{'seconds torch / ort':>22}")  # fmt: skip
+    print(
+        f"{args.limit:,} training images, {args.epochs} epochs, batch {config.batch_size}, "
+        f"seed {args.seed}, default recipe"
+    )
+    print(
+        f"{'loss':<6}{'steps':>6}{'max |dloss|':>13}{'max |d eval loss|':>19}"
+        f"{'max weight gap':>16}{'accuracy torch / ort':>24}{'seconds torch / ort':>22}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for loss in args.losses:
             r = compare(args.data_dir, loss, replace(config, loss=loss), args.threads, Path(tmp))
             accuracy = f"{r['accuracy'][0]:.2%} / {r['accuracy'][1]:.2%}"
             seconds = f"{r['seconds'][0]:.1f} / {r['seconds'][1]:.1f}"
-            print(f"{loss:<6}{r['steps']:>6}{r['loss_gap']:>13.3g}{r['eval_loss_gap']:>19.3g}"
-                  f"{r['weight_gap']:>16.3g}{accuracy:>24}{seconds:>22}")  # fmt: skip
+            print(
+                f"{loss:<6}{r['steps']:>6}{r['loss_gap']:>13.3g}{r['eval_loss_gap']:>19.3g}"
+                f"{r['weight_gap']:>16.3g}{accuracy:>24}{seconds:>22}"
+            )
 
 
 if __name__ == "__main__":

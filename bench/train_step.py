@@ -1,91 +1,119 @@
-"""One training step in ONNX Runtime (training graph + numpy SGD) beside eager PyTorch.
+"""One training step in ONNX Runtime beside eager PyTorch: `lossx train`'s two engines.
 
-    python bench/train_step.py [--threads 2] [--steps 20]
+    python bench/train_step.py [--threads 2] [--steps 20] [--rounds 3] [--profile]
 
-Exports the shipped weights with `--train`, then times, side by side in one run, at batch 64
-and 256 on real CIFAR-10 test images: ONNX Runtime running train_ce.onnx plus a numpy SGD
-update (momentum 0.9, weight decay 5e-4), and eager PyTorch doing forward, backward and
-torch.optim.SGD with the same settings. Prints images/s, the ratio, and how far the two sides'
-weights are apart after the same steps.
+Exports the shipped weights with `--train`, then runs the step each engine of `lossx train`
+takes, on the same real CIFAR-10 batches (the packaged test images), at batch 64 and 256:
+
+- onnxruntime: train_ce.onnx in ONNX Runtime, then clipping and Nesterov SGD in numpy;
+- torch: eager forward, backward, clipping and torch.optim.SGD.
+
+The engines alternate in rounds of --steps steps; the best round of each counts. Prints
+images/s, the ratio, and how far apart the two engines' weights are after the same steps.
+--profile adds ONNX Runtime's time per operator type (SessionOptions.enable_profiling).
 """
 
 import argparse
+import collections
+import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 
 from lossx.build import export_artifact
-from lossx.parity.eager import EagerRunner
+from lossx.build.train import TorchEngine
 from lossx.runtime import load_artifact, load_packaged_sample, to_model_input
-from lossx.runtime.session import open_session
+from lossx.runtime.recipe import TrainConfig
+from lossx.runtime.train import OnnxRuntimeEngine
 
-LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+LR, MOMENTUM = 0.01, 0.9
 
 
-def onnx_steps(artifact, images, labels, batch: int, steps: int, threads: int):
+def timed_round(engine, batches) -> float:
+    started = time.perf_counter()
+    for images, labels in batches:
+        engine.step(images, labels, LR, MOMENTUM)
+    return sum(len(labels) for _, labels in batches) / (time.perf_counter() - started)
+
+
+def profile(artifact, batches, threads: int, folder: Path) -> None:
     spec = artifact.graph("train_ce").spec
-    session = open_session(artifact.path / spec.file, "cpu", threads)
-    params = artifact.parameters()
-    velocity = {k: np.zeros_like(v) for k, v in params.items()}
-    names = spec.input_names[2:]
-    started = time.perf_counter()
-    for step in range(steps):
-        start = (step * batch) % (len(labels) - batch)
-        feed = {"images": images[start : start + batch], "labels": labels[start : start + batch]}
-        outputs = session.run([f"grad.{n}" for n in names], {**feed, **params})
-        for name, grad in zip(names, outputs, strict=True):
-            grad = grad + WEIGHT_DECAY * params[name]
-            velocity[name] = MOMENTUM * velocity[name] + grad
-            params[name] = params[name] - LR * velocity[name]
-    return steps * batch / (time.perf_counter() - started), params
-
-
-def eager_steps(artifact, images, labels, batch: int, steps: int):
-    model = EagerRunner(artifact).model.train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / "profile")
+    session = ort.InferenceSession(
+        str(artifact.path / spec.file), options, disabled_optimizers=["NchwcTransformer"]
     )
-    x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    started = time.perf_counter()
-    for step in range(steps):
-        start = (step * batch) % (len(labels) - batch)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x[start : start + batch]), y[start : start + batch]).backward()
-        optimizer.step()
-    seconds = time.perf_counter() - started
-    return steps * batch / seconds, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    parameters = artifact.parameters()
+    for images, labels in batches:
+        session.run(None, {"images": images, "labels": labels, **parameters})
+    with open(session.end_profiling()) as f:
+        events = [e for e in json.load(f) if e.get("cat") == "Node" and "op_name" in e["args"]]
+    by_op = collections.Counter()
+    for event in events:
+        by_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(by_op.values())
+    print(
+        "  ONNX Runtime time by operator: "
+        + ", ".join(f"{op} {share / total:.0%}" for op, share in by_op.most_common(6))
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     sample = load_packaged_sample()
     images, labels = to_model_input(sample.images), sample.labels
     with tempfile.TemporaryDirectory() as tmp:
         export_artifact(Path(tmp) / "a", losses=["ce"], train=True)
         artifact = load_artifact(Path(tmp) / "a")
-        print(f"{args.threads} threads, {args.steps} steps of SGD (lr {LR}, momentum {MOMENTUM})")
-        print(f"{'batch':>6}{'ONNX Runtime img/s':>20}{'eager img/s':>13}{'ratio':>8}"
-              f"{'max |w_onnx - w_eager|':>25}")  # fmt: skip
+        config = TrainConfig(weight_decay=5e-4, clip_norm=5.0)
+        print(
+            f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps (lr {LR}, "
+            f"Nesterov momentum {MOMENTUM}, weight decay 5e-4, clipping at 5), best round"
+        )
+        print(
+            f"{'batch':>6}{'onnxruntime img/s':>19}{'torch img/s':>13}{'ratio':>8}"
+            f"{'weights apart':>15}"
+        )
         for batch in (64, 256):
-            onnx_speed, onnx_weights = onnx_steps(
-                artifact, images, labels, batch, args.steps, args.threads
+            batches = [
+                (images[s : s + batch], labels[s : s + batch])
+                for s in (step * batch % (len(labels) - batch) for step in range(args.steps))
+            ]
+            onnx = OnnxRuntimeEngine(
+                artifact, config, Path(tmp) / "o.npz", {"threads": args.threads}
             )
-            eager_speed, eager_weights = eager_steps(artifact, images, labels, batch, args.steps)
-            drift = max(np.abs(onnx_weights[k] - eager_weights[k]).max() for k in eager_weights)
+            eager = TorchEngine(config, Path(tmp) / "t.pt")
+            eager.model.load_state_dict(
+                {k: torch.from_numpy(v) for k, v in artifact.parameters().items()}
+            )
+            speeds = {"onnx": [], "eager": []}
+            for _ in range(args.rounds):
+                speeds["onnx"].append(timed_round(onnx, batches))
+                speeds["eager"].append(timed_round(eager, batches))
+            state = eager.model.state_dict()
+            apart = max(
+                float(np.abs(onnx.parameters[k] - v.numpy()).max() / np.abs(v.numpy()).max())
+                for k, v in state.items()
+            )
+            best_onnx, best_eager = max(speeds["onnx"]), max(speeds["eager"])
             print(
-                f"{batch:>6}{onnx_speed:>20,.0f}{eager_speed:>13,.0f}"
-                f"{onnx_speed / eager_speed:>7.2f}x{drift:>25.3g}"
+                f"{batch:>6}{best_onnx:>19,.0f}{best_eager:>13,.0f}{best_onnx / best_eager:>7.2f}x"
+                f"{apart:>15.2g}"
             )
+            if args.profile:
+                profile(artifact, batches, args.threads, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from lossx.build import export_artifact
-from lossx.build.training import ReferenceTrainingStep, _loss_and_gradient, check_trainable
+from lossx.build.training import (
+    ReferenceTrainingStep,
+    _loss_and_gradient,
+    _pool_backward,
+    check_trainable,
+)
 from lossx.errors import DataError, SpecError
 from lossx.parity.check import check_artifact, resolve_tolerances
 from lossx.parity.compare import element_errors
@@ -101,6 +106,33 @@ def test_gradients_match_autograd_on_real_images(train_artifact, test_split, bat
                 f"{spec.stem} {name}: {outside} of {errors.failed.size} elements outside, max "
                 f"abs error {errors.error.max():.3g}"
             )
+
+
+def test_pool_backward_gives_ties_to_the_first_maximum_like_autograd():
+    x = torch.randint(0, 3, (4, 5, 8, 8), generator=torch.Generator().manual_seed(0)).float()
+    dy = torch.randn(4, 5, 4, 4)
+    leaf = x.clone().requires_grad_()
+    torch.nn.functional.max_pool2d(leaf, 2).backward(dy)
+    assert torch.equal(_pool_backward(dy, x, torch.nn.functional.max_pool2d(x, 2)), leaf.grad)
+
+
+def test_gradients_match_autograd_on_flat_images(train_artifact):
+    """Flat image regions give exactly equal convolution outputs, so max-pooling windows tie
+    exactly: ONNX Runtime must route the gradient to the first maximum, as torch does."""
+    images = np.zeros((4, 3, 32, 32), np.float32)
+    images[1] = 1.0
+    images[2, :, :16] = 0.5
+    images[3, 0] = np.linspace(0, 1, 32, dtype=np.float32)[None, :]
+    labels = np.array([0, 1, 2, 3])
+    spec = train_artifact.graph("train_mse").spec
+    feed = graph_feed(spec, images, labels, None, train_artifact.parameters())
+    got = train_artifact.run(spec.stem, feed)
+    want = dict(zip(spec.output_names, EagerRunner(train_artifact).run(spec, feed), strict=True))
+    for name in spec.output_names:
+        tolerance = GRADIENT_TOLERANCE if name.startswith("grad.") else PROFILES["fp32-cpu"]
+        atol = tolerance.atol_for(want[name].astype(np.float64))
+        errors = element_errors(got[name], want[name], atol, tolerance.rtol)
+        assert not errors.failed.any(), f"{name}: max abs error {errors.error.max():.3g}"
 
 
 def test_lossx_check_gates_training_graphs(train_artifact, test_split):

@@ -64,16 +64,16 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
 
 
-def _pool_backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _pool_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dx of a 2x2 max-pooling y = pool(x): dy goes to the first maximum of each window."""
     a, b = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]
-    c, d = x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
-    peak = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
-    first = a == peak
-    second = (b == peak) & ~first
-    third = (c == peak) & ~(first | second)
+    c = x[:, :, 1::2, 0::2]
+    first = a == y
+    second = (b == y) & ~first
+    third = (c == y) & ~(first | second)
     fourth = ~(first | second | third)
-    zero = torch.zeros_like(dy)
-    ga, gb, gc, gd = (torch.where(t, dy, zero) for t in (first, second, third, fourth))
+    # Mul by a 0/1 mask: ONNX Runtime's Where took 4x as long
+    ga, gb, gc, gd = (dy * t.to(dy.dtype) for t in (first, second, third, fourth))
     top = torch.stack([ga, gb], -1).flatten(-2)
     bottom = torch.stack([gc, gd], -1).flatten(-2)
     return torch.stack([top, bottom], 3).flatten(2, 3)
@@ -180,7 +180,7 @@ class TrainingStep(nn.Module):
                 dy, dw, db = _conv_backward(dy, x, weight, layer.padding[0], need_dx)
                 grads = [dw, db, *grads]
             elif isinstance(layer, nn.MaxPool2d):
-                dy = _pool_backward(dy, x)
+                dy = _pool_backward(dy, x, saved[index + 1][0])
             elif isinstance(layer, nn.Flatten):
                 dy = dy.reshape(x.shape)
             else:

@@ -47,13 +47,16 @@ def open_session(
     optimization: str = "all",
     tf32: bool = False,
     initializers: dict[str, np.ndarray] | None = None,
+    nchwc: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession for `path` that really runs on `provider` ("cpu", "cuda" or "auto").
 
     `threads`: intra-op threads (None: one per core). `optimization`: ONNX Runtime's graph
     optimisation level, one of OPTIMIZATION_LEVELS. `tf32`: let CUDA use TF32 matrix units;
     off by default because TF32 rounds fp32 inputs to 10-bit mantissas, which breaks parity.
-    `initializers`: values that replace the graph's initializers of the same names.
+    `initializers`: values that replace the graph's initializers of the same names. `nchwc`:
+    ONNX Runtime's NCHWc layout transformer (optimisation level all); it slows training graphs
+    down (see `Artifact.session`).
     """
     providers = _requested_providers(provider)
     if optimization not in OPTIMIZATION_LEVELS:
@@ -81,7 +84,12 @@ def open_session(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback warning: checked below instead
             model = str(path) if initializers is None else _with_initializers(path, initializers)
-            session = ort.InferenceSession(model, sess_options=options, providers=providers)
+            session = ort.InferenceSession(
+                model,
+                sess_options=options,
+                providers=providers,
+                disabled_optimizers=None if nchwc else ["NchwcTransformer"],
+            )
     except Exception as e:  # ORT raises several unrelated types for unreadable models
         raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line(e)}") from None
     if provider == "cuda" and session.get_providers()[0] != _ORT_NAMES["cuda"]:
