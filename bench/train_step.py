@@ -1,9 +1,11 @@
 """One training step in ONNX Runtime beside eager PyTorch: `lossx train`'s two engines.
 
-    python bench/train_step.py [--threads 2] [--steps 20] [--rounds 3] [--profile]
+    python bench/train_step.py [--data-dir DIR] [--threads 2] [--steps 20] [--rounds 3] [--profile]
 
-Exports the shipped weights with `--train`, then runs the step each engine of `lossx train`
-takes, on the same real CIFAR-10 batches (the packaged test images), at batch 64 and 256:
+Exports seeded random weights with `--train` (the torch engine starts from the same ones), then
+runs the step each engine of `lossx train` takes, on the same batches of the default recipe
+(shuffled, augmented training images; the packaged test images without --data-dir) with the
+one-cycle schedule, at batch 64 and 256:
 
 - onnxruntime: train_ce.onnx in ONNX Runtime, then clipping and Nesterov SGD in numpy;
 - torch: eager forward, backward, clipping and torch.optim.SGD.
@@ -15,6 +17,7 @@ images/s, the ratio, and how far apart the two engines' weights are after the sa
 
 import argparse
 import collections
+import itertools
 import json
 import tempfile
 import time
@@ -26,17 +29,15 @@ import torch
 
 from lossx.build import export_artifact
 from lossx.build.train import TorchEngine
-from lossx.runtime import load_artifact, load_packaged_sample, to_model_input
-from lossx.runtime.recipe import TrainConfig
+from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample
+from lossx.runtime.recipe import TrainConfig, epoch_batches, one_cycle
 from lossx.runtime.train import OnnxRuntimeEngine
 
-LR, MOMENTUM = 0.01, 0.9
 
-
-def timed_round(engine, batches) -> float:
+def timed_round(engine, batches, first_step: int, total_steps: int) -> float:
     started = time.perf_counter()
-    for images, labels in batches:
-        engine.step(images, labels, LR, MOMENTUM)
+    for index, (images, labels) in enumerate(batches):
+        engine.step(images, labels, *one_cycle(first_step + index, total_steps, 0.02))
     return sum(len(labels) for _, labels in batches) / (time.perf_counter() - started)
 
 
@@ -66,52 +67,46 @@ def profile(artifact, batches, threads: int, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sample = load_packaged_sample()
-    images, labels = to_model_input(sample.images), sample.labels
+    if args.data_dir:
+        split = load_cifar10(args.data_dir, "train", limit=256 * args.steps)
+    else:
+        split = load_packaged_sample()
+    total_steps = args.rounds * args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        export_artifact(Path(tmp) / "a", losses=["ce"], train=True)
+        export_artifact(Path(tmp) / "a", losses=["ce"], init="random", seed=0, train=True)
         artifact = load_artifact(Path(tmp) / "a")
-        config = TrainConfig(weight_decay=5e-4, clip_norm=5.0)
         print(
-            f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps (lr {LR}, "
-            f"Nesterov momentum {MOMENTUM}, weight decay 5e-4, clipping at 5), best round"
+            f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps of the default "
+            f"recipe on {split.source}, best round"
         )
-        print(
-            f"{'batch':>6}{'onnxruntime img/s':>19}{'torch img/s':>13}{'ratio':>8}"
-            f"{'weights apart':>15}"
-        )
+        print(f"{'batch':>6}{'onnxruntime img/s':>19}{'torch img/s':>13}{'ratio':>8}"
+              f"{'weights apart':>15}")  # fmt: skip
         for batch in (64, 256):
-            batches = [
-                (images[s : s + batch], labels[s : s + batch])
-                for s in (step * batch % (len(labels) - batch) for step in range(args.steps))
-            ]
+            config = TrainConfig(batch_size=batch, seed=0)
+            batches = list(itertools.islice(epoch_batches(split, config, 1), args.steps))
             onnx = OnnxRuntimeEngine(
                 artifact, config, Path(tmp) / "o.npz", {"threads": args.threads}
             )
             eager = TorchEngine(config, Path(tmp) / "t.pt")
-            eager.model.load_state_dict(
-                {k: torch.from_numpy(v) for k, v in artifact.parameters().items()}
-            )
             speeds = {"onnx": [], "eager": []}
-            for _ in range(args.rounds):
-                speeds["onnx"].append(timed_round(onnx, batches))
-                speeds["eager"].append(timed_round(eager, batches))
-            state = eager.model.state_dict()
+            for round_index in range(args.rounds):
+                first = round_index * args.steps
+                speeds["onnx"].append(timed_round(onnx, batches, first, total_steps))
+                speeds["eager"].append(timed_round(eager, batches, first, total_steps))
             apart = max(
                 float(np.abs(onnx.parameters[k] - v.numpy()).max() / np.abs(v.numpy()).max())
-                for k, v in state.items()
+                for k, v in eager.model.state_dict().items()
             )
             best_onnx, best_eager = max(speeds["onnx"]), max(speeds["eager"])
-            print(
-                f"{batch:>6}{best_onnx:>19,.0f}{best_eager:>13,.0f}{best_onnx / best_eager:>7.2f}x"
-                f"{apart:>15.2g}"
-            )
+            print(f"{batch:>6}{best_onnx:>19,.0f}{best_eager:>13,.0f}"
+                  f"{best_onnx / best_eager:>7.2f}x{apart:>15.2g}")  # fmt: skip
             if args.profile:
                 profile(artifact, batches, args.threads, Path(tmp))
 
