@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from lossx.build.export import export_artifact
 from lossx.build.train import train as train_torch
@@ -233,3 +234,37 @@ def test_cli_trains_in_onnxruntime_without_torch(data_dir, train_artifact, tmp_p
     assert sorted(load_artifact(train_artifact).with_weights(out).parameters()) == sorted(
         load_artifact(train_artifact).parameters()
     )
+
+
+def test_cli_check_and_predict_run_with_trained_weights(train_artifact, ort_run, tmp_path):
+    weights = str(ort_run[0])
+    result = CliRunner().invoke(
+        main, ["check", str(train_artifact), "--weights", weights, "--limit", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    image = tmp_path / "grey.png"
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(image)
+    outputs = [
+        json.loads(CliRunner().invoke(main, ["predict", str(train_artifact), str(image), "--json",
+                                             *extra]).stdout)["predictions"][0]["top_k"][0]
+        for extra in ([], ["--weights", weights])
+    ]  # fmt: skip
+    assert outputs[0]["probability"] != outputs[1]["probability"]
+
+
+@pytest.mark.gpu
+def test_onnxruntime_training_on_cuda_takes_the_cpu_steps(
+    data_dir, train_artifact, ort_run, tmp_path
+):
+    """The same 16 steps on CUDA (TF32 off) as on the CPU, within the engines' tolerance."""
+    cpu_weights, cpu_log = ort_run
+    log = train_onnxruntime(
+        load_artifact(train_artifact), data_dir, tmp_path / "cuda.npz", SMALL, provider="cuda"
+    )
+    for mine, theirs in zip(log, cpu_log, strict=True):
+        assert abs(mine.eval_loss - theirs.eval_loss) < 1e-5
+    with np.load(tmp_path / "cuda.npz") as got, np.load(cpu_weights) as want:
+        for name in want.files:
+            if "/" not in name:
+                gap = np.abs(got[name] - want[name]).max() / np.abs(want[name]).max()
+                assert gap < 1e-3, name
