@@ -18,7 +18,7 @@ from lossx.build.train import train as train_torch
 from lossx.cli import main
 from lossx.errors import CheckpointError, SpecError
 from lossx.runtime import load_artifact, open_artifact
-from lossx.runtime.recipe import TrainConfig
+from lossx.runtime.recipe import TrainConfig, TrainingDiverged
 from lossx.runtime.train import STATE_KEY
 from lossx.runtime.train import train as train_onnxruntime
 from tests.conftest import require_shared
@@ -250,6 +250,20 @@ def test_cli_check_and_predict_run_with_trained_weights(train_artifact, ort_run,
         for extra in ([], ["--weights", weights])
     ]  # fmt: skip
     assert outputs[0]["probability"] != outputs[1]["probability"]
+
+
+def test_both_engines_stop_where_training_diverges(data_dir, train_artifact, tmp_path):
+    config = replace(SMALL, lr=10.0, clip_norm=0.0)
+    messages = []
+    for run in (
+        lambda out: train_torch(data_dir, out, config),
+        lambda out: train_onnxruntime(load_artifact(train_artifact), data_dir, out, config),
+    ):
+        with pytest.raises(TrainingDiverged, match="the loss is nan; try a lower --lr") as error:
+            run(tmp_path / "c")
+        messages.append(str(error.value))
+        assert not (tmp_path / "c").exists()
+    assert messages[0] == messages[1]
 
 
 @pytest.mark.gpu

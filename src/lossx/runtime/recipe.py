@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lossx.errors import SpecError
+from lossx.errors import LossxError, SpecError
 from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.evaluate import log_softmax
 from lossx.runtime.losses import LossSpec, parse_loss_spec
@@ -30,6 +30,10 @@ DIV_FACTOR = 25.0
 FINAL_DIV_FACTOR = 1e4
 MOMENTUM_RANGE = (0.85, 0.95)
 EVAL_BATCH = 500
+
+
+class TrainingDiverged(LossxError):
+    """The loss became NaN or infinite; the last checkpoint holds the last whole epoch."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,11 @@ def run_epochs(
         for index, (images, labels) in enumerate(epoch_batches(train_split, config, epoch)):
             step = (epoch - 1) * steps + index
             loss = engine.step(images, labels, *one_cycle(step, total_steps, config.lr))
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1} (epoch {epoch}): the loss is {loss}; "
+                    f"try a lower --lr than {config.lr:g}"
+                )
             total += loss * len(labels) if per_image else loss
             done += len(labels)
             if on_step:

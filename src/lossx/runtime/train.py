@@ -217,5 +217,10 @@ def train(
         raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
     engine = OnnxRuntimeEngine(artifact, config, out, session_options)
     data = training_data(data_dir, config)
-    history = engine.restore(resume, state) if state is not None else []
+    history = []
+    if state is not None:
+        try:
+            history = engine.restore(resume, state)
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise CheckpointError(f"{resume}: damaged checkpoint ({first_line(e)})") from None
     return run_epochs(engine, config, data, history, stop_after, on_batch, on_epoch, on_step)
