@@ -15,15 +15,17 @@ from torch import nn
 
 from lossx.build.losses import reference_loss
 from lossx.build.models import build_model
-from lossx.errors import CheckpointError, LossxError, SpecError, first_line
+from lossx.errors import CheckpointError, first_line
 from lossx.files import write_atomically
 from lossx.runtime.evaluate import target_form
 from lossx.runtime.recipe import (
     EpochResult,
     TrainConfig,
+    checkpoint_path,
     eval_batches,
     eval_scores,
     run_epochs,
+    run_recipe,
     training_data,
 )
 
@@ -141,18 +143,9 @@ def train(
     Callbacks as for `lossx.runtime.recipe.run_epochs`.
     """
     state = load_training_checkpoint(resume) if resume else None
-    if state is not None:
-        try:
-            config = TrainConfig.from_dict(state["config"])
-        except (KeyError, TypeError, SpecError) as e:
-            raise CheckpointError(
-                f"{resume}: its recipe is not one lossx knows ({first_line(e)})"
-            ) from None
-    config = config or TrainConfig()
+    config = run_recipe(config, state, resume)
     config.validate()
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
+    out = checkpoint_path(out)
     data = training_data(data_dir, config)
     engine = TorchEngine(config, out)
     history: list[EpochResult] = []

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lossx.errors import LossxError, SpecError
+from lossx.errors import CheckpointError, LossxError, SpecError, first_line
 from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.evaluate import log_softmax
 from lossx.runtime.losses import LossSpec, parse_loss_spec
@@ -140,6 +140,27 @@ def one_cycle(step: int, total_steps: int, max_lr: float) -> tuple[float, float]
 
 def _cosine(begin: float, end: float, fraction: float) -> float:
     return end + (begin - end) / 2.0 * (math.cos(math.pi * fraction) + 1)
+
+
+def run_recipe(config: TrainConfig | None, state: dict | None, resume: Path | None) -> TrainConfig:
+    """The recipe a run follows: a resumed checkpoint's own (`state`), else `config`, else the
+    default."""
+    if state is None:
+        return config or TrainConfig()
+    try:
+        return TrainConfig.from_dict(state["config"])
+    except (KeyError, TypeError, SpecError) as e:
+        raise CheckpointError(
+            f"{resume}: its recipe is not one lossx knows ({first_line(e)})"
+        ) from None
+
+
+def checkpoint_path(out: Path) -> Path:
+    """`out`, refused at once if its folder does not exist (not after the first epoch)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
+    return out
 
 
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

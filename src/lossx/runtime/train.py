@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lossx.errors import CheckpointError, LossxError, SpecError, first_line
+from lossx.errors import CheckpointError, SpecError, first_line
 from lossx.files import write_atomically
 from lossx.runtime.artifact import Artifact, check_weights, sha256_of
 from lossx.runtime.cifar10 import Cifar10Split
@@ -29,10 +29,12 @@ from lossx.runtime.graphs import GraphSpec
 from lossx.runtime.recipe import (
     EpochResult,
     TrainConfig,
+    checkpoint_path,
     clip_factor,
     eval_batches,
     eval_scores,
     run_epochs,
+    run_recipe,
     training_data,
 )
 
@@ -195,26 +197,17 @@ def train(
     `out` after every epoch; arguments as for lossx.build.train.train, plus ONNX Runtime's
     `session_options` (provider, threads, ...)."""
     state = _resume_state(resume) if resume else None
-    if state is not None:
-        try:
-            config = TrainConfig.from_dict(state["config"])
-        except (KeyError, TypeError, SpecError) as e:
-            raise CheckpointError(
-                f"{resume}: its recipe is not one lossx knows ({first_line(e)})"
-            ) from None
-        if state.get("artifact_manifest_sha256") != sha256_of(artifact.path / "manifest.json"):
-            raise CheckpointError(
-                f"{resume}: was trained with another artifact than {artifact.path}"
-            )
-    config = replace(config or TrainConfig(), model=artifact.manifest.model)
+    config = replace(run_recipe(config, state, resume), model=artifact.manifest.model)
+    if state is not None and state.get("artifact_manifest_sha256") != sha256_of(
+        artifact.path / "manifest.json"
+    ):
+        raise CheckpointError(f"{resume}: was trained with another artifact than {artifact.path}")
     config.validate()
     if config.optimizer != "sgd":
         raise SpecError(
             f"the onnxruntime engine implements optimizer sgd only, not {config.optimizer}"
         )
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
+    out = checkpoint_path(out)
     engine = OnnxRuntimeEngine(artifact, config, out, session_options)
     data = training_data(data_dir, config)
     history = []
