@@ -547,8 +547,8 @@ def train(
     **recipe,
 ) -> None:
     """Train the model on the CIFAR-10 training split: with eager PyTorch, or with ARTIFACT_DIR's
-    training graph in ONNX Runtime (--engine onnxruntime). Both follow the same recipe: the same
-    seed gives the same weights."""
+    training graph in ONNX Runtime (--engine onnxruntime). Both follow the same recipe: from
+    the same weights and seed they take the same steps, to float rounding."""
     from lossx.runtime.recipe import TrainConfig
 
     if data_dir is None:
