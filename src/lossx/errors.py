@@ -27,6 +27,10 @@ class SpecError(LossxError):
     """An unknown model or loss name, or an option value out of range."""
 
 
+class TrainingDiverged(LossxError):
+    """The training loss became NaN or infinite; the checkpoint keeps the last whole epoch."""
+
+
 class ParityError(LossxError):
     """ONNX Runtime and eager PyTorch disagree beyond tolerance."""
 

@@ -16,9 +16,9 @@ from PIL import Image
 from lossx.build.export import export_artifact
 from lossx.build.train import train as train_torch
 from lossx.cli import main
-from lossx.errors import CheckpointError, SpecError
+from lossx.errors import CheckpointError, SpecError, TrainingDiverged
 from lossx.runtime import load_artifact, open_artifact
-from lossx.runtime.recipe import TrainConfig, TrainingDiverged
+from lossx.runtime.recipe import TrainConfig
 from lossx.runtime.train import STATE_KEY
 from lossx.runtime.train import train as train_onnxruntime
 from tests.conftest import require_shared

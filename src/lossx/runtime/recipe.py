@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lossx.errors import CheckpointError, LossxError, SpecError, first_line
+from lossx.errors import CheckpointError, LossxError, SpecError, TrainingDiverged, first_line
 from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.evaluate import log_softmax
 from lossx.runtime.losses import LossSpec, parse_loss_spec
@@ -30,10 +30,6 @@ DIV_FACTOR = 25.0
 FINAL_DIV_FACTOR = 1e4
 MOMENTUM_RANGE = (0.85, 0.95)
 EVAL_BATCH = 500
-
-
-class TrainingDiverged(LossxError):
-    """The loss became NaN or infinite; the last checkpoint holds the last whole epoch."""
 
 
 @dataclass(frozen=True)
