@@ -15,7 +15,7 @@ from lossx import __version__
 from lossx.errors import EnvironmentProblem, LossxError, ParityError
 from lossx.files import write_atomically
 from lossx.parity.report import PROFILES
-from lossx.runtime.artifact import sha256_of
+from lossx.runtime.artifact import MANIFEST_FILE, sha256_of
 from lossx.runtime.graphs import DEFAULT_OPSET, MIN_OPSET
 from lossx.runtime.losses import LOSSES, format_value, parse_loss_spec
 from lossx.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES
@@ -187,7 +187,7 @@ def export(
     )
     for name, info in manifest.files.items():
         click.echo(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256'][:16]}")
-    manifest_sha256 = sha256_of(Path(out_dir) / "manifest.json")
+    manifest_sha256 = sha256_of(Path(out_dir) / MANIFEST_FILE)
     click.echo(f"manifest.json sha256 {manifest_sha256} (pin it with --require-sha256)")
 
 

@@ -17,12 +17,12 @@ from lossx.build.losses import reference_loss
 from lossx.build.models import build_model
 from lossx.errors import CheckpointError, first_line
 from lossx.files import write_atomically
-from lossx.runtime.evaluate import target_form
+from lossx.runtime.evaluate import iter_batches, target_form
 from lossx.runtime.recipe import (
+    EVAL_BATCH,
     EpochResult,
     TrainConfig,
     checkpoint_path,
-    eval_batches,
     eval_scores,
     run_epochs,
     run_recipe,
@@ -35,7 +35,7 @@ CHECKPOINT_FORMAT = "lossx-train-checkpoint"
 def _evaluate(model: nn.Module, split) -> tuple[float, float]:
     model.eval()
     with torch.inference_mode():
-        logits = [model(torch.from_numpy(images)).numpy() for images in eval_batches(split)]
+        logits = [model(torch.from_numpy(x)).numpy() for x, _ in iter_batches(split, EVAL_BATCH)]
     return eval_scores(np.concatenate(logits), split.labels)
 
 

@@ -294,9 +294,10 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
     return Artifact(artifact_dir, manifest)
 
 
-def read_weights(path: Path) -> dict[str, np.ndarray]:
-    """The weights in an .npz file (never a pickle) by state_dict name. Keys holding a "/"
-    (the optimizer state `lossx train --engine onnxruntime` keeps beside them) are left out."""
+def read_weights(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
+    """The weights in an .npz file (never a pickle) by state_dict name: the arrays under
+    `prefix`, which is stripped. Keys holding a further "/" (the optimizer state `lossx train
+    --engine onnxruntime` keeps beside the weights) are left out."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
@@ -305,7 +306,11 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: not an .npz weights file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files if "/" not in name}
+            return {
+                name.removeprefix(prefix): npz[name]
+                for name in npz.files
+                if name.startswith(prefix) and "/" not in name.removeprefix(prefix)
+            }
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not an .npz weights file ({first_line(e)})") from None
 

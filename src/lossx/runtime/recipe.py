@@ -29,7 +29,7 @@ WARMUP_FRACTION = 0.3
 DIV_FACTOR = 25.0
 FINAL_DIV_FACTOR = 1e4
 MOMENTUM_RANGE = (0.85, 0.95)
-EVAL_BATCH = 500
+EVAL_BATCH = 500  # images per evaluation batch
 
 
 @dataclass(frozen=True)
@@ -212,12 +212,6 @@ def training_data(data_dir: Path | None, config: TrainConfig) -> tuple[Cifar10Sp
         train_split.images[keep:], train_split.labels[keep:], train_split.class_names, "holdout"
     )
     return train_split.head(keep), holdout
-
-
-def eval_batches(split: Cifar10Split) -> Iterator[np.ndarray]:
-    """The evaluation split's images, model-ready, in batches of EVAL_BATCH."""
-    for start in range(0, len(split), EVAL_BATCH):
-        yield to_model_input(split.images[start : start + EVAL_BATCH])
 
 
 def eval_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

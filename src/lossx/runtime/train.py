@@ -22,16 +22,16 @@ import numpy as np
 
 from lossx.errors import CheckpointError, SpecError, first_line
 from lossx.files import write_atomically
-from lossx.runtime.artifact import Artifact, check_weights, sha256_of
+from lossx.runtime.artifact import MANIFEST_FILE, Artifact, check_weights, read_weights, sha256_of
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.evaluate import graph_feed
+from lossx.runtime.evaluate import graph_feed, iter_batches
 from lossx.runtime.graphs import GraphSpec
 from lossx.runtime.recipe import (
+    EVAL_BATCH,
     EpochResult,
     TrainConfig,
     checkpoint_path,
     clip_factor,
-    eval_batches,
     eval_scores,
     run_epochs,
     run_recipe,
@@ -100,14 +100,14 @@ class OnnxRuntimeEngine:
     def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
         model = self.artifact.with_weights(self.parameters)
         logits = [model.run("model", {"images": x}, **self.session_options)["logits"]
-                  for x in eval_batches(split)]  # fmt: skip
+                  for x, _ in iter_batches(split, EVAL_BATCH)]  # fmt: skip
         return eval_scores(np.concatenate(logits), split.labels)
 
     def save(self, history: list[EpochResult]) -> None:
         state = {
             "format": CHECKPOINT_FORMAT,
             "model_name": self.artifact.manifest.model,
-            "artifact_manifest_sha256": sha256_of(self.artifact.path / "manifest.json"),
+            "artifact_manifest_sha256": sha256_of(self.artifact.path / MANIFEST_FILE),
             "config": self.config.to_dict(),
             "history": [e.to_dict() for e in history],
         }
@@ -119,14 +119,8 @@ class OnnxRuntimeEngine:
         write_atomically(self.out, lambda f: f.write(buffer.getvalue()))
 
     def restore(self, path: Path, state: dict) -> list[EpochResult]:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        weights = {k: v for k, v in arrays.items() if "/" not in k}
-        momentum = {
-            k.removeprefix(MOMENTUM_PREFIX): v
-            for k, v in arrays.items()
-            if k.startswith(MOMENTUM_PREFIX)
-        }
+        weights = read_weights(path)
+        momentum = read_weights(path, MOMENTUM_PREFIX)
         check_weights(weights, self.parameters)
         if momentum:
             check_weights(momentum, self.parameters)
@@ -199,7 +193,7 @@ def train(
     state = _resume_state(resume) if resume else None
     config = replace(run_recipe(config, state, resume), model=artifact.manifest.model)
     if state is not None and state.get("artifact_manifest_sha256") != sha256_of(
-        artifact.path / "manifest.json"
+        artifact.path / MANIFEST_FILE
     ):
         raise CheckpointError(f"{resume}: was trained with another artifact than {artifact.path}")
     config.validate()
