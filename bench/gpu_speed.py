@@ -34,7 +34,7 @@ def eager_cuda(artifact_dir: Path):
     try:
         import torch
 
-        from lossx.parity.eager import EagerRunner
+        from lossx.build.eager import EagerRunner
         from lossx.runtime import load_artifact
     except ImportError:
         return None
@@ -42,7 +42,7 @@ def eager_cuda(artifact_dir: Path):
         return None
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = EagerRunner(load_artifact(artifact_dir)).model.cuda().eval()
+    model = EagerRunner.of_artifact(load_artifact(artifact_dir)).model.cuda().eval()
 
     def predict(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

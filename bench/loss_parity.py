@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from lossx.build.export import export_loss, sample_inputs
+from lossx.build.export import export_loss
 from lossx.build.losses import reference_loss
-from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
-from lossx.runtime.losses import parse_loss_spec
+from lossx.compare.engine import compare_arrays
+from lossx.compare.inputs import sample_feed
+from lossx.compare.tolerances import DEFAULT_PROFILE, PROFILES
+from lossx.runtime.loss_specs import parse_loss_spec
 from lossx.runtime.session import open_session
 
 WEIGHTS = "[0.5, 2, 1, 3, 0.1]"
@@ -47,6 +49,7 @@ VARIANTS = {
     "kl_div": ["kl_div", "kl_div(reduction=batchmean)", "kl_div(log_target=true, reduction=sum)"],
 }
 SCALES = (1.0, 30.0, 1e4)
+TOLERANCE = PROFILES[DEFAULT_PROFILE]
 SIZES = ({"N": 1, "C": 5, "D": 5, "d1": 1, "d2": 1}, {"N": 9, "C": 5, "D": 5, "d1": 4, "d2": 3})
 
 
@@ -60,13 +63,12 @@ def measure(text: str, extra_dims: int, seeds: int, directory: Path) -> list:
     for scale in SCALES:
         for sizes in SIZES:
             for seed in range(seeds):
-                inputs = sample_inputs(graph, sizes, seed, scale, ignore_fraction=0.2)
-                feed = {t.name: x.numpy() for t, x in zip(graph.inputs, inputs, strict=True)}
+                feed = sample_feed(graph, sizes, seed, scale, ignore_fraction=0.2)
                 (got,) = session.run(None, feed)
                 with torch.no_grad():
-                    want = module(*inputs).numpy()
+                    want = module(*map(torch.from_numpy, feed.values())).numpy()
                 case = f"{text} rank {2 + extra_dims} x{scale:g}"
-                results.append((case, compare(case, "loss", got, want, DEFAULT_ATOL, DEFAULT_RTOL)))
+                results.append((case, compare_arrays(got, want, TOLERANCE)))
     return results
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20, help="Random inputs per case.")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    print(f"atol {DEFAULT_ATOL:g}, rtol {DEFAULT_RTOL:g}; scales {SCALES}; {args.seeds} seeds")
+    print(f"atol {TOLERANCE.atol:g}, rtol {TOLERANCE.rtol:g}; scales {SCALES}; {args.seeds} seeds")
     print(f"{'loss':<11}{'draws':>7}{'max abs err':>13}{'max rel err':>13}{'tol used':>10}  worst")
     failed = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,14 +5,14 @@
 
 Prints, for every output of every graph, the max absolute error and the share of the tolerance
 (|onnx - eager| / (atol + rtol * |eager|), worst element) at batch sizes 1, 7, 64 and 256.
-The README's "Parity tolerances" figures come from this table.
+The figures of docs/parity.md come from this table.
 """
 
 import argparse
 from pathlib import Path
 
-from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL
-from lossx.parity.eager import artifact_parity
+from lossx.compare.tolerances import DEFAULT_PROFILE, resolve_tolerances
+from lossx.parity.check import compare_with_eager
 from lossx.runtime import load_artifact, load_cifar10
 
 BATCH_SIZES = (1, 7, 64, 256)
@@ -27,19 +27,22 @@ def main() -> None:
     args = parser.parse_args()
     artifact = load_artifact(args.artifact)
     data = load_cifar10(args.data_dir, args.split, args.limit)
+    tolerances = resolve_tolerances(DEFAULT_PROFILE)
     reports = {
-        size: artifact_parity(artifact, data, DEFAULT_ATOL, DEFAULT_RTOL, size)
+        size: compare_with_eager(artifact, data, tolerances, DEFAULT_PROFILE, size)
         for size in BATCH_SIZES
     }
-    print(f"{len(data):,} images of {data.source}; atol {DEFAULT_ATOL:g}, rtol {DEFAULT_RTOL:g}")
+    atol, rtol = tolerances.default.atol, tolerances.default.rtol
+    print(f"{len(data):,} images of {data.source}; atol {atol:g}, rtol {rtol:g} (gradients "
+          "under the gradient rule)")  # fmt: skip
     header = "".join(f"{f'batch {s}':>22}" for s in BATCH_SIZES)
     print(f"{'graph/output':<18}{header}")
     print(f"{'':<18}" + "".join(f"{'max abs':>12}{'tol used':>10}" for _ in BATCH_SIZES))
-    first = reports[BATCH_SIZES[0]].comparisons
+    first = reports[BATCH_SIZES[0]].outputs
     for index, row in enumerate(first):
         cells = "".join(
-            f"{reports[s].comparisons[index].max_abs_error:>12.2e}"
-            f"{reports[s].comparisons[index].max_tolerance_used:>10.1%}"
+            f"{reports[s].outputs[index].max_abs_error:>12.2e}"
+            f"{reports[s].outputs[index].max_tolerance_used:>10.1%}"
             for s in BATCH_SIZES
         )
         print(f"{row.graph + '/' + row.output:<18}{cells}")

@@ -41,7 +41,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from lossx.parity.eager import EagerRunner
+from lossx.build.eager import EagerRunner
 from lossx.runtime import (
     Cifar10Split,
     evaluate,
@@ -107,7 +107,7 @@ def model_only(artifact, split: Cifar10Split, threads: int, repeats: int, second
     spec = artifact.graph("model").spec
     session = open_session(artifact.path / spec.file, "cpu", threads)
     (input_name,), outputs = spec.input_names, spec.output_names
-    model = EagerRunner(artifact).model.eval()
+    model = EagerRunner.of_artifact(artifact).model.eval()
     steps = {}
     for batch in BATCH_SIZES:
         arrays = model_batches(split.images, batch)
@@ -329,7 +329,7 @@ def main() -> None:
         ((name, n, rate) for name, rates in peaks.items() for n, rate in rates.items()),
         key=lambda item: item[2],
     )
-    flops = layer_flops(EagerRunner(artifact).model.eval())
+    flops = layer_flops(EagerRunner.of_artifact(artifact).model.eval())
     per_image = sum(f for _, f in flops)
     roofline = peak / per_image
     best_batch = max(BATCH_SIZES, key=lambda b: ort_rate[b])

@@ -28,10 +28,10 @@ import onnxruntime as ort
 import torch
 
 from lossx.build import export_artifact
-from lossx.build.train import TorchEngine
+from lossx.build.torch_engine import TorchEngine
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample
+from lossx.runtime.ort_engine import OnnxRuntimeEngine
 from lossx.runtime.recipe import TrainConfig, epoch_batches, one_cycle
-from lossx.runtime.train import OnnxRuntimeEngine
 
 
 def timed_round(engine, batches, first_step: int, total_steps: int) -> float:

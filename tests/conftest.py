@@ -17,7 +17,11 @@ import torch
 from torch import nn
 
 from lossx.build import build_model, export_artifact
-from lossx.parity.eager import EagerRunner
+from lossx.build.eager import EagerRunner
+from lossx.compare.engine import compare_arrays
+from lossx.compare.inputs import sample_feed
+from lossx.compare.report import OutputReport
+from lossx.compare.tolerances import DEFAULT_PROFILE, PROFILES
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample, to_model_input
 from lossx.runtime.artifact import sha256_of
 
@@ -108,7 +112,17 @@ def shipped_artifact(tmp_path_factory):
 
 def eager_model(artifact) -> nn.Module:
     """The artifact's model, rebuilt eagerly from its weights file."""
-    return EagerRunner(artifact).model
+    return EagerRunner.of_artifact(artifact).model
+
+
+def sample_tensors(spec, sizes: dict[str, int], seed: int, **options) -> list[torch.Tensor]:
+    """`sample_feed`'s random inputs of `spec` as torch tensors, in input order."""
+    return [torch.from_numpy(x) for x in sample_feed(spec, sizes, seed, **options).values()]
+
+
+def compare_fp32(got, want) -> OutputReport:
+    """`got` against `want` under the fp32-cpu profile (atol = rtol = 1e-5), elementwise."""
+    return compare_arrays(got, want, PROFILES[DEFAULT_PROFILE])
 
 
 def copy_with_eager_weights_changed(artifact_dir: Path, target: Path, change) -> Path:

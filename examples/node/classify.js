@@ -61,8 +61,8 @@ function readManifest(dir) {
     if (err instanceof Refusal) throw err;
     refuse(`${file} is not valid JSON: ${err.message}`);
   }
-  if (manifest?.format !== 'lossx-artifact' || manifest.format_version !== 2) {
-    refuse(`${file} is not a lossx artifact manifest of format_version 2`);
+  if (manifest?.format !== 'lossx-artifact' || manifest.format_version !== 3) {
+    refuse(`${file} is not a lossx artifact manifest of format_version 3`);
   }
   const graph = (manifest.graphs || []).find((g) => g.kind === 'model');
   const [input, output] = [graph?.inputs?.[0], graph?.outputs?.[0]];

@@ -1,6 +1,7 @@
-"""The `lossx` command line: parse, call lossx.build / lossx.runtime, render.
+"""The `lossx` command line: parse, call lossx.build / lossx.runtime / lossx.parity, render.
 
-torch is imported only by the commands that need it (export, eval --compare-eager).
+torch is imported only by the commands that need it (export, check, eval --compare-eager,
+train --engine torch); in an install without the `export` extra they stop with one line.
 Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment, 4 export failed.
 """
 
@@ -12,16 +13,16 @@ from pathlib import Path
 import click
 
 from lossx import __version__
-from lossx.errors import EnvironmentProblem, LossxError, ParityError
+from lossx.compare.tolerances import PROFILES, default_profile, resolve_tolerances
+from lossx.errors import EnvironmentProblem, LossxError
 from lossx.files import write_atomically
-from lossx.parity.report import PROFILES
-from lossx.runtime.artifact import MANIFEST_FILE, sha256_of
-from lossx.runtime.graphs import DEFAULT_OPSET, MIN_OPSET
-from lossx.runtime.losses import LOSSES, format_value, parse_loss_spec
+from lossx.runtime.graphs import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET
+from lossx.runtime.loss_specs import DEFAULT_LOSSES, LOSSES, catalogue_text, parse_loss_spec
+from lossx.runtime.recipe import TrainConfig
 from lossx.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES
 
-DEFAULT_LOSSES = ("ce", "mse", "l1")
-
+EXPORT_EXTRA = "pip install 'lossx[export]'"
+RECIPE = TrainConfig()  # the defaults of lossx train's options
 
 _require_sha256 = click.option(
     "--require-sha256",
@@ -118,7 +119,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--model", "model_name", default="tudui", show_default=True, help="Model name.")
+@click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True, help="Model name.")
 @click.option(
     "--loss",
     "losses",
@@ -154,41 +155,18 @@ def main() -> None:
     show_default=True,
     help=f"ONNX opset, {MIN_OPSET} up to the newest the installed exporter and ONNX Runtime run.",
 )
-def export(
-    out_dir: Path,
-    model_name: str,
-    losses: tuple[str, ...],
-    checkpoint: Path | None,
-    init: str,
-    seed: int,
-    train: bool,
-    input_grad: bool,
-    opset: int,
-) -> None:
+def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
     """Export the model, each loss and each model+loss graph to OUT_DIR, verified against eager."""
     _require_torch("lossx export")
-    from lossx.build import export_artifact
+    from lossx.build.export import export_artifact, export_summary
 
     manifest = export_artifact(
         out_dir,
-        model_name=model_name,
         losses=[parse_loss_spec(text) for text in losses],
-        checkpoint=checkpoint,
-        seed=seed,
-        opset=opset,
-        init=init,
         progress=lambda file: click.echo(f"exporting {file}", err=True),
-        train=train,
-        input_grad=input_grad,
+        **options,
     )
-    click.echo(
-        f"wrote {out_dir}: {len(manifest.graphs)} graphs at opset {manifest.opset}, "
-        "each verified against eager PyTorch"
-    )
-    for name, info in manifest.files.items():
-        click.echo(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256'][:16]}")
-    manifest_sha256 = sha256_of(Path(out_dir) / MANIFEST_FILE)
-    click.echo(f"manifest.json sha256 {manifest_sha256} (pin it with --require-sha256)")
+    click.echo(export_summary(manifest, out_dir))
 
 
 @main.command()
@@ -209,34 +187,13 @@ def predict(
     **session_options,
 ) -> None:
     """Classify IMAGES (PNG, JPEG, ...) with the model in ARTIFACT_DIR."""
-    import numpy as np
-
     from lossx.runtime import open_artifact
-    from lossx.runtime.images import load_image
 
     runtime = open_artifact(
         artifact_dir, manifest_sha256=require_sha256, weights=weights, **session_options
     )
-    batch = np.stack([load_image(path) for path in images])  # every file read before any output
-    classes, probabilities = runtime.predict(batch).top_k(top_k)
-    results = [
-        {
-            "file": str(path),
-            "top_k": [
-                {"class": runtime.class_names[c], "index": int(c), "probability": float(p)}
-                for c, p in zip(row_classes, row_probabilities, strict=True)
-            ],
-        }
-        for path, row_classes, row_probabilities in zip(images, classes, probabilities, strict=True)
-    ]
-    if as_json:
-        payload = {"artifact": str(artifact_dir), "providers": runtime.providers}
-        click.echo(json.dumps({**payload, "predictions": results}, indent=2))
-        return
-    width = max(len(r["file"]) for r in results)
-    for result in results:
-        best = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top_k"])
-        click.echo(f"{result['file']:<{width}}  {best}")
+    predictions = runtime.predict_files(list(images), top_k)
+    click.echo(json.dumps(predictions.to_dict(), indent=2) if as_json else predictions.to_text())
 
 
 @main.command()
@@ -275,9 +232,8 @@ def predict(
 @click.option(
     "--repro",
     type=click.Path(path_type=Path, dir_okay=False),
-    default="lossx-check-failure.npz",
-    show_default=True,
-    help="On a parity failure, save the failing inputs and both outputs here.",
+    help="On a parity failure, save the failing inputs and both outputs here.  [default: "
+    "lossx-check-failure.npz beside the first report written, else not saved]",
 )
 def check(
     artifact_dir: Path,
@@ -297,7 +253,7 @@ def check(
     markdown: Path | None,
     require_sha256: str | None,
     weights: Path | None,
-    repro: Path,
+    repro: Path | None,
     **session_options,
 ) -> None:
     """Check every graph in ARTIFACT_DIR against eager PyTorch (or --baseline): a CI gate.
@@ -306,55 +262,32 @@ def check(
     3 an environment problem (e.g. the requested provider is not really available).
     """
     _require_torch("lossx check")
-    from lossx.parity.check import check_artifact, resolve_tolerances
-    from lossx.parity.render import to_json, to_junit_xml, to_markdown, to_text
+    from lossx.compare.render import repro_beside, to_text, write_reports
+    from lossx.parity.check import check_artifact
     from lossx.runtime import load_artifact, load_cifar10
-    from lossx.runtime.session import provider_names
 
     if checkpoint is not None and baseline is not None:
         raise click.UsageError("--checkpoint and --baseline exclude each other")
-    artifact = load_artifact(artifact_dir, require_sha256)
-    if weights is not None:
-        artifact = artifact.with_weights(weights)
-    reference = load_artifact(baseline) if baseline is not None else None
+    artifact = _load_artifact(artifact_dir, require_sha256, weights)
+    reference = load_artifact(baseline) if baseline is not None else checkpoint
     data = load_cifar10(data_dir, split, limit, stream=True)
-    used = provider_names(artifact.session("model", **session_options))  # exit 3 comes first
-    profile = tolerance_profile or ("fp32-cuda" if used[0] == "cuda" else "fp32-cpu")
-    tolerances = resolve_tolerances(profile, atol, rtol, atol_for)
+    profile = tolerance_profile or _fp32_profile(artifact, session_options)
+    reports = {"json": report_json, "junit": junit_xml, "markdown": markdown}
     report = check_artifact(
         artifact,
         data,
-        tolerances,
+        resolve_tolerances(profile, atol, rtol, atol_for),
         profile,
-        checkpoint=checkpoint,
-        baseline=reference,
+        reference=reference,
         batch_size=batch_size,
         seed=seed,
         session_options=session_options,
-        repro=repro,
-        progress=lambda label: click.echo(f"comparing {label}", err=True),
+        repro=repro or repro_beside(list(reports.values())),
+        progress=lambda inputs: click.echo(f"compared {inputs.label}", err=True),
     )
     click.echo(to_text(report))
-    for path, render in (
-        (report_json, to_json),
-        (junit_xml, to_junit_xml),
-        (markdown, to_markdown),
-    ):
-        if path is not None:
-            text = render(report)
-            write_atomically(path, lambda f, text=text: f.write(text.encode()))
-    if not report.passed:
-        worst = max(report.failures, key=lambda o: o.max_tolerance_used)
-        where = (
-            f"; first failing layer {report.first_failing_layer}"
-            if report.first_failing_layer
-            else ""
-        )
-        raise ParityError(
-            f"parity failed for {len(report.failures)} of {len(report.outputs)} outputs, worst "
-            f"{worst.name} (max abs error {worst.max_abs_error:.3g}){where}; failing case saved "
-            f"to {report.repro}"
-        )
+    write_reports(report, reports)
+    report.raise_if_failed()
 
 
 @main.command()
@@ -362,31 +295,9 @@ def check(
 def losses(as_json: bool) -> None:
     """List the losses `lossx export --loss` takes, with their options and defaults."""
     if as_json:
-        click.echo(json.dumps([_loss_to_dict(info) for info in LOSSES.values()], indent=2))
-        return
-    for info in LOSSES.values():
-        click.echo(f"{info.name:<11} torch.nn.{info.torch_class}: {info.summary}")
-        for option in info.options:
-            default = format_value(option.default)
-            click.echo(
-                f"{'':<13}{option.name:<16} default {default:<8} {option.accepted():<28} "
-                f"{option.help}"
-            )
-    click.echo(
-        '\nexample: lossx export out/ --loss "ce(label_smoothing=0.1, reduction=sum)" --loss mse'
-    )
-
-
-def _loss_to_dict(info) -> dict:
-    return {
-        "name": info.name,
-        "torch_class": f"torch.nn.{info.torch_class}",
-        "summary": info.summary,
-        "options": [
-            {"name": o.name, "default": o.default, "accepts": o.accepted(), "help": o.help}
-            for o in info.options
-        ],
-    }
+        click.echo(json.dumps([info.to_dict() for info in LOSSES.values()], indent=2))
+    else:
+        click.echo(catalogue_text())
 
 
 @main.command(name="eval")
@@ -424,9 +335,9 @@ def eval_(
     **session_options,
 ) -> None:
     """Evaluate the artifact in ARTIFACT_DIR on CIFAR-10 with ONNX Runtime."""
-    from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL
-    from lossx.runtime import evaluate, load_artifact, load_cifar10
-    from lossx.runtime.evaluate import check_batch_size
+    from lossx.compare.render import strict_json, to_text
+    from lossx.runtime import evaluate, load_cifar10
+    from lossx.runtime.feeds import check_batch_size
 
     if (atol is not None or rtol is not None) and not compare_eager:
         raise click.UsageError("--atol and --rtol apply only with --compare-eager")
@@ -437,37 +348,31 @@ def eval_(
         from lossx.build.download import download_cifar10
 
         download_cifar10(data_dir)
-    artifact = load_artifact(artifact_dir, require_sha256)
-    if weights is not None:
-        artifact = artifact.with_weights(weights)
+    artifact = _load_artifact(artifact_dir, require_sha256, weights)
     data = load_cifar10(data_dir, split, limit, stream=True)
     check_batch_size(batch_size)
-    artifact.session("model", **session_options)  # a provider problem stops us before any output
+    profile = _fp32_profile(artifact, session_options)  # a provider problem stops us here
+    tolerances = resolve_tolerances(profile, atol, rtol) if compare_eager else None
     with _progress(len(data), "evaluating") as bar:
         result = evaluate(artifact, data, batch_size, progress=bar.update, **session_options)
     to_stderr = json_path == "-"  # stdout then carries the JSON alone
-    click.echo(_render_eval(result), err=to_stderr)
+    click.echo(result.to_text(), err=to_stderr)
     report = None
     if compare_eager:
         _require_torch("--compare-eager")
-        from lossx.parity.eager import artifact_parity
+        from lossx.parity.check import compare_with_eager
 
-        atol = DEFAULT_ATOL if atol is None else atol
-        rtol = DEFAULT_RTOL if rtol is None else rtol
         with _progress(len(data), "comparing with eager PyTorch") as bar:
-            report = artifact_parity(
-                artifact, data, atol, rtol, batch_size, session_options["provider"], bar.update
-            )
-        click.echo(_render_parity(report, atol, rtol), err=to_stderr)
+            report = compare_with_eager(
+                artifact, data, tolerances, profile, batch_size, session_options,
+                progress=lambda inputs: bar.update(len(inputs.labels)),
+            )  # fmt: skip
+        click.echo("\n" + to_text(report), err=to_stderr)
     if json_path:
         payload = {"eval": result.to_dict(), "parity": report.to_dict() if report else None}
-        _write_json(json_path, payload)
-    if report and not report.passed:
-        worst = report.failures[0]
-        raise ParityError(
-            f"parity failed for {len(report.failures)} output(s), first {worst.graph}/"
-            f"{worst.output}: max abs error {worst.max_abs_error:.3g}"
-        )
+        _write_text(json_path, strict_json(payload) + "\n")
+    if report:
+        report.raise_if_failed()
 
 
 @main.command()
@@ -485,14 +390,19 @@ def eval_(
     type=click.Path(path_type=Path),
     help="Folder holding cifar-10-batches-py/ with the training batches (required).",
 )
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=0.02, show_default=True, help="Peak one-cycle LR.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--epochs", type=int, default=RECIPE.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
+@click.option("--lr", type=float, default=RECIPE.lr, show_default=True, help="Peak one-cycle LR.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "adamw"]),
+    default=RECIPE.optimizer,
+    show_default=True,
+)
+@click.option("--weight-decay", type=float, default=RECIPE.weight_decay, show_default=True)
 @click.option(
     "--loss",
-    default="ce",
+    default=RECIPE.loss,
     show_default=True,
     metavar="SPEC",
     help='Loss spec, e.g. "ce(label_smoothing=0.1)"; targets are the labels or their one-hot '
@@ -501,22 +411,22 @@ def eval_(
 @click.option(
     "--clip-norm",
     type=float,
-    default=5.0,
+    default=RECIPE.clip_norm,
     show_default=True,
     help="Clip the gradients' global norm to this (0: no clipping).",
 )
 @click.option(
     "--augment/--no-augment",
-    default=True,
+    default=RECIPE.augment,
     show_default=True,
     help="Random 4-pixel-padded crops and left-right flips.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=RECIPE.seed, show_default=True)
 @click.option("--limit", type=int, help="Train on the first N training images only.")
 @click.option(
     "--holdout",
     type=int,
-    default=0,
+    default=RECIPE.holdout,
     show_default=True,
     help="Hold out the last N training images and evaluate on them instead of the test images.",
 )
@@ -549,8 +459,6 @@ def train(
     """Train the model on the CIFAR-10 training split: with eager PyTorch, or with ARTIFACT_DIR's
     training graph in ONNX Runtime (--engine onnxruntime). Both follow the same recipe: from
     the same weights and seed they take the same steps, to float rounding."""
-    from lossx.runtime.recipe import TrainConfig
-
     if data_dir is None:
         raise click.UsageError("--data-dir is required: the training images do not ship with lossx")
     if engine == "torch" and artifact_dir is not None:
@@ -562,41 +470,22 @@ def train(
     config = TrainConfig(**recipe)
     if engine == "torch":
         _require_torch("lossx train --engine torch")
-        from lossx.build.train import train as run_training
+        from lossx.build.torch_engine import train as run_training
 
         out = out or Path("checkpoint.pt")
     else:
+        from functools import partial
+
         from lossx.runtime import load_artifact
-        from lossx.runtime.train import train as train_onnxruntime
+        from lossx.runtime.ort_engine import train as train_onnxruntime
 
-        artifact = load_artifact(artifact_dir)
-        session_options = {"provider": provider, "threads": threads,
-                           "optimization": optimization, "tf32": tf32}  # fmt: skip
-
-        def run_training(*args, **kwargs):
-            return train_onnxruntime(artifact, *args, **kwargs, **session_options)
-
+        run_training = partial(train_onnxruntime, load_artifact(artifact_dir), provider=provider,
+                               threads=threads, optimization=optimization, tf32=tf32)  # fmt: skip
         out = out or Path("trained.npz")
-    log = None
-    if log_json:
-        try:
-            log = log_json.open("w", encoding="utf-8")
-        except OSError as e:
-            raise LossxError(f"cannot write {log_json}: {e.strerror}") from None
-    progress = _EpochProgress(log)
-    try:
+    with _EpochProgress(log_json) as progress:
         history = run_training(
-            data_dir,
-            out,
-            config,
-            resume=resume,
-            on_batch=progress.batch,
-            on_epoch=progress.epoch,
+            data_dir, out, config, resume=resume, on_batch=progress.batch, on_epoch=progress.epoch
         )
-    finally:
-        progress.close()
-        if log:
-            log.close()
     if history:
         last = history[-1]
         click.echo(
@@ -608,10 +497,24 @@ def train(
 class _EpochProgress:
     """A progress bar per epoch on stderr, then one line per epoch on stdout (and JSON lines)."""
 
-    def __init__(self, log) -> None:
-        self.log = log
+    def __init__(self, log_json: Path | None) -> None:
+        self.log_json = log_json
+        self.log = None
         self.bar = None
         self.done = 0
+
+    def __enter__(self) -> "_EpochProgress":
+        if self.log_json:
+            try:
+                self.log = self.log_json.open("w", encoding="utf-8")
+            except OSError as e:
+                raise LossxError(f"cannot write {self.log_json}: {e.strerror}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_bar()
+        if self.log:
+            self.log.close()
 
     def batch(self, epoch: int, done: int, total: int) -> None:
         if self.bar is None:
@@ -621,18 +524,13 @@ class _EpochProgress:
         self.done = done
 
     def epoch(self, result) -> None:
-        self.close()
-        click.echo(
-            f"epoch {result.epoch:>3}/{result.epochs}  lr {result.lr:.5f}  "
-            f"train loss {result.train_loss:.4f}  {result.eval_split} loss "
-            f"{result.eval_loss:.4f}  {result.eval_split} accuracy {result.eval_accuracy:.2%}  "
-            f"{result.images_per_second:,.0f} images/s  {result.seconds:.1f} s"
-        )
+        self._close_bar()
+        click.echo(result.to_line())
         if self.log:
             self.log.write(json.dumps(result.to_dict()) + "\n")
             self.log.flush()
 
-    def close(self) -> None:
+    def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
@@ -640,55 +538,30 @@ class _EpochProgress:
 
 def _require_torch(what: str) -> None:
     if importlib.util.find_spec("torch") is None:
-        raise EnvironmentProblem(f"{what} needs torch, which is not installed here")
+        raise EnvironmentProblem(
+            f"{what} needs torch, which this install lacks; install it with {EXPORT_EXTRA}"
+        )
+
+
+def _load_artifact(artifact_dir: Path, require_sha256: str | None, weights: Path | None):
+    from lossx.runtime import load_artifact
+
+    artifact = load_artifact(artifact_dir, require_sha256)
+    return artifact if weights is None else artifact.with_weights(weights)
+
+
+def _fp32_profile(artifact, session_options: dict) -> str:
+    """The fp32 profile of the provider ONNX Runtime really uses (exit 3 when it cannot)."""
+    from lossx.runtime.session import provider_names
+
+    return default_profile(provider_names(artifact.session("model", **session_options))[0])
 
 
 def _progress(total: int, label: str):
     return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
 
 
-def _render_eval(result) -> str:
-    rows = [
-        ("data", result.data),
-        ("images evaluated", f"{result.images:,}"),
-        ("top-1 accuracy", f"{result.top1_accuracy:.2%}"),
-    ]
-    rows += [
-        (f"{name} loss", f"{value:.6f}  ({result.loss_definitions[name]})")
-        for name, value in result.losses.items()
-    ]
-    rows += [
-        (
-            "throughput",
-            f"{result.images_per_second:,.0f} images/s end to end, "
-            f"{result.model_images_per_second:,.0f} images/s model alone",
-        ),
-        ("providers", ", ".join(result.providers)),
-    ]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
-
-
-def _render_parity(report, atol: float, rtol: float) -> str:
-    lines = [
-        "",
-        f"parity with eager PyTorch on {report.images:,} images "
-        f"(pass: |onnx - eager| <= {atol:g} + {rtol:g} * |eager|)",
-        f"{'graph':<14}{'output':<8}{'max abs err':>13}{'max rel err':>13}"
-        f"{'tol used':>10}{'argmax agree':>14}  result",
-    ]
-    for c in report.comparisons:
-        agree = "" if c.argmax_agreement is None else f"{c.argmax_agreement:.2%}"
-        verdict = "ok" if c.passed else f"FAIL ({c.mismatches} of {c.elements} elements)"
-        lines.append(
-            f"{c.graph:<14}{c.output:<8}{c.max_abs_error:>13.3g}{c.max_rel_error:>13.3g}"
-            f"{c.max_tolerance_used:>10.1%}{agree:>14}  {verdict}"
-        )
-    return "\n".join(lines)
-
-
-def _write_json(path: str, payload: dict) -> None:
-    text = json.dumps(payload, indent=2) + "\n"
+def _write_text(path: str, text: str) -> None:
     if path == "-":
         click.echo(text, nl=False)
     else:

@@ -16,13 +16,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lossx.build.export import export_graph, sample_inputs
+from lossx.build.export import export_graph
+from lossx.build.graph_modules import reference_module
 from lossx.build.models import build_model
-from lossx.build.modules import reference_module
-from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from lossx.runtime.graphs import CLASS_DIM_LOSSES, NUM_CLASSES, fused_graph, loss_graph
-from lossx.runtime.losses import LOSSES, LossSpec, make_loss_spec, parse_loss_spec
+from lossx.runtime.loss_specs import LOSSES, LossSpec, make_loss_spec, parse_loss_spec
 from lossx.runtime.session import open_session
+from tests.conftest import compare_fp32, sample_tensors
 
 SCALE = int(os.environ.get("LOSSX_PROPERTY_SCALE", "1"))
 VALUE_SCALES = (1.0, 30.0, 1e4)
@@ -94,7 +94,7 @@ def assert_matches_torch(graph, session, module, inputs) -> None:
         graph.output_names, session.run(graph.output_names, feed), eager, strict=True
     ):
         assert got.shape == tuple(want.shape), f"{graph.loss} {name}: shape {got.shape}"
-        result = compare(graph.stem, name, got, want.numpy(), DEFAULT_ATOL, DEFAULT_RTOL)
+        result = compare_fp32(got, want.numpy())
         assert result.passed, (
             f"{graph.loss} {name}: max abs error {result.max_abs_error:.3g}, "
             f"{result.max_tolerance_used:.1f}x the tolerance"
@@ -109,7 +109,7 @@ def assert_matches_torch(graph, session, module, inputs) -> None:
 @given(spec=loss_specs(), extra_dims=st.integers(0, 2), data=st.data())
 def test_loss_graph_matches_torch(graphs, spec, extra_dims, data):
     graph, session = graphs.get(spec, extra_dims)
-    inputs = sample_inputs(
+    inputs = sample_tensors(
         graph,
         _sizes(data.draw, spec),
         seed=data.draw(st.integers(0, 2**31)),
@@ -127,7 +127,7 @@ def test_loss_graph_matches_torch(graphs, spec, extra_dims, data):
 @given(spec=loss_specs(weight_length=NUM_CLASSES), data=st.data())
 def test_fused_graph_matches_torch(graphs, spec, data):
     graph, session = graphs.get(spec, fused=True)
-    inputs = sample_inputs(
+    inputs = sample_tensors(
         graph,
         {"N": data.draw(st.sampled_from([1, 2, 5, 9]))},
         seed=data.draw(st.integers(0, 2**31)),
@@ -140,7 +140,7 @@ def test_all_ignored_labels_give_nan_like_torch(graphs):
     """torch's mean over no kept targets is 0/0; the graph must say NaN too, not 0."""
     for text in ("ce", "nll", "ce(label_smoothing=0.3, weight=[1, 2, 3])"):
         graph, session = graphs.get(parse_loss_spec(text))
-        inputs = sample_inputs(graph, {"N": 4, "C": 3}, seed=0, ignore_fraction=1.0)
+        inputs = sample_tensors(graph, {"N": 4, "C": 3}, seed=0, ignore_fraction=1.0)
         feed = {t.name: x.numpy() for t, x in zip(graph.inputs, inputs, strict=True)}
         (loss,) = session.run(None, feed)
         assert np.isnan(loss)

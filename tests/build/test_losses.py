@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from lossx.build.export import export_loss, max_opset, resolve_losses, sample_inputs
+from lossx.build.export import export_loss, max_opset, resolve_losses
 from lossx.build.losses import exported_loss, reference_loss
 from lossx.errors import SpecError
-from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from lossx.runtime.graphs import MIN_OPSET, loss_graph
-from lossx.runtime.losses import LOSSES, parse_loss_spec
+from lossx.runtime.loss_specs import LOSSES, parse_loss_spec
 from lossx.runtime.session import open_session
+from tests.conftest import compare_fp32, sample_tensors
 
 SMOOTHING_CASES = [
     "ce(label_smoothing=0.1)",
@@ -28,7 +28,7 @@ SMOOTHING_CASES = [
 
 def stock_export(module: nn.Module, spec, path) -> None:
     """torch.onnx.export(dynamo=True) of the torch.nn module itself, as a user would."""
-    example = tuple(sample_inputs(spec, {"N": 4, "C": 10, "D": 10}, seed=0))
+    example = tuple(sample_tensors(spec, {"N": 4, "C": 10, "D": 10}, seed=0))
     dims = {"N": torch.export.Dim("N", min=1)}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -45,7 +45,7 @@ def stock_export(module: nn.Module, spec, path) -> None:
 
 
 def onnx_and_eager(spec, path, seed: int = 7, sizes=None):
-    inputs = sample_inputs(spec, sizes or {"N": 9, "C": 10, "D": 10}, seed=seed)
+    inputs = sample_tensors(spec, sizes or {"N": 9, "C": 10, "D": 10}, seed=seed)
     feed = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
     (got,) = open_session(path, "cpu").run(None, feed)
     with torch.no_grad():
@@ -57,7 +57,7 @@ def onnx_and_eager(spec, path, seed: int = 7, sizes=None):
 def test_label_smoothing_is_exported(tmp_path, text):
     spec = export_loss(text, tmp_path / "loss.onnx")
     got, want = onnx_and_eager(spec, tmp_path / "loss.onnx")
-    assert compare("loss", "loss", got, want, DEFAULT_ATOL, DEFAULT_RTOL).passed
+    assert compare_fp32(got, want).passed
     nodes = {n.op_type for n in onnx.load(tmp_path / "loss.onnx").graph.node}
     assert "SoftmaxCrossEntropyLoss" not in nodes
 
@@ -75,7 +75,7 @@ def test_probability_targets_load_and_match(tmp_path):
     spec = export_loss("ce(target=probs, label_smoothing=0.1)", tmp_path / "loss.onnx")
     assert spec.input_names == ["logits", "target"]
     got, want = onnx_and_eager(spec, tmp_path / "loss.onnx")
-    assert compare("loss", "loss", got, want, DEFAULT_ATOL, DEFAULT_RTOL).passed
+    assert compare_fp32(got, want).passed
 
 
 def test_stock_probability_target_graph_does_not_load(tmp_path):
@@ -105,7 +105,7 @@ def test_bce_with_large_logits_stays_finite(tmp_path):
     )
     want = reference_loss(spec.loss)(logits, target).numpy()
     assert np.isfinite(got) and np.isfinite(want)
-    assert compare("l", "loss", got, want, DEFAULT_ATOL, DEFAULT_RTOL).passed
+    assert compare_fp32(got, want).passed
 
 
 def test_stock_bce_overflows_at_large_logits(tmp_path):
@@ -124,7 +124,7 @@ def test_every_loss_exports_at_the_oldest_and_newest_opset(tmp_path, name, opset
     proto = onnx.load(tmp_path / "loss.onnx")
     assert [o.version for o in proto.opset_import if o.domain == ""] == [opset]
     got, want = onnx_and_eager(spec, tmp_path / "loss.onnx")
-    assert compare("loss", "loss", got, want, DEFAULT_ATOL, DEFAULT_RTOL).passed
+    assert compare_fp32(got, want).passed
 
 
 def test_newest_opset_is_what_every_tool_supports():
@@ -141,7 +141,7 @@ def test_spatial_inputs_are_exported(tmp_path):
     assert spec.inputs[0].shape == ("N", "C", "d1", "d2")
     assert spec.inputs[1].shape == ("N", "d1", "d2")
     got, want = onnx_and_eager(spec, tmp_path / "l.onnx", sizes={"N": 2, "C": 4, "d1": 5, "d2": 3})
-    assert compare("l", "loss", got, want, DEFAULT_ATOL, DEFAULT_RTOL).passed
+    assert compare_fp32(got, want).passed
 
 
 def test_reference_is_torch_nn_with_the_options():

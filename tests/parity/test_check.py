@@ -10,12 +10,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from lossx.compare.elementwise import element_errors
+from lossx.compare.render import schema
+from lossx.compare.tolerances import resolve_tolerances
 from lossx.errors import SpecError
-from lossx.parity.check import check_artifact, resolve_tolerances
-from lossx.parity.compare import element_errors
-from lossx.parity.render import schema
+from lossx.parity.check import check_artifact
 from lossx.runtime import load_artifact, load_packaged_sample
 from lossx.runtime.artifact import sha256_of
+from lossx.runtime.graphs import fused_graph, model_graph
+from lossx.runtime.loss_specs import parse_loss_spec
 from tests.cli.test_cli import assert_one_line_error, run_cli
 
 
@@ -59,7 +62,7 @@ def test_a_fresh_export_passes_with_every_report(artifact_dir, cifar_dir, tmp_pa
     assert report["passed"] and report["profile"] == "fp32-cpu"
     outputs = {o["graph"] + "/" + o["output"] for o in report["outputs"]}
     assert len(outputs) == 10 and "model_ce/loss" in outputs
-    assert report["inputs"][-2:] == ["random N=1 seed 0", "random N=7 seed 1"]
+    assert report["inputs"][-3:] == ["random N=1 seed 0", "random N=7 seed 1", "random N=64 seed 2"]
     assert any("alone" in label for label in report["inputs"])
     logits = next(o for o in report["outputs"] if o["graph"] == "model")
     assert logits["argmax_agreement"] == 1.0
@@ -174,10 +177,11 @@ def test_a_missing_artifact_exits_2(tmp_path):
 
 def test_per_output_tolerances():
     tolerances = resolve_tolerances("fp16", atol_for=("logits=0.5", "model_ce/logits=2"))
-    assert tolerances.of("model", "logits").atol == 0.5
-    assert tolerances.of("model_ce", "logits").atol == 2
-    assert tolerances.of("model_ce", "loss").atol == 1e-2
-    assert tolerances.of("model", "logits").rtol == 1e-2
+    model, fused = model_graph(), fused_graph(parse_loss_spec("ce"))
+    assert tolerances.of(model, "logits").atol == 0.5
+    assert tolerances.of(fused, "logits").atol == 2
+    assert tolerances.of(fused, "loss").atol == 1e-2
+    assert tolerances.of(model, "logits").rtol == 1e-2
     with pytest.raises(SpecError, match="unknown tolerance profile 'fp64'"):
         resolve_tolerances("fp64")
 

@@ -1,4 +1,3 @@
-import importlib
 import json
 
 import pytest
@@ -6,7 +5,7 @@ import torch
 from torch import nn
 
 from lossx.errors import DataError
-from lossx.runtime import evaluate, to_model_input
+from lossx.runtime import evaluate, feeds, to_model_input
 from tests.conftest import eager_model
 
 
@@ -63,10 +62,7 @@ def test_progress_counts_every_image(artifact, test_split):
 
 
 def test_a_batch_that_cannot_fit_in_memory_is_refused_early(artifact, test_split, monkeypatch):
-    evaluate_module = importlib.import_module(
-        "lossx.runtime.evaluate"
-    )  # the package's name is the function
-    monkeypatch.setattr(evaluate_module, "available_memory", lambda: 1_000_000_000)
+    monkeypatch.setattr(feeds, "available_memory", lambda: 1_000_000_000)
     with pytest.raises(DataError, match=r"batch size 10,000 needs about 2.2 GB of memory; 1.0 GB"):
         evaluate(artifact, test_split, batch_size=10_000)
     evaluate(artifact, test_split.head(10), batch_size=4_000)  # 0.9 GB fits

@@ -7,6 +7,7 @@ import torch
 
 from lossx.errors import SpecError
 from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.ort_engine import NesterovSGD
 from lossx.runtime.recipe import (
     TrainConfig,
     augment,
@@ -15,7 +16,6 @@ from lossx.runtime.recipe import (
     eval_scores,
     one_cycle,
 )
-from lossx.runtime.train import NesterovSGD
 
 
 @pytest.mark.parametrize(("total_steps", "max_lr"), [(1, 0.1), (2, 0.02), (7, 0.5), (160, 0.02)])

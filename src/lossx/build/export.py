@@ -1,8 +1,9 @@
 """Export a model and its losses to an ONNX artifact that verifies itself before it lands.
 
 Every graph is exported with torch.onnx (dynamo), checked with `onnx.checker` (full check), run
-in ONNX Runtime on fresh inputs of other sizes and compared with eager PyTorch. The artifact is
-written to a temporary sibling directory and renamed into place only when all of that passed.
+in ONNX Runtime on fresh inputs of other sizes and compared with eager PyTorch by the parity
+engine (lossx.compare). The artifact is written to a temporary sibling directory and renamed
+into place only when all of that passed.
 """
 
 import contextlib
@@ -24,25 +25,22 @@ import torch
 from torch import nn
 
 import lossx
+from lossx.build.backward import check_trainable
+from lossx.build.eager import EagerRunner
+from lossx.build.graph_modules import exported_module
 from lossx.build.models import build_model, load_checkpoint, packaged_weights, weights_to_arrays
-from lossx.build.modules import exported_module, reference_module
-from lossx.build.train import CHECKPOINT_FORMAT as TRAIN_CHECKPOINT_FORMAT
-from lossx.build.training import check_trainable
-from lossx.errors import ArtifactError, ExportError, ParityError, SpecError, first_line
+from lossx.build.torch_engine import CHECKPOINT_FORMAT as TORCH_CHECKPOINT_FORMAT
+from lossx.compare.engine import compare_runners
+from lossx.compare.inputs import EXAMPLE_SIZES, random_input_sets, sample_feed
+from lossx.compare.runners import OnnxRuntimeRunner
+from lossx.compare.tolerances import DEFAULT_PROFILE, resolve_tolerances
+from lossx.errors import ArtifactError, ExportError, SpecError, first_line
 from lossx.files import current_umask
-from lossx.parity.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
-from lossx.parity.report import Tolerance, output_tolerance
-from lossx.runtime.artifact import (
-    MANIFEST_FILE,
-    GraphEntry,
-    Manifest,
-    check_signature,
-    load_artifact,
-    sha256_of,
-)
+from lossx.runtime.artifact import MANIFEST_FILE, GraphEntry, Manifest, load_artifact, sha256_of
 from lossx.runtime.cifar10 import CLASS_NAMES
 from lossx.runtime.graphs import (
     CLASS_DIM_LOSSES,
+    DEFAULT_MODEL,
     DEFAULT_OPSET,
     MIN_OPSET,
     NUM_CLASSES,
@@ -51,24 +49,12 @@ from lossx.runtime.graphs import (
     artifact_graphs,
     loss_graph,
 )
-from lossx.runtime.losses import LossSpec, parse_loss_spec
+from lossx.runtime.loss_specs import DEFAULT_LOSSES, LossSpec, parse_loss_spec
+from lossx.runtime.ort_engine import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT
 from lossx.runtime.preprocessing import PREPROCESSING
-from lossx.runtime.session import open_session
-from lossx.runtime.train import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT
 
 WEIGHTS_FILE = "weights.npz"
 INITS = ("trained", "random")
-
-# Sizes of the symbolic dims: the export example, then the self-check's fresh inputs
-# (batch 1, an odd batch, and other class/feature counts than the example).
-# (d1.. are the extra dims of loss graphs exported with extra_dims > 0.)
-EXAMPLE_SIZES = {"N": 4, "C": NUM_CLASSES, "D": NUM_CLASSES, "d1": 3, "d2": 5, "d3": 2}
-CHECK_SIZES = (
-    {"N": 1, "C": 10, "D": 10, "d1": 1, "d2": 1, "d3": 1},
-    {"N": 7, "C": 5, "D": 3, "d1": 2, "d2": 3, "d3": 4},
-    {"N": 64, "C": 13, "D": 21, "d1": 3, "d2": 1, "d3": 2},
-)
-
 
 EXPORTER_MIN_OPSET = 18  # torch.onnx (dynamo) writes 18 and newer; older ones are converted
 
@@ -103,57 +89,6 @@ def _ort_opset() -> int:
     return newest
 
 
-def sample_inputs(
-    spec: GraphSpec,
-    sizes: dict[str, int],
-    seed: int,
-    scale: float = 1.0,
-    ignore_fraction: float = 0.25,
-    parameters: dict[str, torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
-    """Random inputs for `spec`, with the values each input means, each a distinct tensor (an
-    aliased pair exports wrongly). Real values and scores are standard normal times `scale`;
-    class indices are ignore_index with probability `ignore_fraction`; unit targets include
-    exact 0 and 1; a training graph's parameters are `parameters` (a model's weights) or small
-    random values."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def uniform(shape: list[int]) -> torch.Tensor:
-        return torch.rand(shape, generator=generator)
-
-    tensors = []
-    for tensor in spec.inputs:
-        shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
-        if tensor.values == "parameter":
-            if parameters is not None:
-                tensors.append(parameters[tensor.name].detach().clone())
-            else:
-                tensors.append(torch.randn(shape, generator=generator) * 0.05)
-        elif tensor.values == "class_index":
-            labels = torch.randint(0, _class_count(spec, sizes), shape, generator=generator)
-            ignored = uniform(shape) < ignore_fraction
-            tensors.append(torch.where(ignored, spec.loss["ignore_index"], labels))
-        elif tensor.values == "image":
-            tensors.append(uniform(shape))
-        elif tensor.values == "unit":
-            values, pick = uniform(shape), uniform(shape)
-            tensors.append(torch.where(pick < 0.1, 0.0, torch.where(pick > 0.9, 1.0, values)))
-        elif tensor.values in ("probabilities", "log_probabilities"):
-            scores = torch.randn(shape, generator=generator) * scale
-            normalise = torch.softmax if tensor.values == "probabilities" else torch.log_softmax
-            tensors.append(normalise(scores, 1))
-        else:
-            tensors.append(torch.randn(shape, generator=generator) * scale)
-    return tensors
-
-
-def _class_count(spec: GraphSpec, sizes: dict[str, int]) -> int:
-    if spec.kind in ("fused", "train"):
-        return NUM_CLASSES
-    classes = spec.inputs[0].shape[1]
-    return classes if isinstance(classes, int) else sizes[classes]
-
-
 def _symbols(spec: GraphSpec) -> set[str]:
     return {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
 
@@ -163,9 +98,10 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
     shapes = tuple(
         {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs
     )
-    if spec.kind == "train":  # forward(images, target, *parameters): the parameters are one arg
-        return (*shapes[:2], shapes[2:])
-    return shapes
+    if not spec.parameter_names:
+        return shapes
+    leading = len(spec.inputs) - len(spec.parameter_names)  # forward(images, target, *params)
+    return (*shapes[:leading], shapes[leading:])
 
 
 def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
@@ -194,7 +130,7 @@ def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
 def _export_graph(
     spec: GraphSpec, module: nn.Module, path: Path, opset: int, metadata: dict[str, str]
 ) -> onnx.ModelProto:
-    example = tuple(sample_inputs(spec, EXAMPLE_SIZES, seed=0))
+    example = tuple(torch.from_numpy(x) for x in sample_feed(spec, EXAMPLE_SIZES, 0).values())
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -259,39 +195,26 @@ def _default_opset(proto: onnx.ModelProto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def verify_graph(
-    spec: GraphSpec,
-    module: nn.Module,
-    path: Path,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
-    parameters: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Run the graph in ONNX Runtime on fresh inputs and compare with eager `module` (a
-    training graph gets `parameters`, the model's weights, as its parameter inputs).
+def verify_graph(spec: GraphSpec, model: nn.Module | None, path: Path) -> None:
+    """Run graph file `path` in ONNX Runtime on fresh random inputs of several sizes and
+    compare it with eager `model` (a training graph gets the model's weights as its
+    parameters) under the fp32-cpu profile.
 
-    Raises ParityError naming the graph, the output, the batch size and the error.
+    Raises ParityError naming the graph, the worst output and the inputs it failed on.
     """
-    session = open_session(path, "cpu")
-    check_signature(session, spec)
-    for index, sizes in enumerate(CHECK_SIZES):
-        inputs = sample_inputs(spec, sizes, seed=1 + index, parameters=parameters)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. KLDivLoss's note on reduction="mean"
-            eager = module(*inputs)
-        eager = eager if isinstance(eager, tuple) else (eager,)
-        feed = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
-        onnx_outputs = session.run(spec.output_names, feed)
-        for name, got, want in zip(spec.output_names, onnx_outputs, eager, strict=True):
-            tolerance = output_tolerance(name, Tolerance(atol, rtol))  # gradients: see its note
-            output_atol = tolerance.atol_for(want.double().numpy())
-            result = compare(spec.stem, name, got, want.numpy(), output_atol, tolerance.rtol)
-            if result.mismatches > int(tolerance.max_mismatch_fraction * want.numel()):
-                raise ParityError(
-                    f"export self-check failed: {spec.file} output {name!r} at batch "
-                    f"{sizes['N']}: max abs error {result.max_abs_error:.3g} "
-                    f"exceeds atol {output_atol:g} + rtol {tolerance.rtol:g}"
-                )
+    parameters = None
+    if spec.parameter_names or spec.buffer_names:
+        parameters = weights_to_arrays(model)
+    report = compare_runners(
+        OnnxRuntimeRunner.of_file(path),
+        EagerRunner(model),
+        [spec],
+        random_input_sets(seed=1),
+        resolve_tolerances(DEFAULT_PROFILE),
+        profile=DEFAULT_PROFILE,
+        parameters=parameters,
+    )
+    report.raise_if_failed(f"export self-check failed: {spec.file}: ")
 
 
 def _tensor_facts(tensors: tuple[TensorSpec, ...]) -> str:
@@ -356,7 +279,7 @@ def _load_weights(
         "checkpoint": path.name,
         "checkpoint_sha256": sha256_of(path),
     }
-    engines = {TRAIN_CHECKPOINT_FORMAT: "torch", ORT_CHECKPOINT_FORMAT: "onnxruntime"}
+    engines = {TORCH_CHECKPOINT_FORMAT: "torch", ORT_CHECKPOINT_FORMAT: "onnxruntime"}
     if isinstance(payload, dict) and payload.get("format") in engines:
         history = payload.get("history") or [{}]
         weights["recipe"] = payload.get("config")
@@ -406,7 +329,7 @@ def export_loss(
     [N, C, H, W] segmentation logits), verified against torch.nn like an artifact's graphs."""
     spec = loss_graph(parse_loss_spec(loss) if isinstance(loss, str) else loss, extra_dims)
     check_opset(opset)
-    metadata = {"lossx.graph": spec.kind, "lossx.loss": json.dumps(spec.loss.to_dict())}
+    metadata = {"lossx.graph": str(spec.kind), "lossx.loss": json.dumps(spec.loss.to_dict())}
     export_graph(spec, nn.Identity(), Path(path), opset, metadata)
     return spec
 
@@ -421,15 +344,14 @@ def export_graph(
     """Export graph `spec` (of `model` for model and fused graphs) to `path`, checked with
     onnx.checker and verified in ONNX Runtime against the torch.nn reference."""
     proto = _export_graph(spec, exported_module(spec, model), path, opset, metadata or {})
-    parameters = dict(model.named_parameters()) if spec.kind == "train" else None
-    verify_graph(spec, reference_module(spec, model), path, parameters=parameters)
+    verify_graph(spec, model, path)
     return proto
 
 
 def export_artifact(
     out_dir: Path,
-    model_name: str = "tudui",
-    losses: list[LossSpec | str] | tuple[LossSpec | str, ...] = ("ce", "mse", "l1"),
+    model_name: str = DEFAULT_MODEL,
+    losses: list[LossSpec | str] | tuple[LossSpec | str, ...] = DEFAULT_LOSSES,
     checkpoint: Path | None = None,
     seed: int = 0,
     opset: int = DEFAULT_OPSET,
@@ -504,7 +426,7 @@ def _write_artifact(
             progress(spec.file)
         metadata = {
             **common,
-            "lossx.graph": spec.kind,
+            "lossx.graph": str(spec.kind),
             "lossx.inputs": _tensor_facts(spec.inputs),
             "lossx.outputs": _tensor_facts(spec.outputs),
         }
@@ -531,3 +453,17 @@ def _write_artifact(
     (staged / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     load_artifact(staged)  # the runtime must accept exactly what was written
     return manifest
+
+
+def export_summary(manifest: Manifest, out_dir: Path) -> str:
+    """What `lossx export` prints: the graphs, each file with its size and sha256, and the
+    manifest's own sha256 (what --require-sha256 pins)."""
+    lines = [
+        f"wrote {out_dir}: {len(manifest.graphs)} graphs at opset {manifest.opset}, "
+        "each verified against eager PyTorch"
+    ]
+    for name, info in manifest.files.items():
+        lines.append(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256'][:16]}")
+    digest = sha256_of(Path(out_dir) / MANIFEST_FILE)
+    lines.append(f"manifest.json sha256 {digest} (pin it with --require-sha256)")
+    return "\n".join(lines)

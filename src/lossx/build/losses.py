@@ -11,7 +11,7 @@ torch.nn's modules. Every exported graph is checked against the reference.
 import torch
 from torch import nn
 
-from lossx.runtime.losses import LOSSES, LossSpec
+from lossx.runtime.loss_specs import LOSSES, LossSpec
 
 
 def _tensor(values: tuple[float, ...] | None) -> torch.Tensor | None:

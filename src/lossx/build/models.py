@@ -12,12 +12,12 @@ from torch import nn
 
 from lossx.errors import CheckpointError, SpecError, first_line
 from lossx.runtime.artifact import read_weights
-from lossx.runtime.train import checkpoint_state
+from lossx.runtime.graphs import DEFAULT_MODEL
+from lossx.runtime.ort_engine import checkpoint_state
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
-DEFAULT_MODEL = "tudui"
 # Trained weights in lossx/build/weights: `lossx train` checkpoints (README, "Trained weights").
-PACKAGED_WEIGHTS = {"tudui": "tudui_cifar10.pt"}
+PACKAGED_WEIGHTS = {DEFAULT_MODEL: "tudui_cifar10.pt"}
 
 
 def register_model(name: str) -> Callable:

@@ -15,8 +15,9 @@ import onnx
 import torch
 from torch import nn
 
-from lossx.parity.compare import element_errors
-from lossx.parity.report import LayerRow, Tolerance
+from lossx.compare.elementwise import element_errors
+from lossx.compare.report import LayerRow
+from lossx.compare.tolerances import Tolerance
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.session import open_session
 

@@ -20,8 +20,10 @@ import onnxruntime as ort
 from lossx.errors import DataError
 from lossx.runtime.artifact import Artifact, load_artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.evaluate import EvalResult, check_batch_size, evaluate, softmax
+from lossx.runtime.evaluate import EvalResult, evaluate
+from lossx.runtime.feeds import check_batch_size, softmax
 from lossx.runtime.graphs import IMAGE_SHAPE, check_feed
+from lossx.runtime.images import load_image
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
 
@@ -41,6 +43,28 @@ class Prediction:
         k = max(1, min(k, self.probabilities.shape[1]))
         order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
         return order, np.take_along_axis(self.probabilities, order, axis=1)
+
+
+@dataclass(frozen=True)
+class FilePredictions:
+    """`lossx predict`'s answer: the k most probable classes of each image file."""
+
+    artifact: str
+    providers: list[str]
+    predictions: list[dict]  # {"file", "top_k": [{"class", "index", "probability"}, ...]}
+
+    def to_dict(self) -> dict:
+        return {"artifact": self.artifact, "providers": self.providers,
+                "predictions": self.predictions}  # fmt: skip
+
+    def to_text(self) -> str:
+        """One line per file: its name and each class with its probability, best first."""
+        width = max(len(p["file"]) for p in self.predictions)
+        return "\n".join(
+            f"{p['file']:<{width}}  "
+            + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in p["top_k"])
+            for p in self.predictions
+        )
 
 
 class Runtime:
@@ -107,13 +131,32 @@ class Runtime:
         )
         return Prediction(logits, softmax(logits), logits.argmax(axis=1))
 
+    def predict_files(self, paths: list[Path], k: int = 1) -> FilePredictions:
+        """Classify image files (read and resized as the manifest's preprocessing says; every
+        file is read before any is classified)."""
+        batch = np.stack([load_image(path) for path in paths])
+        classes, probabilities = self.predict(batch).top_k(k)
+        predictions = [
+            {
+                "file": str(path),
+                "top_k": [
+                    {"class": self.class_names[c], "index": int(c), "probability": float(p)}
+                    for c, p in zip(row_classes, row_probabilities, strict=True)
+                ],
+            }
+            for path, row_classes, row_probabilities in zip(
+                paths, classes, probabilities, strict=True
+            )
+        ]
+        return FilePredictions(str(self.artifact.path), self.providers, predictions)
+
     def loss(self, name: str, **inputs: np.ndarray) -> np.ndarray:
         """Run loss graph `loss_<name>` on its named inputs, e.g. `loss("ce", logits=...,
         labels=...)`; labels outside the classes are refused as torch refuses them."""
         if name not in self.artifact.manifest.loss_names:
             known = ", ".join(self.artifact.manifest.loss_names)
             raise DataError(f"the artifact has no loss {name!r}; it has {known}")
-        return self.run(f"loss_{name}", inputs)["loss"]
+        return self.run(self.artifact.manifest.loss_graph(name).stem, inputs)["loss"]
 
     def evaluate(
         self,

@@ -14,16 +14,13 @@ import numpy as np
 import onnxruntime as ort
 
 from lossx.errors import ArtifactError, CheckpointError, SpecError, first_line
-from lossx.runtime.graphs import GraphSpec, TensorSpec, check_feed
-from lossx.runtime.losses import LossSpec
+from lossx.runtime.graphs import GraphKind, GraphSpec, TensorSpec, check_feed
+from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.session import open_session
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "lossx-artifact"
-FORMAT_VERSION = 2  # 2: loss specs with options, tensor value kinds
-# Where the model's weights are initializers, and their names' prefix there (the fused module
-# holds the model as `.model`); training graphs take them as inputs instead.
-WEIGHT_PREFIXES = {"model": "", "fused": "model."}
+FORMAT_VERSION = 3  # 2: loss specs with options, tensor value kinds; 3: tensor roles
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
 
 
@@ -38,7 +35,7 @@ class GraphEntry:
     def to_dict(self) -> dict:
         return {
             "file": self.spec.file,
-            "kind": self.spec.kind,
+            "kind": str(self.spec.kind),
             "loss": self.spec.loss.to_dict() if self.spec.loss else None,
             "opset": self.opset,
             "ir_version": self.ir_version,
@@ -53,7 +50,7 @@ class GraphEntry:
             raise ValueError(f"graph file {file!r} does not end in .onnx")
         spec = GraphSpec(
             stem=file.removesuffix(".onnx"),
-            kind=data["kind"],
+            kind=GraphKind(data["kind"]),
             loss=LossSpec.from_dict(data["loss"]) if data["loss"] is not None else None,
             inputs=tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
@@ -114,6 +111,13 @@ class Manifest:
     @property
     def loss_names(self) -> list[str]:
         return [loss.name for loss in self.losses]
+
+    def loss_graph(self, name: str) -> GraphSpec:
+        """The standalone graph of loss `name`."""
+        for entry in self.graphs:
+            if entry.spec.kind is GraphKind.LOSS and entry.spec.loss.name == name:
+                return entry.spec
+        raise ArtifactError(f"the artifact has no loss graph for {name}")
 
 
 def sha256_of(path: Path) -> str:
@@ -177,12 +181,12 @@ class Artifact:
         if key not in self._sessions:
             entry = self.graph(stem)
             replaced = None
-            if self.weights is not None and entry.spec.kind in WEIGHT_PREFIXES:
-                prefix = WEIGHT_PREFIXES[entry.spec.kind]
+            prefix = entry.spec.kind.weights_prefix
+            if self.weights is not None and prefix is not None:
                 replaced = {prefix + name: value for name, value in self.weights.items()}
-            # A training graph's convolutions take their weights as inputs, so NCHWc only
-            # reorders its constant im2col convolutions' outputs: 14% (batch 64) and 9% (256)
-            # slower than without it, measured with bench/train_step.py.
+            # A graph whose convolutions take their weights as inputs (a training graph) gains
+            # nothing from NCHWc, which only reorders its constant im2col convolutions'
+            # outputs: 14% (batch 64) and 9% (256) slower, measured with bench/train_step.py.
             session = open_session(
                 self.path / entry.spec.file,
                 provider,
@@ -190,7 +194,7 @@ class Artifact:
                 optimization,
                 tf32,
                 replaced,
-                nchwc=entry.spec.kind != "train",
+                nchwc=not entry.spec.parameter_names,
             )
             check_signature(session, entry.spec)
             self._sessions[key] = session

@@ -1,16 +1,20 @@
-"""The graphs an artifact holds, described once: names, dtypes and shapes of every input and output.
+"""The graphs an artifact holds, described once: names, dtypes, shapes and roles of every input
+and output.
 
-Export builds graphs to these specs and the runtime validates artifacts against them, so the two
-cannot disagree. A shape entry is an int (fixed) or a str (a symbolic, dynamic dimension).
+Export builds graphs to these specs, the runtime validates artifacts and feeds against them,
+and comparisons ask them which tolerance rule each output follows, so none of these can
+disagree. A shape entry is an int (fixed) or a str (a symbolic, dynamic dimension).
 """
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
 from lossx.errors import DataError
-from lossx.runtime.losses import LossSpec, check_labels
+from lossx.runtime.loss_specs import LossSpec, check_labels
 
+DEFAULT_MODEL = "tudui"
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
 CLASS_DIM_LOSSES = ("ce", "nll")  # losses over a class dim (dim 1); the others are elementwise
@@ -18,33 +22,88 @@ MIN_OPSET = 17  # every graph exports from this opset on (up to what the install
 DEFAULT_OPSET = 20
 
 
+class GraphKind(StrEnum):
+    """What a graph computes: the model, a loss alone, both fused, or a training step."""
+
+    MODEL = "model"  # images -> logits
+    LOSS = "loss"  # (loss input, target) -> loss
+    FUSED = "fused"  # (images, target) -> (logits, loss)
+    TRAIN = "train"  # (images, target, *parameters) -> (loss, logits, *gradients)
+
+    @property
+    def weights_prefix(self) -> str | None:
+        """The prefix of the model's weights among the graph's initializers (the fused module
+        holds the model as `.model`); None where the weights are not initializers."""
+        return {GraphKind.MODEL: "", GraphKind.FUSED: "model."}.get(self)
+
+
+class Role(StrEnum):
+    """What a tensor is to its graph."""
+
+    IMAGES = "images"  # the model's input
+    LOSS_INPUT = "loss_input"  # what a standalone loss scores: logits or log-probabilities
+    TARGET = "target"  # the loss's target: class indices or a tensor shaped like the input
+    PARAMETER = "parameter"  # a model parameter fed to a training graph
+    BUFFER = "buffer"  # a model buffer fed to a training graph (e.g. batch-norm statistics)
+    LOGITS = "logits"
+    LOSS = "loss"
+    GRADIENT = "gradient"  # d loss / d the input named by `gradient_of`
+
+
+class ToleranceRule(StrEnum):
+    """How an output is compared with its reference (lossx.compare.tolerances applies it)."""
+
+    ELEMENTWISE = "elementwise"  # every element within atol + rtol * |reference|
+    TASK = "task"  # elementwise, plus argmax agreement and top-1 accuracy (logits)
+    GRADIENT = "gradient"  # atol scaled by each batch's largest value, a few outliers allowed
+
+
+_RULES = {Role.LOGITS: ToleranceRule.TASK, Role.GRADIENT: ToleranceRule.GRADIENT}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32" or "int64"
     shape: tuple[int | str, ...]
-    # What the values mean: "real", "image" (in [0, 1]), "class_index", "probabilities" (sum to
-    # 1 over the class dim), "log_probabilities", "unit" (each in [0, 1]) or "parameter" (a
-    # model parameter fed to a training graph).
-    values: str = "real"
+    # What the values are: "real", "image" (in [0, 1]), "class_index", "probabilities" (sum to
+    # 1 over the class dim), "log_probabilities" or "unit" (each in [0, 1]).
+    values: str
+    role: Role
+    gradient_of: str | None = None  # for a gradient: the input it differentiates by
+
+    @property
+    def tolerance_rule(self) -> ToleranceRule:
+        return _RULES.get(self.role, ToleranceRule.ELEMENTWISE)
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "name": self.name,
             "dtype": self.dtype,
             "shape": list(self.shape),
             "values": self.values,
+            "role": str(self.role),
         }
+        if self.gradient_of is not None:
+            data["gradient_of"] = self.gradient_of
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "TensorSpec":
-        return cls(data["name"], data["dtype"], tuple(data["shape"]), data["values"])
+        return cls(
+            data["name"],
+            data["dtype"],
+            tuple(data["shape"]),
+            data["values"],
+            Role(data["role"]),
+            data.get("gradient_of"),
+        )
 
 
 @dataclass(frozen=True)
 class GraphSpec:
     stem: str  # file name without ".onnx"
-    kind: str  # "model", "loss", "fused" or "train"
+    kind: GraphKind
     loss: LossSpec | None
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -61,20 +120,59 @@ class GraphSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
 
-_IMAGES = TensorSpec("images", "float32", ("N", *IMAGE_SHAPE), "image")
-_LOGITS = TensorSpec("logits", "float32", ("N", NUM_CLASSES))
+    def _named(self, role: Role) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs if t.role is role)
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The model parameters the graph takes as inputs, by state_dict name, in order."""
+        return self._named(Role.PARAMETER)
+
+    @property
+    def buffer_names(self) -> tuple[str, ...]:
+        """The model buffers the graph takes as inputs, by state_dict name, in order."""
+        return self._named(Role.BUFFER)
+
+    @property
+    def gradients(self) -> dict[str, str]:
+        """Input name -> the output holding d loss / d that input."""
+        return {t.gradient_of: t.name for t in self.outputs if t.role is Role.GRADIENT}
+
+    @property
+    def input_grad(self) -> bool:
+        """Whether the images' gradient is an output."""
+        return any(self.gradients.get(t.name) for t in self.inputs if t.role is Role.IMAGES)
+
+    @property
+    def runs_model(self) -> bool:
+        return any(t.role is Role.IMAGES for t in self.inputs)
+
+    def class_dim(self) -> int | str:
+        """The size of the class dim (dim 1) of what the loss scores: the logits of a graph
+        that runs the model, else the standalone loss's input (a symbol where dynamic)."""
+        scores = (t for t in (*self.inputs, *self.outputs) if t.role in _SCORES)
+        return next(scores).shape[1]
+
+
+_SCORES = (Role.LOSS_INPUT, Role.LOGITS)
+
+
+_IMAGES = TensorSpec("images", "float32", ("N", *IMAGE_SHAPE), "image", Role.IMAGES)
+_LOGITS = TensorSpec("logits", "float32", ("N", NUM_CLASSES), "real", Role.LOGITS)
 
 
 def model_graph() -> GraphSpec:
     """`model.onnx`: images float32 [N,3,32,32] -> logits float32 [N,10]."""
-    return GraphSpec("model", "model", None, (_IMAGES,), (_LOGITS,))
+    return GraphSpec("model", GraphKind.MODEL, None, (_IMAGES,), (_LOGITS,))
 
 
 def _target(loss: LossSpec, name: str, shape: tuple, labels_shape: tuple) -> TensorSpec:
     if loss.target == "class_index":
-        return TensorSpec("labels", "int64", labels_shape, "class_index")
-    return TensorSpec(name, "float32", shape, loss.target)
+        return TensorSpec("labels", "int64", labels_shape, "class_index", Role.TARGET)
+    return TensorSpec(name, "float32", shape, loss.target, Role.TARGET)
 
 
 def _input_values(loss: LossSpec) -> str:
@@ -82,7 +180,8 @@ def _input_values(loss: LossSpec) -> str:
 
 
 def _loss_output(loss: LossSpec, per_element: tuple) -> TensorSpec:
-    return TensorSpec("loss", "float32", per_element if loss["reduction"] == "none" else ())
+    shape = per_element if loss["reduction"] == "none" else ()
+    return TensorSpec("loss", "float32", shape, "real", Role.LOSS)
 
 
 def loss_graph(loss: LossSpec, extra_dims: int = 0) -> GraphSpec:
@@ -101,10 +200,11 @@ def loss_graph(loss: LossSpec, extra_dims: int = 0) -> GraphSpec:
         shape = ("N", *spatial, fixed or "D")
         per_element = shape
     inputs = (
-        TensorSpec(loss.info.input_name, "float32", shape, _input_values(loss)),
+        TensorSpec(loss.info.input_name, "float32", shape, _input_values(loss), Role.LOSS_INPUT),
         _target(loss, "target", shape, per_element),
     )
-    return GraphSpec(f"loss_{loss.name}", "loss", loss, inputs, (_loss_output(loss, per_element),))
+    outputs = (_loss_output(loss, per_element),)
+    return GraphSpec(f"loss_{loss.name}", GraphKind.LOSS, loss, inputs, outputs)
 
 
 def fused_graph(loss: LossSpec) -> GraphSpec:
@@ -112,13 +212,8 @@ def fused_graph(loss: LossSpec) -> GraphSpec:
     shape = ("N", NUM_CLASSES)
     target = _target(loss, "targets", shape, ("N",))
     per_element = ("N",) if loss.name in CLASS_DIM_LOSSES else shape
-    return GraphSpec(
-        f"model_{loss.name}",
-        "fused",
-        loss,
-        (_IMAGES, target),
-        (_LOGITS, _loss_output(loss, per_element)),
-    )
+    outputs = (_LOGITS, _loss_output(loss, per_element))
+    return GraphSpec(f"model_{loss.name}", GraphKind.FUSED, loss, (_IMAGES, target), outputs)
 
 
 def train_graph(
@@ -127,12 +222,16 @@ def train_graph(
     """`train_<name>.onnx`: the fused graph's inputs plus every parameter (by its state_dict
     name) -> loss, logits and `grad.<name>` of every parameter (and `grad.images`)."""
     fused = fused_graph(loss)
-    weights = tuple(TensorSpec(name, "float32", shape, "parameter") for name, shape in parameters)
-    grads = tuple(TensorSpec(f"grad.{name}", "float32", shape) for name, shape in parameters)
-    if input_grad:
-        grads += (TensorSpec("grad.images", "float32", _IMAGES.shape),)
-    outputs = (TensorSpec("loss", "float32", ()), _LOGITS, *grads)
-    return GraphSpec(f"train_{loss.name}", "train", loss, (*fused.inputs, *weights), outputs)
+    weights = tuple(
+        TensorSpec(name, "float32", shape, "real", Role.PARAMETER) for name, shape in parameters
+    )
+    wrt = [*weights, _IMAGES] if input_grad else weights
+    grads = tuple(
+        TensorSpec(f"grad.{t.name}", "float32", t.shape, "real", Role.GRADIENT, t.name) for t in wrt
+    )
+    outputs = (_loss_output(loss, ()), _LOGITS, *grads)
+    inputs = (*fused.inputs, *weights)
+    return GraphSpec(f"train_{loss.name}", GraphKind.TRAIN, loss, inputs, outputs)
 
 
 def artifact_graphs(
@@ -181,11 +280,8 @@ def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
             _check_values(tensor, value)
     for tensor in spec.inputs:
         if tensor.values == "class_index":
-            classes = (
-                NUM_CLASSES
-                if spec.kind in ("fused", "train")
-                else feed[spec.inputs[0].name].shape[1]
-            )
+            classes = spec.class_dim()
+            classes = classes if isinstance(classes, int) else dims[classes][1]
             check_labels(spec.loss, feed[tensor.name], classes, tensor.name)
 
 

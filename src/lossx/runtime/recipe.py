@@ -3,23 +3,23 @@
 Everything here is numpy, so `lossx train --engine torch` and `--engine onnxruntime` draw the
 same batches and take the same steps from the same seed. Epoch e's randomness (shuffle, then
 crop offsets and flips) comes from a generator seeded with (seed, e): a resumed run needs no
-generator state to continue exactly where it stopped.
+generator state to continue exactly where it stopped. The loop that follows the recipe is
+lossx.runtime.trainer's.
 """
 
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from lossx.errors import CheckpointError, LossxError, SpecError, TrainingDiverged, first_line
+from lossx.errors import SpecError
 from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
-from lossx.runtime.evaluate import log_softmax
-from lossx.runtime.losses import LossSpec, parse_loss_spec
+from lossx.runtime.feeds import log_softmax
+from lossx.runtime.graphs import DEFAULT_MODEL
+from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
 from lossx.runtime.preprocessing import scale, to_model_input
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -36,7 +36,7 @@ EVAL_BATCH = 500  # images per evaluation batch
 class TrainConfig:
     """A training recipe. `holdout` keeps the last N training images out, for choosing recipes."""
 
-    model: str = "tudui"
+    model: str = DEFAULT_MODEL
     epochs: int = 30
     batch_size: int = 64
     lr: float = 0.02  # peak of the one-cycle schedule
@@ -96,25 +96,6 @@ class TrainConfig:
         self.loss_spec()
 
 
-@dataclass(frozen=True)
-class EpochResult:
-    """One line of the training log. `eval_split` says what was evaluated: test or holdout;
-    `eval_loss` is the cross-entropy there, whatever loss trains."""
-
-    epoch: int
-    epochs: int
-    lr: float
-    train_loss: float
-    eval_split: str
-    eval_loss: float
-    eval_accuracy: float
-    seconds: float
-    images_per_second: float  # training images per second of this epoch, augmentation included
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def one_cycle(step: int, total_steps: int, max_lr: float) -> tuple[float, float]:
     """(learning rate, momentum) at `step` of torch's OneCycleLR with its defaults: a cosine
     warm-up from max_lr/25 to max_lr over 30% of the steps, a cosine decay to max_lr/25e4,
@@ -136,27 +117,6 @@ def one_cycle(step: int, total_steps: int, max_lr: float) -> tuple[float, float]
 
 def _cosine(begin: float, end: float, fraction: float) -> float:
     return end + (begin - end) / 2.0 * (math.cos(math.pi * fraction) + 1)
-
-
-def run_recipe(config: TrainConfig | None, state: dict | None, resume: Path | None) -> TrainConfig:
-    """The recipe a run follows: a resumed checkpoint's own (`state`), else `config`, else the
-    default."""
-    if state is None:
-        return config or TrainConfig()
-    try:
-        return TrainConfig.from_dict(state["config"])
-    except (KeyError, TypeError, SpecError) as e:
-        raise CheckpointError(
-            f"{resume}: its recipe is not one lossx knows ({first_line(e)})"
-        ) from None
-
-
-def checkpoint_path(out: Path) -> Path:
-    """`out`, refused at once if its folder does not exist (not after the first epoch)."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
-    return out
 
 
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -219,71 +179,3 @@ def eval_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     log_probs = log_softmax(logits.astype(np.float64))
     loss = -log_probs[np.arange(len(labels)), labels].mean()
     return float(loss), float((logits.argmax(axis=1) == labels).mean())
-
-
-class Engine(Protocol):
-    """What `run_epochs` drives: one engine's model, optimizer and checkpoint."""
-
-    def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
-        """One optimizer step on a batch with this LR and momentum; return the batch's loss."""
-
-    def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
-        """(mean cross-entropy, accuracy) of the current weights on `split`."""
-
-    def save(self, history: list[EpochResult]) -> None:
-        """Checkpoint the weights, the optimizer state and the log so far."""
-
-
-def run_epochs(
-    engine: Engine,
-    config: TrainConfig,
-    data: tuple[Cifar10Split, Cifar10Split],
-    history: list[EpochResult],
-    stop_after: int | None = None,
-    on_batch: Callable[[int, int, int], None] | None = None,
-    on_epoch: Callable[[EpochResult], None] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[EpochResult]:
-    """Train from epoch len(history) + 1 to the last (or `stop_after`), evaluating and saving
-    after each epoch. Callbacks: `on_batch(epoch, images done this epoch, images per epoch)`,
-    `on_epoch(result)`, `on_step(step, loss)` with steps counted from 0 over the whole run."""
-    train_split, eval_split = data
-    steps = steps_per_epoch(len(train_split), config.batch_size)
-    total_steps = config.epochs * steps
-    per_image = config.loss_spec()["reduction"] == "mean"
-    last_epoch = config.epochs if stop_after is None else min(stop_after, config.epochs)
-    for epoch in range(len(history) + 1, last_epoch + 1):
-        started = time.perf_counter()
-        total, done = 0.0, 0
-        for index, (images, labels) in enumerate(epoch_batches(train_split, config, epoch)):
-            step = (epoch - 1) * steps + index
-            loss = engine.step(images, labels, *one_cycle(step, total_steps, config.lr))
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training diverged at step {step + 1} (epoch {epoch}): the loss is {loss}; "
-                    f"try a lower --lr than {config.lr:g}"
-                )
-            total += loss * len(labels) if per_image else loss
-            done += len(labels)
-            if on_step:
-                on_step(step, loss)
-            if on_batch:
-                on_batch(epoch, done, len(train_split))
-        seconds = time.perf_counter() - started
-        eval_loss, eval_accuracy = engine.evaluate(eval_split)
-        result = EpochResult(
-            epoch=epoch,
-            epochs=config.epochs,
-            lr=one_cycle(epoch * steps, total_steps, config.lr)[0],
-            train_loss=total / len(train_split),
-            eval_split=eval_split.source,
-            eval_loss=eval_loss,
-            eval_accuracy=eval_accuracy,
-            seconds=seconds,
-            images_per_second=len(train_split) / seconds,
-        )
-        history.append(result)
-        engine.save(history)
-        if on_epoch:
-            on_epoch(result)
-    return history

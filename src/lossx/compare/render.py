@@ -1,7 +1,7 @@
-"""A CheckReport as JSON, a console table, JUnit XML and Markdown: pure functions, stdlib only.
+"""A ParityReport as JSON, a console table, JUnit XML and Markdown: pure functions, stdlib only.
 
 `to_json` writes strict JSON (NaN and +-Inf as the strings "NaN", "Infinity", "-Infinity");
-`schema()` is the JSON Schema it follows, `check_report.schema.json` beside this file.
+`schema()` is the JSON Schema it follows, `parity_report.schema.json` beside this file.
 """
 
 import json
@@ -9,10 +9,12 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from importlib import resources
+from pathlib import Path
 
-from lossx.parity.report import HISTOGRAM_BINS, CheckReport, LayerRow, OutputReport
+from lossx.compare.report import HISTOGRAM_BINS, LayerRow, OutputReport, ParityReport
+from lossx.files import write_atomically
 
-SCHEMA_FILE = "check_report.schema.json"
+SCHEMA_FILE = "parity_report.schema.json"
 _BAR_WIDTH = 40
 # Characters XML 1.0 cannot hold at all (ElementTree writes them as they are).
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -34,14 +36,19 @@ def _strict(value):
     return value
 
 
-def to_json(report: CheckReport) -> str:
+def strict_json(value) -> str:
+    """`value` as strict JSON, NaN and +-Inf written as strings."""
+    return json.dumps(_strict(value), indent=2, allow_nan=False)
+
+
+def to_json(report: ParityReport) -> str:
     """The JSON report: `report.to_dict()` as strict JSON (see `schema()`)."""
-    return json.dumps(_strict(report.to_dict()), indent=2, allow_nan=False)
+    return strict_json(report.to_dict())
 
 
 def schema() -> dict:
     """The JSON Schema (draft 2020-12) that `to_json`'s output follows."""
-    text = resources.files("lossx.parity").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
+    text = resources.files("lossx.compare").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -85,13 +92,13 @@ def _accuracy_delta(o: OutputReport) -> str:
     return f"{(o.accuracy_onnx - o.accuracy_reference) * 100:+.2f} pp"
 
 
-def _has_task_columns(report: CheckReport) -> bool:
+def _has_task_columns(report: ParityReport) -> bool:
     return any(
         o.argmax_agreement is not None or o.accuracy_onnx is not None for o in report.outputs
     )
 
 
-def _output_table(report: CheckReport, verdicts: tuple[str, str]) -> tuple[list[str], list[list]]:
+def _output_table(report: ParityReport, verdicts: tuple[str, str]) -> tuple[list[str], list[list]]:
     """The outputs table shared by text and Markdown: header and one row per output."""
     header = ["output", "atol", "rtol", "max abs", "p99 abs", "max rel", "tol used", "mismatches"]
     task = _has_task_columns(report)
@@ -171,7 +178,7 @@ def _has_nonfinite(o: OutputReport) -> bool:
     return any((n.onnx_nan, n.onnx_inf, n.reference_nan, n.reference_inf, n.disagreeing))
 
 
-def _verdict(report: CheckReport) -> str:
+def _verdict(report: ParityReport) -> str:
     return "PASSED" if report.passed else "FAILED"
 
 
@@ -193,11 +200,11 @@ def _aligned(header: list[str], rows: list[list], right_from: int = 1) -> list[s
     return lines
 
 
-def to_text(report: CheckReport) -> str:
+def to_text(report: ParityReport) -> str:
     """The console table: a header line, one row per output, then on failure the layer table,
     the first failing layer and where the failing case was saved."""
     lines = [
-        f"lossx check {report.artifact} against {report.reference}, profile {report.profile}, "
+        f"parity of {report.artifact} against {report.reference}, profile {report.profile}, "
         f"{len(report.inputs)} input sets: {_verdict(report)} in {report.seconds:.1f} s",
         "",
     ]
@@ -255,7 +262,7 @@ def _failure_message(o: OutputReport) -> str:
     return " ".join(message.split())
 
 
-def _failure_text(report: CheckReport, o: OutputReport) -> str:
+def _failure_text(report: ParityReport, o: OutputReport) -> str:
     lines = [
         f"{o.name} against {report.reference}, profile {report.profile}",
         f"tolerance: |onnx - reference| <= {_num(o.tolerance.atol)} + "
@@ -290,7 +297,7 @@ def _failure_text(report: CheckReport, o: OutputReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_junit_xml(report: CheckReport) -> str:
+def to_junit_xml(report: ParityReport) -> str:
     """JUnit XML: one testsuite "lossx check", one testcase per output, a <failure> on each
     failing output; the fingerprint, profile and reference as properties."""
     tests, failures = len(report.outputs), len(report.failures)
@@ -343,7 +350,7 @@ def _code(value) -> str:
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
-def to_markdown(report: CheckReport) -> str:
+def to_markdown(report: ParityReport) -> str:
     """A CI job summary (e.g. $GITHUB_STEP_SUMMARY): verdict heading, outputs table, the failing
     outputs' worst elements, the layer table, and the fingerprint and histograms folded."""
     icon = "✅" if report.passed else "❌"
@@ -384,3 +391,24 @@ def to_markdown(report: CheckReport) -> str:
         lines += ["```", ""]
     lines.append("</details>")
     return "\n".join(lines) + "\n"
+
+
+# --- files ----------------------------------------------------------------------------------
+
+RENDERERS = {"json": to_json, "junit": to_junit_xml, "markdown": to_markdown}
+REPRO_FILE = "lossx-check-failure.npz"
+
+
+def write_reports(report: ParityReport, paths: dict[str, Path | None]) -> None:
+    """Write `report` in each format of RENDERERS whose path is given, each atomically."""
+    for kind, path in paths.items():
+        if path is not None:
+            text = RENDERERS[kind](report)
+            write_atomically(Path(path), lambda f, text=text: f.write(text.encode()))
+
+
+def repro_beside(paths: list[Path | None]) -> Path | None:
+    """Where a failing case goes when no path is asked for: REPRO_FILE beside the first report
+    written, else nowhere."""
+    given = [Path(p) for p in paths if p is not None]
+    return given[0].parent / REPRO_FILE if given else None

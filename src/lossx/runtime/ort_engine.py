@@ -3,8 +3,9 @@ and numpy updates, without torch.
 
 Each step feeds the batch and the current weights to `train_<loss>.onnx`, takes the loss and
 every parameter's gradient back, and applies torch.optim.SGD's Nesterov update in numpy. The
-recipe (data order, augmentation, schedule, clipping) is lossx.runtime.recipe's, the one the
-torch engine follows, so both engines take the same steps from the same weights and seed.
+recipe (data order, augmentation, schedule, clipping) and the loop are lossx.runtime.trainer's,
+which the torch engine follows too, so both engines take the same steps from the same weights
+and seed.
 
 The checkpoint is one .npz: the weights by state_dict name (what `lossx export --checkpoint`,
 `lossx eval --weights` and `Artifact.with_weights` read), the momentum buffers under
@@ -16,27 +17,20 @@ import json
 import zipfile
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from lossx.errors import CheckpointError, SpecError, first_line
 from lossx.files import write_atomically
+from lossx.runtime import trainer
 from lossx.runtime.artifact import MANIFEST_FILE, Artifact, check_weights, read_weights, sha256_of
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.evaluate import graph_feed, iter_batches
-from lossx.runtime.graphs import GraphSpec
-from lossx.runtime.recipe import (
-    EVAL_BATCH,
-    EpochResult,
-    TrainConfig,
-    checkpoint_path,
-    clip_factor,
-    eval_scores,
-    run_epochs,
-    run_recipe,
-    training_data,
-)
+from lossx.runtime.feeds import graph_feed, iter_batches
+from lossx.runtime.graphs import GraphKind, GraphSpec
+from lossx.runtime.recipe import EVAL_BATCH, TrainConfig, clip_factor, eval_scores
+from lossx.runtime.trainer import EpochResult
 
 CHECKPOINT_FORMAT = "lossx-onnxruntime-checkpoint"
 STATE_KEY = "lossx/state"
@@ -70,21 +64,22 @@ class OnnxRuntimeEngine:
     """One run's weights and optimizer, stepped by an artifact's training graph."""
 
     def __init__(
-        self,
-        artifact: Artifact,
-        config: TrainConfig,
-        out: Path,
-        session_options: dict,
+        self, artifact: Artifact, config: TrainConfig, out: Path, session_options: dict
     ) -> None:
+        if config.optimizer != "sgd":
+            raise SpecError(
+                f"the onnxruntime engine implements optimizer sgd only, not {config.optimizer}"
+            )
         self.artifact = artifact
-        self.config = config
+        self.config = replace(config, model=artifact.manifest.model)
         self.out = out
         self.session_options = session_options
         self.graph = training_graph(artifact, config)
         self.session = artifact.session(self.graph.stem, **session_options)
-        self.grad_names = [f"grad.{name}" for name in self.graph.input_names[2:]]
+        names = self.graph.parameter_names
+        self.grad_names = [self.graph.gradients[name] for name in names]
         parameters = artifact.parameters()
-        self.parameters = {name: parameters[name].copy() for name in self.graph.input_names[2:]}
+        self.parameters = {name: parameters[name].copy() for name in names}
         self.optimizer = NesterovSGD(self.parameters, config.weight_decay)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
@@ -135,7 +130,7 @@ def training_graph(artifact: Artifact, config: TrainConfig) -> GraphSpec:
     wanted = config.loss_spec()
     for entry in artifact.manifest.graphs:
         spec = entry.spec
-        if spec.kind == "train" and spec.loss.name == wanted.name:
+        if spec.kind is GraphKind.TRAIN and spec.loss.name == wanted.name:
             if spec.loss != wanted:
                 raise SpecError(
                     f"{artifact.path}: its training graph computes {spec.loss}, not {wanted}; "
@@ -162,8 +157,8 @@ def checkpoint_state(path: Path) -> dict | None:
     return state
 
 
-def _resume_state(path: Path) -> dict:
-    path = Path(path)
+def resume_state(artifact: Artifact, path: Path) -> dict:
+    """The state of a checkpoint this engine wrote with `artifact`, or a one-line refusal."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     state = checkpoint_state(path)
@@ -172,6 +167,8 @@ def _resume_state(path: Path) -> dict:
             f"{path}: weights only, not a checkpoint of lossx train --engine onnxruntime; "
             "cannot resume from it"
         )
+    if state.get("artifact_manifest_sha256") != sha256_of(artifact.path / MANIFEST_FILE):
+        raise CheckpointError(f"{path}: was trained with another artifact than {artifact.path}")
     return state
 
 
@@ -188,26 +185,10 @@ def train(
     **session_options,
 ) -> list[EpochResult]:
     """Train the artifact's model from its shipped weights (or `resume`'s) and checkpoint to
-    `out` after every epoch; arguments as for lossx.build.train.train, plus ONNX Runtime's
+    `out` after every epoch; arguments as for lossx.runtime.trainer.train, plus ONNX Runtime's
     `session_options` (provider, threads, ...)."""
-    state = _resume_state(resume) if resume else None
-    config = replace(run_recipe(config, state, resume), model=artifact.manifest.model)
-    if state is not None and state.get("artifact_manifest_sha256") != sha256_of(
-        artifact.path / MANIFEST_FILE
-    ):
-        raise CheckpointError(f"{resume}: was trained with another artifact than {artifact.path}")
-    config.validate()
-    if config.optimizer != "sgd":
-        raise SpecError(
-            f"the onnxruntime engine implements optimizer sgd only, not {config.optimizer}"
-        )
-    out = checkpoint_path(out)
-    engine = OnnxRuntimeEngine(artifact, config, out, session_options)
-    data = training_data(data_dir, config)
-    history = []
-    if state is not None:
-        try:
-            history = engine.restore(resume, state)
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            raise CheckpointError(f"{resume}: damaged checkpoint ({first_line(e)})") from None
-    return run_epochs(engine, config, data, history, stop_after, on_batch, on_epoch, on_step)
+    return trainer.train(
+        partial(OnnxRuntimeEngine, artifact, session_options=session_options),
+        partial(resume_state, artifact),
+        data_dir, out, config, resume, stop_after, on_batch, on_epoch, on_step,
+    )  # fmt: skip

@@ -4,7 +4,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lossx.parity.compare import compare
+from lossx.compare.engine import OutputAccumulator, compare_arrays
+from lossx.compare.inputs import InputSet
+from lossx.compare.tolerances import Tolerance
+from lossx.runtime.graphs import ToleranceRule
+
+
+def compare(onnx, eager, atol, rtol, rule=ToleranceRule.ELEMENTWISE):
+    return compare_arrays(onnx, eager, Tolerance(atol, rtol), rule)
+
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 
@@ -18,7 +26,7 @@ finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 def test_an_element_passes_exactly_when_within_atol_plus_rtol(values, noise, atol, rtol):
     eager = values
     onnx = (values + noise[: len(values)]).astype(np.float32)
-    result = compare("g", "y", onnx, eager, atol, rtol)
+    result = compare(onnx, eager, atol, rtol)
     error = np.abs(onnx.astype(np.float64) - eager.astype(np.float64))
     assert result.mismatches == int(np.sum(error > atol + rtol * np.abs(eager.astype(np.float64))))
     assert result.max_abs_error == error.max()
@@ -27,7 +35,7 @@ def test_an_element_passes_exactly_when_within_atol_plus_rtol(values, noise, ato
 
 def test_identical_values_pass_with_zero_tolerance():
     x = np.array([[1.0, -2.0, 0.0]], np.float32)
-    result = compare("g", "logits", x, x.copy(), 0.0, 0.0)
+    result = compare(x, x.copy(), 0.0, 0.0, ToleranceRule.TASK)
     assert result.passed and result.max_abs_error == 0 and result.argmax_agreement == 1.0
 
 
@@ -43,33 +51,35 @@ def test_identical_values_pass_with_zero_tolerance():
     ],
 )
 def test_nan_and_inf_pass_only_where_both_sides_agree(onnx, eager, passed):
-    result = compare("g", "y", np.array(onnx), np.array(eager), 1e-5, 1e-5)
+    result = compare(np.array(onnx), np.array(eager), 1e-5, 1e-5)
     assert result.passed is passed
     if not passed:
         assert result.max_abs_error == np.inf
 
 
 def test_shape_mismatch_fails():
-    result = compare("g", "y", np.zeros(3), np.zeros(4), 1.0, 1.0)
+    result = compare(np.zeros(3), np.zeros(4), 1.0, 1.0)
     assert not result.passed
 
 
 def test_argmax_agreement_counts_rows():
     eager = np.array([[0.0, 1.0], [1.0, 0.0], [0.2, 0.1]])
     onnx = np.array([[0.0, 1.0], [0.0, 1.0], [0.2, 0.1]])
-    result = compare("g", "logits", onnx, eager, 1e-5, 1e-5)
+    result = compare(onnx, eager, 1e-5, 1e-5, ToleranceRule.TASK)
     assert result.argmax_agreement == pytest.approx(2 / 3)
 
 
-def test_merged_comparisons_add_counts_and_keep_maxima():
-    a = compare("g", "y", np.array([1.0, 2.0]), np.array([1.0, 2.5]), 0.1, 0.0)
-    b = compare("g", "y", np.array([3.0]), np.array([3.2]), 0.1, 0.0)
-    merged = a.merged(b)
+def test_batches_of_one_output_add_counts_and_keep_maxima():
+    accumulator = OutputAccumulator("g", "y", Tolerance(0.1, 0.0), ToleranceRule.ELEMENTWISE)
+    accumulator.add(InputSet("first"), np.array([1.0, 2.0]), np.array([1.0, 2.5]))
+    accumulator.add(InputSet("second"), np.array([3.0]), np.array([3.2]))
+    merged = accumulator.report()
     assert (merged.elements, merged.mismatches) == (3, 2)
     assert merged.max_abs_error == pytest.approx(0.5)
+    assert merged.worst.inputs == "first"
 
 
 def test_tolerance_used_is_the_worst_error_over_its_bound():
-    result = compare("g", "y", np.array([1.5, 10.2]), np.array([1.0, 10.0]), 0.5, 0.1)
+    result = compare(np.array([1.5, 10.2]), np.array([1.0, 10.0]), 0.5, 0.1)
     assert result.max_tolerance_used == pytest.approx(max(0.5 / 0.6, 0.2 / 1.5))
     assert result.passed

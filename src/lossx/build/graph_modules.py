@@ -2,9 +2,9 @@
 
 from torch import nn
 
+from lossx.build.backward import ReferenceTrainingStep, TrainingStep
 from lossx.build.losses import exported_loss, reference_loss
-from lossx.build.training import ReferenceTrainingStep, TrainingStep
-from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.graphs import GraphKind, GraphSpec
 
 
 class Fused(nn.Module):
@@ -21,12 +21,15 @@ class Fused(nn.Module):
 
 
 def _graph_module(spec: GraphSpec, model: nn.Module, make_loss, make_step) -> nn.Module:
-    if spec.kind == "model":
-        return model
-    if spec.kind == "train":
-        return make_step(model, spec.loss, "grad.images" in spec.output_names)
-    loss = make_loss(spec.loss)
-    return loss if spec.kind == "loss" else Fused(model, loss)
+    match spec.kind:
+        case GraphKind.MODEL:
+            return model
+        case GraphKind.LOSS:
+            return make_loss(spec.loss)
+        case GraphKind.FUSED:
+            return Fused(model, make_loss(spec.loss))
+        case GraphKind.TRAIN:
+            return make_step(model, spec.loss, spec.input_grad)
 
 
 def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:

@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lossx.build.export import export_artifact
-from lossx.build.train import train as train_torch
+from lossx.build.torch_engine import train as train_torch
 from lossx.cli import main
 from lossx.errors import CheckpointError, SpecError, TrainingDiverged
 from lossx.runtime import load_artifact, open_artifact
+from lossx.runtime.ort_engine import STATE_KEY
+from lossx.runtime.ort_engine import train as train_onnxruntime
 from lossx.runtime.recipe import TrainConfig
-from lossx.runtime.train import STATE_KEY
-from lossx.runtime.train import train as train_onnxruntime
 from tests.conftest import require_shared
 from tests.runtime.test_torch_free import BLOCK_TORCH
 
@@ -125,18 +125,18 @@ def test_trained_weights_run_in_the_runtime_and_export(data_dir, train_artifact,
 
 def test_every_graph_with_weights_runs_on_them(train_artifact, ort_run, test_split):
     artifact = load_artifact(train_artifact).with_weights(ort_run[0])
-    from lossx.parity.eager import EagerRunner
-    from lossx.runtime.evaluate import graph_feed, iter_batches
+    from lossx.build.eager import EagerRunner
+    from lossx.runtime.feeds import graph_feed, iter_batches
 
     images, labels = next(iter_batches(test_split, 16))
-    eager = EagerRunner(artifact)
-    logits = eager.run(artifact.graph("model").spec, {"images": images})[0]
+    eager = EagerRunner.of_artifact(artifact)
+    logits = eager.run(artifact.graph("model").spec, {"images": images})["logits"]
     for entry in artifact.manifest.graphs:
         spec = entry.spec
         feed = graph_feed(spec, images, labels, logits, artifact.parameters())
         got = artifact.run(spec.stem, feed)
-        for name, want in zip(spec.output_names, eager.run(spec, feed), strict=True):
-            if not name.startswith("grad."):
+        for name, want in eager.run(spec, feed).items():
+            if name not in spec.gradients.values():
                 np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5)
 
 

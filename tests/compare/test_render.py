@@ -1,4 +1,4 @@
-"""The renderers of a CheckReport: strict JSON against its schema, text, JUnit XML, Markdown."""
+"""The renderers of a ParityReport: strict JSON against its schema, text, JUnit XML, Markdown."""
 
 import copy
 import dataclasses
@@ -9,16 +9,16 @@ import xml.etree.ElementTree as ET
 import jsonschema
 import pytest
 
-from lossx.parity.render import schema, to_json, to_junit_xml, to_markdown, to_text
-from lossx.parity.report import (
+from lossx.compare.render import schema, to_json, to_junit_xml, to_markdown, to_text
+from lossx.compare.report import (
     HISTOGRAM_BINS,
-    CheckReport,
     LayerRow,
     NonFinite,
     OutputReport,
-    Tolerance,
+    ParityReport,
     WorstElement,
 )
+from lossx.compare.tolerances import Tolerance
 
 SHA_MODEL = "a" * 64
 SHA_LOSS = "0123456789abcdef" * 4
@@ -61,8 +61,8 @@ def _output(graph: str, output: str, **overrides) -> OutputReport:
 
 
 @pytest.fixture
-def passing() -> CheckReport:
-    return CheckReport(
+def passing() -> ParityReport:
+    return ParityReport(
         artifact="artifacts/cifar10",
         reference="eager PyTorch (cpu, float32)",
         profile="fp32-cpu",
@@ -84,7 +84,7 @@ def passing() -> CheckReport:
 
 
 @pytest.fixture
-def failing() -> CheckReport:
+def failing() -> ParityReport:
     nan, inf = float("nan"), float("inf")
     bad_logits = _output(
         "model.onnx",
@@ -112,7 +112,7 @@ def failing() -> CheckReport:
         max_tolerance_used=41.2,
         histogram={"1e-3": 1, "0": 2},
     )
-    return CheckReport(
+    return ParityReport(
         artifact="artifacts/cifar10",
         reference="eager PyTorch (cpu, float32)",
         profile="fp32-cuda",
@@ -170,7 +170,7 @@ def test_json_writes_non_finite_numbers_as_strings(failing):
 
 
 def test_json_writes_negative_infinity():
-    report = CheckReport(
+    report = ParityReport(
         artifact="a",
         reference="r",
         profile="p",
@@ -218,7 +218,7 @@ def test_schema_rejects_wrong_reports(failing, corrupt):
 # --- JUnit XML ----------------------------------------------------------------------------------
 
 
-def _suite(report: CheckReport) -> ET.Element:
+def _suite(report: ParityReport) -> ET.Element:
     text = to_junit_xml(report)
     assert text.startswith("<?xml")
     root = ET.fromstring(text)

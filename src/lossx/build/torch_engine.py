@@ -1,12 +1,10 @@
 """`lossx train --engine torch`: train a registered model on CIFAR-10, reproducibly and
 resumably, with eager PyTorch and autograd.
 
-The recipe (data order, augmentation, schedule, clipping) is lossx.runtime.recipe's, which the
-ONNX Runtime engine follows too. The training split is decoded once; every batch is augmented
-and scaled on the fly.
+The recipe and the loop are lossx.runtime.trainer's, which the ONNX Runtime engine follows too.
+The training split is decoded once; every batch is augmented and scaled on the fly.
 """
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +13,12 @@ from torch import nn
 
 from lossx.build.losses import reference_loss
 from lossx.build.models import build_model
-from lossx.errors import CheckpointError, first_line
+from lossx.errors import CheckpointError
 from lossx.files import write_atomically
-from lossx.runtime.evaluate import iter_batches, target_form
-from lossx.runtime.recipe import (
-    EVAL_BATCH,
-    EpochResult,
-    TrainConfig,
-    checkpoint_path,
-    eval_scores,
-    run_epochs,
-    run_recipe,
-    training_data,
-)
+from lossx.runtime import trainer
+from lossx.runtime.feeds import iter_batches, target_form
+from lossx.runtime.recipe import EVAL_BATCH, TrainConfig, eval_scores
+from lossx.runtime.trainer import EpochResult
 
 CHECKPOINT_FORMAT = "lossx-train-checkpoint"
 
@@ -120,40 +111,15 @@ class TorchEngine:
             },
         )
 
-    def restore(self, state: dict) -> list[EpochResult]:
+    def restore(self, checkpoint: Path, state: dict) -> list[EpochResult]:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return [EpochResult(**e) for e in state["history"]]
 
 
 def train(
-    data_dir: Path | None,
-    out: Path,
-    config: TrainConfig | None = None,
-    resume: Path | None = None,
-    stop_after: int | None = None,
-    on_batch: Callable[[int, int, int], None] | None = None,
-    on_epoch: Callable[[EpochResult], None] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    data_dir: Path | None, out: Path, config: TrainConfig | None = None, **run
 ) -> list[EpochResult]:
-    """Train and checkpoint to `out` after every epoch; return the log of every epoch so far.
-
-    With `resume`, the run continues from that checkpoint with the checkpoint's own recipe.
-    `stop_after` ends the run after that many epochs in all (the checkpoint can resume it).
-    Callbacks as for `lossx.runtime.recipe.run_epochs`.
-    """
-    state = load_training_checkpoint(resume) if resume else None
-    config = run_recipe(config, state, resume)
-    config.validate()
-    out = checkpoint_path(out)
-    data = training_data(data_dir, config)
-    engine = TorchEngine(config, out)
-    history: list[EpochResult] = []
-    if state is not None:
-        try:
-            history = engine.restore(state)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{resume}: does not fit model {config.model}: {first_line(e)}"
-            ) from None
-    return run_epochs(engine, config, data, history, stop_after, on_batch, on_epoch, on_step)
+    """Train with eager PyTorch and checkpoint to `out` after every epoch; `run` (resume,
+    stop_after and the callbacks) as for lossx.runtime.trainer.train."""
+    return trainer.train(TorchEngine, load_training_checkpoint, data_dir, out, config, **run)

@@ -112,6 +112,17 @@ class LossInfo:
     input_name: str  # the loss graph's first input
     eval_input: str  # what `lossx eval` feeds it: "logits", "softmax" or "log_softmax"
 
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "torch_class": f"torch.nn.{self.torch_class}",
+            "summary": self.summary,
+            "options": [
+                {"name": o.name, "default": o.default, "accepts": o.accepted(), "help": o.help}
+                for o in self.options
+            ],
+        }
+
     def option(self, name: str) -> Option:
         for option in self.options:
             if option.name == name:
@@ -239,6 +250,26 @@ LOSSES: dict[str, LossInfo] = {
         ),
     )
 }
+
+
+DEFAULT_LOSSES = ("ce", "mse", "l1")  # what an artifact holds unless told otherwise
+
+
+def catalogue_text() -> str:
+    """The losses, their options and defaults, as `lossx losses` prints them."""
+    lines = []
+    for info in LOSSES.values():
+        lines.append(f"{info.name:<11} torch.nn.{info.torch_class}: {info.summary}")
+        for option in info.options:
+            default = format_value(option.default)
+            lines.append(
+                f"{'':<13}{option.name:<16} default {default:<8} {option.accepted():<28} "
+                f"{option.help}"
+            )
+    lines.append(
+        '\nexample: lossx export out/ --loss "ce(label_smoothing=0.1, reduction=sum)" --loss mse'
+    )
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from lossx.build.export import export_artifact
 from lossx.build.models import build_model
-from lossx.build.train import load_training_checkpoint, train
+from lossx.build.torch_engine import load_training_checkpoint, train
 from lossx.cli import main
 from lossx.errors import CheckpointError, LossxError, SpecError
 from lossx.runtime import load_artifact

@@ -21,7 +21,7 @@ from torch import nn
 
 from lossx.build.losses import reference_loss
 from lossx.errors import SpecError
-from lossx.runtime.losses import LossSpec
+from lossx.runtime.loss_specs import LossSpec
 
 TRAINABLE_LOSSES = ("ce", "mse", "l1")
 _POOLS = ((2, 2, 0), ((2, 2), (2, 2), 0))  # 2x2 max-pooling, stride 2, no padding

@@ -1,0 +1,49 @@
+"""The eager PyTorch runner: any graph of an artifact, run as the torch module it must equal."""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lossx.build.graph_modules import reference_module
+from lossx.build.models import build_model, load_checkpoint
+from lossx.runtime.artifact import Artifact
+from lossx.runtime.graphs import GraphSpec
+
+
+class EagerRunner:
+    """Runs graphs eagerly on `model` (the model graphs run, and training graphs
+    differentiate); standalone losses need no model."""
+
+    def __init__(self, model: nn.Module | None, name: str = "eager PyTorch") -> None:
+        self.model = model
+        self.name = name
+
+    @classmethod
+    def of_artifact(cls, artifact: Artifact, checkpoint: Path | None = None) -> "EagerRunner":
+        """The artifact's model rebuilt from the registry with the artifact's weights
+        (`artifact.parameters()`), or with a checkpoint's."""
+        manifest = artifact.manifest
+        model = build_model(manifest.model)
+        if checkpoint is None:
+            state = {k: torch.from_numpy(v) for k, v in artifact.parameters().items()}
+            model.load_state_dict(state)
+            weights = f"the artifact's {manifest.weights['file']}"
+        else:
+            load_checkpoint(model, Path(checkpoint))
+            weights = f"checkpoint {checkpoint}"
+        return cls(
+            model, f"eager PyTorch {torch.__version__}, model {manifest.model} with {weights}"
+        )
+
+    def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        module = reference_module(graph, self.model)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. KLDivLoss's note on reduction="mean"
+            outputs = module(*(torch.from_numpy(feed[name]) for name in graph.input_names))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {
+            name: value.numpy() for name, value in zip(graph.output_names, outputs, strict=True)
+        }

@@ -1,0 +1,230 @@
+"""The parity engine: two runners, the same feeds, every output compared into one ParityReport.
+
+The export self-check, `lossx eval --compare-eager` and `lossx check` all call
+`compare_runners`; what differs between them is only the runners, the input sets and the
+tolerances they pass.
+"""
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from lossx.compare.elementwise import element_errors, error_histogram
+from lossx.compare.inputs import InputSet
+from lossx.compare.report import NonFinite, OutputReport, ParityReport, WorstElement
+from lossx.compare.runners import Runner
+from lossx.compare.tolerances import Tolerance, Tolerances
+from lossx.errors import LossxError, ParityError, first_line
+from lossx.files import write_atomically
+from lossx.runtime.graphs import GraphSpec, Role, ToleranceRule, model_graph
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """The feed on which an output came closest to (or went furthest past) its tolerance."""
+
+    graph: str
+    output: str
+    inputs: str  # the input set's label
+    feed: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]  # the subject's outputs for `feed`
+    reference: np.ndarray  # the reference's value of `output`
+
+    def save(self, path: Path) -> Path:
+        """The case as .npz: the graph's inputs and both sides' outputs, with a note on how to
+        rerun it."""
+        arrays = {f"input.{k}": v for k, v in self.feed.items()}
+        arrays.update({f"onnx.{k}": np.asarray(v) for k, v in self.outputs.items()})
+        arrays[f"reference.{self.output}"] = np.asarray(self.reference)
+        arrays["about"] = np.array(
+            f"lossx parity failure: graph {self.graph}.onnx, output {self.output}, inputs "
+            f"{self.inputs}. Rerun: onnxruntime.InferenceSession('{self.graph}.onnx').run(None, "
+            "{name[6:]: arrays[name] for name in arrays if name.startswith('input.')})"
+        )
+        path = Path(path)
+        write_atomically(path, lambda f: np.savez(f, **arrays))
+        return path
+
+
+class OutputAccumulator:
+    """Every comparison of one output, kept until its OutputReport is made."""
+
+    def __init__(self, graph: str, output: str, tolerance: Tolerance, rule: ToleranceRule):
+        self.graph, self.output, self.tolerance = graph, output, tolerance
+        self.task = rule is ToleranceRule.TASK
+        self.errors, self.relatives, self.failed = [], [], 0
+        self.nonfinite = dict.fromkeys(NonFinite.__dataclass_fields__, 0)
+        self.worst: WorstElement | None = None
+        self.worst_case: WorstCase | None = None
+        self.rows = self.agreements = self.correct = self.correct_reference = self.labelled = 0
+
+    def add(self, inputs: InputSet, got, want, feed=None, outputs=None) -> None:
+        """One input set's values of this output: `got` from the subject, `want` from the
+        reference (`feed` and the subject's `outputs` are kept for the worst case)."""
+        got, want = np.asarray(got), np.asarray(want)
+        if got.shape != want.shape:
+            got = np.full(want.shape, np.nan)  # every element then fails
+        atol = self.tolerance.atol_for(np.asarray(want, dtype=np.float64))
+        errors = element_errors(got, want, atol, self.tolerance.rtol)
+        self.errors.append(errors.error.ravel())
+        self.relatives.append(errors.relative.ravel())
+        self.failed += int(np.count_nonzero(errors.failed))
+        for side, values in (("onnx", got), ("reference", want)):
+            self.nonfinite[f"{side}_nan"] += int(np.count_nonzero(np.isnan(values)))
+            self.nonfinite[f"{side}_inf"] += int(np.count_nonzero(np.isinf(values)))
+        finite = np.isfinite(got) & np.isfinite(want)
+        self.nonfinite["disagreeing"] += int(np.count_nonzero(errors.failed & ~finite))
+        if errors.used.size:
+            at = np.unravel_index(int(np.argmax(errors.used)), errors.used.shape)
+            used = float(errors.used[at])
+            if self.worst is None or used > self.worst.tolerance_used:
+                self.worst = WorstElement(
+                    inputs.label,
+                    [int(i) for i in at],
+                    float(got[at]),
+                    float(want[at]),
+                    float(errors.error[at]),
+                    used,
+                )
+                self.worst_case = WorstCase(
+                    self.graph, self.output, inputs.label, feed or {}, outputs or {}, want
+                )
+        if self.task and want.ndim == 2:
+            self.rows += len(want)
+            self.agreements += int(np.count_nonzero(got.argmax(1) == want.argmax(1)))
+            if inputs.real and inputs.counts_for_accuracy:
+                self.labelled += len(inputs.labels)
+                self.correct += int(np.count_nonzero(got.argmax(1) == inputs.labels))
+                self.correct_reference += int(np.count_nonzero(want.argmax(1) == inputs.labels))
+
+    def report(self) -> OutputReport:
+        with np.errstate(over="ignore", invalid="ignore"):  # Inf errors give Inf (or NaN) stats
+            return self._report()
+
+    def _report(self) -> OutputReport:
+        errors = np.concatenate(self.errors)
+        relatives = np.concatenate(self.relatives)
+        agreement = self.agreements / self.rows if self.rows else None
+        accuracy = self.correct / self.labelled if self.labelled else None
+        accuracy_reference = self.correct_reference / self.labelled if self.labelled else None
+        task_failures = []
+        if agreement is not None and agreement < self.tolerance.min_argmax_agreement:
+            task_failures.append(
+                f"argmax agreement {agreement:.2%} < {self.tolerance.min_argmax_agreement:.2%}"
+            )
+        if (
+            accuracy is not None
+            and accuracy_reference - accuracy > self.tolerance.max_accuracy_drop
+        ):
+            task_failures.append(
+                f"top-1 accuracy {accuracy:.2%} vs {accuracy_reference:.2%}, a drop of more "
+                f"than {self.tolerance.max_accuracy_drop:.2%}"
+            )
+        return OutputReport(
+            graph=self.graph,
+            output=self.output,
+            tolerance=self.tolerance,
+            elements=int(errors.size),
+            mismatches=self.failed,
+            max_abs_error=float(errors.max(initial=0.0)),
+            mean_abs_error=float(errors.mean()) if errors.size else 0.0,
+            p99_abs_error=float(np.percentile(errors, 99)) if errors.size else 0.0,
+            max_rel_error=float(relatives.max(initial=0.0)),
+            mean_rel_error=float(relatives.mean()) if relatives.size else 0.0,
+            p99_rel_error=float(np.percentile(relatives, 99)) if relatives.size else 0.0,
+            max_tolerance_used=self.worst.tolerance_used if self.worst else 0.0,
+            worst=self.worst,
+            nonfinite=NonFinite(**self.nonfinite),
+            histogram=error_histogram(errors),
+            argmax_agreement=agreement,
+            accuracy_onnx=accuracy,
+            accuracy_reference=accuracy_reference,
+            task_failures=task_failures,
+        )
+
+
+def compare_arrays(
+    got: np.ndarray,
+    want: np.ndarray,
+    tolerance: Tolerance,
+    rule: ToleranceRule = ToleranceRule.ELEMENTWISE,
+    name: str = "value",
+) -> OutputReport:
+    """One pair of arrays compared, as one OutputReport (graph "-")."""
+    accumulator = OutputAccumulator("-", name, tolerance, rule)
+    accumulator.add(InputSet("arrays"), got, want)
+    return accumulator.report()
+
+
+def compare_runners(
+    subject: Runner,
+    reference: Runner,
+    graphs: Sequence[GraphSpec],
+    input_sets: Iterable[InputSet],
+    tolerances: Tolerances,
+    *,
+    profile: str = "custom",
+    parameters: dict[str, np.ndarray] | None = None,
+    repro: Path | None = None,
+    progress: Callable[[InputSet], None] | None = None,
+) -> ParityReport:
+    """Run every graph on both runners for every input set and compare every output.
+
+    Standalone losses get the reference's logits of a real batch (so they measure the loss
+    graph alone); graphs that take parameters get `parameters` on both sides. With `repro`,
+    the worst failing case is saved there. `progress(input set)` follows each input set.
+    """
+    started = time.perf_counter()
+    model = model_graph()
+    wants_logits = any(t.role is Role.LOSS_INPUT for graph in graphs for t in graph.inputs)
+    accumulators: dict[tuple[str, str], OutputAccumulator] = {}
+    labels = []
+    for inputs in input_sets:
+        labels.append(inputs.label)
+        reference_model = None  # run once: for the losses' logits and for the model graph
+        if inputs.real and wants_logits:
+            reference_model = _run(reference, model, {"images": inputs.images}, inputs)
+        logits = reference_model["logits"] if reference_model else None
+        for graph in graphs:
+            feed = inputs.feed(graph, logits, parameters)
+            got = _run(subject, graph, feed, inputs)
+            reused = reference_model is not None and graph == model
+            want = reference_model if reused else _run(reference, graph, feed, inputs)
+            for name in graph.output_names:
+                key = (graph.stem, name)
+                if key not in accumulators:
+                    rule = graph.output(name).tolerance_rule
+                    accumulators[key] = OutputAccumulator(
+                        graph.stem, name, tolerances.of(graph, name), rule
+                    )
+                accumulators[key].add(inputs, got[name], want[name], feed, got)
+        if progress:
+            progress(inputs)
+    report = ParityReport(
+        artifact=subject.name,
+        reference=reference.name,
+        profile=profile,
+        inputs=labels,
+        outputs=[a.report() for a in accumulators.values()],
+    )
+    saved = None
+    if report.failures and repro is not None:
+        worst = max(report.failures, key=lambda o: o.max_tolerance_used)
+        saved = str(accumulators[(worst.graph, worst.output)].worst_case.save(repro))
+    return replace(report, seconds=time.perf_counter() - started, repro=saved)
+
+
+def _run(runner: Runner, graph: GraphSpec, feed: dict, inputs: InputSet) -> dict:
+    """`runner.run`, its failure (other than lossx's own errors) a one-line ParityError: a
+    graph that cannot run on inputs its spec admits does not compute what it should."""
+    try:
+        return runner.run(graph, feed)
+    except LossxError:
+        raise
+    except Exception as e:
+        raise ParityError(
+            f"{runner.name} failed to run {graph.file} on {inputs.label}: {first_line(e)}"
+        ) from None

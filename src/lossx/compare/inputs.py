@@ -1,0 +1,124 @@
+"""The inputs both sides of a comparison see: real CIFAR-10 batches and seeded random feeds
+drawn in numpy from a graph's own tensor specs.
+
+One table of random sizes serves the export self-check and `lossx check`: batch 1, an odd
+batch and a large one, with other class and feature counts than the export example for the
+standalone losses (and extra dims d1.. for loss graphs exported with extra_dims > 0).
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.feeds import graph_feed, iter_batches, log_softmax, softmax
+from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role
+
+EXAMPLE_SIZES = {"N": 4, "C": NUM_CLASSES, "D": NUM_CLASSES, "d1": 3, "d2": 5, "d3": 2}
+RANDOM_SIZES = (
+    {"N": 1, "C": 10, "D": 10, "d1": 1, "d2": 1, "d3": 1},
+    {"N": 7, "C": 5, "D": 3, "d1": 2, "d2": 3, "d3": 4},
+    {"N": 64, "C": 13, "D": 21, "d1": 3, "d2": 1, "d3": 2},
+)
+_WEIGHTS = (Role.PARAMETER, Role.BUFFER)
+
+
+def sample_feed(
+    spec: GraphSpec,
+    sizes: dict[str, int],
+    seed: int,
+    scale: float = 1.0,
+    ignore_fraction: float = 0.25,
+    parameters: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Random inputs for `spec`, with the values each input means, each its own array (an
+    aliased pair exports wrongly). Real values and scores are standard normal times `scale`;
+    class indices are ignore_index with probability `ignore_fraction`; unit targets include
+    exact 0 and 1; a training graph's parameters are `parameters` (a model's weights) or small
+    random values."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for tensor in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
+        if tensor.role in _WEIGHTS:
+            if parameters is not None:
+                feed[tensor.name] = np.array(parameters[tensor.name], dtype=np.float32)
+            else:
+                feed[tensor.name] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        elif tensor.values == "class_index":
+            classes = spec.class_dim()
+            classes = classes if isinstance(classes, int) else sizes[classes]
+            labels = rng.integers(0, classes, shape, dtype=np.int64)
+            ignored = rng.random(shape) < ignore_fraction
+            feed[tensor.name] = np.where(ignored, spec.loss["ignore_index"], labels)
+        elif tensor.values == "image":
+            feed[tensor.name] = rng.random(shape, dtype=np.float32)
+        elif tensor.values == "unit":
+            values, pick = rng.random(shape, dtype=np.float32), rng.random(shape)
+            exact = np.where(pick > 0.9, np.float32(1), values)
+            feed[tensor.name] = np.where(pick < 0.1, np.float32(0), exact)
+        elif tensor.values in ("probabilities", "log_probabilities"):
+            scores = (rng.standard_normal(shape) * scale).astype(np.float32)
+            normalise = softmax if tensor.values == "probabilities" else log_softmax
+            feed[tensor.name] = normalise(scores).astype(np.float32)
+        else:
+            feed[tensor.name] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return feed
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """One feed for every graph: a real batch (images and labels), or random inputs of
+    `sizes` drawn from `seed`."""
+
+    label: str
+    images: np.ndarray | None = None  # float32 [B,3,32,32], model-ready
+    labels: np.ndarray | None = None
+    sizes: dict[str, int] | None = None
+    seed: int = 0
+    counts_for_accuracy: bool = True  # False for images already seen in the full pass
+
+    @property
+    def real(self) -> bool:
+        return self.images is not None
+
+    def feed(
+        self,
+        spec: GraphSpec,
+        logits: np.ndarray | None,
+        parameters: dict[str, np.ndarray] | None,
+    ) -> dict[str, np.ndarray]:
+        """`spec`'s feed: a real batch with `logits` (the reference's) for standalone losses,
+        or random inputs."""
+        if not self.real:
+            return sample_feed(spec, self.sizes, self.seed, parameters=parameters)
+        return graph_feed(spec, self.images, self.labels, logits, parameters)
+
+
+def real_input_sets(
+    data: Cifar10Split, batch_size: int, odd_batches: bool = False
+) -> Iterator[InputSet]:
+    """Every image of `data` in batches; with `odd_batches` then image 0 alone and images 1-7
+    as one batch (sizes a full pass may never see)."""
+    start = 0
+    for images, labels in iter_batches(data, batch_size):
+        yield InputSet(f"images {start}-{start + len(labels) - 1}", images, labels)
+        start += len(labels)
+    if odd_batches and len(data):
+        first = next(iter_batches(data.head(8), 8))
+        yield InputSet("image 0 alone", first[0][:1], first[1][:1], counts_for_accuracy=False)
+        odd = InputSet(
+            f"images 1-{len(first[1]) - 1} as one batch",
+            first[0][1:],
+            first[1][1:],
+            counts_for_accuracy=False,
+        )
+        if len(odd.labels):
+            yield odd
+
+
+def random_input_sets(seed: int) -> Iterator[InputSet]:
+    """Random feeds of each size of RANDOM_SIZES, seeds `seed`, `seed` + 1, ..."""
+    for index, sizes in enumerate(RANDOM_SIZES):
+        yield InputSet(f"random N={sizes['N']} seed {seed + index}", sizes=sizes, seed=seed + index)

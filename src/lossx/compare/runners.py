@@ -1,0 +1,64 @@
+"""Runners: what runs a graph on a feed. The comparison sees two of them and nothing else.
+
+`OnnxRuntimeRunner` runs an artifact's graphs (or a graph file not yet in an artifact); a
+baseline artifact is an `OnnxRuntimeRunner` too. The eager PyTorch runner lives on the build
+side (lossx.build.eager), which alone imports torch.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from lossx.runtime.artifact import Artifact, check_signature
+from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.session import open_session
+
+
+class Runner(Protocol):
+    """Runs any graph an artifact describes."""
+
+    name: str  # what it is, in words, for reports
+
+    def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`graph`'s outputs by name for `feed` (inputs by name)."""
+
+
+class OnnxRuntimeRunner:
+    """ONNX Runtime sessions, one per graph."""
+
+    def __init__(self, session_for: Callable[[GraphSpec], ort.InferenceSession], name: str):
+        self.session_for = session_for
+        self.name = name
+
+    @classmethod
+    def of_artifact(
+        cls, artifact: Artifact, role: str = "artifact", **session_options
+    ) -> "OnnxRuntimeRunner":
+        """The artifact's graphs, in sessions opened with `session_options` (provider, ...);
+        `role` names the artifact in reports (e.g. "baseline artifact")."""
+        return cls(
+            lambda graph: artifact.session(graph.stem, **session_options),
+            f"{role} {artifact.path} (ONNX Runtime)",
+        )
+
+    @classmethod
+    def of_file(cls, path: Path) -> "OnnxRuntimeRunner":
+        """One graph file not yet in an artifact, on the CPU, its session checked against the
+        spec it is run for."""
+        sessions = {}
+
+        def session_for(graph: GraphSpec) -> ort.InferenceSession:
+            if graph not in sessions:
+                session = open_session(Path(path), "cpu")
+                check_signature(session, graph)
+                sessions[graph] = session
+            return sessions[graph]
+
+        return cls(session_for, f"ONNX Runtime on {path}")
+
+    def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session_for(graph).run(graph.output_names, feed)
+        return dict(zip(graph.output_names, outputs, strict=True))

@@ -1,0 +1,186 @@
+"""The training loop both engines run, and the one driver that starts or resumes a run.
+
+An engine (lossx.build.torch_engine's eager PyTorch, lossx.runtime.ort_engine's ONNX Runtime)
+steps, evaluates, saves and restores; everything else, the recipe (lossx.runtime.recipe)
+included, is here once.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from lossx.errors import CheckpointError, LossxError, SpecError, TrainingDiverged, first_line
+from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.recipe import (
+    TrainConfig,
+    epoch_batches,
+    one_cycle,
+    steps_per_epoch,
+    training_data,
+)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One line of the training log. `eval_split` says what was evaluated: test or holdout;
+    `eval_loss` is the cross-entropy there, whatever loss trains."""
+
+    epoch: int
+    epochs: int
+    lr: float
+    train_loss: float
+    eval_split: str
+    eval_loss: float
+    eval_accuracy: float
+    seconds: float
+    images_per_second: float  # training images per second of this epoch, augmentation included
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_line(self) -> str:
+        """The line `lossx train` prints after the epoch."""
+        return (
+            f"epoch {self.epoch:>3}/{self.epochs}  lr {self.lr:.5f}  train loss "
+            f"{self.train_loss:.4f}  {self.eval_split} loss {self.eval_loss:.4f}  "
+            f"{self.eval_split} accuracy {self.eval_accuracy:.2%}  "
+            f"{self.images_per_second:,.0f} images/s  {self.seconds:.1f} s"
+        )
+
+
+def run_recipe(config: TrainConfig | None, state: dict | None, resume: Path | None) -> TrainConfig:
+    """The recipe a run follows: a resumed checkpoint's own (`state`), else `config`, else the
+    default."""
+    if state is None:
+        return config or TrainConfig()
+    try:
+        return TrainConfig.from_dict(state["config"])
+    except (KeyError, TypeError, SpecError) as e:
+        raise CheckpointError(
+            f"{resume}: its recipe is not one lossx knows ({first_line(e)})"
+        ) from None
+
+
+def checkpoint_path(out: Path) -> Path:
+    """`out`, refused at once if its folder does not exist (not after the first epoch)."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
+    return out
+
+
+class Engine(Protocol):
+    """What `run_epochs` drives: one engine's model, optimizer and checkpoint."""
+
+    config: TrainConfig
+
+    def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
+        """One optimizer step on a batch with this LR and momentum; return the batch's loss."""
+
+    def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of the current weights on `split`."""
+
+    def save(self, history: list[EpochResult]) -> None:
+        """Checkpoint the weights, the optimizer state and the log so far."""
+
+    def restore(self, checkpoint: Path, state: dict) -> list[EpochResult]:
+        """Load a checkpoint this engine saved (`state`: what `read_state` gave); return its
+        log."""
+
+
+def run_epochs(
+    engine: Engine,
+    config: TrainConfig,
+    data: tuple[Cifar10Split, Cifar10Split],
+    history: list[EpochResult],
+    stop_after: int | None = None,
+    on_batch: Callable[[int, int, int], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[EpochResult]:
+    """Train from epoch len(history) + 1 to the last (or `stop_after`), evaluating and saving
+    after each epoch. Callbacks: `on_batch(epoch, images done this epoch, images per epoch)`,
+    `on_epoch(result)`, `on_step(step, loss)` with steps counted from 0 over the whole run."""
+    train_split, eval_split = data
+    steps = steps_per_epoch(len(train_split), config.batch_size)
+    total_steps = config.epochs * steps
+    per_image = config.loss_spec()["reduction"] == "mean"
+    last_epoch = config.epochs if stop_after is None else min(stop_after, config.epochs)
+    for epoch in range(len(history) + 1, last_epoch + 1):
+        started = time.perf_counter()
+        total, done = 0.0, 0
+        for index, (images, labels) in enumerate(epoch_batches(train_split, config, epoch)):
+            step = (epoch - 1) * steps + index
+            loss = engine.step(images, labels, *one_cycle(step, total_steps, config.lr))
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1} (epoch {epoch}): the loss is {loss}; "
+                    f"try a lower --lr than {config.lr:g}"
+                )
+            total += loss * len(labels) if per_image else loss
+            done += len(labels)
+            if on_step:
+                on_step(step, loss)
+            if on_batch:
+                on_batch(epoch, done, len(train_split))
+        seconds = time.perf_counter() - started
+        eval_loss, eval_accuracy = engine.evaluate(eval_split)
+        result = EpochResult(
+            epoch=epoch,
+            epochs=config.epochs,
+            lr=one_cycle(epoch * steps, total_steps, config.lr)[0],
+            train_loss=total / len(train_split),
+            eval_split=eval_split.source,
+            eval_loss=eval_loss,
+            eval_accuracy=eval_accuracy,
+            seconds=seconds,
+            images_per_second=len(train_split) / seconds,
+        )
+        history.append(result)
+        engine.save(history)
+        if on_epoch:
+            on_epoch(result)
+    return history
+
+
+def train(
+    open_engine: Callable[[TrainConfig, Path], Engine],
+    read_state: Callable[[Path], dict],
+    data_dir: Path | None,
+    out: Path,
+    config: TrainConfig | None = None,
+    resume: Path | None = None,
+    stop_after: int | None = None,
+    on_batch: Callable[[int, int, int], None] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[EpochResult]:
+    """Train with the engine `open_engine(recipe, checkpoint path)` makes and checkpoint to
+    `out` after every epoch; return the log of every epoch so far.
+
+    With `resume`, the run continues from that checkpoint (read by `read_state`, which refuses
+    one the engine cannot resume) with the checkpoint's own recipe. `stop_after` ends the run
+    after that many epochs in all (the checkpoint can resume it). Callbacks as for
+    `run_epochs`.
+    """
+    state = read_state(Path(resume)) if resume else None
+    config = run_recipe(config, state, resume)
+    config.validate()
+    out = checkpoint_path(out)
+    engine = open_engine(config, out)
+    config = engine.config  # the engine may complete the recipe (e.g. an artifact's model)
+    data = training_data(data_dir, config)
+    history: list[EpochResult] = []
+    if state is not None:
+        try:
+            history = engine.restore(Path(resume), state)
+        except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
+            raise CheckpointError(
+                f"{resume}: does not fit model {config.model}: {first_line(e)}"
+            ) from None
+    return run_epochs(engine, config, data, history, stop_after, on_batch, on_epoch, on_step)
