@@ -77,6 +77,15 @@ def artifact(artifact_dir):
 
 
 @pytest.fixture(scope="session")
+def seeded_train_artifact_dir(tmp_path_factory) -> Path:
+    """Training graphs for ce and mse on seeded random weights, the ones `lossx train --engine
+    torch --seed 0` starts from."""
+    out = tmp_path_factory.mktemp("train-artifact") / "a"
+    export_artifact(out, losses=["ce", "mse"], init="random", seed=0, train=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, train_subset) -> Path:
     """A state_dict after one epoch of SGD on real training images: logits of realistic size."""
     torch.manual_seed(0)

@@ -157,7 +157,7 @@ def main() -> None:
 )
 def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
     """Export the model, each loss and each model+loss graph to OUT_DIR, verified against eager."""
-    _require_torch("lossx export")
+    _require_export_extra("lossx export")
     from lossx.build.export import export_artifact, export_summary
 
     manifest = export_artifact(
@@ -261,7 +261,7 @@ def check(
     Exit codes: 0 all outputs within tolerance, 1 a parity failure, 2 a usage or input error,
     3 an environment problem (e.g. the requested provider is not really available).
     """
-    _require_torch("lossx check")
+    _require_export_extra("lossx check")
     from lossx.compare.render import repro_beside, to_text, write_reports
     from lossx.parity.check import check_artifact
     from lossx.runtime import load_artifact, load_cifar10
@@ -341,10 +341,12 @@ def eval_(
 
     if (atol is not None or rtol is not None) and not compare_eager:
         raise click.UsageError("--atol and --rtol apply only with --compare-eager")
+    if compare_eager:
+        _require_export_extra("--compare-eager", ("torch",))
     if download:
         if data_dir is None:
             raise click.UsageError("--download needs --data-dir")
-        _require_torch("--download")
+        _require_export_extra("--download", ("torchvision",))
         from lossx.build.download import download_cifar10
 
         download_cifar10(data_dir)
@@ -359,7 +361,6 @@ def eval_(
     click.echo(result.to_text(), err=to_stderr)
     report = None
     if compare_eager:
-        _require_torch("--compare-eager")
         from lossx.parity.check import compare_with_eager
 
         with _progress(len(data), "comparing with eager PyTorch") as bar:
@@ -469,7 +470,7 @@ def train(
         raise click.UsageError("--engine onnxruntime needs ARTIFACT_DIR (exported with --train)")
     config = TrainConfig(**recipe)
     if engine == "torch":
-        _require_torch("lossx train --engine torch")
+        _require_export_extra("lossx train --engine torch", ("torch",))
         from lossx.build.torch_engine import train as run_training
 
         out = out or Path("checkpoint.pt")
@@ -536,10 +537,13 @@ class _EpochProgress:
             self.bar = None
 
 
-def _require_torch(what: str) -> None:
-    if importlib.util.find_spec("torch") is None:
+def _require_export_extra(what: str, modules: tuple[str, ...] = ("torch", "onnxscript")) -> None:
+    """Exit 3 in one line where the `export` extra (torch and the exporter) is not installed."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
         raise EnvironmentProblem(
-            f"{what} needs torch, which this install lacks; install it with {EXPORT_EXTRA}"
+            f"{what} needs {' and '.join(missing)}, which this install lacks; install "
+            f"{EXPORT_EXTRA}"
         )
 
 

@@ -1,13 +1,18 @@
+"""The parity engine: element rules, accumulation over batches, and the run-and-compare loop."""
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lossx.compare.engine import OutputAccumulator, compare_arrays
-from lossx.compare.inputs import InputSet
-from lossx.compare.tolerances import Tolerance
-from lossx.runtime.graphs import ToleranceRule
+from lossx.compare.engine import OutputAccumulator, compare_arrays, compare_runners
+from lossx.compare.inputs import InputSet, random_input_sets, real_input_sets
+from lossx.compare.tolerances import Tolerance, resolve_tolerances
+from lossx.errors import ParityError
+from lossx.runtime import load_packaged_sample
+from lossx.runtime.graphs import ToleranceRule, loss_graph, model_graph
+from lossx.runtime.loss_specs import parse_loss_spec
 
 
 def compare(onnx, eager, atol, rtol, rule=ToleranceRule.ELEMENTWISE):
@@ -83,3 +88,90 @@ def test_tolerance_used_is_the_worst_error_over_its_bound():
     result = compare(np.array([1.5, 10.2]), np.array([1.0, 10.0]), 0.5, 0.1)
     assert result.max_tolerance_used == pytest.approx(max(0.5 / 0.6, 0.2 / 1.5))
     assert result.passed
+
+
+# --- compare_runners: the one loop, with runners that compute in numpy ----------------------
+
+
+class NumpyRunner:
+    """The model as a fixed linear map of the images, and mse as numpy computes it."""
+
+    def __init__(self, name="numpy", shift=0.0, broken=False):
+        self.name, self.shift, self.broken = name, shift, broken
+        self.weights = np.random.default_rng(0).standard_normal((3 * 32 * 32, 10)) * 1e-2
+        self.calls = []
+
+    def run(self, graph, feed):
+        self.calls.append(graph.stem)
+        if self.broken:
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad dims\nmore")
+        if graph.stem == "model":
+            images = feed["images"].reshape(len(feed["images"]), -1)
+            logits = (images @ self.weights).astype(np.float32) + np.float32(self.shift)
+            return {"logits": logits}
+        diff = feed["input"] - feed["target"]
+        return {"loss": np.float32((diff * diff).mean())}
+
+
+GRAPHS = [model_graph(), loss_graph(parse_loss_spec("mse"))]
+
+
+def test_two_runners_that_agree_pass_on_real_and_random_inputs():
+    data = load_packaged_sample().head(20)
+    inputs = [*real_input_sets(data, 8, odd_batches=True), *random_input_sets(0)]
+    subject, reference = NumpyRunner("a"), NumpyRunner("b")
+    report = compare_runners(subject, reference, GRAPHS, inputs, resolve_tolerances())
+    assert report.passed and report.exit_code == 0
+    assert (report.artifact, report.reference) == ("a", "b")
+    assert report.inputs[:3] == ["images 0-7", "images 8-15", "images 16-19"]
+    logits = next(o for o in report.outputs if o.name == "model/logits")
+    assert logits.argmax_agreement == 1.0 and logits.accuracy_onnx == logits.accuracy_reference
+    # the reference ran the model once per real batch: for the loss graph's logits and itself
+    assert reference.calls.count("model") == subject.calls.count("model")
+
+
+def test_a_difference_fails_names_the_worst_output_and_saves_the_case(tmp_path):
+    data = load_packaged_sample().head(16)
+    report = compare_runners(
+        NumpyRunner(shift=1e-3),
+        NumpyRunner(),
+        GRAPHS,
+        real_input_sets(data, 16),
+        resolve_tolerances(),
+        repro=tmp_path / "case.npz",
+    )
+    assert report.exit_code == 1
+    assert [o.name for o in report.failures] == ["model/logits"]
+    line = report.failure_line()
+    assert line.startswith("parity failed for 1 of 2 outputs, worst model/logits")
+    assert "on images 0-15" in line and str(tmp_path / "case.npz") in line
+    with np.load(tmp_path / "case.npz") as case:
+        assert {"input.images", "onnx.logits", "reference.logits", "about"} <= set(case.files)
+    with pytest.raises(ParityError, match=r"^context: parity failed"):
+        report.raise_if_failed("context: ")
+
+
+def test_nothing_is_saved_when_every_output_passes(tmp_path):
+    compare_runners(
+        NumpyRunner(),
+        NumpyRunner(),
+        GRAPHS,
+        random_input_sets(0),
+        resolve_tolerances(),
+        repro=tmp_path / "case.npz",
+    )
+    assert not (tmp_path / "case.npz").exists()
+
+
+def test_a_runner_that_fails_is_a_one_line_parity_error():
+    with pytest.raises(ParityError) as raised:
+        compare_runners(
+            NumpyRunner("broken", broken=True),
+            NumpyRunner(),
+            GRAPHS,
+            random_input_sets(0),
+            resolve_tolerances(),
+        )
+    message = str(raised.value)
+    assert message.startswith("broken failed to run model.onnx on random N=1 seed 0: ")
+    assert "\n" not in message

@@ -215,3 +215,16 @@ def test_cuda_passes_the_fp32_cuda_profile(artifact_dir, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["profile"] == "fp32-cuda"
     assert report["fingerprint"]["providers"][0] == "cuda"
+
+
+def test_a_failing_case_is_saved_beside_the_reports_never_unasked(corrupted, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bare = run_cli("check", corrupted, "--limit", "20")
+    assert_one_line_error(bare, 1, "parity failed for 1 of 10 outputs")
+    assert "saved" not in bare.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current directory
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    beside = run_cli("check", corrupted, "--limit", "20", "--junit-xml", reports / "check.xml")
+    assert_one_line_error(beside, 1, f"failing case saved to {reports / 'lossx-check-failure.npz'}")
+    assert sorted(p.name for p in reports.iterdir()) == ["check.xml", "lossx-check-failure.npz"]

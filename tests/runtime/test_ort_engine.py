@@ -34,11 +34,8 @@ def data_dir(cifar_dir):
 
 
 @pytest.fixture(scope="module")
-def train_artifact(tmp_path_factory):
-    """Seeded random weights, the ones `train --engine torch --seed 0` starts from."""
-    out = tmp_path_factory.mktemp("train-artifact") / "a"
-    export_artifact(out, losses=["ce", "mse"], init="random", seed=0, train=True)
-    return out
+def train_artifact(seeded_train_artifact_dir):
+    return seeded_train_artifact_dir
 
 
 def _both_engines(data_dir, artifact_dir, config, tmp_path):

@@ -1,4 +1,5 @@
-"""lossx.runtime and `lossx eval` work where importing torch or torchvision fails."""
+"""lossx.runtime, lossx.compare and `lossx eval` work where importing torch or torchvision
+fails."""
 
 import json
 import subprocess
@@ -46,6 +47,24 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_torch_is_really_blocked():
     done = _run("import torch")
     assert done.returncode != 0 and "torch is blocked" in done.stderr
+
+
+IMPORT_ALL = """
+import importlib, pkgutil
+import lossx.compare, lossx.runtime
+for package in (lossx.runtime, lossx.compare):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
+import lossx.cli
+assert not any(m.split(".")[0] in ("torch", "torchvision", "onnxscript") for m in sys.modules)
+print("imported")
+"""
+
+
+def test_every_runtime_and_compare_module_imports_without_torch():
+    done = _run(IMPORT_ALL)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imported"
 
 
 def test_runtime_evaluates_without_torch(artifact, artifact_dir, cifar_dir, test_split):
