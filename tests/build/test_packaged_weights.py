@@ -5,7 +5,7 @@ import torch
 from lossx.build.models import packaged_weights
 from lossx.runtime import evaluate
 
-STATED_ACCURACY = 0.78  # README, "Trained weights": the target, on official test images 0-999
+STATED_ACCURACY = 0.78  # docs/training.md: the target, on official test images 0-999
 
 
 def test_shipped_weights_reach_the_stated_accuracy_through_onnx(shipped_artifact, test_split):

@@ -16,7 +16,7 @@ from lossx.runtime.graphs import DEFAULT_MODEL
 from lossx.runtime.ort_engine import checkpoint_state
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
-# Trained weights in lossx/build/weights: `lossx train` checkpoints (README, "Trained weights").
+# Trained weights in lossx/build/weights: `lossx train` checkpoints (docs/training.md).
 PACKAGED_WEIGHTS = {DEFAULT_MODEL: "tudui_cifar10.pt"}
 
 

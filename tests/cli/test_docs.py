@@ -1,0 +1,64 @@
+"""docs/ says what the code does: every option of every command is in its docs table and every
+documented option exists; every link between the docs leads somewhere."""
+
+import re
+
+import click
+import pytest
+
+from lossx.cli import main
+from tests.conftest import REPO
+
+COMMANDS_DOC = REPO / "docs" / "commands.md"
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def documented_options(command: str) -> set[str]:
+    """The options in the first table of the `lossx COMMAND` section of docs/commands.md."""
+    sections = re.split(r"^## ", COMMANDS_DOC.read_text(encoding="utf-8"), flags=re.M)
+    section = next(s for s in sections if s.startswith(f"`lossx {command}`"))
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    options = set()
+    for row in rows:
+        first_cell = row.split(" | ")[0]
+        for code in re.findall(r"`([^`]+)`", first_cell):
+            options |= {word.split()[0] for word in code.split("/") if word.startswith("--")}
+    return options
+
+
+def click_options(command: click.Command) -> set[str]:
+    return {
+        name
+        for param in command.params
+        if isinstance(param, click.Option)
+        for name in (*param.opts, *param.secondary_opts)
+        if name.startswith("--")
+    }
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_option_is_documented_and_every_documented_option_exists(name):
+    documented, real = documented_options(name), click_options(main.commands[name])
+    assert real - documented == set(), f"lossx {name}: undocumented options"
+    assert documented - real == set(), f"lossx {name}: documented options that do not exist"
+
+
+def test_the_table_reader_sees_what_a_table_holds():
+    assert {"--augment", "--no-augment", "--engine", "--out"} <= documented_options("train")
+    assert "--optimization" in documented_options("eval")
+
+
+def _slug(heading: str) -> str:
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_links_between_the_docs_resolve(doc):
+    text = doc.read_text(encoding="utf-8")
+    for target, anchor in re.findall(r"\]\(([^)#\s]*\.md|)(#[^)\s]*)?\)", text):
+        path = (doc.parent / target) if target else doc
+        assert path.is_file(), f"{doc.name}: link to missing {target}"
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", path.read_text(encoding="utf-8"), flags=re.M)
+            assert anchor[1:] in {_slug(h) for h in headings}, f"{doc.name}: no {target}{anchor}"
