@@ -36,7 +36,7 @@ def compare(data_dir: Path, loss: str, config: TrainConfig, threads: int, work: 
         work / f"{loss}.npz",
         config,
         on_step=lambda _, v: curves["onnxruntime"].append(v),
-        threads=threads,
+        session_options={"threads": threads},
     )
     torch_weights = torch.load(work / f"{loss}.pt", weights_only=True)["model"]
     with np.load(work / f"{loss}.npz") as npz:

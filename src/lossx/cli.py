@@ -480,8 +480,10 @@ def train(
         from lossx.runtime import load_artifact
         from lossx.runtime.ort_engine import train as train_onnxruntime
 
-        run_training = partial(train_onnxruntime, load_artifact(artifact_dir), provider=provider,
-                               threads=threads, optimization=optimization, tf32=tf32)  # fmt: skip
+        options = {"provider": provider, "threads": threads, "optimization": optimization,
+                   "tf32": tf32}  # fmt: skip
+        run_training = partial(train_onnxruntime, load_artifact(artifact_dir),
+                               session_options=options)  # fmt: skip
         out = out or Path("trained.npz")
     with _EpochProgress(log_json) as progress:
         history = run_training(

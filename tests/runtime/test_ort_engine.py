@@ -48,7 +48,7 @@ def _both_engines(data_dir, artifact_dir, config, tmp_path):
         tmp_path / "o.npz",
         config,
         on_step=lambda _, v: curves["onnxruntime"].append(v),
-        threads=2,
+        session_options={"threads": 2},
     )
     return curves, torch_log, ort_log
 
@@ -79,7 +79,9 @@ def test_onnxruntime_training_reproduces_torch_training(data_dir, train_artifact
 @pytest.fixture(scope="module")
 def ort_run(data_dir, train_artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("ort-run") / "trained.npz"
-    return out, train_onnxruntime(load_artifact(train_artifact), data_dir, out, SMALL, threads=2)
+    return out, train_onnxruntime(
+        load_artifact(train_artifact), data_dir, out, SMALL, {"threads": 2}
+    )
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
@@ -88,8 +90,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     straight, straight_log = ort_run
     artifact = load_artifact(train_artifact)
     partial = tmp_path / "partial.npz"
-    train_onnxruntime(artifact, data_dir, partial, SMALL, stop_after=1, threads=2)
-    resumed = train_onnxruntime(artifact, data_dir, tmp_path / "r.npz", resume=partial, threads=2)
+    train_onnxruntime(artifact, data_dir, partial, SMALL, {"threads": 2}, stop_after=1)
+    resumed = train_onnxruntime(
+        artifact, data_dir, tmp_path / "r.npz", session_options={"threads": 2}, resume=partial
+    )
     assert [e.eval_loss for e in resumed] == [e.eval_loss for e in straight_log]
     with np.load(straight) as a, np.load(tmp_path / "r.npz") as b:
         assert sorted(a.files) == sorted(b.files)
@@ -270,7 +274,7 @@ def test_onnxruntime_training_on_cuda_takes_the_cpu_steps(
     """The same 16 steps on CUDA (TF32 off) as on the CPU, within the engines' tolerance."""
     cpu_weights, cpu_log = ort_run
     log = train_onnxruntime(
-        load_artifact(train_artifact), data_dir, tmp_path / "cuda.npz", SMALL, provider="cuda"
+        load_artifact(train_artifact), data_dir, tmp_path / "cuda.npz", SMALL, {"provider": "cuda"}
     )
     for mine, theirs in zip(log, cpu_log, strict=True):
         assert abs(mine.eval_loss - theirs.eval_loss) < 1e-5

@@ -170,34 +170,38 @@ class Runtime:
         )
 
 
+# The layouts `model_input` takes: dtype -> (one image's shape, the rule, a hint)
+_LAYOUTS = {
+    np.dtype(np.uint8): (
+        _HWC,
+        "uint8 images must be [N, 32, 32, 3] or [32, 32, 3] RGB (HWC)",
+        " (resize and convert first, as lossx predict does)",
+    ),
+    np.dtype(np.float32): (
+        IMAGE_SHAPE,
+        "float32 images must be [N, 3, 32, 32] (NCHW) or [3, 32, 32]",
+        "",
+    ),
+}
+
+
 def model_input(images: np.ndarray) -> np.ndarray:
     """`images` as the model takes them, float32 [N,3,32,32] in [0, 1], or DataError saying
     what was expected."""
     if not isinstance(images, np.ndarray):
         raise DataError(f"images: expected a numpy array, got {type(images).__name__}")
-    if images.dtype == np.uint8:
-        batch = images[None] if images.ndim == 3 else images
-        if batch.ndim != 4 or batch.shape[1:] != _HWC:
-            raise DataError(
-                f"images: uint8 images must be [N, 32, 32, 3] or [32, 32, 3] RGB (HWC); got "
-                f"{list(images.shape)} (resize and convert first, as lossx predict does)"
-            )
-        batch = to_model_input(batch)
-    elif images.dtype == np.float32:
-        batch = images[None] if images.ndim == 3 else images
-        if batch.ndim != 4 or batch.shape[1:] != IMAGE_SHAPE:
-            raise DataError(
-                f"images: float32 images must be [N, 3, 32, 32] (NCHW) or [3, 32, 32]; got "
-                f"{list(images.shape)}"
-            )
-    else:
+    if images.dtype not in _LAYOUTS:
         raise DataError(
             f"images: expected uint8 RGB [N, 32, 32, 3] or float32 [N, 3, 32, 32], got "
             f"{images.dtype}"
         )
+    shape, rule, hint = _LAYOUTS[images.dtype]
+    batch = images[None] if images.ndim == 3 else images
+    if batch.ndim != 4 or batch.shape[1:] != shape:
+        raise DataError(f"images: {rule}; got {list(images.shape)}{hint}")
     if len(batch) == 0:
         raise DataError("images: an empty batch; nothing to predict")
-    return batch
+    return to_model_input(batch) if batch.dtype == np.uint8 else batch
 
 
 def open_artifact(

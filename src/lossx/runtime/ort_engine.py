@@ -15,7 +15,6 @@ The checkpoint is one .npz: the weights by state_dict name (what `lossx export -
 import io
 import json
 import zipfile
-from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -177,18 +176,11 @@ def train(
     data_dir: Path | None,
     out: Path,
     config: TrainConfig | None = None,
-    resume: Path | None = None,
-    stop_after: int | None = None,
-    on_batch: Callable[[int, int, int], None] | None = None,
-    on_epoch: Callable[[EpochResult], None] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-    **session_options,
+    session_options: dict | None = None,
+    **run,
 ) -> list[EpochResult]:
     """Train the artifact's model from its shipped weights (or `resume`'s) and checkpoint to
-    `out` after every epoch; arguments as for lossx.runtime.trainer.train, plus ONNX Runtime's
-    `session_options` (provider, threads, ...)."""
-    return trainer.train(
-        partial(OnnxRuntimeEngine, artifact, session_options=session_options),
-        partial(resume_state, artifact),
-        data_dir, out, config, resume, stop_after, on_batch, on_epoch, on_step,
-    )  # fmt: skip
+    `out` after every epoch, in sessions opened with `session_options` (provider, threads,
+    ...); `run` (resume, stop_after and the callbacks) as for lossx.runtime.trainer.train."""
+    engine = partial(OnnxRuntimeEngine, artifact, session_options=session_options or {})
+    return trainer.train(engine, partial(resume_state, artifact), data_dir, out, config, **run)
