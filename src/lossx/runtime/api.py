@@ -23,7 +23,6 @@ from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.evaluate import EvalResult, evaluate
 from lossx.runtime.feeds import check_batch_size, softmax
 from lossx.runtime.graphs import IMAGE_SHAPE, check_feed
-from lossx.runtime.images import load_image
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
 
@@ -134,6 +133,8 @@ class Runtime:
     def predict_files(self, paths: list[Path], k: int = 1) -> FilePredictions:
         """Classify image files (read and resized as the manifest's preprocessing says; every
         file is read before any is classified)."""
+        from lossx.runtime.images import load_image  # Pillow, only where files are read
+
         batch = np.stack([load_image(path) for path in paths])
         classes, probabilities = self.predict(batch).top_k(k)
         predictions = [
