@@ -102,6 +102,13 @@ def test_eval_compare_eager_fails_with_exit_1_on_a_mismatch(cli_artifact, tmp_pa
     assert "FAIL" in result.stdout
 
 
+@pytest.mark.parametrize("args", [["--atol", "nan"], ["--rtol", "inf"], ["--atol", "-1"]])
+def test_eval_refuses_a_meaningless_tolerance_before_any_work(cli_artifact, args):
+    result = run_cli("eval", cli_artifact, "--compare-eager", *args)
+    assert_one_line_error(result, 2, "must be a finite number >= 0")
+    assert "top-1 accuracy" not in result.stdout
+
+
 def test_json_to_stdout(cli_artifact):
     result = run_cli("eval", cli_artifact, "--limit", "10", "--json", "-")
     assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ from hypothesis.extra import numpy as hnp
 from lossx.compare.engine import OutputAccumulator, compare_arrays, compare_runners
 from lossx.compare.inputs import InputSet, random_input_sets, real_input_sets
 from lossx.compare.tolerances import Tolerance, resolve_tolerances
-from lossx.errors import ParityError
+from lossx.errors import ParityError, SpecError
 from lossx.runtime import load_packaged_sample
 from lossx.runtime.graphs import ToleranceRule, loss_graph, model_graph
 from lossx.runtime.loss_specs import parse_loss_spec
@@ -175,3 +175,12 @@ def test_a_runner_that_fails_is_a_one_line_parity_error():
     message = str(raised.value)
     assert message.startswith("broken failed to run model.onnx on random N=1 seed 0: ")
     assert "\n" not in message
+
+
+def test_a_comparison_of_no_inputs_is_refused_not_passed():
+    with pytest.raises(SpecError, match="no inputs or no graphs to compare"):
+        compare_runners(NumpyRunner(), NumpyRunner(), GRAPHS, [], resolve_tolerances())
+    with pytest.raises(SpecError, match="no inputs or no graphs to compare"):
+        compare_runners(
+            NumpyRunner(), NumpyRunner(), [], random_input_sets(0), resolve_tolerances()
+        )

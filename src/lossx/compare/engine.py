@@ -17,7 +17,7 @@ from lossx.compare.inputs import InputSet
 from lossx.compare.report import NonFinite, OutputReport, ParityReport, WorstElement
 from lossx.compare.runners import Runner
 from lossx.compare.tolerances import Tolerance, Tolerances
-from lossx.errors import LossxError, ParityError, first_line
+from lossx.errors import LossxError, ParityError, SpecError, first_line
 from lossx.files import write_atomically
 from lossx.runtime.graphs import GraphSpec, Role, ToleranceRule, model_graph
 
@@ -203,6 +203,8 @@ def compare_runners(
                 accumulators[key].add(inputs, got[name], want[name], feed, got)
         if progress:
             progress(inputs)
+    if not labels or not graphs:
+        raise SpecError("no inputs or no graphs to compare; a comparison of nothing proves nothing")
     report = ParityReport(
         artifact=subject.name,
         reference=reference.name,
