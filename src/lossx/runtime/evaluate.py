@@ -104,7 +104,10 @@ def evaluate(
     options = {"provider": provider, "threads": threads, "optimization": optimization,
                "tf32": tf32}  # fmt: skip
     model = artifact.session("model", **options)
-    losses = {loss: artifact.manifest.loss_graph(loss.name) for loss in artifact.manifest.losses}
+    graphs = {loss: artifact.manifest.loss_graph(loss.name) for loss in artifact.manifest.losses}
+    losses = {
+        loss: (graph, artifact.session(graph.stem, **options)) for loss, graph in graphs.items()
+    }
     correct = 0
     totals = dict.fromkeys(losses, 0.0)
     elements = dict.fromkeys(losses, 0)
@@ -115,9 +118,8 @@ def evaluate(
         (logits,) = model.run(["logits"], {"images": images})
         model_seconds += time.perf_counter() - model_started
         correct += int((logits.argmax(axis=1) == labels).sum())
-        for spec, graph in losses.items():
-            feed = graph_feed(graph, images, labels, logits, None)
-            (loss,) = artifact.session(graph.stem, **options).run(["loss"], feed)
+        for spec, (graph, session) in losses.items():
+            (loss,) = session.run(["loss"], graph_feed(graph, images, labels, logits, None))
             weight = len(labels) if spec["reduction"] in ("mean", "batchmean") else 1
             totals[spec] += float(loss.sum(dtype=np.float64)) * weight
             elements[spec] += loss.size if spec["reduction"] == "none" else len(labels)
