@@ -146,6 +146,7 @@ def copy_with_eager_weights_changed(artifact_dir: Path, target: Path, change) ->
     np.savez(target / "weights.npz", **weights)
     manifest = json.loads((target / "manifest.json").read_text())
     manifest["files"]["weights.npz"]["sha256"] = sha256_of(target / "weights.npz")
+    manifest["files"]["weights.npz"]["bytes"] = (target / "weights.npz").stat().st_size
     (target / "manifest.json").write_text(json.dumps(manifest))
     return target
 

@@ -1,12 +1,17 @@
 """The `lossx` command line: parse, call lossx.build / lossx.runtime / lossx.parity, render.
 
-torch is imported only by the commands that need it (export, check, eval --compare-eager,
-train --engine torch); in an install without the `export` extra they stop with one line.
-Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment, 4 export failed.
+Every value is checked before any work, and before torch is imported: torch is imported only
+by the commands that need it (export, check, eval --compare-eager, train --engine torch), and
+in an install without the `export` extra they stop with one line. Neither is numpy nor ONNX
+Runtime imported to parse options, so `--help` and bad usage answer at once.
+
+Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment, 4 export failed,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Every error is one line on stderr.
 """
 
 import importlib.util
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -14,15 +19,53 @@ import click
 
 from lossx import __version__
 from lossx.compare.tolerances import PROFILES, default_profile, resolve_tolerances
-from lossx.errors import EnvironmentProblem, LossxError
-from lossx.files import write_atomically
-from lossx.runtime.graphs import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET
-from lossx.runtime.loss_specs import DEFAULT_LOSSES, LOSSES, catalogue_text, parse_loss_spec
-from lossx.runtime.recipe import TrainConfig
-from lossx.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES
+from lossx.errors import EnvironmentProblem, LossxError, first_line
+from lossx.files import output_file, regular_file, write_atomically
+from lossx.runtime.graphs import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET, resolve_losses
+from lossx.runtime.loss_specs import DEFAULT_LOSSES, LOSSES, catalogue_text
+from lossx.runtime.options import (
+    DEFAULT_LR,
+    MAX_SEED,
+    MAX_THREADS,
+    OPTIMIZATION_LEVELS,
+    PROVIDER_CHOICES,
+    TrainConfig,
+)
 
 EXPORT_EXTRA = "pip install 'lossx[export]'"
 RECIPE = TrainConfig()  # the defaults of lossx train's options
+INTERRUPTED, TERMINATED = 130, 143  # the shell's codes: 128 + SIGINT, 128 + SIGTERM
+
+
+class _Path(click.Path):
+    """click.Path that refuses an empty string, which pathlib would read as the current
+    directory."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _path(**kwargs) -> _Path:
+    return _Path(path_type=Path, **kwargs)
+
+
+def _output(what: str):
+    """A callback checking, as the options are parsed, that an output file can be written."""
+
+    def check(ctx, param, value):
+        if value is not None and str(value) != "-":
+            try:
+                output_file(Path(value), what)
+            except LossxError as e:
+                raise click.BadParameter(str(e), ctx, param) from None
+        return value
+
+    return check
+
+
+_seed = click.IntRange(0, MAX_SEED)
 
 _require_sha256 = click.option(
     "--require-sha256",
@@ -33,7 +76,7 @@ _require_sha256 = click.option(
 
 _weights = click.option(
     "--weights",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=_path(dir_okay=False),
     help="Run with these weights instead of the artifact's: an .npz by state_dict name, as "
     "`lossx train --engine onnxruntime` writes.",
 )
@@ -52,7 +95,7 @@ def _data_options(command):
         [
             click.option(
                 "--data-dir",
-                type=click.Path(path_type=Path),
+                type=_path(),
                 help="Folder holding cifar-10-batches-py/; default: the packaged 1,000 test "
                 "images.",
             ),
@@ -82,12 +125,13 @@ def _session_options(command):
         ),
         click.option(
             "--threads",
-            type=click.IntRange(min=1),
-            help="Intra-op threads.  [default: one per core]",
+            type=click.IntRange(1, MAX_THREADS),
+            help=f"Intra-op threads, at most 4 per core ({MAX_THREADS} here).  [default: one "
+            "per core]",
         ),
         click.option(
             "--optimization",
-            type=click.Choice(list(OPTIMIZATION_LEVELS)),
+            type=click.Choice(OPTIMIZATION_LEVELS),
             default="all",
             show_default=True,
             help="ONNX Runtime graph optimisation level.",
@@ -99,16 +143,57 @@ def _session_options(command):
     return _with_options(command, options)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it cleans up as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+def _exit_with(message: str, exit_code: int) -> click.ClickException:
+    error = click.ClickException(message)
+    error.exit_code = exit_code
+    return error
+
+
 class _LossxGroup(click.Group):
-    """Turns LossxError into a one-line `Error: ...` on stderr and its documented exit code."""
+    """Every error as one line, `Error: ...` on stderr, with its documented exit code: lossx's
+    own errors, click's usage errors (with a pointer to --help instead of the usage text), and
+    interruptions (130 for Ctrl-C, 143 for SIGTERM)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LossxError as e:
-            error = click.ClickException(str(e))
-            error.exit_code = e.exit_code
-            raise error from None
+            raise _exit_with(str(e), e.exit_code) from None
+        except KeyboardInterrupt as e:
+            if isinstance(e, _Terminated):
+                raise _exit_with("terminated (SIGTERM)", TERMINATED) from None
+            raise _exit_with("interrupted", INTERRUPTED) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            code = e.exit_code
+        except click.ClickException as e:
+            message = first_line(click.ClickException(e.format_message()))
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                message += f" (see {e.ctx.command_path} --help)"
+            click.echo(f"Error: {message}", err=True)
+            code = e.exit_code
+        except click.exceptions.Abort:  # Ctrl-C while click itself was parsing
+            click.echo("Error: interrupted", err=True)
+            code = INTERRUPTED
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
 
 
 @click.group(cls=_LossxGroup)
@@ -118,7 +203,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=_path())
 @click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True, help="Model name.")
 @click.option(
     "--loss",
@@ -132,7 +217,7 @@ def main() -> None:
 )
 @click.option(
     "--checkpoint",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=_path(dir_okay=False),
     help="state_dict or `lossx train` checkpoint to export (loaded with weights_only=True).",
 )
 @click.option(
@@ -142,7 +227,9 @@ def main() -> None:
     show_default=True,
     help="Without --checkpoint: the trained weights lossx ships, or seeded random weights.",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option(
+    "--seed", type=_seed, default=0, show_default=True, help="Seed of the random weights."
+)
 @click.option(
     "--train",
     is_flag=True,
@@ -151,18 +238,28 @@ def main() -> None:
 @click.option("--input-grad", is_flag=True, help="Training graphs also output grad.images.")
 @click.option(
     "--opset",
+    type=click.IntRange(MIN_OPSET, 100),
     default=DEFAULT_OPSET,
     show_default=True,
     help=f"ONNX opset, {MIN_OPSET} up to the newest the installed exporter and ONNX Runtime run.",
 )
 def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
     """Export the model, each loss and each model+loss graph to OUT_DIR, verified against eager."""
+    from lossx.files import check_destination
+    from lossx.runtime.artifact import MANIFEST_FILE
+
+    specs = resolve_losses(losses)
+    if options["input_grad"] and not options["train"]:
+        raise click.UsageError("--input-grad adds grad.images to training graphs; it needs --train")
+    if options["checkpoint"] is not None:
+        _checkpoint_file(options["checkpoint"], ("npz", "torch"))
+    check_destination(out_dir, MANIFEST_FILE)
     _require_export_extra("lossx export")
     from lossx.build.export import export_artifact, export_summary
 
     manifest = export_artifact(
         out_dir,
-        losses=[parse_loss_spec(text) for text in losses],
+        losses=specs,
         progress=lambda file: click.echo(f"exporting {file}", err=True),
         **options,
     )
@@ -170,9 +267,15 @@ def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
 
 
 @main.command()
-@click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True)
+@click.argument("artifact_dir", type=_path())
+@click.argument("images", nargs=-1, required=True, type=_path())
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many classes per image, at most the model's classes.",
+)
 @_session_options
 @_require_sha256
 @_weights
@@ -197,15 +300,15 @@ def predict(
 
 
 @main.command()
-@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.argument("artifact_dir", type=_path())
 @click.option(
     "--checkpoint",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=_path(dir_okay=False),
     help="Eager weights from this checkpoint instead of the artifact's weights.npz.",
 )
 @click.option(
     "--baseline",
-    type=click.Path(path_type=Path),
+    type=_path(),
     help="Compare with this artifact's ONNX Runtime outputs instead of eager PyTorch.",
 )
 @_data_options
@@ -223,15 +326,22 @@ def predict(
     metavar="OUTPUT=X",
     help="Absolute tolerance for one output (logits, or graph/output); repeatable.",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
-@click.option("--report-json", type=click.Path(path_type=Path), help="Write the JSON report.")
-@click.option("--junit-xml", type=click.Path(path_type=Path), help="Write a JUnit XML report.")
-@click.option("--markdown", type=click.Path(path_type=Path), help="Write a Markdown summary.")
+@click.option("--seed", type=_seed, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option(
+    "--report-json", type=_path(), callback=_output("report"), help="Write the JSON report."
+)
+@click.option(
+    "--junit-xml", type=_path(), callback=_output("report"), help="Write a JUnit XML report."
+)
+@click.option(
+    "--markdown", type=_path(), callback=_output("report"), help="Write a Markdown summary."
+)
 @_require_sha256
 @_weights
 @click.option(
     "--repro",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=_path(dir_okay=False),
+    callback=_output("repro file"),
     help="On a parity failure, save the failing inputs and both outputs here.  [default: "
     "lossx-check-failure.npz beside the first report written, else not saved]",
 )
@@ -261,22 +371,30 @@ def check(
     Exit codes: 0 all outputs within tolerance, 1 a parity failure, 2 a usage or input error,
     3 an environment problem (e.g. the requested provider is not really available).
     """
-    _require_export_extra("lossx check")
-    from lossx.compare.render import repro_beside, to_text, write_reports
-    from lossx.parity.check import check_artifact
     from lossx.runtime import load_artifact, load_cifar10
+    from lossx.runtime.feeds import check_batch_size
 
     if checkpoint is not None and baseline is not None:
         raise click.UsageError("--checkpoint and --baseline exclude each other")
+    resolve_tolerances(tolerance_profile or "fp32-cpu", atol, rtol, atol_for)  # refused first
+    check_batch_size(batch_size)
+    _require_export_extra("lossx check")
     artifact = _load_artifact(artifact_dir, require_sha256, weights)
+    if checkpoint is not None:
+        _checkpoint_file(checkpoint, ("npz", "torch"))
     reference = load_artifact(baseline) if baseline is not None else checkpoint
     data = load_cifar10(data_dir, split, limit, stream=True)
     profile = tolerance_profile or _fp32_profile(artifact, session_options)
+    tolerances = resolve_tolerances(profile, atol, rtol, atol_for)
+    tolerances.check_names([entry.spec for entry in artifact.manifest.graphs])
+    from lossx.compare.render import repro_beside, to_text, write_reports
+    from lossx.parity.check import check_artifact
+
     reports = {"json": report_json, "junit": junit_xml, "markdown": markdown}
     report = check_artifact(
         artifact,
         data,
-        resolve_tolerances(profile, atol, rtol, atol_for),
+        tolerances,
         profile,
         reference=reference,
         batch_size=batch_size,
@@ -301,12 +419,14 @@ def losses(as_json: bool) -> None:
 
 
 @main.command(name="eval")
-@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.argument("artifact_dir", type=_path())
 @_data_options
 @_session_options
 @click.option(
     "--json",
     "json_path",
+    type=_Path(),
+    callback=_output("JSON"),
     help="Also write the figures as JSON to this path ('-': stdout, the table then on stderr).",
 )
 @click.option(
@@ -341,6 +461,7 @@ def eval_(
 
     if (atol is not None or rtol is not None) and not compare_eager:
         raise click.UsageError("--atol and --rtol apply only with --compare-eager")
+    resolve_tolerances("fp32-cpu", atol, rtol)  # a meaningless tolerance is refused first
     if compare_eager:
         _require_export_extra("--compare-eager", ("torch",))
     if download:
@@ -377,7 +498,7 @@ def eval_(
 
 
 @main.command()
-@click.argument("artifact_dir", required=False, type=click.Path(path_type=Path))
+@click.argument("artifact_dir", required=False, type=_path())
 @click.option(
     "--engine",
     type=click.Choice(["torch", "onnxruntime"]),
@@ -388,12 +509,18 @@ def eval_(
 )
 @click.option(
     "--data-dir",
-    type=click.Path(path_type=Path),
+    type=_path(),
     help="Folder holding cifar-10-batches-py/ with the training batches (required).",
 )
 @click.option("--epochs", type=int, default=RECIPE.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
-@click.option("--lr", type=float, default=RECIPE.lr, show_default=True, help="Peak one-cycle LR.")
+@click.option(
+    "--lr",
+    type=float,
+    help="Peak one-cycle LR.  [default: "
+    + ", ".join(f"{lr:g} ({name})" for name, lr in DEFAULT_LR.items())
+    + "]",
+)
 @click.option(
     "--optimizer",
     type=click.Choice(["sgd", "adamw"]),
@@ -422,7 +549,7 @@ def eval_(
     show_default=True,
     help="Random 4-pixel-padded crops and left-right flips.",
 )
-@click.option("--seed", type=int, default=RECIPE.seed, show_default=True)
+@click.option("--seed", type=_seed, default=RECIPE.seed, show_default=True)
 @click.option("--limit", type=int, help="Train on the first N training images only.")
 @click.option(
     "--holdout",
@@ -433,16 +560,19 @@ def eval_(
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=_path(dir_okay=False),
+    callback=_output("checkpoint"),
     help="Checkpoint written after every epoch.  [default: checkpoint.pt (torch), trained.npz "
     "(onnxruntime)]",
 )
 @click.option(
     "--resume",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=_path(dir_okay=False),
     help="Continue the run saved in this checkpoint (its recipe wins).",
 )
-@click.option("--log-json", type=click.Path(path_type=Path), help="Write one JSON line per epoch.")
+@click.option(
+    "--log-json", type=_path(), callback=_output("log"), help="Write one JSON line per epoch."
+)
 @_session_options
 def train(
     artifact_dir: Path | None,
@@ -469,11 +599,18 @@ def train(
     if engine == "onnxruntime" and artifact_dir is None:
         raise click.UsageError("--engine onnxruntime needs ARTIFACT_DIR (exported with --train)")
     config = TrainConfig(**recipe)
+    config.validate()
+    from lossx.files import input_folder
+
+    input_folder(data_dir, "data directory")
+    if resume is not None:
+        _checkpoint_file(resume, ("torch",) if engine == "torch" else ("npz",))
+    out = out or Path("checkpoint.pt" if engine == "torch" else "trained.npz")
+    if out.exists() and out != resume:
+        _checkpoint_file(out, ("torch",) if engine == "torch" else ("npz",), overwrite=True)
     if engine == "torch":
         _require_export_extra("lossx train --engine torch", ("torch",))
         from lossx.build.torch_engine import train as run_training
-
-        out = out or Path("checkpoint.pt")
     else:
         from functools import partial
 
@@ -484,7 +621,6 @@ def train(
                    "tf32": tf32}  # fmt: skip
         run_training = partial(train_onnxruntime, load_artifact(artifact_dir),
                                session_options=options)  # fmt: skip
-        out = out or Path("trained.npz")
     with _EpochProgress(log_json) as progress:
         history = run_training(
             data_dir, out, config, resume=resume, on_batch=progress.batch, on_epoch=progress.epoch
@@ -547,6 +683,30 @@ def _require_export_extra(what: str, modules: tuple[str, ...] = ("torch", "onnxs
             f"{what} needs {' and '.join(missing)}, which this install lacks; install "
             f"{EXPORT_EXTRA}"
         )
+
+
+def _checkpoint_file(path: Path, kinds: tuple[str, ...], overwrite: bool = False) -> None:
+    """Refuse a checkpoint file that is not of `kinds` by content ("npz", "torch"); with
+    `overwrite`, a file about to be overwritten, which must be a checkpoint of that kind."""
+    from lossx.errors import CheckpointError
+    from lossx.runtime.artifact import file_kind
+
+    what = "--out" if overwrite else "checkpoint"
+    kind = file_kind(regular_file(path, what, CheckpointError))
+    if overwrite and kind == "npz":
+        from lossx.runtime.ort_engine import checkpoint_state
+
+        kind = kind if checkpoint_state(path) is not None else "an .npz of weights only"
+    if kind not in kinds:
+        names = {"npz": "an .npz", "torch": "a torch checkpoint"}
+        described = names.get(kind, kind)
+        wanted = " or ".join(names[k] for k in kinds)
+        if overwrite:
+            raise CheckpointError(
+                f"--out {path} exists and is {described}, not {wanted} of this engine; "
+                "refusing to overwrite it (choose another --out)"
+            )
+        raise CheckpointError(f"checkpoint {path} is {described}; expected {wanted}")
 
 
 def _load_artifact(artifact_dir: Path, require_sha256: str | None, weights: Path | None):

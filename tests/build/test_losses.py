@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from lossx.build.export import export_loss, max_opset, resolve_losses
+from lossx.build.export import export_loss, max_opset
 from lossx.build.losses import exported_loss, reference_loss
 from lossx.errors import SpecError
-from lossx.runtime.graphs import MIN_OPSET, loss_graph
+from lossx.runtime.graphs import MIN_OPSET, loss_graph, resolve_losses
 from lossx.runtime.loss_specs import LOSSES, parse_loss_spec
 from lossx.runtime.session import open_session
 from tests.conftest import compare_fp32, sample_tensors

@@ -11,7 +11,7 @@ from lossx.build.torch_engine import load_training_checkpoint, train
 from lossx.cli import main
 from lossx.errors import CheckpointError, LossxError, SpecError
 from lossx.runtime import load_artifact
-from lossx.runtime.recipe import TrainConfig
+from lossx.runtime.options import TrainConfig
 from tests.conftest import require_shared
 
 SMALL = TrainConfig(epochs=2, batch_size=32, lr=0.02, limit=512)

@@ -24,6 +24,7 @@ from tests.cli.test_cli import assert_one_line_error, run_cli
 def _rehash(folder, name):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"][name]["sha256"] = sha256_of(folder / name)
+        manifest["files"][name]["bytes"] = (folder / name).stat().st_size
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -138,6 +138,7 @@ def _truncate_and_rehash(copy):
     (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes()[:5000])
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["model.onnx"]["sha256"] = sha256_of(copy / "model.onnx")
+    manifest["files"]["model.onnx"]["bytes"] = (copy / "model.onnx").stat().st_size
     (copy / "manifest.json").write_text(json.dumps(manifest))
 
 

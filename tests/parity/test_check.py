@@ -36,6 +36,7 @@ def perturbed_copy(artifact_dir, target, initializer: str, delta: float, files=(
                 tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
         onnx.save(proto, target / file)
         manifest["files"][file]["sha256"] = sha256_of(target / file)
+        manifest["files"][file]["bytes"] = (target / file).stat().st_size
     (target / "manifest.json").write_text(json.dumps(manifest))
     return target
 

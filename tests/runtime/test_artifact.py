@@ -28,6 +28,7 @@ def _edit_manifest(artifact_dir, change):
 def _rehash(artifact_dir, name):
     def update(manifest):
         manifest["files"][name]["sha256"] = sha256_of(artifact_dir / name)
+        manifest["files"][name]["bytes"] = (artifact_dir / name).stat().st_size
 
     _edit_manifest(artifact_dir, update)
 
@@ -56,7 +57,7 @@ def test_manifest_that_is_not_json(copy):
 
 def test_manifest_missing_a_key(copy):
     _edit_manifest(copy, lambda m: m.pop("graphs"))
-    with pytest.raises(ArtifactError, match=r"manifest.json: missing key 'graphs'"):
+    with pytest.raises(ArtifactError, match=r"manifest.json: malformed \(the manifest must contain \['graphs'\] properties\)"):
         load_artifact(copy)
 
 
@@ -99,7 +100,7 @@ def test_graph_whose_inputs_differ_from_the_manifest(copy):
         node.input[:] = ["pixels" if i == "images" else i for i in node.input]
     onnx.save(model, copy / "model.onnx")
     _rehash(copy, "model.onnx")
-    with pytest.raises(ArtifactError, match=r"graph inputs \[pixels:float32/rank 4\] differ"):
+    with pytest.raises(ArtifactError, match=r"graph inputs \[pixels:float32\[\?, 3, 32, 32\]\] differ"):
         load_artifact(copy).session("model")
 
 
@@ -153,7 +154,7 @@ def test_run_returns_outputs_by_name(artifact):
         ),
         (
             lambda f: f.update(labels=f["labels"].astype(np.int32)),
-            r"labels: expected a int64 array, got int32",
+            r"labels: expected a int64 array of shape \[N\], got a int32 array",
         ),
         (
             lambda f: f.update(logits=np.zeros((3, 10, 1), np.float32)),
@@ -167,7 +168,7 @@ def test_run_returns_outputs_by_name(artifact):
         (lambda f: f.pop("labels"), r"loss_ce.onnx takes inputs logits, labels; got logits"),
         (
             lambda f: f.update(logits=[[0.0] * 10] * 3),
-            r"logits: expected a float32 array, got list",
+            r"logits: expected a float32 array of shape \[N, C\], got a list",
         ),
     ],
 )

@@ -51,7 +51,7 @@ def test_eval_of_no_images_is_refused(artifact, test_split):
 
 
 def test_batch_size_zero_is_refused(artifact, test_split):
-    with pytest.raises(DataError, match=r"batch size must be at least 1"):
+    with pytest.raises(DataError, match=r"batch size must be an integer of at least 1, got 0"):
         evaluate(artifact, test_split, batch_size=0)
 
 

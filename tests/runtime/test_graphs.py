@@ -90,5 +90,5 @@ def test_an_unknown_role_or_kind_in_a_manifest_is_refused(artifact_dir, tmp_path
     else:
         manifest["graphs"][0]["inputs"][0]["role"] = value
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match=f"malformed.*'{value}'"):
+    with pytest.raises(ArtifactError, match=f"malformed.*{value}|malformed.* must be one of"):
         load_manifest(tmp_path)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from lossx.errors import DataError, SpecError
-from lossx.runtime.loss_specs import LOSSES, check_labels, make_loss_spec, parse_loss_spec
+from lossx.runtime.feeds import check_labels
+from lossx.runtime.loss_specs import LOSSES, make_loss_spec, parse_loss_spec
 
 
 def test_a_bare_name_takes_torch_defaults():

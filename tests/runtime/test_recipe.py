@@ -7,9 +7,9 @@ import torch
 
 from lossx.errors import SpecError
 from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.options import TrainConfig
 from lossx.runtime.ort_engine import NesterovSGD
 from lossx.runtime.recipe import (
-    TrainConfig,
     augment,
     clip_factor,
     epoch_batches,

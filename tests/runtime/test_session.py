@@ -1,7 +1,7 @@
 import onnxruntime as ort
 import pytest
 
-from lossx.errors import ProviderError
+from lossx.errors import ProviderError, SpecError
 from lossx.runtime import session as session_module
 from lossx.runtime.session import open_session, provider_names
 
@@ -35,7 +35,7 @@ def test_auto_uses_cpu_when_cuda_is_absent(artifact_dir, monkeypatch):
 
 
 def test_unknown_provider_is_refused(artifact_dir):
-    with pytest.raises(ProviderError, match=r"unknown provider 'tpu'"):
+    with pytest.raises(SpecError, match=r"unknown provider 'tpu'; choose one of cpu, cuda, auto"):
         open_session(artifact_dir / "model.onnx", "tpu")
 
 

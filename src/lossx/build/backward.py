@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossx.build.losses import reference_loss
+from lossx.build.losses import OnLogits, reference_loss
 from lossx.errors import SpecError
 from lossx.runtime.loss_specs import LossSpec
 
@@ -196,7 +196,7 @@ class ReferenceTrainingStep(nn.Module):
     def __init__(self, model: nn.Module, loss: LossSpec, input_grad: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.loss = reference_loss(loss)
+        self.loss = OnLogits(reference_loss(loss), loss)
         self.names = [name for name, _ in model.named_parameters()]
         self.input_grad = input_grad
 

@@ -10,8 +10,6 @@ import contextlib
 import functools
 import io
 import json
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,22 +32,22 @@ from lossx.compare.engine import compare_runners
 from lossx.compare.inputs import EXAMPLE_SIZES, random_input_sets, sample_feed
 from lossx.compare.runners import OnnxRuntimeRunner
 from lossx.compare.tolerances import DEFAULT_PROFILE, resolve_tolerances
-from lossx.errors import ArtifactError, ExportError, SpecError, first_line
-from lossx.files import current_umask
+from lossx.errors import ExportError, SpecError, first_line
+from lossx.files import check_destination, write_folder_atomically
 from lossx.runtime.artifact import MANIFEST_FILE, GraphEntry, Manifest, load_artifact, sha256_of
 from lossx.runtime.cifar10 import CLASS_NAMES
 from lossx.runtime.graphs import (
-    CLASS_DIM_LOSSES,
     DEFAULT_MODEL,
     DEFAULT_OPSET,
     MIN_OPSET,
-    NUM_CLASSES,
     GraphSpec,
     TensorSpec,
     artifact_graphs,
     loss_graph,
+    resolve_losses,
 )
 from lossx.runtime.loss_specs import DEFAULT_LOSSES, LossSpec, parse_loss_spec
+from lossx.runtime.options import check_seed
 from lossx.runtime.ort_engine import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT
 from lossx.runtime.preprocessing import PREPROCESSING
 
@@ -232,36 +230,6 @@ def _producer_versions() -> dict[str, str]:
     }
 
 
-def _prepare_destination(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ArtifactError(f"{out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
-            raise ArtifactError(
-                f"{out_dir} exists and is not a lossx artifact; refusing to overwrite it"
-            )
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ArtifactError(f"cannot create {out_dir.parent}: {e.strerror}") from None
-
-
-def _move_into_place(staged: Path, out_dir: Path) -> None:
-    """Replace `out_dir` with `staged`; a previous artifact survives any failure."""
-    if not out_dir.exists():
-        staged.rename(out_dir)
-        return
-    previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    previous.rmdir()
-    out_dir.rename(previous)
-    try:
-        staged.rename(out_dir)
-    except OSError:
-        previous.rename(out_dir)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def _load_weights(
     model: nn.Module, model_name: str, init: str, checkpoint: Path | None, seed: int
 ) -> dict:
@@ -292,23 +260,6 @@ def _load_weights(
         if payload.get("torch"):
             weights["trained"]["torch"] = payload["torch"]
     return weights
-
-
-def resolve_losses(losses: list[LossSpec | str] | tuple[LossSpec | str, ...]) -> list[LossSpec]:
-    """Loss specs for an artifact: parsed, each loss at most once, weights sized for the model."""
-    specs = [parse_loss_spec(s) if isinstance(s, str) else s for s in losses]
-    if not specs:
-        raise SpecError("no losses given")
-    names = [spec.name for spec in specs]
-    for name in names:
-        if names.count(name) > 1:
-            raise SpecError(f"loss {name} given twice; an artifact holds one spec per loss")
-    for spec in specs:
-        length = spec.class_weight_length
-        if length is not None and length != NUM_CLASSES:
-            dim = "classes" if spec.name in CLASS_DIM_LOSSES else "logits per image"
-            raise SpecError(f"{spec}: weights for {length} {dim}; the model has {NUM_CLASSES}")
-    return specs
 
 
 def check_opset(opset: int) -> None:
@@ -374,7 +325,8 @@ def export_artifact(
     check_opset(opset)
     if input_grad and not train:
         raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")
-    out_dir = Path(out_dir)
+    check_seed(seed)
+    out_dir = check_destination(Path(out_dir), MANIFEST_FILE)
     model = build_model(model_name, seed)
     parameters = None
     if train:
@@ -383,23 +335,12 @@ def export_artifact(
         parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     graphs = artifact_graphs(specs, parameters, input_grad)
     weights = _load_weights(model, model_name, init, checkpoint, seed)
-    _prepare_destination(out_dir)
-    staged = None
-    try:
-        staged = Path(
-            tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent)
-        )
-        staged.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; artifacts are not
-        manifest = _write_artifact(
+    return write_folder_atomically(
+        out_dir,
+        lambda staged: _write_artifact(
             staged, model, model_name, specs, graphs, weights, opset, progress
-        )
-        _move_into_place(staged, out_dir)
-    except OSError as e:  # disk full, permissions: nothing half-written stays behind
-        raise ArtifactError(f"cannot write the artifact to {out_dir}: {e.strerror or e}") from None
-    finally:
-        if staged is not None and staged.exists():
-            shutil.rmtree(staged, ignore_errors=True)
-    return manifest
+        ),
+    )
 
 
 def _write_artifact(
@@ -463,7 +404,7 @@ def export_summary(manifest: Manifest, out_dir: Path) -> str:
         "each verified against eager PyTorch"
     ]
     for name, info in manifest.files.items():
-        lines.append(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256'][:16]}")
+        lines.append(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256']}")
     digest = sha256_of(Path(out_dir) / MANIFEST_FILE)
     lines.append(f"manifest.json sha256 {digest} (pin it with --require-sha256)")
     return "\n".join(lines)

@@ -3,12 +3,13 @@
 from torch import nn
 
 from lossx.build.backward import ReferenceTrainingStep, TrainingStep
-from lossx.build.losses import exported_loss, reference_loss
+from lossx.build.losses import OnLogits, exported_loss, reference_loss
 from lossx.runtime.graphs import GraphKind, GraphSpec
 
 
 class Fused(nn.Module):
-    """Model and loss in one graph: (images, target) -> (logits, loss)."""
+    """Model and loss in one graph: (images, target) -> (logits, loss), the loss scoring the
+    logits in the form it is defined on (see OnLogits)."""
 
     def __init__(self, model: nn.Module, loss: nn.Module) -> None:
         super().__init__()
@@ -27,7 +28,7 @@ def _graph_module(spec: GraphSpec, model: nn.Module, make_loss, make_step) -> nn
         case GraphKind.LOSS:
             return make_loss(spec.loss)
         case GraphKind.FUSED:
-            return Fused(model, make_loss(spec.loss))
+            return Fused(model, OnLogits(make_loss(spec.loss), spec.loss))
         case GraphKind.TRAIN:
             return make_step(model, spec.loss, spec.input_grad)
 

@@ -141,6 +141,20 @@ class KLDivergence(nn.Module):
         return _reduce(pointwise, self.reduction)
 
 
+class OnLogits(nn.Module):
+    """A loss applied to a model's logits in the form it is defined on: the log-softmax for
+    losses of log-probabilities (nll, kl_div), the logits themselves for the others. Fused
+    graphs, training graphs and `lossx train` score the model through it."""
+
+    def __init__(self, loss: nn.Module, spec: LossSpec) -> None:
+        super().__init__()
+        self.loss = loss
+        self.log_probs = spec.info.input_name == "log_probs"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(torch.log_softmax(logits, 1) if self.log_probs else logits, target)
+
+
 def exported_loss(spec: LossSpec) -> nn.Module:
     """The module a loss graph is exported from; the graph is then checked against
     `reference_loss(spec)`."""

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lossx.errors import CheckpointError, SpecError, first_line
-from lossx.runtime.artifact import read_weights
+from lossx.files import regular_file
+from lossx.runtime.artifact import check_finite, file_kind, read_weights
 from lossx.runtime.graphs import DEFAULT_MODEL
 from lossx.runtime.ort_engine import checkpoint_state
 
@@ -102,12 +103,14 @@ def load_checkpoint(model: nn.Module, path: Path) -> object:
     `torch.load(weights_only=True)`), or an .npz of weights by name (`lossx train --engine
     onnxruntime` writes those; never a pickle).
 
-    Returns what the file held (a training checkpoint also carries its recipe and log).
+    The file's kind is read from its content, not its name. Returns what the file held (a
+    training checkpoint also carries its recipe and log).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.suffix == ".npz":
+    path = regular_file(path, "checkpoint", CheckpointError)
+    kind = file_kind(path)
+    if kind not in ("npz", "torch"):
+        raise CheckpointError(f"{path}: not a checkpoint ({kind})")
+    if kind == "npz":
         obj = {"model": {k: torch.from_numpy(v) for k, v in read_weights(path).items()}}
         obj.update(checkpoint_state(path) or {})
     else:
@@ -136,6 +139,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> object:
                 f"{path}: {key} has shape {list(tensor.shape)}, the model needs "
                 f"{list(expected[key].shape)}"
             )
+    check_finite({k: v.numpy() for k, v in state.items()}, str(path))
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return obj
 

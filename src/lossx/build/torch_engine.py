@@ -11,13 +11,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from lossx.build.losses import reference_loss
+from lossx.build.losses import OnLogits, reference_loss
 from lossx.build.models import build_model
 from lossx.errors import CheckpointError
-from lossx.files import write_atomically
+from lossx.files import regular_file, write_atomically
 from lossx.runtime import trainer
+from lossx.runtime.artifact import check_finite, file_kind
 from lossx.runtime.feeds import iter_batches, target_form
-from lossx.runtime.recipe import EVAL_BATCH, TrainConfig, eval_scores
+from lossx.runtime.options import TrainConfig
+from lossx.runtime.recipe import EVAL_BATCH, eval_scores
 from lossx.runtime.trainer import EpochResult
 
 CHECKPOINT_FORMAT = "lossx-train-checkpoint"
@@ -59,9 +61,11 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def load_training_checkpoint(path: Path) -> dict:
     """A checkpoint written by `train`, loaded with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = regular_file(path, "checkpoint", CheckpointError)
+    kind = file_kind(path)
+    if kind != "torch":
+        what = "an .npz, as --engine onnxruntime writes" if kind == "npz" else kind
+        raise CheckpointError(f"{path}: not a lossx training checkpoint of --engine torch ({what})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -78,7 +82,7 @@ class TorchEngine:
         self.config = config
         self.out = out
         self.loss_spec = config.loss_spec()
-        self.loss = reference_loss(self.loss_spec)
+        self.loss = OnLogits(reference_loss(self.loss_spec), self.loss_spec)
         self.model = build_model(config.model, config.seed)
         self.optimizer = _make_optimizer(config, self.model)
 
@@ -112,6 +116,7 @@ class TorchEngine:
         )
 
     def restore(self, checkpoint: Path, state: dict) -> list[EpochResult]:
+        check_finite({k: v.numpy() for k, v in state["model"].items()}, str(checkpoint))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return [EpochResult(**e) for e in state["history"]]

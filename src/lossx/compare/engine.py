@@ -5,6 +5,7 @@ The export self-check, `lossx eval --compare-eager` and `lossx check` all call
 tolerances they pass.
 """
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -33,18 +34,21 @@ class WorstCase:
     outputs: dict[str, np.ndarray]  # the subject's outputs for `feed`
     reference: np.ndarray  # the reference's value of `output`
 
-    def save(self, path: Path) -> Path:
-        """The case as .npz: the graph's inputs and both sides' outputs, with a note on how to
-        rerun it."""
+    def save(self, path: Path, folder: Path | None = None) -> Path:
+        """The case as .npz: the graph's inputs and both sides' outputs, with (under "about")
+        the two lines of Python that rerun it on the graph file in `folder`."""
+        path = Path(os.path.abspath(path))
+        graph = Path(os.path.abspath(Path(folder or ".") / f"{self.graph}.onnx"))
         arrays = {f"input.{k}": v for k, v in self.feed.items()}
         arrays.update({f"onnx.{k}": np.asarray(v) for k, v in self.outputs.items()})
         arrays[f"reference.{self.output}"] = np.asarray(self.reference)
         arrays["about"] = np.array(
             f"lossx parity failure: graph {self.graph}.onnx, output {self.output}, inputs "
-            f"{self.inputs}. Rerun: onnxruntime.InferenceSession('{self.graph}.onnx').run(None, "
-            "{name[6:]: arrays[name] for name in arrays if name.startswith('input.')})"
+            f"{self.inputs}. Rerun it in Python:\n"
+            f"import numpy as np, onnxruntime as ort; case = np.load({str(path)!r})\n"
+            f"ort.InferenceSession({str(graph)!r}).run(None, "
+            "{k[6:]: case[k] for k in case.files if k.startswith('input.')})"
         )
-        path = Path(path)
         write_atomically(path, lambda f: np.savez(f, **arrays))
         return path
 
@@ -178,6 +182,7 @@ def compare_runners(
     the worst failing case is saved there. `progress(input set)` follows each input set.
     """
     started = time.perf_counter()
+    tolerances.check_names(list(graphs))
     model = model_graph()
     wants_logits = any(t.role is Role.LOSS_INPUT for graph in graphs for t in graph.inputs)
     accumulators: dict[tuple[str, str], OutputAccumulator] = {}
@@ -215,7 +220,8 @@ def compare_runners(
     saved = None
     if report.failures and repro is not None:
         worst = max(report.failures, key=lambda o: o.max_tolerance_used)
-        saved = str(accumulators[(worst.graph, worst.output)].worst_case.save(repro))
+        case = accumulators[(worst.graph, worst.output)].worst_case
+        saved = str(case.save(repro, getattr(subject, "folder", None)))
     return replace(report, seconds=time.perf_counter() - started, repro=saved)
 
 

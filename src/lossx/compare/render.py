@@ -221,6 +221,7 @@ def to_text(report: ParityReport) -> str:
         lines += ["", f"first failing layer: {report.first_failing_layer}"]
     if report.repro:
         lines.append(f"failing case saved to {report.repro}")
+    lines += [f"not compared: {graph} ({why})" for graph, why in report.not_compared.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -300,9 +301,11 @@ def _failure_text(report: ParityReport, o: OutputReport) -> str:
 def to_junit_xml(report: ParityReport) -> str:
     """JUnit XML: one testsuite "lossx check", one testcase per output, a <failure> on each
     failing output; the fingerprint, profile and reference as properties."""
-    tests, failures = len(report.outputs), len(report.failures)
+    skipped = len(report.not_compared)
+    tests, failures = len(report.outputs) + skipped, len(report.failures)
     seconds = f"{report.seconds:.3f}"
-    counts = {"tests": str(tests), "failures": str(failures), "errors": "0", "skipped": "0"}
+    counts = {"tests": str(tests), "failures": str(failures), "errors": "0",
+              "skipped": str(skipped)}  # fmt: skip
     root = ET.Element("testsuites", {"name": "lossx", **counts, "time": seconds})
     suite = ET.SubElement(root, "testsuite", {"name": "lossx check", **counts, "time": seconds})
     properties = ET.SubElement(suite, "properties")
@@ -328,6 +331,10 @@ def to_junit_xml(report: ParityReport) -> str:
                 case, "failure", message=_xml_text(_failure_message(o)), type="ParityMismatch"
             )
             failure.text = _xml_text(_failure_text(report, o))
+    for graph, why in report.not_compared.items():
+        case = ET.SubElement(suite, "testcase", classname=_xml_text(f"lossx.check.{graph}"),
+                             name="(graph)", time="0")  # fmt: skip
+        ET.SubElement(case, "skipped", message=_xml_text(why))
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
@@ -376,6 +383,10 @@ def to_markdown(report: ParityReport) -> str:
         lines += ["", f"**First failing layer:** {_code(report.first_failing_layer)}"]
     if report.repro:
         lines += ["", f"**Failing case saved to** {_code(report.repro)}"]
+    if report.not_compared:
+        lines += ["", "**Not compared:** " + "; ".join(
+            f"{_code(graph)} ({_md_cell(why)})" for graph, why in report.not_compared.items()
+        )]  # fmt: skip
     lines += [
         "",
         "<details><summary>Fingerprint and error histograms</summary>",

@@ -115,6 +115,7 @@ class ParityReport:
     layers: list[LayerRow] = field(default_factory=list)  # filled on a model failure
     first_failing_layer: str | None = None
     repro: str | None = None  # .npz with the failing inputs and both outputs
+    not_compared: dict[str, str] = field(default_factory=dict)  # graph file -> why not
 
     @property
     def passed(self) -> bool:
@@ -157,6 +158,7 @@ class ParityReport:
             "profile": self.profile,
             "inputs": list(self.inputs),
             "outputs": [o.to_dict() for o in self.outputs],
+            "not_compared": dict(self.not_compared),
             "layers": [{**asdict(row), "passed": row.passed} for row in self.layers],
             "first_failing_layer": self.first_failing_layer,
             "repro": self.repro,

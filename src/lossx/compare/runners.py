@@ -29,9 +29,15 @@ class Runner(Protocol):
 class OnnxRuntimeRunner:
     """ONNX Runtime sessions, one per graph."""
 
-    def __init__(self, session_for: Callable[[GraphSpec], ort.InferenceSession], name: str):
+    def __init__(
+        self,
+        session_for: Callable[[GraphSpec], ort.InferenceSession],
+        name: str,
+        folder: Path | None = None,
+    ):
         self.session_for = session_for
         self.name = name
+        self.folder = folder  # where the graph files are, for a repro's rerun snippet
 
     @classmethod
     def of_artifact(
@@ -42,6 +48,7 @@ class OnnxRuntimeRunner:
         return cls(
             lambda graph: artifact.session(graph.stem, **session_options),
             f"{role} {artifact.path} (ONNX Runtime)",
+            artifact.path,
         )
 
     @classmethod
@@ -57,7 +64,7 @@ class OnnxRuntimeRunner:
                 sessions[graph] = session
             return sessions[graph]
 
-        return cls(session_for, f"ONNX Runtime on {path}")
+        return cls(session_for, f"ONNX Runtime on {path}", Path(path).parent)
 
     def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session_for(graph).run(graph.output_names, feed)

@@ -86,6 +86,19 @@ class Tolerances:
     default: Tolerance
     per_output: dict[str, Tolerance] = field(default_factory=dict)
 
+    def check_names(self, graphs: list[GraphSpec]) -> None:
+        """Refuse a per-output tolerance that names no output of `graphs`, listing those that
+        exist: a typo must not leave an output at the default silently."""
+        outputs = {name for graph in graphs for name in graph.output_names}
+        qualified = {f"{graph.stem}/{name}" for graph in graphs for name in graph.output_names}
+        for key in self.per_output:
+            if key not in outputs and key not in qualified:
+                raise SpecError(
+                    f"--atol-for {key}: no graph has an output {key}; outputs are "
+                    f"{', '.join(sorted(outputs))} (or GRAPH/OUTPUT, e.g. "
+                    f"{sorted(qualified)[0]})"
+                )
+
     def of(self, graph: GraphSpec, output: str) -> Tolerance:
         explicit = self.per_output.get(f"{graph.stem}/{output}") or self.per_output.get(output)
         return explicit or rule_tolerance(graph.output(output).tolerance_rule, self.default)

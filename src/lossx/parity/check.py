@@ -73,7 +73,14 @@ def check_artifact(
         progress=progress,
     )
     report = replace(
-        report, artifact=str(artifact.path), fingerprint=fingerprint(artifact, options)
+        report,
+        artifact=str(artifact.path),
+        fingerprint=fingerprint(artifact, options),
+        not_compared={
+            entry.spec.file: "the baseline has no such graph"
+            for entry in artifact.manifest.graphs
+            if baseline is not None and not baseline.has_graph(entry.spec.stem)
+        },
     )
     failing_model = [o for o in report.failures if artifact.graph(o.graph).spec.runs_model]
     if not failing_model or baseline is not None:

@@ -1,24 +1,39 @@
-"""The ONNX Runtime side of lossx. It never imports torch or torchvision."""
+"""The ONNX Runtime side of lossx. It never imports torch or torchvision.
 
-from lossx.runtime.api import Prediction, Runtime, model_input, open_artifact
-from lossx.runtime.artifact import Artifact, Manifest, load_artifact, load_manifest
-from lossx.runtime.cifar10 import Cifar10Split, load_cifar10, load_packaged_sample
-from lossx.runtime.evaluate import EvalResult, evaluate
-from lossx.runtime.preprocessing import to_model_input
+The names below load on first use, so that importing one light module of this package (the
+command line parses its options with lossx.runtime.options) does not import numpy and
+onnxruntime.
+"""
 
-__all__ = [
-    "Artifact",
-    "Cifar10Split",
-    "EvalResult",
-    "Manifest",
-    "Prediction",
-    "Runtime",
-    "evaluate",
-    "load_artifact",
-    "load_cifar10",
-    "load_manifest",
-    "load_packaged_sample",
-    "model_input",
-    "open_artifact",
-    "to_model_input",
-]
+import importlib
+
+_EXPORTS = {
+    "Artifact": "artifact",
+    "Cifar10Split": "cifar10",
+    "EvalResult": "evaluation",
+    "Manifest": "artifact",
+    "Prediction": "api",
+    "Runtime": "api",
+    "evaluate": "evaluation",
+    "load_artifact": "artifact",
+    "load_cifar10": "cifar10",
+    "load_manifest": "artifact",
+    "load_packaged_sample": "cifar10",
+    "model_input": "api",
+    "open_artifact": "api",
+    "to_model_input": "preprocessing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

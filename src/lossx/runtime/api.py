@@ -10,6 +10,7 @@ Every input is checked before ONNX Runtime sees it, with an error that names the
 what was expected. torch is never imported.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lossx.errors import DataError
+from lossx.errors import DataError, SpecError
 from lossx.runtime.artifact import Artifact, load_artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.evaluate import EvalResult, evaluate
-from lossx.runtime.feeds import check_batch_size, softmax
-from lossx.runtime.graphs import IMAGE_SHAPE, check_feed
+from lossx.runtime.evaluation import EvalResult, evaluate
+from lossx.runtime.feeds import check_batch_size, check_feed, softmax
+from lossx.runtime.graphs import IMAGE_SHAPE
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
 
@@ -38,8 +39,11 @@ class Prediction:
     classes: np.ndarray  # int64 [N], the most probable class of each image
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k most probable classes of each image, best first, and their probabilities."""
-        k = max(1, min(k, self.probabilities.shape[1]))
+        """The k most probable classes of each image, best first, and their probabilities;
+        k from 1 to the number of classes."""
+        classes = self.probabilities.shape[1]
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= classes:
+            raise SpecError(f"top-k must be 1..{classes} (the model's classes), got {k!r}")
         order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
         return order, np.take_along_axis(self.probabilities, order, axis=1)
 
@@ -139,7 +143,7 @@ class Runtime:
         classes, probabilities = self.predict(batch).top_k(k)
         predictions = [
             {
-                "file": str(path),
+                "file": _printable(path),
                 "top_k": [
                     {"class": self.class_names[c], "index": int(c), "probability": float(p)}
                     for c, p in zip(row_classes, row_probabilities, strict=True)
@@ -166,9 +170,14 @@ class Runtime:
         progress: Callable[[int], None] | None = None,
     ) -> EvalResult:
         """Accuracy, every loss and throughput over `split`, as `lossx eval` reports them."""
-        return evaluate(
-            self.artifact, split, batch_size or self.batch_size, progress=progress, **self._options
-        )
+        batch_size = self.batch_size if batch_size is None else batch_size
+        return evaluate(self.artifact, split, batch_size, progress=progress, **self._options)
+
+
+def _printable(path: Path) -> str:
+    """A file name as valid Unicode: bytes that are not UTF-8 (kept by Python as lone
+    surrogates, which JSON parsers refuse) are shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 # The layouts `model_input` takes: dtype -> (one image's shape, the rule, a hint)

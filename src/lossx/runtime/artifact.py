@@ -4,18 +4,32 @@
 each session's inputs and outputs against the manifest's description of its graph.
 """
 
+import functools
 import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from lossx.errors import ArtifactError, CheckpointError, SpecError, first_line
-from lossx.runtime.graphs import GraphKind, GraphSpec, TensorSpec, check_feed
+from lossx.files import input_folder, regular_file
+from lossx.runtime.feeds import check_feed
+from lossx.runtime.graphs import (
+    GraphKind,
+    GraphSpec,
+    Role,
+    TensorSpec,
+    fused_graph,
+    loss_graph,
+    model_graph,
+    train_graph,
+)
 from lossx.runtime.loss_specs import LossSpec
+from lossx.runtime.preprocessing import PREPROCESSING
 from lossx.runtime.session import open_session
 
 MANIFEST_FILE = "manifest.json"
@@ -89,14 +103,24 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
-        if data.get("format") != FORMAT:
+        """A manifest valid under manifest.schema.json and consistent in itself (see
+        `check_consistency`); ValueError naming the first problem."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} manifest")
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"format version {data.get('format_version')!r}, this lossx reads version "
                 f"{FORMAT_VERSION}; export the artifact again with this lossx"
             )
-        return cls(
+        import fastjsonschema
+
+        _check_file_names(data)
+        try:
+            _manifest_validator()(data)
+        except fastjsonschema.JsonSchemaValueException as e:
+            field_name = e.name.removeprefix("data").lstrip(".") or "the manifest"
+            raise ValueError(f"{field_name} {e.message.removeprefix(e.name).strip()}") from None
+        manifest = cls(
             model=data["model"],
             opset=int(data["opset"]),
             class_names=tuple(data["class_names"]),
@@ -107,6 +131,40 @@ class Manifest:
             files={name: dict(info) for name, info in data["files"].items()},
             producer=dict(data["producer"]),
         )
+        manifest.check_consistency()
+        return manifest
+
+    def check_consistency(self) -> None:
+        """Refuse a manifest that contradicts itself or what this lossx writes: every graph
+        exactly as lossx builds it for its kind and loss, every loss with its graphs, every
+        file listed, the preprocessing the runtime applies, a class name per logit."""
+        if self.preprocessing != PREPROCESSING:
+            raise ValueError("preprocessing differs from what this lossx applies to images")
+        names = self.loss_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"losses name a loss twice: {', '.join(names)}")
+        expected_files = {e.spec.file for e in self.graphs} | {self.weights["file"]}
+        if set(self.files) != expected_files:
+            odd = sorted(set(self.files) ^ expected_files)
+            raise ValueError(f"files and graphs disagree about {', '.join(odd)}")
+        stems = [entry.spec.stem for entry in self.graphs]
+        for entry in self.graphs:
+            if stems.count(entry.spec.stem) > 1:
+                raise ValueError(f"graph {entry.spec.file} is listed twice")
+            if entry.opset != self.opset:
+                raise ValueError(f"{entry.spec.file} has opset {entry.opset}, not {self.opset}")
+            _check_graph_spec(entry.spec, self.losses)
+        if "model" not in stems:
+            raise ValueError("no model.onnx graph")
+        for loss in self.losses:
+            for stem in (f"loss_{loss.name}", f"model_{loss.name}"):
+                if stem not in stems:
+                    raise ValueError(f"loss {loss.name} has no {stem}.onnx graph")
+        classes = model_graph().outputs[0].shape[1]
+        if len(self.class_names) != classes:
+            raise ValueError(
+                f"{len(self.class_names)} class_names for a model of {classes} classes"
+            )
 
     @property
     def loss_names(self) -> list[str]:
@@ -118,6 +176,66 @@ class Manifest:
             if entry.spec.kind is GraphKind.LOSS and entry.spec.loss.name == name:
                 return entry.spec
         raise ArtifactError(f"the artifact has no loss graph for {name}")
+
+
+@functools.cache
+def _manifest_validator():
+    import fastjsonschema
+
+    schema = resources.files("lossx.runtime").joinpath("manifest.schema.json").read_text()
+    return fastjsonschema.compile(json.loads(schema))
+
+
+def _check_file_names(data: dict) -> None:
+    """Refuse a file name that is not a plain name inside the artifact (a path, a link name
+    with a NUL byte), before anything else reads the names."""
+    names = list(data.get("files") or {}) if isinstance(data.get("files"), dict) else []
+    names += [g.get("file") for g in data.get("graphs") or [] if isinstance(g, dict)]
+    if isinstance(data.get("weights"), dict):
+        names.append(data["weights"].get("file"))
+    for name in names:
+        if not _plain_name(name):
+            raise ValueError(f"file name {name!r} is not a plain file name")
+
+
+def _plain_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "\x00" not in name
+        and name == Path(name).name
+        and name not in (".", "..")
+    )
+
+
+def _check_graph_spec(spec: GraphSpec, losses: tuple[LossSpec, ...]) -> None:
+    """Refuse a graph entry that is not exactly the graph lossx builds for its kind and loss."""
+    if spec.kind is not GraphKind.MODEL and spec.loss not in losses:
+        raise ValueError(f"{spec.file}: its loss {spec.loss} is not among the manifest's losses")
+    match spec.kind:
+        case GraphKind.MODEL:
+            expected = model_graph()
+        case GraphKind.LOSS:
+            expected = loss_graph(spec.loss, max(0, len(spec.inputs[0].shape) - 2))
+        case GraphKind.FUSED:
+            expected = fused_graph(spec.loss)
+        case GraphKind.TRAIN:
+            parameters = [(t.name, t.shape) for t in spec.inputs if t.role is Role.PARAMETER]
+            expected = train_graph(spec.loss, parameters, spec.input_grad)
+    if spec != expected:
+        for side in ("inputs", "outputs"):
+            for got, want in zip(getattr(spec, side), getattr(expected, side), strict=False):
+                if got != want:
+                    raise ValueError(
+                        f"{spec.file}: {side[:-1]} {got.name} is declared {_tensor_text(got)}; "
+                        f"lossx writes {_tensor_text(want)}"
+                    )
+        raise ValueError(f"{spec.file} is not the {spec.kind} graph lossx writes for it")
+
+
+def _tensor_text(tensor: TensorSpec) -> str:
+    shape = ", ".join(map(str, tensor.shape))
+    return f"{tensor.name} {tensor.dtype} [{shape}] ({tensor.values}, {tensor.role})"
 
 
 def sha256_of(path: Path) -> str:
@@ -162,7 +280,10 @@ class Artifact:
 
     def shipped_parameters(self) -> dict[str, np.ndarray]:
         """The weights in the artifact's weights file (never a pickle)."""
-        return read_weights(self.path / self.manifest.weights["file"])
+        path = self.path / self.manifest.weights["file"]
+        weights = read_weights(path)
+        check_finite(weights, str(path))
+        return weights
 
     def has_graph(self, stem: str) -> bool:
         return any(entry.spec.stem == stem for entry in self.manifest.graphs)
@@ -196,7 +317,7 @@ class Artifact:
                 replaced,
                 nchwc=not entry.spec.parameter_names,
             )
-            check_signature(session, entry.spec)
+            check_signature(session, entry.spec, self.manifest)
             self._sessions[key] = session
         return self._sessions[key]
 
@@ -211,47 +332,85 @@ class Artifact:
         return dict(zip(spec.output_names, outputs, strict=True))
 
 
-def check_signature(session: ort.InferenceSession, spec: GraphSpec) -> None:
-    """Refuse a session whose input/output names, dtypes or ranks differ from `spec`."""
+def check_signature(
+    session: ort.InferenceSession, spec: GraphSpec, manifest: "Manifest | None" = None
+) -> None:
+    """Refuse a session whose input/output names, dtypes or shapes differ from `spec`, or
+    (given the `manifest`) whose lossx metadata, written into every graph at export,
+    contradicts the manifest's account of it."""
     for role, actual, declared in (
         ("inputs", session.get_inputs(), spec.inputs),
         ("outputs", session.get_outputs(), spec.outputs),
     ):
-        got = [(a.name, _ORT_DTYPES.get(a.type, a.type), len(a.shape)) for a in actual]
-        want = [(t.name, t.dtype, len(t.shape)) for t in declared]
+        got = [(a.name, _ORT_DTYPES.get(a.type, a.type), _dims(a.shape)) for a in actual]
+        want = [(t.name, t.dtype, _dims(t.shape)) for t in declared]
         if got != want:
             raise ArtifactError(
                 f"{spec.file}: graph {role} {_describe(got)} differ from the manifest's "
                 f"{_describe(want)}"
             )
+    if manifest is None:
+        return
+    metadata = session.get_modelmeta().custom_metadata_map
+    claims = {
+        "lossx.graph": str(spec.kind),
+        "lossx.model": manifest.model,
+        "lossx.class_names": list(manifest.class_names),
+        "lossx.preprocessing": manifest.preprocessing,
+        "lossx.inputs": [t.to_dict() for t in spec.inputs],
+        "lossx.outputs": [t.to_dict() for t in spec.outputs],
+        "lossx.loss": spec.loss.to_dict() if spec.loss else None,
+    }
+    for key, claim in claims.items():
+        try:
+            written = json.loads(metadata[key]) if key != "lossx.graph" else metadata[key]
+        except KeyError:
+            written = None
+        except json.JSONDecodeError:
+            written = metadata[key]
+        if written != claim:
+            field_name = key.removeprefix("lossx.")
+            raise ArtifactError(
+                f"{spec.file}: the manifest's {field_name} is not what the graph was exported "
+                "with (manifest edited, or graph from another artifact)"
+            )
 
 
-def _describe(signature: list[tuple[str, str, int]]) -> str:
-    return "[" + ", ".join(f"{name}:{dtype}/rank {rank}" for name, dtype, rank in signature) + "]"
+def _dims(shape: list | tuple) -> tuple:
+    """A shape with every symbolic dim as "?": fixed sizes must agree, symbols need not."""
+    return tuple(d if isinstance(d, int) else "?" for d in shape)
+
+
+def _describe(signature: list[tuple[str, str, tuple]]) -> str:
+    parts = (f"{name}:{dtype}[{', '.join(map(str, dims))}]" for name, dtype, dims in signature)
+    return "[" + ", ".join(parts) + "]"
 
 
 def _safe_member(root: Path, name: object) -> Path:
     """The path of a file the manifest lists, refusing anything that leaves the artifact."""
-    if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
+    if not _plain_name(name):
         raise ArtifactError(f"{root / MANIFEST_FILE}: file name {name!r} is not a plain file name")
     path = root / name
     if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
         raise ArtifactError(f"{path}: refusing a link; artifact files must be regular files")
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactError(f"{path}: listed in the manifest but missing")
-    return path
+    return regular_file(path, "artifact file", ArtifactError)
 
 
 def load_manifest(artifact_dir: Path) -> Manifest:
     """Read and parse `manifest.json` without verifying the files it lists."""
-    artifact_dir = Path(artifact_dir)
-    if not artifact_dir.is_dir():
-        raise ArtifactError(f"artifact directory {artifact_dir} does not exist")
+    if not isinstance(artifact_dir, str | Path):
+        raise ArtifactError(
+            f"artifact directory: expected a path, got {type(artifact_dir).__name__}"
+        )
+    artifact_dir = input_folder(Path(artifact_dir), "artifact directory", ArtifactError)
     manifest_path = artifact_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
+    if not manifest_path.exists():
         raise ArtifactError(
             f"{artifact_dir}: no {MANIFEST_FILE}; not a lossx artifact (make one with lossx export)"
         )
+    regular_file(manifest_path, "manifest", ArtifactError)
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -286,12 +445,16 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
     graph_files = {entry.spec.file for entry in manifest.graphs}
     for name, info in manifest.files.items():
         path = _safe_member(artifact_dir, name)
-        expected = info.get("sha256") if isinstance(info, dict) else None
+        expected = info["sha256"]
         graph = path.read_bytes() if name in graph_files else None  # read once: hash and scan
         actual = hashlib.sha256(graph).hexdigest() if graph is not None else sha256_of(path)
         if actual != expected:
             raise ArtifactError(
                 f"{path}: sha256 does not match the manifest (file changed or corrupt)"
+            )
+        if path.stat().st_size != info["bytes"]:
+            raise ArtifactError(
+                f"{path}: {path.stat().st_size:,} bytes, the manifest says {info['bytes']:,}"
             )
         if graph is not None:
             _refuse_external_data(path, graph)
@@ -302,12 +465,15 @@ def read_weights(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
     """The weights in an .npz file (never a pickle) by state_dict name: the arrays under
     `prefix`, which is stripped. Keys holding a further "/" (the optimizer state `lossx train
     --engine onnxruntime` keeps beside the weights) are left out."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    with path.open("rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise CheckpointError(f"{path}: not an .npz weights file (not a zip archive)")
+    path = regular_file(path, "weights file", CheckpointError)
+    kind = file_kind(path)
+    if kind == "torch":
+        raise CheckpointError(
+            f"{path}: a torch checkpoint, not an .npz of weights; export it into an artifact "
+            "with lossx export --checkpoint"
+        )
+    if kind != "npz":
+        raise CheckpointError(f"{path}: not an .npz weights file ({kind})")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {
@@ -317,6 +483,35 @@ def read_weights(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
             }
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not an .npz weights file ({first_line(e)})") from None
+
+
+def file_kind(path: Path) -> str:
+    """What a weights or checkpoint file holds, by its content, whatever its name: "npz" (numpy
+    arrays), "torch" (torch.save's zip or legacy pickle), else a few words saying what it is."""
+    with Path(path).open("rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a damaged zip archive"
+        if any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+            return "torch"
+        if names and all(name.endswith(".npy") for name in names):
+            return "npz"
+        return "a zip archive of neither numpy arrays nor a torch checkpoint"
+    if head[:1] == b"\x80":
+        return "torch"  # torch.save's legacy (non-zip) pickle format
+    return "not a zip archive" if head else "an empty file"
+
+
+def check_finite(weights: dict[str, np.ndarray], source: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such parameter."""
+    for name, value in weights.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CheckpointError(f"{source}: {name} holds NaN or Inf")
 
 
 def check_weights(weights: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
@@ -337,8 +532,7 @@ def check_weights(weights: dict[str, np.ndarray], expected: dict[str, np.ndarray
                 f"weights: {name} has shape {list(value.shape)}, the model needs "
                 f"{list(expected[name].shape)}"
             )
-        if not np.isfinite(value).all():
-            raise CheckpointError(f"weights: {name} holds NaN or Inf")
+    check_finite(weights, "weights")
 
 
 def _refuse_external_data(path: Path, data: bytes) -> None:

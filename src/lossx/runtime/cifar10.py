@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lossx.errors import DataError
+from lossx.files import input_folder
 
 CLASS_NAMES = (
     "airplane",
@@ -34,6 +35,7 @@ SPLIT_FILES = {
     "train": tuple(f"data_batch_{k}" for k in range(1, 6)),
 }
 SAMPLE_RESOURCE = "cifar10_test_subset.npz"
+SAMPLE_SOURCE = "packaged sample: CIFAR-10 test images "
 _PIXELS = 32 * 32 * 3
 
 
@@ -98,7 +100,15 @@ class Cifar10Split:
             if isinstance(self.images, StreamedImages)
             else self.images[:limit]
         )
-        return Cifar10Split(images, self.labels[:limit], self.class_names, self.source)
+        source = self.source if limit >= len(self) else _first(self.source, limit)
+        return Cifar10Split(images, self.labels[:limit], self.class_names, source)
+
+
+def _first(source: str, limit: int) -> str:
+    """What the first `limit` images of `source` are."""
+    if source.startswith(SAMPLE_SOURCE):
+        return f"{SAMPLE_SOURCE}0-{limit - 1}"
+    return f"{source}, first {limit:,} images"
 
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's array reconstructor, whatever its module
@@ -189,8 +199,7 @@ def _read_class_names(batches: Path) -> tuple[str, ...]:
 
 
 def _batches_dir(data_dir: Path) -> Path:
-    if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist")
+    input_folder(data_dir, "data directory", DataError)
     for candidate in (data_dir / BATCHES_DIR, data_dir):
         if any((candidate / f).is_file() for files in SPLIT_FILES.values() for f in files):
             return candidate
@@ -254,4 +263,4 @@ def load_packaged_sample() -> Cifar10Split:
     resource = resources.files("lossx.runtime").joinpath("data", SAMPLE_RESOURCE)
     with resources.as_file(resource) as path, np.load(path, allow_pickle=False) as npz:
         images, labels = _validated(npz["images"], npz["labels"], f"packaged {SAMPLE_RESOURCE}")
-    return Cifar10Split(images, labels, CLASS_NAMES, "packaged sample: CIFAR-10 test images 0-999")
+    return Cifar10Split(images, labels, CLASS_NAMES, f"{SAMPLE_SOURCE}0-{len(labels) - 1}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from lossx.errors import DataError
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role
+from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role, TensorSpec
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.preprocessing import to_model_input
 
@@ -36,8 +36,8 @@ def available_memory() -> int | None:
 
 def check_batch_size(batch_size: int) -> None:
     """Refuse a batch size below 1, or one whose batches would not fit in memory."""
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch size must be an integer of at least 1, got {batch_size!r}")
     needed, available = batch_size * BYTES_PER_BATCH_IMAGE, available_memory()
     if available is not None and needed > available:
         raise DataError(
@@ -105,3 +105,87 @@ def graph_feed(
         else:
             feed[tensor.name] = parameters[tensor.name]
     return feed
+
+
+def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
+    """Refuse inputs graph `spec` cannot take, naming the input and what was expected: names,
+    dtypes, ranks, fixed and shared dims, empty batches, and class indices out of range (which
+    ONNX Runtime's gathers would read from the end or fail on without saying why)."""
+    if sorted(feed) != sorted(spec.input_names):
+        given = ", ".join(feed) or "none"
+        raise DataError(f"{spec.file} takes inputs {', '.join(spec.input_names)}; got {given}")
+    dims: dict[str, tuple[str, int]] = {}
+    for tensor in spec.inputs:
+        value = feed[tensor.name]
+        if not isinstance(value, np.ndarray) or value.dtype != np.dtype(tensor.dtype):
+            raise DataError(
+                f"{tensor.name}: expected a {tensor.dtype} array of shape "
+                f"[{', '.join(map(str, tensor.shape))}], got {_described(value)}"
+            )
+        expected = "[" + ", ".join(map(str, tensor.shape)) + "]"
+        if value.ndim != len(tensor.shape):
+            raise DataError(f"{tensor.name}: expected shape {expected}, got {list(value.shape)}")
+        for want, size in zip(tensor.shape, value.shape, strict=True):
+            if isinstance(want, int) and size != want:
+                raise DataError(
+                    f"{tensor.name}: expected shape {expected}, got {list(value.shape)}"
+                )
+            if isinstance(want, str):
+                seen = dims.setdefault(want, (tensor.name, size))
+                if seen[1] != size:
+                    raise DataError(
+                        f"{tensor.name}: dim {want} is {size} but {seen[0]} has {want} = {seen[1]}"
+                    )
+        if value.size == 0:
+            raise DataError(f"{tensor.name}: empty (shape {list(value.shape)}); nothing to compute")
+        if value.dtype.kind == "f":
+            _check_values(tensor, value)
+    for tensor in spec.inputs:
+        if tensor.values == "class_index":
+            classes = spec.class_dim()
+            classes = classes if isinstance(classes, int) else dims[classes][1]
+            check_labels(spec.loss, feed[tensor.name], classes, tensor.name)
+
+
+def _described(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array"
+    if isinstance(value, np.generic):
+        return f"a numpy {value.dtype} scalar, not an array"
+    return f"a {type(value).__name__}"
+
+
+def _check_values(tensor: TensorSpec, value: np.ndarray) -> None:
+    """NaN anywhere, or Inf other than a log-probability's -inf (log 0), or images outside
+    [0, 1], are refused: they mean a broken input, not a number to compute with."""
+    low, high = value.min(), value.max()  # NaN propagates: two fast passes decide most inputs
+    if not (np.isfinite(low) and np.isfinite(high)):
+        allowed = value == -np.inf if tensor.values == "log_probabilities" else False
+        bad = np.isnan(value) | (np.isinf(value) & np.logical_not(allowed))
+        if bad.any():
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            raise DataError(
+                f"{tensor.name}: {value[tuple(where)]} at index {where}; expected finite values"
+            )
+    if tensor.values == "image" and (low < 0 or high > 1):
+        raise DataError(
+            f"{tensor.name}: values from {low:g} to {high:g}; expected pixels scaled to [0, 1] "
+            "(x / 255, no mean/std normalisation)"
+        )
+
+
+def check_labels(spec: LossSpec, labels: np.ndarray, classes: int, name: str = "labels") -> None:
+    """Refuse class indices outside [0, classes) other than ignore_index, as torch does.
+
+    ONNX Runtime's gathers read a negative index from the end and fail on a large one with an
+    internal message; lossx checks first and names the bad value.
+    """
+    if labels.dtype != np.int64:
+        raise DataError(f"{name}: expected int64 class indices, got {labels.dtype}")
+    bad = ((labels < 0) | (labels >= classes)) & (labels != spec["ignore_index"])
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(
+            f"{name}: value {int(labels[where])} at index {list(where)} is not a class index "
+            f"0..{classes - 1} nor ignore_index {spec['ignore_index']}"
+        )

@@ -9,10 +9,8 @@ disagree. A shape entry is an int (fixed) or a str (a symbolic, dynamic dimensio
 from dataclasses import dataclass
 from enum import StrEnum
 
-import numpy as np
-
-from lossx.errors import DataError
-from lossx.runtime.loss_specs import LossSpec, check_labels
+from lossx.errors import SpecError
+from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
 
 DEFAULT_MODEL = "tudui"
 NUM_CLASSES = 10
@@ -247,58 +245,18 @@ def artifact_graphs(
     return graphs
 
 
-def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
-    """Refuse inputs graph `spec` cannot take, naming the input and what was expected: names,
-    dtypes, ranks, fixed and shared dims, empty batches, and class indices out of range (which
-    ONNX Runtime's gathers would read from the end or fail on without saying why)."""
-    if sorted(feed) != sorted(spec.input_names):
-        given = ", ".join(feed) or "none"
-        raise DataError(f"{spec.file} takes inputs {', '.join(spec.input_names)}; got {given}")
-    dims: dict[str, tuple[str, int]] = {}
-    for tensor in spec.inputs:
-        value = feed[tensor.name]
-        if not isinstance(value, np.ndarray) or value.dtype != np.dtype(tensor.dtype):
-            got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
-            raise DataError(f"{tensor.name}: expected a {tensor.dtype} array, got {got}")
-        expected = "[" + ", ".join(map(str, tensor.shape)) + "]"
-        if value.ndim != len(tensor.shape):
-            raise DataError(f"{tensor.name}: expected shape {expected}, got {list(value.shape)}")
-        for want, size in zip(tensor.shape, value.shape, strict=True):
-            if isinstance(want, int) and size != want:
-                raise DataError(
-                    f"{tensor.name}: expected shape {expected}, got {list(value.shape)}"
-                )
-            if isinstance(want, str):
-                seen = dims.setdefault(want, (tensor.name, size))
-                if seen[1] != size:
-                    raise DataError(
-                        f"{tensor.name}: dim {want} is {size} but {seen[0]} has {want} = {seen[1]}"
-                    )
-        if value.size == 0:
-            raise DataError(f"{tensor.name}: empty (shape {list(value.shape)}); nothing to compute")
-        if value.dtype.kind == "f":
-            _check_values(tensor, value)
-    for tensor in spec.inputs:
-        if tensor.values == "class_index":
-            classes = spec.class_dim()
-            classes = classes if isinstance(classes, int) else dims[classes][1]
-            check_labels(spec.loss, feed[tensor.name], classes, tensor.name)
-
-
-def _check_values(tensor: TensorSpec, value: np.ndarray) -> None:
-    """NaN anywhere, or Inf other than a log-probability's -inf (log 0), or images outside
-    [0, 1], are refused: they mean a broken input, not a number to compute with."""
-    low, high = value.min(), value.max()  # NaN propagates: two fast passes decide most inputs
-    if not (np.isfinite(low) and np.isfinite(high)):
-        allowed = value == -np.inf if tensor.values == "log_probabilities" else False
-        bad = np.isnan(value) | (np.isinf(value) & np.logical_not(allowed))
-        if bad.any():
-            where = [int(i) for i in np.argwhere(bad)[0]]
-            raise DataError(
-                f"{tensor.name}: {value[tuple(where)]} at index {where}; expected finite values"
-            )
-    if tensor.values == "image" and (low < 0 or high > 1):
-        raise DataError(
-            f"{tensor.name}: values from {low:g} to {high:g}; expected pixels scaled to [0, 1] "
-            "(x / 255, no mean/std normalisation)"
-        )
+def resolve_losses(losses: list[LossSpec | str] | tuple[LossSpec | str, ...]) -> list[LossSpec]:
+    """Loss specs for an artifact: parsed, each loss at most once, weights sized for the model."""
+    specs = [parse_loss_spec(s) if isinstance(s, str) else s for s in losses]
+    if not specs:
+        raise SpecError("no losses given")
+    names = [spec.name for spec in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise SpecError(f"loss {name} given twice; an artifact holds one spec per loss")
+    for spec in specs:
+        length = spec.class_weight_length
+        if length is not None and length != NUM_CLASSES:
+            dim = "classes" if spec.name in CLASS_DIM_LOSSES else "logits per image"
+            raise SpecError(f"{spec}: weights for {length} {dim}; the model has {NUM_CLASSES}")
+    return specs

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lossx.errors import DataError
+from lossx.files import regular_file
 from lossx.runtime.graphs import IMAGE_SHAPE
 
 _SIZE = (IMAGE_SHAPE[2], IMAGE_SHAPE[1])  # PIL's (width, height)
@@ -18,7 +19,7 @@ _SIZE = (IMAGE_SHAPE[2], IMAGE_SHAPE[1])  # PIL's (width, height)
 
 def load_image(path: Path) -> np.ndarray:
     """The image in `path` as uint8 [32, 32, 3] RGB."""
-    path = Path(path)
+    path = regular_file(path, "image", DataError)  # a FIFO would block Pillow's read
     try:
         with Image.open(path) as image:
             image.load()

@@ -10,9 +10,10 @@ import ast
 import math
 from dataclasses import dataclass
 
-import numpy as np
+from lossx.errors import SpecError
 
-from lossx.errors import DataError, SpecError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class Option:
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise refuse("must be an integer")
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise refuse("is outside the int64 range -2**63..2**63-1 the graphs compute in")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             raise refuse("must be a number")
         elif not math.isfinite(value):
@@ -305,6 +308,13 @@ class LossSpec:
         lengths = {len(v) for k, v in self.options if k in ("weight", "pos_weight") and v}
         return max(lengths, default=None)
 
+    @property
+    def lower_bound(self) -> float | None:
+        """The least value the loss takes on inputs of the form it is defined on: 0 for every
+        loss here, unless a weight option is negative (then none)."""
+        weights = (x for k, v in self.options if k in ("weight", "pos_weight") and v for x in v)
+        return None if any(x < 0 for x in weights) else 0.0
+
     def to_dict(self) -> dict:
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
         return {"name": self.name, "options": options}
@@ -394,20 +404,3 @@ def _literal(text: str, node: ast.expr) -> object:
     if isinstance(node, ast.List):
         return [_literal(text, element) for element in node.elts]
     raise SpecError(f"loss spec {text!r}: cannot read the value {ast.unparse(node)!r}")
-
-
-def check_labels(spec: LossSpec, labels: np.ndarray, classes: int, name: str = "labels") -> None:
-    """Refuse class indices outside [0, classes) other than ignore_index, as torch does.
-
-    ONNX Runtime's gathers read a negative index from the end and fail on a large one with an
-    internal message; lossx checks first and names the bad value.
-    """
-    if labels.dtype != np.int64:
-        raise DataError(f"{name}: expected int64 class indices, got {labels.dtype}")
-    bad = ((labels < 0) | (labels >= classes)) & (labels != spec["ignore_index"])
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise DataError(
-            f"{name}: value {int(labels[where])} at index {list(where)} is not a class index "
-            f"0..{classes - 1} nor ignore_index {spec['ignore_index']}"
-        )

@@ -28,7 +28,8 @@ from lossx.runtime.artifact import MANIFEST_FILE, Artifact, check_weights, read_
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import graph_feed, iter_batches
 from lossx.runtime.graphs import GraphKind, GraphSpec
-from lossx.runtime.recipe import EVAL_BATCH, TrainConfig, clip_factor, eval_scores
+from lossx.runtime.options import TrainConfig
+from lossx.runtime.recipe import EVAL_BATCH, clip_factor, eval_scores
 from lossx.runtime.trainer import EpochResult
 
 CHECKPOINT_FORMAT = "lossx-onnxruntime-checkpoint"

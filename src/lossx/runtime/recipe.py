@@ -9,7 +9,6 @@ lossx.runtime.trainer's.
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from lossx.errors import SpecError
 from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.feeds import log_softmax
-from lossx.runtime.graphs import DEFAULT_MODEL
-from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
+from lossx.runtime.options import TrainConfig
 from lossx.runtime.preprocessing import scale, to_model_input
 
-OPTIMIZERS = ("sgd", "adamw")
 PAD = 4
 # torch.optim.lr_scheduler.OneCycleLR's defaults, which the schedule reproduces
 WARMUP_FRACTION = 0.3
@@ -30,70 +27,6 @@ DIV_FACTOR = 25.0
 FINAL_DIV_FACTOR = 1e4
 MOMENTUM_RANGE = (0.85, 0.95)
 EVAL_BATCH = 500  # images per evaluation batch
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training recipe. `holdout` keeps the last N training images out, for choosing recipes."""
-
-    model: str = DEFAULT_MODEL
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.02  # peak of the one-cycle schedule
-    optimizer: str = "sgd"  # sgd: Nesterov momentum, cycled by the schedule
-    weight_decay: float = 5e-4
-    loss: str = "ce"  # a loss spec; targets are the labels or their one-hot vectors
-    clip_norm: float = 5.0  # 0: no clipping
-    augment: bool = True
-    seed: int = 0
-    limit: int | None = None  # train on the first N training images only
-    holdout: int = 0
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        """A recipe saved in a checkpoint, including those of lossx versions that stored the
-        loss as `label_smoothing` and a `momentum` the schedule always overrode."""
-        data = dict(data)
-        data.pop("momentum", None)
-        smoothing = data.pop("label_smoothing", None)
-        if smoothing:
-            data.setdefault("loss", f"ce(label_smoothing={smoothing!r})")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(data.keys() - known)
-        if unknown:
-            raise SpecError(f"unknown recipe keys {', '.join(unknown)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def loss_spec(self) -> LossSpec:
-        spec = parse_loss_spec(self.loss)
-        if spec["reduction"] == "none":
-            raise SpecError(f"cannot train on {spec}: it has no scalar loss; use mean or sum")
-        return spec
-
-    def validate(self) -> None:
-        checks = [
-            (1 <= self.epochs <= 10_000, f"epochs must be 1..10000, got {self.epochs}"),
-            (1 <= self.batch_size <= 4096, f"batch size must be 1..4096, got {self.batch_size}"),
-            (0 < self.lr <= 10 and math.isfinite(self.lr), f"lr must be in (0, 10], got {self.lr}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (
-                0 <= self.weight_decay < 1,
-                f"weight decay must be in [0, 1), got {self.weight_decay}",
-            ),
-            (
-                self.clip_norm >= 0 and math.isfinite(self.clip_norm),
-                f"clip norm must be at least 0, got {self.clip_norm}",
-            ),
-            (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
-            (self.holdout >= 0, f"holdout must be at least 0, got {self.holdout}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SpecError(message)
-        self.loss_spec()
 
 
 def one_cycle(step: int, total_steps: int, max_lr: float) -> tuple[float, float]:

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lossx.errors import ArtifactError, LossxError, ProviderError, first_line
+from lossx.errors import ArtifactError, ProviderError, first_line
+from lossx.runtime.options import check_session_options
 
-PROVIDER_CHOICES = ("cpu", "cuda", "auto")
-OPTIMIZATION_LEVELS = {
+_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -23,10 +23,6 @@ _ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def _requested_providers(provider: str) -> list[str]:
-    if provider not in PROVIDER_CHOICES:
-        raise ProviderError(
-            f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}"
-        )
     available = ort.get_available_providers()
     if provider == "cpu":
         return [_ORT_NAMES["cpu"]]
@@ -52,22 +48,17 @@ def open_session(
     """An InferenceSession for `path` that really runs on `provider` ("cpu", "cuda" or "auto").
 
     `threads`: intra-op threads (None: one per core). `optimization`: ONNX Runtime's graph
-    optimisation level, one of OPTIMIZATION_LEVELS. `tf32`: let CUDA use TF32 matrix units;
+    optimisation level (lossx.runtime.options.OPTIMIZATION_LEVELS). `tf32`: let CUDA use TF32;
     off by default because TF32 rounds fp32 inputs to 10-bit mantissas, which breaks parity.
     `initializers`: values that replace the graph's initializers of the same names. `nchwc`:
     ONNX Runtime's NCHWc layout transformer (optimisation level all); it slows training graphs
     down (see `Artifact.session`).
     """
+    check_session_options(provider, threads, optimization)
     providers = _requested_providers(provider)
-    if optimization not in OPTIMIZATION_LEVELS:
-        raise LossxError(
-            f"unknown optimization level {optimization!r}; choose {', '.join(OPTIMIZATION_LEVELS)}"
-        )
-    if threads is not None and threads < 1:
-        raise LossxError(f"threads must be at least 1, got {threads}")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: lossx reports problems itself
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.graph_optimization_level = _LEVELS[optimization]
     # Idle pool threads would spin between runs; with several sessions (and eager torch beside
     # them in parity checks) spinning threads starve the work on a small machine.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -16,8 +16,9 @@ import numpy as np
 
 from lossx.errors import CheckpointError, LossxError, SpecError, TrainingDiverged, first_line
 from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.loss_specs import LossSpec
+from lossx.runtime.options import TrainConfig
 from lossx.runtime.recipe import (
-    TrainConfig,
     epoch_batches,
     one_cycle,
     steps_per_epoch,
@@ -109,7 +110,8 @@ def run_epochs(
     train_split, eval_split = data
     steps = steps_per_epoch(len(train_split), config.batch_size)
     total_steps = config.epochs * steps
-    per_image = config.loss_spec()["reduction"] == "mean"
+    loss_spec = config.loss_spec()
+    per_image = loss_spec["reduction"] == "mean"
     last_epoch = config.epochs if stop_after is None else min(stop_after, config.epochs)
     for epoch in range(len(history) + 1, last_epoch + 1):
         started = time.perf_counter()
@@ -117,11 +119,7 @@ def run_epochs(
         for index, (images, labels) in enumerate(epoch_batches(train_split, config, epoch)):
             step = (epoch - 1) * steps + index
             loss = engine.step(images, labels, *one_cycle(step, total_steps, config.lr))
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training diverged at step {step + 1} (epoch {epoch}): the loss is {loss}; "
-                    f"try a lower --lr than {config.lr:g}"
-                )
+            _check_in_range(loss, loss_spec, step, epoch, config.lr)
             total += loss * len(labels) if per_image else loss
             done += len(labels)
             if on_step:
@@ -146,6 +144,23 @@ def run_epochs(
         if on_epoch:
             on_epoch(result)
     return history
+
+
+def _check_in_range(loss: float, spec: LossSpec, step: int, epoch: int, lr: float) -> None:
+    """Stop a run whose loss is NaN, infinite, or below the least value the loss can take
+    (beyond float rounding): its weights no longer mean anything."""
+    floor = spec.lower_bound
+    if math.isfinite(loss) and (floor is None or loss >= floor - _ROUNDING * max(1.0, abs(loss))):
+        return
+    why = f"the loss is {loss:g}"
+    if math.isfinite(loss):
+        why += f", below {floor:g}, the least {spec.name} can be"
+    raise TrainingDiverged(
+        f"training diverged at step {step + 1} (epoch {epoch}): {why}; try a lower --lr than {lr:g}"
+    )
+
+
+_ROUNDING = 1e-5  # float32 rounding of a loss that is mathematically >= its floor
 
 
 def train(

@@ -13,7 +13,7 @@ import numpy as np
 from lossx.errors import DataError
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.feeds import graph_feed, iter_batches
+from lossx.runtime.feeds import check_batch_size, graph_feed, iter_batches
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.session import provider_names
 
@@ -99,8 +99,14 @@ def evaluate(
 ) -> EvalResult:
     """Run the model and every loss graph of `artifact` over `split` (session options as in
     `open_session`)."""
+    if not isinstance(split, Cifar10Split):
+        raise DataError(
+            f"split: expected a Cifar10Split (lossx.runtime.load_cifar10), got "
+            f"{type(split).__name__}"
+        )
     if len(split) == 0:
         raise DataError("no images to evaluate")
+    check_batch_size(batch_size)
     options = {"provider": provider, "threads": threads, "optimization": optimization,
                "tf32": tf32}  # fmt: skip
     model = artifact.session("model", **options)

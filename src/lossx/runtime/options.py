@@ -1,0 +1,121 @@
+"""Options checked before any work, without numpy or onnxruntime (the command line imports this
+module to parse its options quickly): how ONNX Runtime sessions run, and the training recipe.
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+from lossx.errors import SpecError
+from lossx.runtime.graphs import DEFAULT_MODEL
+from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
+
+PROVIDER_CHOICES = ("cpu", "cuda", "auto")
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")  # ONNX Runtime's graph levels
+# More intra-op threads than cores only add contention; 10,000 took minutes and 2.8 GB to start.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+def check_session_options(
+    provider: str = "cpu", threads: int | None = None, optimization: str = "all"
+) -> None:
+    """Refuse an unknown provider or optimisation level, or a thread count out of range."""
+    if provider not in PROVIDER_CHOICES:
+        raise SpecError(
+            f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}"
+        )
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise SpecError(
+            f"unknown optimization level {optimization!r}; choose {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS
+    ):
+        raise SpecError(
+            f"threads must be 1..{MAX_THREADS} (4 per core on this machine), got {threads}"
+        )
+
+
+MAX_SEED = 2**63 - 1  # seeds go to numpy's and torch's generators, which take 0..2**63-1
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise SpecError(f"seed must be an integer 0..2**63-1, got {seed!r}")
+
+
+OPTIMIZERS = ("sgd", "adamw")
+# Peak one-cycle LR per optimizer (docs/training.md): AdamW at SGD's 0.02 diverges.
+DEFAULT_LR = {"sgd": 0.02, "adamw": 0.003}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe. `holdout` keeps the last N training images out, for choosing recipes."""
+
+    model: str = DEFAULT_MODEL
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float | None = None  # peak of the one-cycle schedule; None: the optimizer's DEFAULT_LR
+    optimizer: str = "sgd"  # sgd: Nesterov momentum, cycled by the schedule
+    weight_decay: float = 5e-4
+    loss: str = "ce"  # a loss spec; targets are the labels or their one-hot vectors
+    clip_norm: float = 5.0  # 0: no clipping
+    augment: bool = True
+    seed: int = 0
+    limit: int | None = None  # train on the first N training images only
+    holdout: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """A recipe saved in a checkpoint, including those of lossx versions that stored the
+        loss as `label_smoothing` and a `momentum` the schedule always overrode."""
+        data = dict(data)
+        data.pop("momentum", None)
+        smoothing = data.pop("label_smoothing", None)
+        if smoothing:
+            data.setdefault("loss", f"ce(label_smoothing={smoothing!r})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(data.keys() - known)
+        if unknown:
+            raise SpecError(f"unknown recipe keys {', '.join(unknown)}")
+        return cls(**data)
+
+    def __post_init__(self) -> None:
+        if self.lr is None and self.optimizer in DEFAULT_LR:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def loss_spec(self) -> LossSpec:
+        spec = parse_loss_spec(self.loss)
+        if spec["reduction"] == "none":
+            raise SpecError(f"cannot train on {spec}: it has no scalar loss; use mean or sum")
+        return spec
+
+    def validate(self) -> None:
+        checks = [
+            (1 <= self.epochs <= 10_000, f"epochs must be 1..10000, got {self.epochs}"),
+            (1 <= self.batch_size <= 4096, f"batch size must be 1..4096, got {self.batch_size}"),
+            (
+                isinstance(self.lr, int | float) and 0 < self.lr <= 10 and math.isfinite(self.lr),
+                f"lr must be in (0, 10], got {self.lr}",
+            ),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (
+                0 <= self.weight_decay < 1,
+                f"weight decay must be in [0, 1), got {self.weight_decay}",
+            ),
+            (
+                self.clip_norm >= 0 and math.isfinite(self.clip_norm),
+                f"clip norm must be at least 0, got {self.clip_norm}",
+            ),
+            (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
+            (self.holdout >= 0, f"holdout must be at least 0, got {self.holdout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpecError(message)
+        check_seed(self.seed)
+        self.loss_spec()
