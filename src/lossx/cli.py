@@ -175,7 +175,9 @@ class _LossxGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = super().main(
+                args, prog_name or "lossx", complete_var, standalone_mode=False, **extra
+            )
         except click.exceptions.NoArgsIsHelpError as e:
             e.show()
             code = e.exit_code

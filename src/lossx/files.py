@@ -97,36 +97,36 @@ def input_folder(path: Path, what: str, error: type[LossxError] = LossxError) ->
 _STAGED, _REPLACED = ".partial", ".old"  # suffixes of the hidden siblings of a folder being written
 
 
-def check_destination(folder: Path, marker: str) -> Path:
+def check_destination(folder: Path, marker: str, error: type[LossxError] = LossxError) -> Path:
     """`folder` as an absolute path, if a folder of results may be written there: absent, an
     empty folder, or one holding `marker` (earlier results, which are replaced), writable, and
     not the current directory when it would be replaced. Checked before the work."""
     folder = Path(os.path.abspath(folder))
     if folder.exists():
         if not folder.is_dir():
-            raise LossxError(f"{folder} exists and is not a folder")
+            raise error(f"{folder} exists and is not a folder")
         has_entries = any(folder.iterdir())
         if has_entries and not (folder / marker).is_file():
-            raise LossxError(
-                f"{folder} exists and is not a lossx artifact; refusing to overwrite it"
-            )
+            raise error(f"{folder} exists and is not a lossx artifact; refusing to overwrite it")
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise LossxError(f"{folder} is read-only; refusing to replace it")
+            raise error(f"{folder} is read-only; refusing to replace it")
         if has_entries and folder == Path.cwd():
-            raise LossxError(
+            raise error(
                 f"{folder} is the current directory; write the new artifact from its parent"
             )
     parent = folder.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LossxError(f"cannot create {parent}: {e.strerror}") from None
+        raise error(f"cannot create {parent}: {e.strerror}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise LossxError(f"cannot write {folder}: folder {parent} is not writable")
+        raise error(f"cannot write {folder}: folder {parent} is not writable")
     return folder
 
 
-def write_folder_atomically(folder: Path, write: Callable[[Path], object]) -> object:
+def write_folder_atomically(
+    folder: Path, write: Callable[[Path], object], error: type[LossxError] = LossxError
+) -> object:
     """Call `write` on a hidden sibling of `folder`, then put it in `folder`'s place; return
     what `write` returned. On any failure or interruption `folder` is as it was and the sibling
     is gone; one left by a killed process is removed by the next write to `folder`."""
@@ -141,7 +141,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], object]) -> ob
         _move_into_place(staged, folder)
         return result
     except OSError as e:  # disk full, permissions
-        raise LossxError(f"cannot write {folder}: {e.strerror or e}") from None
+        raise error(f"cannot write the artifact to {folder}: {e.strerror or e}") from None
     finally:
         if staged is not None and staged.exists():
             shutil.rmtree(staged, ignore_errors=True)

@@ -155,7 +155,10 @@ def test_wrong_parameters_are_refused(train_artifact, test_split):
     ):
         train_artifact.run("train_ce", feed)
     feed["model1.7.weight"] = np.zeros((64, 1024), np.float64)
-    with pytest.raises(DataError, match=r"model1.7.weight: expected a float32 array, got float64"):
+    with pytest.raises(
+        DataError,
+        match=r"model1.7.weight: expected a float32 array of shape \[64, 1024\], got a float64",
+    ):
         train_artifact.run("train_ce", feed)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lossx
+from lossx import files as files_module
 from lossx.build import export as export_module
 from lossx.build.export import export_artifact, verify_graph
 from lossx.build.losses import reference_loss
@@ -247,7 +248,7 @@ def test_unwritable_destination_is_reported(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(export_module.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(files_module.tempfile, "mkdtemp", denied)
     with pytest.raises(ArtifactError, match=r"cannot write the artifact to .*Permission denied"):
         export_artifact(tmp_path / "art", init="random", losses=["ce"])
     assert not (tmp_path / "art").exists()

@@ -105,7 +105,8 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path, state, message):
 @pytest.mark.parametrize("content", [b"", b"\x00garbage" * 10, b"PK\x03\x04truncated"])
 def test_unreadable_checkpoint_is_refused(tmp_path, content):
     (tmp_path / "bad.pt").write_bytes(content)
-    with pytest.raises(CheckpointError, match=r"cannot load checkpoint"):
+    with pytest.raises(CheckpointError, match=r"bad.pt: not a checkpoint \((an empty file|not a zip"
+                       r" archive|a damaged zip archive)\)"):  # fmt: skip
         load_checkpoint(build_model(), tmp_path / "bad.pt")
 
 

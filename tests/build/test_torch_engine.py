@@ -89,7 +89,7 @@ def test_bad_recipes_are_refused(data_dir, tmp_path, change, message):
 
 
 def test_unwritable_output_is_refused(data_dir, tmp_path):
-    with pytest.raises(LossxError, match="is not a directory"):
+    with pytest.raises(LossxError, match=r"folder .*missing does not exist"):
         train(data_dir, tmp_path / "missing" / "c.pt", SMALL)
 
 
@@ -126,7 +126,7 @@ def test_cli_train_logs_every_epoch(data_dir, tmp_path):
     [
         (["--epochs", "0"], "epochs must be 1..10000"),
         (["--lr", "-1"], "lr must be in (0, 10]"),
-        (["--out", "/nonexistent-dir/c.pt"], "is not a directory"),
+        (["--out", "/nonexistent-dir/c.pt"], "folder /nonexistent-dir does not exist"),
     ],
 )
 def test_cli_train_bad_input(data_dir, args, message):

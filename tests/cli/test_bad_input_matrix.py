@@ -24,7 +24,7 @@ from tests.cli.test_cli import assert_one_line_error, run_cli
 def _rehash(folder, name):
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"][name]["sha256"] = sha256_of(folder / name)
-        manifest["files"][name]["bytes"] = (folder / name).stat().st_size
+    manifest["files"][name]["bytes"] = (folder / name).stat().st_size
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -101,7 +101,10 @@ CASES = {
     ),
     "other graph's inputs": (_other_graph, "model.onnx: graph inputs"),
     "manifest not json": (lambda f: (f / "manifest.json").write_text("{nope"), "not valid JSON"),
-    "manifest lacks a key": (_edit_manifest(lambda m: m.pop("graphs")), "missing key 'graphs'"),
+    "manifest lacks a key": (
+        _edit_manifest(lambda m: m.pop("graphs")),
+        "must contain ['graphs'] properties",
+    ),
     "wrong sha256": (_flip_weights_byte, "weights.npz: sha256 does not match the manifest"),
     "file outside (..)": (_list_file("../model.onnx"), "is not a plain file name"),
     "absolute path": (_list_file("/tmp/model.onnx"), "is not a plain file name"),

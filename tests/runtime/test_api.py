@@ -105,7 +105,9 @@ def test_optimisation_levels_give_the_same_answers(artifact_dir, runtime, test_s
 def test_bad_session_options_are_refused(artifact_dir):
     with pytest.raises(LossxError, match=r"unknown optimization level 'max'; choose disable"):
         open_artifact(artifact_dir, optimization="max")
-    with pytest.raises(LossxError, match=r"threads must be 1\.\.\d+ \(4 per core on this machine\), got 0"):
+    with pytest.raises(
+        LossxError, match=r"threads must be 1\.\.\d+ \(4 per core on this machine\), got 0"
+    ):
         open_artifact(artifact_dir, threads=0)
     with pytest.raises(DataError, match=r"batch size must be an integer of at least 1"):
         open_artifact(artifact_dir, batch_size=0)

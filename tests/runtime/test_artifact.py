@@ -57,7 +57,10 @@ def test_manifest_that_is_not_json(copy):
 
 def test_manifest_missing_a_key(copy):
     _edit_manifest(copy, lambda m: m.pop("graphs"))
-    with pytest.raises(ArtifactError, match=r"manifest.json: malformed \(the manifest must contain \['graphs'\] properties\)"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"manifest.json: malformed \(the manifest must contain \['graphs'\] properties\)",
+    ):
         load_artifact(copy)
 
 
@@ -100,7 +103,9 @@ def test_graph_whose_inputs_differ_from_the_manifest(copy):
         node.input[:] = ["pixels" if i == "images" else i for i in node.input]
     onnx.save(model, copy / "model.onnx")
     _rehash(copy, "model.onnx")
-    with pytest.raises(ArtifactError, match=r"graph inputs \[pixels:float32\[\?, 3, 32, 32\]\] differ"):
+    with pytest.raises(
+        ArtifactError, match=r"graph inputs \[pixels:float32\[\?, 3, 32, 32\]\] differ"
+    ):
         load_artifact(copy).session("model")
 
 

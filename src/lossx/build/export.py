@@ -32,7 +32,7 @@ from lossx.compare.engine import compare_runners
 from lossx.compare.inputs import EXAMPLE_SIZES, random_input_sets, sample_feed
 from lossx.compare.runners import OnnxRuntimeRunner
 from lossx.compare.tolerances import DEFAULT_PROFILE, resolve_tolerances
-from lossx.errors import ExportError, SpecError, first_line
+from lossx.errors import ArtifactError, ExportError, SpecError, first_line
 from lossx.files import check_destination, write_folder_atomically
 from lossx.runtime.artifact import MANIFEST_FILE, GraphEntry, Manifest, load_artifact, sha256_of
 from lossx.runtime.cifar10 import CLASS_NAMES
@@ -326,7 +326,7 @@ def export_artifact(
     if input_grad and not train:
         raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")
     check_seed(seed)
-    out_dir = check_destination(Path(out_dir), MANIFEST_FILE)
+    out_dir = check_destination(Path(out_dir), MANIFEST_FILE, ArtifactError)
     model = build_model(model_name, seed)
     parameters = None
     if train:
@@ -340,6 +340,7 @@ def export_artifact(
         lambda staged: _write_artifact(
             staged, model, model_name, specs, graphs, weights, opset, progress
         ),
+        ArtifactError,
     )
 
 

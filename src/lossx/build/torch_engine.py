@@ -127,4 +127,15 @@ def train(
 ) -> list[EpochResult]:
     """Train with eager PyTorch and checkpoint to `out` after every epoch; `run` (resume,
     stop_after and the callbacks) as for lossx.runtime.trainer.train."""
-    return trainer.train(TorchEngine, load_training_checkpoint, data_dir, out, config, **run)
+    return trainer.train(
+        TorchEngine, load_training_checkpoint, is_checkpoint, data_dir, out, config, **run
+    )
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a checkpoint this engine wrote."""
+    try:
+        load_training_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True

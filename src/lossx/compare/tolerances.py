@@ -24,6 +24,14 @@ class Tolerance:
     max_mismatch_fraction: float = 0.0  # share of elements allowed outside (gradients only)
     atol_scales: bool = False  # atol is times max(1, max |reference|) of each batch (gradients)
 
+    def __post_init__(self) -> None:
+        for name in ("atol", "rtol"):
+            _check_finite(name, getattr(self, name))
+        for name in ("min_argmax_agreement", "max_accuracy_drop", "max_mismatch_fraction"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value <= 1):
+                raise SpecError(f"tolerance {name} must be in [0, 1], got {value!r}")
+
     def atol_for(self, reference) -> float:
         """The absolute tolerance for one batch's `reference` values."""
         if not self.atol_scales or not len(reference):
@@ -105,7 +113,10 @@ class Tolerances:
 
 
 def _check_finite(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
+    """A tolerance that is NaN, infinite or negative would pass everything or nothing."""
+    if isinstance(value, bool) or not (
+        isinstance(value, int | float) and value >= 0 and math.isfinite(value)
+    ):
         raise SpecError(f"--{name} must be a finite number >= 0, got {value}")
 
 

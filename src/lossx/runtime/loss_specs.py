@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from lossx.errors import SpecError
 
-
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 

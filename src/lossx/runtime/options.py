@@ -113,6 +113,10 @@ class TrainConfig:
             ),
             (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
             (self.holdout >= 0, f"holdout must be at least 0, got {self.holdout}"),
+            (
+                self.limit is None or self.holdout < self.limit,
+                f"holdout {self.holdout} leaves none of the {self.limit} images to train on",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -24,7 +24,14 @@ import numpy as np
 from lossx.errors import CheckpointError, SpecError, first_line
 from lossx.files import write_atomically
 from lossx.runtime import trainer
-from lossx.runtime.artifact import MANIFEST_FILE, Artifact, check_weights, read_weights, sha256_of
+from lossx.runtime.artifact import (
+    MANIFEST_FILE,
+    Artifact,
+    check_weights,
+    file_kind,
+    read_weights,
+    sha256_of,
+)
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import graph_feed, iter_batches
 from lossx.runtime.graphs import GraphKind, GraphSpec
@@ -184,4 +191,14 @@ def train(
     `out` after every epoch, in sessions opened with `session_options` (provider, threads,
     ...); `run` (resume, stop_after and the callbacks) as for lossx.runtime.trainer.train."""
     engine = partial(OnnxRuntimeEngine, artifact, session_options=session_options or {})
-    return trainer.train(engine, partial(resume_state, artifact), data_dir, out, config, **run)
+    return trainer.train(
+        engine, partial(resume_state, artifact), is_checkpoint, data_dir, out, config, **run
+    )
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a checkpoint this engine wrote (of any artifact)."""
+    try:
+        return file_kind(path) == "npz" and checkpoint_state(path) is not None
+    except (CheckpointError, OSError):
+        return False

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from lossx.errors import CheckpointError, LossxError, SpecError, TrainingDiverged, first_line
+from lossx.errors import CheckpointError, SpecError, TrainingDiverged, first_line
+from lossx.files import output_file
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.options import TrainConfig
@@ -67,11 +68,16 @@ def run_recipe(config: TrainConfig | None, state: dict | None, resume: Path | No
         ) from None
 
 
-def checkpoint_path(out: Path) -> Path:
-    """`out`, refused at once if its folder does not exist (not after the first epoch)."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise LossxError(f"cannot write checkpoint {out}: {out.parent} is not a directory")
+def checkpoint_path(out: Path, is_checkpoint: Callable[[Path], bool], resume: Path | None) -> Path:
+    """`out`, refused at once (not after the first epoch) if it cannot be written, or if it is
+    a file other than a checkpoint of this engine (or the one being resumed): training never
+    overwrites an unrelated file."""
+    out = output_file(Path(out), "checkpoint")
+    if out.exists() and out != resume and not is_checkpoint(out):
+        raise CheckpointError(
+            f"--out {out} exists and is not a checkpoint of this engine; refusing to overwrite "
+            "it (choose another --out)"
+        )
     return out
 
 
@@ -166,6 +172,7 @@ _ROUNDING = 1e-5  # float32 rounding of a loss that is mathematically >= its flo
 def train(
     open_engine: Callable[[TrainConfig, Path], Engine],
     read_state: Callable[[Path], dict],
+    is_checkpoint: Callable[[Path], bool],
     data_dir: Path | None,
     out: Path,
     config: TrainConfig | None = None,
@@ -179,14 +186,15 @@ def train(
     `out` after every epoch; return the log of every epoch so far.
 
     With `resume`, the run continues from that checkpoint (read by `read_state`, which refuses
-    one the engine cannot resume) with the checkpoint's own recipe. `stop_after` ends the run
+    one the engine cannot resume) with the checkpoint's own recipe. An existing `out` must be a
+    checkpoint of the engine (`is_checkpoint`). `stop_after` ends the run
     after that many epochs in all (the checkpoint can resume it). Callbacks as for
     `run_epochs`.
     """
     state = read_state(Path(resume)) if resume else None
     config = run_recipe(config, state, resume)
     config.validate()
-    out = checkpoint_path(out)
+    out = checkpoint_path(out, is_checkpoint, Path(resume) if resume else None)
     engine = open_engine(config, out)
     config = engine.config  # the engine may complete the recipe (e.g. an artifact's model)
     data = training_data(data_dir, config)
