@@ -11,6 +11,14 @@ from lossx.errors import SpecError
 from lossx.runtime.graphs import GraphSpec, ToleranceRule
 
 
+def _check_finite(name: str, value: float) -> None:
+    """A tolerance that is NaN, infinite or negative would pass everything or nothing."""
+    if isinstance(value, bool) or not (
+        isinstance(value, int | float) and value >= 0 and math.isfinite(value)
+    ):
+        raise SpecError(f"--{name} must be a finite number >= 0, got {value}")
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """An element passes when |onnx - reference| <= atol + rtol * |reference|. For logits,
@@ -110,14 +118,6 @@ class Tolerances:
     def of(self, graph: GraphSpec, output: str) -> Tolerance:
         explicit = self.per_output.get(f"{graph.stem}/{output}") or self.per_output.get(output)
         return explicit or rule_tolerance(graph.output(output).tolerance_rule, self.default)
-
-
-def _check_finite(name: str, value: float) -> None:
-    """A tolerance that is NaN, infinite or negative would pass everything or nothing."""
-    if isinstance(value, bool) or not (
-        isinstance(value, int | float) and value >= 0 and math.isfinite(value)
-    ):
-        raise SpecError(f"--{name} must be a finite number >= 0, got {value}")
 
 
 def resolve_tolerances(
