@@ -108,7 +108,8 @@ def check_destination(folder: Path, marker: str, error: type[LossxError] = Lossx
         has_entries = any(folder.iterdir())
         if has_entries and not (folder / marker).is_file():
             raise error(f"{folder} exists and is not a lossx artifact; refusing to overwrite it")
-        if not os.access(folder, os.W_OK | os.X_OK):
+        marked = not folder.stat().st_mode & stat.S_IWUSR  # read-only even to root
+        if marked or not os.access(folder, os.W_OK | os.X_OK):
             raise error(f"{folder} is read-only; refusing to replace it")
         if has_entries and folder == Path.cwd():
             raise error(

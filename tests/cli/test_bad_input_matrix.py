@@ -110,6 +110,41 @@ CASES = {
     "absolute path": (_list_file("/tmp/model.onnx"), "is not a plain file name"),
     "symlink leading out": (_symlink_out, "refusing a link"),
     "external data": (_external_data, "keeps its data in external file 'w.bin'"),
+    # The manifest is validated against its schema and against the graphs (issue 18, rule 5).
+    "nine class names": (
+        _edit_manifest(lambda m: m.update(class_names=m["class_names"][:9])),
+        "9 class_names for a model of 10 classes",
+    ),
+    "integer class names": (
+        _edit_manifest(lambda m: m.update(class_names=list(range(10)))),
+        "class_names[0] must be string",
+    ),
+    "renamed classes": (
+        _edit_manifest(lambda m: m.update(class_names=m["class_names"][::-1])),
+        "the manifest's class_names is not what the graph was exported with",
+    ),
+    "NUL in a file name": (_list_file("model\x00.onnx"), "is not a plain file name"),
+    "output shape [N, 11]": (
+        _edit_manifest(lambda m: m["graphs"][0]["outputs"][0].update(shape=["N", 11])),
+        "model.onnx: output logits is declared logits float32 [N, 11]",
+    ),
+    "no losses": (_edit_manifest(lambda m: m.update(losses=[])), "losses must contain at least 1"),
+    "preprocessing edited": (
+        _edit_manifest(lambda m: m["preprocessing"].update(scale="x / 127.5 - 1")),
+        "preprocessing differs from what this lossx applies",
+    ),
+    "bytes edited": (
+        _edit_manifest(lambda m: m["files"]["model.onnx"].update(bytes=1)),
+        "bytes, the manifest says 1",
+    ),
+    "model renamed": (
+        _edit_manifest(lambda m: m.update(model="resnet20")),
+        "the manifest's model is not what the graph was exported with",
+    ),
+    "unknown top-level key": (
+        _edit_manifest(lambda m: m.update(extra=1)),
+        "must not contain {'extra'} properties",
+    ),
 }
 
 

@@ -228,7 +228,7 @@ def open_artifact(
     manifest's against `manifest_sha256` if given) and open its model on `provider` ("cpu",
     "cuda" or "auto"); see `open_session` for the options. `weights` (a dict by state_dict
     name, or an .npz file) replace the shipped weights (see `Artifact.with_weights`)."""
-    artifact = load_artifact(Path(path), manifest_sha256)
+    artifact = load_artifact(path, manifest_sha256)
     if weights is not None:
         artifact = artifact.with_weights(weights)
     return Runtime(artifact, provider, threads, optimization, tf32, batch_size)

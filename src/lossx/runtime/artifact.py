@@ -429,8 +429,8 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
     `manifest_sha256` pins the artifact: the manifest's own sha256 (which `lossx export`
     prints) must equal it, so every file is then the one the producer wrote.
     """
-    artifact_dir = Path(artifact_dir)
     manifest = load_manifest(artifact_dir)
+    artifact_dir = Path(artifact_dir)
     if manifest_sha256 is not None:
         actual = sha256_of(artifact_dir / MANIFEST_FILE)
         if actual != manifest_sha256.strip().lower():
@@ -458,7 +458,9 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
             )
         if graph is not None:
             _refuse_external_data(path, graph)
-    return Artifact(artifact_dir, manifest)
+    artifact = Artifact(artifact_dir, manifest)
+    artifact.shipped_parameters()  # refuses weights that are not finite
+    return artifact
 
 
 def read_weights(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
