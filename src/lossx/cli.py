@@ -143,12 +143,14 @@ def _session_options(command):
     return _with_options(command, options)
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the command is, so that it cleans up as for Ctrl-C."""
+_signals: list[int] = []  # the signals this command received
 
 
-def _terminate(signum, frame) -> None:
-    raise _Terminated
+def _on_signal(signum, frame) -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt where the command is, so that it cleans
+    up; which one came is remembered, since a library may wrap the exception in its own."""
+    _signals.append(signum)
+    raise KeyboardInterrupt
 
 
 def _exit_with(message: str, exit_code: int) -> click.ClickException:
@@ -165,15 +167,18 @@ class _LossxGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except LossxError as e:
-            raise _exit_with(str(e), e.exit_code) from None
-        except KeyboardInterrupt as e:
-            if isinstance(e, _Terminated):
-                raise _exit_with("terminated (SIGTERM)", TERMINATED) from None
-            raise _exit_with("interrupted", INTERRUPTED) from None
+        except BaseException as e:
+            if _signals or isinstance(e, KeyboardInterrupt):
+                if signal.SIGTERM in _signals:
+                    raise _exit_with("terminated (SIGTERM)", TERMINATED) from None
+                raise _exit_with("interrupted", INTERRUPTED) from None
+            if isinstance(e, LossxError):
+                raise _exit_with(str(e), e.exit_code) from None
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        _signals.clear()
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             code = super().main(
                 args, prog_name or "lossx", complete_var, standalone_mode=False, **extra
@@ -191,7 +196,8 @@ class _LossxGroup(click.Group):
             click.echo("Error: interrupted", err=True)
             code = INTERRUPTED
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
         code = code if isinstance(code, int) else 0
         if standalone_mode:
             sys.exit(code)

@@ -78,7 +78,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(data_dir, short_ru
         ({"lr": 0.0}, r"lr must be in \(0, 10\]"),
         ({"lr": float("nan")}, r"lr must be in \(0, 10\]"),
         ({"optimizer": "lbfgs"}, "optimizer must be one of sgd, adamw"),
-        ({"holdout": 512}, "holdout 512 leaves no training images"),
+        ({"holdout": 512}, "holdout 512 leaves none of the 512 images to train on"),
     ],
 )
 def test_bad_recipes_are_refused(data_dir, tmp_path, change, message):
