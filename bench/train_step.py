@@ -30,8 +30,8 @@ import torch
 from lossx.build import export_artifact
 from lossx.build.torch_engine import TorchEngine
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample
-from lossx.runtime.ort_engine import OnnxRuntimeEngine
 from lossx.runtime.options import TrainConfig
+from lossx.runtime.ort_engine import OnnxRuntimeEngine
 from lossx.runtime.recipe import epoch_batches, one_cycle
 
 
