@@ -212,7 +212,15 @@ def main() -> None:
 
 @main.command()
 @click.argument("out_dir", type=_path())
-@click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True, help="Model name.")
+@click.option(
+    "--model",
+    "model_name",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    metavar="NAME|MODULE:ATTR",
+    help="A registry model, or your own: MODULE:ATTR, an nn.Module subclass or a function "
+    "returning one (imported with the current directory first on sys.path).",
+)
 @click.option(
     "--loss",
     "losses",
@@ -520,6 +528,13 @@ def eval_(
     type=_path(),
     help="Folder holding cifar-10-batches-py/ with the training batches (required).",
 )
+@click.option(
+    "--model",
+    default=RECIPE.model,
+    show_default=True,
+    metavar="NAME|MODULE:ATTR",
+    help="--engine torch: a registry model or your own MODULE:ATTR (as for export).",
+)
 @click.option("--epochs", type=int, default=RECIPE.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
 @click.option(
@@ -606,6 +621,8 @@ def train(
         )
     if engine == "onnxruntime" and artifact_dir is None:
         raise click.UsageError("--engine onnxruntime needs ARTIFACT_DIR (exported with --train)")
+    if engine == "onnxruntime" and recipe["model"] != RECIPE.model:
+        raise click.UsageError("--model is for --engine torch; onnxruntime trains ARTIFACT_DIR's")
     config = TrainConfig(**recipe)
     config.validate()
     from lossx.files import input_folder

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lossx.build.graph_modules import reference_module
-from lossx.build.models import build_model, load_checkpoint
-from lossx.runtime.artifact import Artifact
+from lossx.build.models import build_model, load_checkpoint, model_source
+from lossx.errors import SpecError
+from lossx.runtime.artifact import Artifact, Manifest
 from lossx.runtime.graphs import GraphSpec
 
 
@@ -26,7 +27,7 @@ class EagerRunner:
         """The artifact's model rebuilt from the registry with the artifact's weights
         (`artifact.parameters()`), or with a checkpoint's."""
         manifest = artifact.manifest
-        model = build_model(manifest.model)
+        model = rebuild_model(manifest)
         if checkpoint is None:
             state = {k: torch.from_numpy(v) for k, v in artifact.parameters().items()}
             model.load_state_dict(state)
@@ -47,3 +48,24 @@ class EagerRunner:
         return {
             name: value.numpy() for name, value in zip(graph.output_names, outputs, strict=True)
         }
+
+
+def rebuild_model(manifest: Manifest) -> nn.Module:
+    """The eager model an artifact was exported from: from the registry, or imported again from
+    the manifest's MODULE:ATTR, refused when that source changed since the export."""
+    try:
+        model = build_model(manifest.model)
+        source = model_source(manifest.model)
+    except SpecError as e:
+        raise SpecError(
+            f"cannot rebuild the eager model the artifact records ({manifest.model}): "
+            f"{str(e).removeprefix(f'--model {manifest.model}: ')}"
+        ) from None
+    recorded = manifest.model_source
+    if recorded and source and recorded.get("sha256") != source.get("sha256"):
+        raise SpecError(
+            f"{source['file']} changed since {manifest.model} was exported (sha256 "
+            f"{source['sha256'][:12]}..., the manifest records {str(recorded.get('sha256'))[:12]}"
+            "...); export again, or compare against the source it was exported from"
+        )
+    return model

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import io
 import json
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,15 @@ import lossx
 from lossx.build.backward import check_trainable
 from lossx.build.eager import EagerRunner
 from lossx.build.graph_modules import exported_module
-from lossx.build.models import build_model, load_checkpoint, packaged_weights, weights_to_arrays
+from lossx.build.models import (
+    build_model,
+    check_model,
+    load_checkpoint,
+    model_source,
+    packaged_weights,
+    source_record,
+    weights_to_arrays,
+)
 from lossx.build.torch_engine import CHECKPOINT_FORMAT as TORCH_CHECKPOINT_FORMAT
 from lossx.compare.engine import compare_runners
 from lossx.compare.inputs import EXAMPLE_SIZES, random_input_sets, sample_feed
@@ -302,6 +311,7 @@ def export_graph(
 def export_artifact(
     out_dir: Path,
     model_name: str = DEFAULT_MODEL,
+    model: nn.Module | None = None,
     losses: list[LossSpec | str] | tuple[LossSpec | str, ...] = DEFAULT_LOSSES,
     checkpoint: Path | None = None,
     seed: int = 0,
@@ -315,8 +325,10 @@ def export_artifact(
     `train`, also a training graph per loss (loss, logits and every parameter's gradient,
     plus the images' gradient with `input_grad`).
 
-    The weights come from `checkpoint` if given, else from the trained weights lossx ships
-    (`init="trained"`) or from `seed` (`init="random"`).
+    The model is `model_name` (a registry name or a `MODULE:ATTR` import path), or `model`, an
+    nn.Module instance (recorded as its class's import path). The weights come from
+    `checkpoint` if given, else from an instance's own weights, else from the trained weights
+    lossx ships (`init="trained"`) or from `seed` (`init="random"`).
 
     The artifact is written to a hidden sibling directory and renamed into place only after every
     graph passed its self-check; on any failure `out_dir` is left as it was.
@@ -327,18 +339,32 @@ def export_artifact(
         raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")
     check_seed(seed)
     out_dir = check_destination(Path(out_dir), MANIFEST_FILE, ArtifactError)
-    model = build_model(model_name, seed)
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise SpecError(f"model: expected an nn.Module instance, got {type(model).__name__}")
+        model_name = f"{type(model).__module__}:{type(model).__qualname__}"
+        check_model(model, model_name)
+        model = model.eval()
+        source = source_record(model_name, sys.modules.get(type(model).__module__))
+        given = checkpoint is None
+    else:
+        model = build_model(model_name, seed)
+        source = model_source(model_name)
+        given = False
     parameters = None
     if train:
         for spec in specs:
             check_trainable(model, spec)
         parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     graphs = artifact_graphs(specs, parameters, input_grad)
-    weights = _load_weights(model, model_name, init, checkpoint, seed)
+    if given:
+        weights = {"file": WEIGHTS_FILE, "source": "model"}  # the instance's own weights
+    else:
+        weights = _load_weights(model, model_name, init, checkpoint, seed)
     return write_folder_atomically(
         out_dir,
         lambda staged: _write_artifact(
-            staged, model, model_name, specs, graphs, weights, opset, progress
+            staged, model, model_name, source, specs, graphs, weights, opset, progress
         ),
         ArtifactError,
     )
@@ -348,6 +374,7 @@ def _write_artifact(
     staged: Path,
     model: nn.Module,
     model_name: str,
+    source: dict | None,
     losses: list[LossSpec],
     graphs: list[GraphSpec],
     weights: dict,
@@ -380,6 +407,7 @@ def _write_artifact(
     files = sorted([e.spec.file for e in entries] + [WEIGHTS_FILE])
     manifest = Manifest(
         model=model_name,
+        model_source=source,
         opset=opset,
         class_names=CLASS_NAMES,
         preprocessing=PREPROCESSING,

@@ -1,6 +1,17 @@
-"""Models by name, seeded construction and safe checkpoint loading."""
+"""Models by name or by import path, seeded construction and safe checkpoint loading.
 
+A model is a registry name ("tudui") or a user's `MODULE:ATTR`: `MODULE` imported as `python -m`
+imports (the current directory first on sys.path), `ATTR` an nn.Module subclass or a function
+returning one, which takes float32 [N,3,32,32] images and returns [N,10] logits. Importing it
+runs the user's code, by their choice.
+"""
+
+import hashlib
+import importlib
+import inspect
+import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -13,7 +24,7 @@ from torch import nn
 from lossx.errors import CheckpointError, SpecError, first_line
 from lossx.files import regular_file
 from lossx.runtime.artifact import check_finite, file_kind, read_weights
-from lossx.runtime.graphs import DEFAULT_MODEL
+from lossx.runtime.graphs import DEFAULT_MODEL, NUM_CLASSES
 from lossx.runtime.ort_engine import checkpoint_state
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
@@ -65,11 +76,95 @@ def packaged_weights(name: str) -> Path:
 
 
 def build_model(name: str = DEFAULT_MODEL, seed: int = 0) -> nn.Module:
-    """A model from the registry, its initial weights drawn from `seed`, in eval mode."""
-    if name not in MODELS:
-        raise SpecError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    """A model from the registry or a `MODULE:ATTR` import path, its initial weights drawn from
+    `seed`, in eval mode, checked to map [N,3,32,32] images to [N,10] logits."""
+    constructor = model_constructor(name)
     torch.manual_seed(seed)
-    return MODELS[name]().eval()
+    try:
+        model = constructor()
+    except Exception as e:
+        raise SpecError(f"--model {name}: constructing it failed: {first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"--model {name}: returned a {type(model).__name__}, not an nn.Module")
+    check_model(model, name)
+    return model.eval()
+
+
+def model_constructor(name: str) -> Callable[[], nn.Module]:
+    """What builds model `name`: a registry entry, or the class or function at `MODULE:ATTR`."""
+    if name in MODELS:
+        return MODELS[name]
+    if ":" not in name:
+        raise SpecError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}, or give your "
+            "own as MODULE:ATTR"
+        )
+    module = _import_module(name)
+    target = module
+    for part in name.split(":", 1)[1].split("."):
+        if not hasattr(target, part):
+            raise SpecError(f"--model {name}: {module.__name__} has no attribute {part!r}")
+        target = getattr(target, part)
+    if (isinstance(target, type) and issubclass(target, nn.Module)) or inspect.isfunction(target):
+        return target
+    raise SpecError(
+        f"--model {name}: {type(target).__name__} is not a model; give an nn.Module subclass "
+        "or a function returning one"
+    )
+
+
+def _import_module(name: str):
+    module_name, _, attr = name.partition(":")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name) or not re.fullmatch(
+        r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", attr
+    ):
+        raise SpecError(f"--model {name!r}: write MODULE:ATTR, e.g. mymodels:ResNet")
+    here = os.getcwd()
+    sys.path.insert(0, here)  # as `python -m` does
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:  # the user's module may raise anything while importing
+        raise SpecError(
+            f"--model {name}: cannot import {module_name}: {type(e).__name__}: {first_line(e)}"
+        ) from None
+    finally:
+        sys.path.remove(here)
+
+
+def model_source(name: str) -> dict | None:
+    """For a `MODULE:ATTR` model, its import path and the sha256 of its module's source file
+    (what the manifest records); None for a registry model."""
+    if name in MODELS:
+        return None
+    return source_record(name, _import_module(name))
+
+
+def source_record(name: str, module) -> dict:
+    """`name` with the file name and sha256 of `module`'s source (None where it has none)."""
+    try:
+        path = inspect.getsourcefile(module)
+    except TypeError:  # a built-in module
+        path = None
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    return {"import": name, "file": Path(path).name if path else None, "sha256": digest}
+
+
+def check_model(model: nn.Module, name: str) -> None:
+    """Refuse a model that does not map float32 [N,3,32,32] images to [N,10] logits."""
+    images = torch.zeros(2, 3, 32, 32)
+    try:
+        with torch.no_grad():
+            logits = model.eval()(images)
+    except Exception as e:
+        raise SpecError(
+            f"--model {name}: fails on float32 [2, 3, 32, 32] images: {first_line(e)}"
+        ) from None
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, NUM_CLASSES):
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise SpecError(
+            f"--model {name}: returns {got} for [2, 3, 32, 32] images; lossx needs [N, "
+            f"{NUM_CLASSES}] logits"
+        )
 
 
 def _state_dict_from(obj: object, path: Path) -> Mapping[str, torch.Tensor]:

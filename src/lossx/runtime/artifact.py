@@ -76,7 +76,7 @@ class GraphEntry:
 class Manifest:
     """Everything needed to use an artifact correctly, as written to `manifest.json`."""
 
-    model: str
+    model: str  # a registry name or a MODULE:ATTR import path
     opset: int
     class_names: tuple[str, ...]
     preprocessing: dict
@@ -85,12 +85,15 @@ class Manifest:
     graphs: tuple[GraphEntry, ...]
     files: dict[str, dict]  # file name -> {"sha256": ..., "bytes": ...}, every file listed
     producer: dict[str, str]  # package versions that produced the artifact
+    # For a MODULE:ATTR model: {"import", "file", "sha256"} of its module's source
+    model_source: dict | None = None
 
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model": self.model,
+            "model_source": self.model_source,
             "opset": self.opset,
             "class_names": list(self.class_names),
             "preprocessing": self.preprocessing,
@@ -122,6 +125,7 @@ class Manifest:
             raise ValueError(f"{field_name} {e.message.removeprefix(e.name).strip()}") from None
         manifest = cls(
             model=data["model"],
+            model_source=data.get("model_source"),
             opset=int(data["opset"]),
             class_names=tuple(data["class_names"]),
             preprocessing=dict(data["preprocessing"]),

@@ -1,0 +1,141 @@
+"""A user's own model by import path (`--model MODULE:ATTR`, `export_artifact(model=...)`):
+export, check against the eager model rebuilt from the manifest, train with the torch engine,
+and a one-line refusal for each way the import path can be wrong."""
+
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from lossx.build import export_artifact
+from lossx.build.models import build_model
+from lossx.errors import SpecError
+from lossx.runtime import load_artifact
+from tests.cli.test_cli import assert_one_line_error, run_cli
+from tests.conftest import require_shared, shared_cifar10_dir
+
+RESNET_STYLE = '''
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    """BatchNorm, functional ReLU, a residual addition, a strided conv with a 1x1 shortcut,
+    adaptive average pooling: what lossx's registry does not have."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.shortcut = nn.Conv2d(8, 16, 1, stride=2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, images):
+        x = F.relu(self.bn(self.stem(images)))
+        x = F.relu(self.down(x) + self.shortcut(x))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def make():
+    return Net()
+
+
+NOT_A_MODEL = 3
+'''
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("project")
+    (folder / "lossx_user_net.py").write_text(RESNET_STYLE)
+    (folder / "lossx_user_broken.py").write_text("import nosuchpackage_xyz\n")
+    (folder / "lossx_user_shape.py").write_text(
+        "from torch import nn\nclass Wide(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.fc = nn.Linear(3 * 32 * 32, 11)\n"
+        "    def forward(self, x):\n        return self.fc(x.flatten(1))\n"
+    )
+    return folder
+
+
+def test_a_users_model_exports_checks_and_trains(project, tmp_path, monkeypatch):
+    require_shared(shared_cifar10_dir())
+    monkeypatch.chdir(project)
+    out = tmp_path / "art"
+    result = run_cli("export", out, "--model", "lossx_user_net:Net", "--init", "random",
+                     "--seed", "3", "--loss", "ce", "--loss", "mse")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "lossx_user_net:Net"
+    assert manifest["model_source"]["file"] == "lossx_user_net.py"
+    assert len(manifest["model_source"]["sha256"]) == 64
+    assert manifest["weights"] == {"file": "weights.npz", "source": "seed", "seed": 3}
+    result = run_cli("check", out, "--limit", "64")
+    assert result.exit_code == 0, result.output
+    assert "model lossx_user_net:Net with the artifact's weights.npz" in result.stdout
+    # the torch engine trains it, and its checkpoint exports
+    checkpoint = tmp_path / "net.pt"
+    data = shared_cifar10_dir()
+    result = run_cli("train", "--model", "lossx_user_net:Net", "--data-dir", data, "--limit",
+                     "256", "--holdout", "64", "--epochs", "1", "--out", checkpoint)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    trained = tmp_path / "trained"
+    result = run_cli("export", trained, "--model", "lossx_user_net:Net", "--checkpoint",
+                     checkpoint, "--loss", "ce")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert load_artifact(trained).manifest.weights["trained"]["engine"] == "torch"
+
+
+def test_check_refuses_a_model_whose_source_changed(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(project)
+    (project / "lossx_user_edit.py").write_text(RESNET_STYLE)
+    out = tmp_path / "art"
+    assert run_cli("export", out, "--model", "lossx_user_edit:make", "--init", "random",
+                   "--loss", "ce").exit_code == 0  # fmt: skip
+    (project / "lossx_user_edit.py").write_text(RESNET_STYLE + "\n# edited\n")
+    assert_one_line_error(run_cli("check", out), 2, "lossx_user_edit.py changed since")
+    monkeypatch.chdir(tmp_path)  # the module is not importable from here
+    monkeypatch.delitem(__import__("sys").modules, "lossx_user_edit")
+    result = run_cli("check", out)
+    assert_one_line_error(result, 2, "cannot rebuild the eager model the artifact records")
+    assert "cannot import lossx_user_edit: ModuleNotFoundError" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("lossx_user_broken:Net", "cannot import lossx_user_broken: ModuleNotFoundError"),
+        ("lossx_user_nosuch:Net", "cannot import lossx_user_nosuch: ModuleNotFoundError"),
+        ("lossx_user_net:Nope", "lossx_user_net has no attribute 'Nope'"),
+        ("lossx_user_net:NOT_A_MODEL", "int is not a model"),
+        ("lossx_user_shape:Wide", "returns [2, 11] for [2, 3, 32, 32] images"),
+        ("lossx_user_net:", "write MODULE:ATTR"),
+        ("no/such:Net", "write MODULE:ATTR"),
+        ("nosuch", "unknown model 'nosuch'"),
+    ],
+)
+def test_a_bad_model_is_one_line(project, tmp_path, monkeypatch, model, message):
+    monkeypatch.chdir(project)
+    started = time.perf_counter()
+    result = run_cli("export", tmp_path / "x", "--model", model, "--init", "random")
+    assert_one_line_error(result, 2, message)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SpecError, match="model"):
+        build_model(model)
+    assert time.perf_counter() - started < 10
+
+
+def test_export_takes_a_model_instance(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(project)
+    model = build_model("lossx_user_net:make", seed=7)
+    with torch.no_grad():
+        model.head.bias.fill_(0.25)
+    manifest = export_artifact(tmp_path / "art", model=model, losses=["ce"])
+    assert manifest.model == "lossx_user_net:Net"
+    assert manifest.weights == {"file": "weights.npz", "source": "model"}
+    shipped = load_artifact(tmp_path / "art").parameters()["head.bias"]
+    assert (shipped == 0.25).all()
+    with pytest.raises(SpecError, match=r"expected an nn\.Module instance"):
+        export_artifact(tmp_path / "other", model=nn.Linear)
