@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lossx.errors import CheckpointError, SpecError, first_line
@@ -64,6 +65,92 @@ class Tudui(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model1(images)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers and a residual addition; a stride-2 block halves the
+    image and doubles the channels, its shortcut subsampling and zero-padding the input (He et
+    al. 2016's option A, which adds no parameters)."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.pad = outputs - inputs  # channels the shortcut adds, half on each side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x
+        if self.pad:
+            half = self.pad // 2
+            shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.pad - half))
+        return F.relu(out + shortcut)
+
+
+@register_model("resnet20")
+class ResNet20(nn.Module):
+    """He et al. 2016's CIFAR-10 ResNet-20: a 3x3 stem, three stages of three BasicBlocks (16,
+    32, 64 channels; the last two start with stride 2), global average pooling, one linear.
+    0.27 M parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks, channels = [], 16
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            for index in range(3):
+                blocks.append(BasicBlock(channels, width, stride if index == 0 else 1))
+                channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, 10)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn(self.conv(images))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _separable(inputs: int, outputs: int, stride: int) -> nn.Sequential:
+    """A depthwise 3x3 conv (one filter per channel) and a pointwise 1x1 conv, each with
+    BatchNorm and ReLU6."""
+    return nn.Sequential(
+        nn.Conv2d(inputs, inputs, 3, stride=stride, padding=1, groups=inputs, bias=False),
+        nn.BatchNorm2d(inputs),
+        nn.ReLU6(),
+        nn.Conv2d(inputs, outputs, 1, bias=False),
+        nn.BatchNorm2d(outputs),
+        nn.ReLU6(),
+    )
+
+
+@register_model("dsnet")
+class DepthwiseSeparableNet(nn.Module):
+    """A MobileNet-style CIFAR-10 net: a 3x3 stem, five depthwise-separable blocks (two of them
+    stride 2), average pooling, Dropout, one linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU6(),
+            _separable(32, 64, 1),
+            _separable(64, 128, 2),
+            _separable(128, 128, 1),
+            _separable(128, 256, 2),
+            _separable(256, 256, 1),
+            nn.AvgPool2d(8),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(256, 10))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
 
 
 def packaged_weights(name: str) -> Path:
