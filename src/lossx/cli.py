@@ -628,11 +628,12 @@ def train(
     from lossx.files import input_folder
 
     input_folder(data_dir, "data directory")
+    kinds = ("torch",) if engine == "torch" else ("npz",)
     if resume is not None:
-        _checkpoint_file(resume, ("torch",) if engine == "torch" else ("npz",))
+        _checkpoint_file(resume, kinds)
     out = out or Path("checkpoint.pt" if engine == "torch" else "trained.npz")
-    if out.exists() and out != resume:
-        _checkpoint_file(out, ("torch",) if engine == "torch" else ("npz",), overwrite=True)
+    if out.exists() and out != resume:  # by kind here; the engine then reads it whole
+        _checkpoint_file(out, kinds, overwrite=True)
     if engine == "torch":
         _require_export_extra("lossx train --engine torch", ("torch",))
         from lossx.build.torch_engine import train as run_training
@@ -711,17 +712,14 @@ def _require_export_extra(what: str, modules: tuple[str, ...] = ("torch", "onnxs
 
 
 def _checkpoint_file(path: Path, kinds: tuple[str, ...], overwrite: bool = False) -> None:
-    """Refuse a checkpoint file that is not of `kinds` by content ("npz", "torch"); with
-    `overwrite`, a file about to be overwritten, which must be a checkpoint of that kind."""
+    """Refuse a checkpoint file that is not of `kinds` by content ("npz", "torch"), before torch
+    is imported; with `overwrite`, a file about to be overwritten (lossx.runtime.trainer then
+    refuses one that is of the kind but not the engine's checkpoint)."""
     from lossx.errors import CheckpointError
     from lossx.runtime.artifact import file_kind
 
     what = "--out" if overwrite else "checkpoint"
     kind = file_kind(regular_file(path, what, CheckpointError))
-    if overwrite and kind == "npz":
-        from lossx.runtime.ort_engine import checkpoint_state
-
-        kind = kind if checkpoint_state(path) is not None else "an .npz of weights only"
     if kind not in kinds:
         names = {"npz": "an .npz", "torch": "a torch checkpoint"}
         described = names.get(kind, kind)

@@ -44,15 +44,20 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
-def regular_file(path: Path, what: str, error: type[LossxError] = LossxError) -> Path:
-    """`path` if it is a readable regular file, else `error` saying what it is instead."""
-    path = Path(path)
+def _mode(path: Path, what: str, error: type[LossxError]) -> int:
+    """`path`'s st_mode, or `error` saying it does not exist or cannot be looked at."""
     try:
-        mode = path.stat().st_mode
+        return path.stat().st_mode
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
         raise error(f"{what} {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def regular_file(path: Path, what: str, error: type[LossxError] = LossxError) -> Path:
+    """`path` if it is a readable regular file, else `error` saying what it is instead."""
+    path = Path(path)
+    mode = _mode(path, what, error)
     if stat.S_ISDIR(mode):
         raise error(f"{what} {path} is a folder, not a file")
     if not stat.S_ISREG(mode):
@@ -83,13 +88,7 @@ def output_file(path: Path, what: str) -> Path:
 def input_folder(path: Path, what: str, error: type[LossxError] = LossxError) -> Path:
     """`path` if it is a folder, else `error` saying whether it is missing or a file."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise error(f"{what} {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not stat.S_ISDIR(mode):
+    if not stat.S_ISDIR(_mode(path, what, error)):
         raise error(f"{what} {path} is a file, not a folder")
     return path
 

@@ -260,6 +260,7 @@ class Artifact:
     manifest: Manifest
     weights: dict[str, np.ndarray] | None = None
     _sessions: dict = field(default_factory=dict, repr=False)
+    _shipped: dict | None = field(default=None, repr=False)  # the weights file, read once
 
     def with_weights(self, weights: dict[str, np.ndarray] | Path | str) -> "Artifact":
         """This artifact with other weights: a dict by state_dict name or a weights file
@@ -283,11 +284,14 @@ class Artifact:
         return self.shipped_parameters()
 
     def shipped_parameters(self) -> dict[str, np.ndarray]:
-        """The weights in the artifact's weights file (never a pickle)."""
-        path = self.path / self.manifest.weights["file"]
-        weights = read_weights(path)
-        check_finite(weights, str(path))
-        return weights
+        """The weights in the artifact's weights file (never a pickle), read and checked once;
+        each call returns fresh copies, which callers (training) may change in place."""
+        if self._shipped is None:
+            path = self.path / self.manifest.weights["file"]
+            weights = read_weights(path)
+            check_finite(weights, str(path))
+            self._shipped = weights
+        return {name: value.copy() for name, value in self._shipped.items()}
 
     def has_graph(self, stem: str) -> bool:
         return any(entry.spec.stem == stem for entry in self.manifest.graphs)
@@ -463,7 +467,7 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
         if graph is not None:
             _refuse_external_data(path, graph)
     artifact = Artifact(artifact_dir, manifest)
-    artifact.shipped_parameters()  # refuses weights that are not finite
+    artifact.shipped_parameters()  # read now, while the sha256 just checked holds; refuses NaN
     return artifact
 
 
