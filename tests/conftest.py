@@ -86,6 +86,15 @@ def seeded_train_artifact_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def resnet20_train_artifact_dir(tmp_path_factory) -> Path:
+    """resnet20's training graph for ce on seeded random weights, the ones `lossx train
+    --engine torch --model resnet20 --seed 0` starts from."""
+    out = tmp_path_factory.mktemp("resnet20-train") / "a"
+    export_artifact(out, "resnet20", losses=["ce"], init="random", seed=0, train=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, train_subset) -> Path:
     """A state_dict after one epoch of SGD on real training images: logits of realistic size."""
     torch.manual_seed(0)

@@ -1,27 +1,32 @@
-"""Training graphs: loss and every gradient in standard ONNX, checked against torch.autograd."""
+"""Training graphs of any model: loss, logits, every gradient and the buffers a train-mode step
+leaves, in standard ONNX, checked against torch.autograd in train mode on real CIFAR-10 images."""
 
 import json
+from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx_ir.passes.common
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lossx.build import export_artifact
-from lossx.build.backward import (
-    ReferenceTrainingStep,
-    _loss_and_gradient,
-    _pool_backward,
-    check_trainable,
-)
+from lossx.build import backward, export_artifact
+from lossx.build.backward import INFERENCE_MODE_OPS, ReferenceTrainingStep, model_buffers
 from lossx.build.eager import EagerRunner
+from lossx.build.export import batch_norm_fusions, export_graph
+from lossx.build.models import build_model
 from lossx.compare.elementwise import element_errors
 from lossx.compare.tolerances import PROFILES, resolve_tolerances, rule_tolerance
-from lossx.errors import DataError, SpecError
+from lossx.errors import DataError, ExportError, SpecError
 from lossx.parity.check import check_artifact
 from lossx.runtime import load_artifact, to_model_input
 from lossx.runtime.feeds import graph_feed
+from lossx.runtime.graphs import train_graph
 from lossx.runtime.loss_specs import parse_loss_spec
+from lossx.runtime.session import open_session
+from tests.build.random_cnns import RandomCNN
 from tests.cli.test_cli import run_cli
 
 LOSSES = [
@@ -29,6 +34,7 @@ LOSSES = [
     "mse",
     "l1(reduction=sum)",
 ]
+BATCHES = (1, 7, 64)
 
 
 @pytest.fixture(scope="module")
@@ -38,83 +44,182 @@ def train_artifact(tmp_path_factory):
     return load_artifact(out)
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "ce", "ce(reduction=sum)", "ce(label_smoothing=0.2)",
-        "ce(weight=[1, 2, 3, 1, 1, 1, 1, 1, 1, 5])",
-        "ce(ignore_index=2, label_smoothing=0.3, weight=[1, 2, 3, 1, 1, 1, 1, 1, 1, 5])",
-        "ce(target=probs)", "ce(target=probs, label_smoothing=0.1, reduction=sum)",
-        "ce(target=probs, weight=[1, 2, 3, 1, 1, 1, 1, 1, 1, 5])",
-        "mse", "mse(reduction=sum)", "l1", "l1(reduction=sum)",
-    ],
-)  # fmt: skip
-def test_loss_gradients_are_autograd_s(text):
-    spec = parse_loss_spec(text)
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(9, 10, generator=generator) * 3
-    if spec.target == "class_index":
-        target = torch.randint(0, 10, (9,), generator=generator)
-    else:
-        target = torch.softmax(torch.randn(9, 10, generator=generator), 1)
-    value, grad = _loss_and_gradient(spec, logits, target)
-    leaf = logits.clone().requires_grad_()
-    from lossx.build.losses import reference_loss
-
-    expected = reference_loss(spec)(leaf, target)
-    (expected_grad,) = torch.autograd.grad(expected, leaf)
-    torch.testing.assert_close(value, expected.detach(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+@pytest.fixture(scope="module")
+def resnet20_artifact(resnet20_train_artifact_dir):
+    return load_artifact(resnet20_train_artifact_dir)
 
 
-def test_all_ignored_labels_give_nan_loss_and_zero_gradients_like_torch():
-    spec = parse_loss_spec("ce(ignore_index=4)")
-    value, grad = _loss_and_gradient(spec, torch.randn(3, 10), torch.full((3,), 4))
-    assert torch.isnan(value) and (grad == 0).all()
+def assert_matches_autograd(spec, run, model, images, labels, parameters) -> dict[str, float]:
+    """Every output of training graph `spec` (run by `run(feed)`) against torch.autograd on
+    `model` in train mode, under the rules lossx check applies: loss, logits and next buffers
+    within the fp32 default (1e-5 + 1e-5 relative), gradients under the gradient rule (2e-3 of
+    the batch's largest value + 1e-3 relative, a few outliers allowed). Returns each output's
+    largest absolute error."""
+    feed = graph_feed(spec, images, labels, None, parameters)
+    got = dict(zip(spec.output_names, run(feed), strict=True))
+    want = EagerRunner(model).run(spec, feed)
+    worst = {}
+    for name in spec.output_names:
+        tolerance = rule_tolerance(spec.output(name).tolerance_rule, PROFILES["fp32-cpu"])
+        reference = want[name].astype(np.float64)
+        errors = element_errors(got[name], want[name], tolerance.atol_for(reference), tolerance.rtol)
+        outside = int(errors.failed.sum())
+        assert outside <= tolerance.max_mismatch_fraction * errors.failed.size, (
+            f"{spec.stem} {name} at batch {len(images)}: {outside} of {errors.failed.size} "
+            f"elements outside, max abs error {errors.error.max():.3g}"
+        )
+        worst[name] = float(errors.error.max()) if errors.error.size else 0.0
+    return worst
 
 
-def test_training_graphs_are_in_the_artifact(train_artifact):
+def test_training_graphs_follow_the_contract(train_artifact, resnet20_artifact):
     spec = train_artifact.graph("train_ce").spec
     names = [n for n, _ in EagerRunner.of_artifact(train_artifact).model.named_parameters()]
     assert spec.input_names == ["images", "labels", *names]
     assert spec.output_names == ["loss", "logits", *(f"grad.{n}" for n in names), "grad.images"]
     assert train_artifact.graph("train_mse").spec.input_names[1] == "targets"
+    spec = resnet20_artifact.graph("train_ce").spec
+    model = build_model("resnet20")
+    buffers = [n for n, _ in model.named_buffers()]
+    parameters = [n for n, _ in model.named_parameters()]
+    assert spec.input_names == ["images", "labels", *parameters, *buffers]
+    assert list(spec.next_buffers) == buffers  # running_mean, running_var, num_batches_tracked
+    assert spec.output("next.bn.num_batches_tracked").dtype == "int64"
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 64, 256])
-def test_gradients_match_autograd_on_real_images(train_artifact, test_split, batch_size):
-    """Every gradient against torch.autograd on real CIFAR-10 images, at batch sizes the graph
-    was not exported with: loss and logits within the fp32 default (1e-5), gradients under
-    the gradient rule (GRADIENT_TOLERANCE: 2e-3 + 1e-3 relative; see its note), as lossx check
-    compares them."""
-    eager = EagerRunner.of_artifact(train_artifact)
-    parameters = train_artifact.parameters()
+@pytest.mark.parametrize("batch_size", [*BATCHES, 256])
+def test_seed_cnn_gradients_match_autograd_on_real_images(train_artifact, test_split, batch_size):
+    model = EagerRunner.of_artifact(train_artifact).model
     images = to_model_input(test_split.images[:batch_size])
     labels = test_split.labels[:batch_size]
     for loss in train_artifact.manifest.losses:
         spec = train_artifact.graph(f"train_{loss.name}").spec
-        feed = graph_feed(spec, images, labels, None, parameters)
-        got = dict(
-            zip(spec.output_names, train_artifact.run(spec.stem, feed).values(), strict=True)
-        )
-        want = eager.run(spec, feed)
-        for name in spec.output_names:
-            tolerance = rule_tolerance(spec.output(name).tolerance_rule, PROFILES["fp32-cpu"])
-            atol = tolerance.atol_for(want[name].astype(np.float64))
-            errors = element_errors(got[name], want[name], atol, tolerance.rtol)
-            outside = int(errors.failed.sum())
-            assert outside <= tolerance.max_mismatch_fraction * errors.failed.size, (
-                f"{spec.stem} {name}: {outside} of {errors.failed.size} elements outside, max "
-                f"abs error {errors.error.max():.3g}"
-            )
+        run = lambda feed, s=spec: list(train_artifact.run(s.stem, feed).values())  # noqa: E731
+        assert_matches_autograd(spec, run, model, images, labels, train_artifact.parameters())
 
 
-def test_pool_backward_gives_ties_to_the_first_maximum_like_autograd():
-    x = torch.randint(0, 3, (4, 5, 8, 8), generator=torch.Generator().manual_seed(0)).float()
-    dy = torch.randn(4, 5, 4, 4)
-    leaf = x.clone().requires_grad_()
-    torch.nn.functional.max_pool2d(leaf, 2).backward(dy)
-    assert torch.equal(_pool_backward(dy, x, torch.nn.functional.max_pool2d(x, 2)), leaf.grad)
+@pytest.mark.parametrize("batch_size", BATCHES)
+def test_resnet20_gradients_and_statistics_match_autograd(resnet20_artifact, test_split, batch_size):
+    """Batch norm in train mode: batch statistics in the forward, running_mean, running_var
+    and num_batches_tracked as torch leaves them after the step."""
+    model = EagerRunner.of_artifact(resnet20_artifact).model
+    spec = resnet20_artifact.graph("train_ce").spec
+    images = to_model_input(test_split.images[100 : 100 + batch_size])
+    run = lambda feed: list(resnet20_artifact.run(spec.stem, feed).values())  # noqa: E731
+    worst = assert_matches_autograd(
+        spec, run, model, images, test_split.labels[100 : 100 + batch_size],
+        resnet20_artifact.parameters(),
+    )  # fmt: skip
+    assert worst["next.bn.num_batches_tracked"] == 0
+
+
+def test_train_mode_batch_norm_is_not_the_eval_mode_one(resnet20_artifact, test_split):
+    """The trap a train-mode decomposition avoids: ONNX BatchNormalization runs in inference
+    mode in ONNX Runtime. The step's loss must be the train-mode loss, not the eval-mode one,
+    and its statistics must move."""
+    spec = resnet20_artifact.graph("train_ce").spec
+    images, labels = to_model_input(test_split.images[:32]), test_split.labels[:32]
+    parameters = resnet20_artifact.parameters()
+    out = resnet20_artifact.run(spec.stem, graph_feed(spec, images, labels, None, parameters))
+    model = EagerRunner.of_artifact(resnet20_artifact).model.eval()
+    with torch.no_grad():
+        eval_loss = F.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels))
+        train_loss = F.cross_entropy(model.train()(torch.from_numpy(images)),
+                                     torch.from_numpy(labels))  # fmt: skip
+    assert abs(float(out["loss"]) - float(train_loss)) < 1e-5
+    assert abs(float(eval_loss) - float(train_loss)) > 1e-2
+    assert not np.allclose(out["next.bn.running_mean"], parameters["bn.running_mean"])
+    graph = onnx.load(resnet20_artifact.path / spec.file)
+    assert not {n.op_type for n in graph.graph.node} & set(INFERENCE_MODE_OPS)
+
+
+def test_a_batch_norm_that_reaches_the_exporter_is_refused(monkeypatch, tmp_path):
+    """Without the batch-norm forward decompositions, train-mode batch norm would export as
+    BatchNormalization: the export must refuse, not write an eval-mode step."""
+    table = dict(backward.decompositions())
+    for op in backward._TORCH_DECOMPOSITIONS:
+        if "batch_norm" in str(op):
+            table.pop(op)
+    monkeypatch.setattr(backward, "decompositions", lambda: table)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(3600, 10))
+    spec = train_graph(parse_loss_spec("ce"), _shapes(model), False, model_buffers(model))
+    with pytest.raises(ExportError, match="holds BatchNormalization, which ONNX Runtime runs"):
+        export_graph(spec, model.eval(), tmp_path / "t.onnx")
+
+
+def _shapes(model):
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def _export_step(model, loss, tmp_path, input_grad=False):
+    spec = train_graph(parse_loss_spec(loss), _shapes(model), input_grad, model_buffers(model))
+    export_graph(spec, model.eval(), tmp_path / spec.file)  # verified on random inputs too
+    session = open_session(tmp_path / spec.file, threads=2)
+    return spec, lambda feed: session.run(spec.output_names, feed)
+
+
+class SmallNet(nn.Module):
+    """Conv, batch norm, functional ReLU, max-pooling and a linear: a quick model for losses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, images):
+        return self.fc(F.max_pool2d(F.relu(self.bn(self.conv(images))), 2).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "ce", "ce(reduction=sum)", "ce(label_smoothing=0.2, ignore_index=2)",
+        "ce(ignore_index=2, label_smoothing=0.3, weight=[1, 2, 3, 1, 1, 1, 1, 1, 1, 5])",
+        "ce(target=probs, label_smoothing=0.1, reduction=sum)",
+        "nll", "nll(reduction=sum)", "mse", "mse(reduction=sum)", "l1", "l1(reduction=sum)",
+        "smooth_l1", "smooth_l1(reduction=sum, beta=0.5)", "huber", "huber(reduction=sum, delta=2)",
+        "bce_logits", "bce_logits(reduction=sum, pos_weight=[1, 2, 1, 1, 1, 1, 1, 1, 1, 3])",
+        "kl_div(reduction=batchmean)", "kl_div(reduction=sum)",
+    ],
+)  # fmt: skip
+def test_every_loss_trains(loss, tmp_path, test_split):
+    torch.manual_seed(0)
+    model = SmallNet()
+    spec, run = _export_step(model, loss, tmp_path)
+    parameters = {k: v.numpy() for k, v in model.state_dict().items()}
+    for batch in (1, 7):
+        images = to_model_input(test_split.images[:batch])
+        assert_matches_autograd(spec, run, model, images, test_split.labels[:batch], parameters)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_cnns_match_autograd(seed, tmp_path, test_split):
+    """Property test: CNNs composed at random from every supported layer (see random_cnns):
+    strided, dilated, grouped and depthwise convolutions with or without bias, batch norm,
+    every activation as a module or a function, residual additions, concatenations, max,
+    average and adaptive pooling, reshapes and linears, with the images' gradient too."""
+    torch.manual_seed(seed)
+    model = RandomCNN(seed)
+    spec, run = _export_step(model, "ce", tmp_path, input_grad=True)
+    parameters = {k: v.numpy() for k, v in model.state_dict().items()}
+    for batch in BATCHES:
+        images = to_model_input(test_split.images[seed * 64 : seed * 64 + batch])
+        labels = test_split.labels[seed * 64 : seed * 64 + batch]
+        assert_matches_autograd(spec, run, model, images, labels, parameters)
+
+
+def test_dsnet_trains_without_its_dropout(tmp_path, test_split):
+    """The depthwise-separable net (grouped convolutions, ReLU6, average pooling) once its
+    Dropout is off: Dropout itself is refused (see the refusal tests)."""
+    torch.manual_seed(0)
+    model = build_model("dsnet")
+    model.classifier[1].p = 0.0
+    spec, run = _export_step(model, "ce", tmp_path)
+    parameters = {k: v.numpy() for k, v in model.state_dict().items()}
+    for batch in BATCHES:
+        images = to_model_input(test_split.images[:batch])
+        assert_matches_autograd(spec, run, model, images, test_split.labels[:batch], parameters)
 
 
 def test_gradients_match_autograd_on_flat_images(train_artifact):
@@ -136,12 +241,17 @@ def test_gradients_match_autograd_on_flat_images(train_artifact):
         assert not errors.failed.any(), f"{name}: max abs error {errors.error.max():.3g}"
 
 
-def test_lossx_check_gates_training_graphs(train_artifact, test_split):
+def test_lossx_check_gates_training_graphs(train_artifact, resnet20_artifact, test_split):
     report = check_artifact(
         train_artifact, test_split.head(300), resolve_tolerances("fp32-cpu"), "fp32-cpu"
     )
     train_outputs = [o for o in report.outputs if o.graph.startswith("train_")]
     assert len(train_outputs) == 3 * 13
+    assert report.passed, [o.name for o in report.failures]
+    report = check_artifact(
+        resnet20_artifact, test_split.head(100), resolve_tolerances("fp32-cpu"), "fp32-cpu"
+    )
+    assert any(o.name == "next.blocks.8.bn2.running_var" for o in report.outputs)
     assert report.passed, [o.name for o in report.failures]
 
 
@@ -162,34 +272,81 @@ def test_wrong_parameters_are_refused(train_artifact, test_split):
         train_artifact.run("train_ce", feed)
 
 
+class FunctionalDropout(SmallNet):
+    def forward(self, images):
+        return F.dropout(super().forward(images), 0.5, self.training)
+
+
+class ReplicationPadded(SmallNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = nn.ReplicationPad2d(1)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=0)
+
+    def forward(self, images):
+        return super().forward(self.pad(images))
+
+
 @pytest.mark.parametrize(
-    ("loss", "message"),
+    ("model", "loss", "message"),
     [
-        ("kl_div", "no ONNX backward for loss kl_div yet; training graphs support ce, mse, l1"),
-        ("ce(reduction=none)", "has no scalar loss to differentiate"),
+        (SmallNet(), "ce(reduction=none)", "has no scalar loss to differentiate"),
+        (build_model("dsnet"), "ce", r"classifier.1 \(Dropout\(p=0.2.*refuse Dropout"),
+        (FunctionalDropout(), "ce", r"random op aten.\w+ in train mode \(functional dropout"),
+        (ReplicationPadded(), "ce",
+         r"no ONNX backward for aten.replication_pad2d_backward \(used by pad "
+         r"\(ReplicationPad2d\)\)"),
     ],
-)
-def test_losses_without_an_onnx_backward_are_refused(tmp_path, loss, message):
+)  # fmt: skip
+def test_what_has_no_onnx_backward_is_refused_by_name(tmp_path, model, loss, message):
     with pytest.raises(SpecError, match=message):
-        export_artifact(tmp_path / "a", losses=[loss], init="random", train=True)
+        export_artifact(tmp_path / "a", model=model, losses=[loss], train=True)
     assert not (tmp_path / "a").exists()
 
 
-def test_layers_without_an_onnx_backward_are_named():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
-    with pytest.raises(SpecError, match=r"no ONNX backward for 1 \(ReLU\) yet"):
-        check_trainable(model, parse_loss_spec("ce"))
-    with pytest.raises(SpecError, match=r"0 without a bias"):
-        check_trainable(nn.Sequential(nn.Linear(3, 3, bias=False)), parse_loss_spec("ce"))
-    assert ReferenceTrainingStep  # the reference the export self-check compares with
+def test_onnxscript_still_has_the_batch_norm_fusions_export_turns_off():
+    """torch.onnx's optimizer would fold batch norms into convolutions, changing the weights it
+    keeps under their state_dict names; export turns those rules off (a private tuple)."""
+    assert {r.name for r in batch_norm_fusions()} >= {"FuseBatchNormIntoConv"}
+    assert hasattr(onnx_ir.passes.common, "DeduplicateInitializersPass")
+
+
+def test_a_fresh_batch_norm_model_keeps_every_weight_by_name(resnet20_artifact, test_split):
+    """A fresh resnet20's batch-norm scales are all ones: none may be merged or folded away,
+    so other weights replace every one of them (and change the logits)."""
+    graph = onnx.load(resnet20_artifact.path / "model.onnx")
+    names = {t.name for t in graph.graph.initializer}
+    state = resnet20_artifact.parameters()
+    assert {k for k, v in state.items() if v.dtype == np.float32} <= names
+    changed = {k: v * 1.5 if k.endswith("bn.weight") else v for k, v in state.items()}
+    images = to_model_input(test_split.images[:8])
+    before = resnet20_artifact.run("model", {"images": images})["logits"]
+    after = resnet20_artifact.with_weights(changed).run("model", {"images": images})["logits"]
+    model = EagerRunner.of_artifact(resnet20_artifact).model
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in changed.items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(after, model(torch.from_numpy(images)).numpy(), atol=1e-4)
+    assert not np.allclose(before, after)
 
 
 def test_cli_export_train(tmp_path):
     result = run_cli("export", tmp_path / "a", "--init", "random", "--loss", "ce", "--train")
     assert result.exit_code == 0, result.output
-    graphs = [
-        g["file"] for g in json.loads((tmp_path / "a" / "manifest.json").read_text())["graphs"]
-    ]
-    assert graphs[-1] == "train_ce.onnx"
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["graphs"][-1]["file"] == "train_ce.onnx"
     result = run_cli("export", tmp_path / "b", "--input-grad")
     assert result.exit_code == 2 and "it needs --train" in result.stderr
+    refused = run_cli("export", tmp_path / "c", "--model", "dsnet", "--init", "random", "--train")
+    assert refused.exit_code == 2 and "refuse Dropout" in refused.stderr
+    assert not Path(tmp_path / "c").exists()
+
+
+def test_reference_step_leaves_the_model_as_it_was():
+    model = build_model("resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = [p.detach() for p in model.parameters()] + list(model.buffers())
+    ReferenceTrainingStep(model, parse_loss_spec("ce"))(
+        torch.rand(3, 3, 32, 32), torch.tensor([1, 2, 3]), *tensors
+    )
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

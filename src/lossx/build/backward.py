@@ -1,71 +1,177 @@
-"""Training graphs: the loss and the gradient of every parameter, in standard ONNX ops.
+"""Training graphs: the loss, the logits, every parameter's gradient and the buffers a train-mode
+step leaves, for any model, in standard ONNX ops.
 
-torch.onnx cannot export a backward pass (it has no translation for convolution_backward), so
-lossx writes the backward of each supported layer out in forward ops that export cleanly:
+The step is found from the model's real computation: make_fx traces the train-mode forward,
+the loss and torch.autograd.grad into one graph of ATen ops (symbolic in the batch size), with
+torch's decompositions turning the backward ops into forward ops that torch.onnx exports:
+batch-norm, threshold, activations, softmax, the losses and general max-pooling have torch's
+own; convolution, average pooling and the common 2x2 max-pooling get lossx's below. The
+batch-norm *forward* is decomposed into reductions too: reaching ONNX as BatchNormalization it
+would run in inference mode in ONNX Runtime, silently. `check_traced` refuses what would still
+not export (an ATen backward without a decomposition, a random op) by name.
 
-- Linear: dW = dy^T x, db = sum(dy), dx = dy W;
-- Conv2d (stride 1, zero padding): dW as an im2col (a Conv with a one-hot kernel) and one
-  batched MatMul, db = sum(dy), dx as a Conv2d of dy with the flipped, transposed kernel;
-- MaxPool2d (2x2, stride 2): the gradient goes to the first maximum of each window in row-major
-  order, as torch's does, by comparisons (no ScatterElements);
-- Flatten: a reshape.
-
-The loss gradient is written out too, for ce (every option, class-index or probability
-targets), mse and l1 with reduction mean or sum. Every training graph is checked against
-torch.autograd (ReferenceTrainingStep) before it lands.
+Every training graph is checked against torch.autograd (ReferenceTrainingStep) in train mode
+before it lands.
 """
+
+import copy
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._decomp import core_aten_decompositions, get_decompositions
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from lossx.build.losses import OnLogits, reference_loss
 from lossx.errors import SpecError
+from lossx.runtime.graphs import Buffer
 from lossx.runtime.loss_specs import LossSpec
 
-TRAINABLE_LOSSES = ("ce", "mse", "l1")
-_POOLS = ((2, 2, 0), ((2, 2), (2, 2), 0))  # 2x2 max-pooling, stride 2, no padding
+aten = torch.ops.aten
+# Ops whose ONNX translation runs in inference mode in ONNX Runtime: never in a training graph.
+INFERENCE_MODE_OPS = ("BatchNormalization", "Dropout")
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 def check_trainable(model: nn.Module, loss: LossSpec) -> None:
-    """Refuse a model or loss whose backward lossx cannot write in standard ONNX, naming it."""
-    if loss.name not in TRAINABLE_LOSSES:
-        raise SpecError(
-            f"--train: no ONNX backward for loss {loss.name} yet; training graphs support "
-            f"{', '.join(TRAINABLE_LOSSES)}"
-        )
+    """Refuse, before any tracing, what a training graph cannot hold, naming it."""
     if loss["reduction"] == "none":
         raise SpecError(f"--train: {loss} has no scalar loss to differentiate; use mean or sum")
-    for name, layer in _layers(model):
-        if isinstance(layer, nn.Conv2d | nn.Linear) and layer.bias is None:
-            raise SpecError(f"--train: no ONNX backward for {name} without a bias yet")
-        if isinstance(layer, nn.Conv2d):
-            if (
-                layer.stride != (1, 1)
-                or layer.dilation != (1, 1)
-                or layer.groups != 1
-                or layer.padding_mode != "zeros"
-                or layer.kernel_size[0] != layer.kernel_size[1]
-                or isinstance(layer.padding, str)
-                or layer.padding[0] != layer.padding[1]
-            ):
-                raise SpecError(f"--train: no ONNX backward for {name} ({layer}) yet")
-        elif isinstance(layer, nn.MaxPool2d):
-            if (layer.kernel_size, layer.stride, layer.padding) not in _POOLS:
-                raise SpecError(f"--train: no ONNX backward for {name} ({layer}) yet")
-        elif not isinstance(layer, nn.Linear | nn.Flatten):
+    for name, module in model.named_modules():
+        if isinstance(module, _DROPOUT) and module.p > 0:
             raise SpecError(
-                f"--train: no ONNX backward for {name} ({type(layer).__name__}) yet; training "
-                "graphs support Conv2d, MaxPool2d, Flatten and Linear"
+                f"--train: {name} ({module}) needs random masks, which standard ONNX cannot "
+                "draw reproducibly; training graphs refuse Dropout (set p=0 or remove it)"
             )
 
 
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+# --- decompositions of the backward ops torch has none for, in forward ops -----------------
 
 
-def _pool_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """dx of a 2x2 max-pooling y = pool(x): dy goes to the first maximum of each window."""
+def _pairs(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value) * (2 // len(value))
+
+
+def _conv_weight_grad(dy, x, weight_shape, stride, padding, dilation, groups):
+    """im2col as one Conv with a one-hot kernel (each input channel alone), then one batched
+    MatMul per group: 1.8x faster in ONNX Runtime than k*k shifted slices."""
+    out_channels, in_per_group, kh, kw = weight_shape
+    height, width = dy.shape[2], dy.shape[3]
+    if (kh, kw) == (1, 1) and padding == (0, 0):
+        columns = x[:, :, :: stride[0], :: stride[1]]
+    else:
+        one_hot = torch.eye(kh * kw, dtype=x.dtype).reshape(kh * kw, 1, kh, kw)
+        columns = F.conv2d(
+            x.reshape(-1, 1, x.shape[2], x.shape[3]), one_hot, None, stride, padding, dilation
+        )
+    columns = columns.reshape(-1, groups, in_per_group * kh * kw, height * width)
+    dy = dy.reshape(-1, groups, out_channels // groups, height * width)
+    return torch.matmul(dy, columns.transpose(2, 3)).sum(0).reshape(weight_shape)
+
+
+def _conv_input_grad(dy, x_shape, weight, stride, padding, dilation, groups):
+    kh, kw = weight.shape[2], weight.shape[3]
+    flipped_padding = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
+    if stride == (1, 1) and groups == 1 and min(flipped_padding) >= 0:
+        # a Conv of dy with the flipped, transposed kernel: faster than ConvTranspose here
+        flipped = weight.flip(2, 3).transpose(0, 1)
+        return F.conv2d(dy, flipped, None, 1, flipped_padding, dilation)
+    output_padding = [
+        size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+        for size, out, s, p, d, k in zip(
+            x_shape[2:], dy.shape[2:], stride, padding, dilation, (kh, kw)
+        )
+    ]
+    return F.conv_transpose2d(dy, weight, None, stride, padding, output_padding, groups, dilation)
+
+
+def _convolution_backward(
+    dy, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, mask
+):
+    if transposed or weight.dim() != 4:
+        return NotImplemented
+    stride, padding, dilation = _pairs(stride), _pairs(padding), _pairs(dilation)
+    dx = _conv_input_grad(dy, x.shape, weight, stride, padding, dilation, groups)
+    dw = _conv_weight_grad(dy, x, weight.shape, stride, padding, dilation, groups)
+    return (
+        dx if mask[0] else None,
+        dw if mask[1] else None,
+        dy.sum((0, 2, 3)) if mask[2] else None,
+    )
+
+
+def _spread(dy, x_shape, kernel, stride, padding):
+    """Each output's gradient copied back over its pooling window (summed where windows
+    overlap): nearest-neighbour upsampling for tiling windows, else a ConvTranspose."""
+    channels, height, width = x_shape[1], x_shape[2], x_shape[3]
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    if (kh, kw) == (sh, sw) and (ph, pw) == (0, 0) and (out_h * kh, out_w * kw) == (height, width):
+        tiles = dy[:, :, :, None, :, None].expand(-1, -1, -1, kh, -1, kw)
+        return tiles.reshape(-1, channels, height, width)
+    ones = torch.ones(1, 1, kh, kw, dtype=dy.dtype)
+    output_padding = (height - ((out_h - 1) * sh - 2 * ph + kh), width - ((out_w - 1) * sw - 2 * pw + kw))
+    planes = dy.reshape(-1, 1, out_h, out_w)
+    spread = F.conv_transpose2d(planes, ones, None, (sh, sw), (ph, pw), output_padding)
+    return spread.reshape(-1, channels, height, width)
+
+
+def _window_counts(out: int, size: int, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """How many of each window's `kernel` positions along one axis fall inside the image.
+    (Built from ops: ONNX's AveragePool has no divisor_override to count them with.)"""
+    start = torch.arange(out) * stride - padding
+    return (start + kernel).clamp(max=size) - start.clamp(min=0)
+
+
+def _avg_pool2d_backward(
+    dy, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+):
+    if ceil_mode or x.dim() != 4:
+        return NotImplemented
+    kernel = _pairs(kernel_size)
+    stride, padding = _pairs(stride or kernel_size), _pairs(padding)
+    if divisor_override:
+        divisor = divisor_override
+    elif count_include_pad or padding == (0, 0):
+        divisor = kernel[0] * kernel[1]
+    else:  # the count of in-image elements under each window, a constant
+        rows, columns = (
+            _window_counts(out, size, k, s, p)
+            for size, out, k, s, p in zip(x.shape[2:], dy.shape[2:], kernel, stride, padding)
+        )
+        divisor = (rows[:, None] * columns[None, :]).to(dy.dtype)
+    return _spread(dy / divisor, x.shape, kernel, stride, padding)
+
+
+def _adaptive_avg_pool2d_backward(dy, x):
+    height, width = x.shape[2], x.shape[3]
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    if x.dim() != 4 or height % out_h or width % out_w:
+        return NotImplemented  # uneven windows
+    kernel = (height // out_h, width // out_w)
+    return _spread(dy / (kernel[0] * kernel[1]), x.shape, kernel, kernel, (0, 0))
+
+
+def _max_pool2d_backward(dy, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
+    """2x2 windows, stride 2: dy goes to the first maximum of each window in row-major order,
+    as torch's indices say, by comparisons (torch's general decomposition scatters, slower)."""
+    if (
+        _pairs(kernel_size) != (2, 2)
+        or _pairs(stride or kernel_size) != (2, 2)
+        or _pairs(padding) != (0, 0)
+        or _pairs(dilation) != (1, 1)
+        or x.dim() != 4
+        or x.shape[2] % 2
+        or x.shape[3] % 2
+    ):
+        return _TORCH_DECOMPOSITIONS[aten.max_pool2d_with_indices_backward.default](
+            dy, x, kernel_size, stride, padding, dilation, ceil_mode, indices
+        )
+    y = F.max_pool2d(x, 2)
     a, b = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]
     c = x[:, :, 1::2, 0::2]
     first = a == y
@@ -79,135 +185,176 @@ def _pool_backward(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.
     return torch.stack([top, bottom], 3).flatten(2, 3)
 
 
-def _conv_backward(dy, x, weight, padding: int, need_dx: bool):
-    out_channels, in_channels, k, _ = weight.shape
-    height, width = dy.shape[2], dy.shape[3]
-    # im2col as one Conv with a one-hot kernel (each input channel alone), then one batched
-    # MatMul: 1.8x faster in ONNX Runtime than k*k shifted slices for the second layer.
-    one_hot = torch.eye(k * k, dtype=x.dtype).reshape(k * k, 1, k, k)
-    columns = F.conv2d(x.reshape(-1, 1, x.shape[2], x.shape[3]), one_hot, padding=padding)
-    columns = columns.reshape(x.shape[0], in_channels * k * k, height * width)
-    per_image = torch.bmm(
-        dy.reshape(dy.shape[0], out_channels, height * width), columns.transpose(1, 2)
-    )
-    dw = per_image.sum(0).reshape(weight.shape)
-    dx = None
-    if need_dx:
-        flipped = weight.flip(2, 3).transpose(0, 1)
-        dx = F.conv2d(dy, flipped, padding=k - 1 - padding)
-    return dx, dw, dy.sum((0, 2, 3))
+_TORCH_DECOMPOSITIONS = get_decompositions(
+    [
+        aten._native_batch_norm_legit,
+        aten._native_batch_norm_legit_functional,
+        aten._native_batch_norm_legit_no_training,
+        aten.native_batch_norm,
+        aten.max_pool2d_with_indices_backward,
+    ]
+)
 
 
-def _loss_and_gradient(loss: LossSpec, logits: torch.Tensor, target: torch.Tensor):
-    """The loss and d loss / d logits, as torch.nn computes them."""
-    sum_reduction = loss["reduction"] == "sum"
-    if loss.name in ("mse", "l1"):
-        diff = logits - target
-        value = (diff * diff if loss.name == "mse" else diff.abs()).sum()
-        grad = 2 * diff if loss.name == "mse" else torch.sign(diff)
-        if sum_reduction:
-            return value, grad
-        count = diff.numel()
-        return value / count, grad / count
-    classes = logits.shape[1]
-    log_probs = torch.log_softmax(logits, 1)
-    probs = torch.exp(log_probs)
-    smoothing = loss["label_smoothing"]
-    weight = None if loss["weight"] is None else torch.tensor(loss["weight"], dtype=logits.dtype)
-    if loss.target == "probabilities":
-        if smoothing > 0:
-            target = target * (1 - smoothing) + smoothing / classes
-        weighted = target if weight is None else target * weight
-        value = -(log_probs * weighted).sum()
-        grad = probs * weighted.sum(1, keepdim=True) - weighted
-        if sum_reduction:
-            return value, grad
-        return value / logits.shape[0], grad / logits.shape[0]
-    ignored = target == loss["ignore_index"]
-    safe = torch.where(ignored, torch.zeros_like(target), target)
-    one_hot = F.one_hot(safe, classes).to(logits.dtype)
-    sample_weight = torch.ones_like(log_probs[:, 0]) if weight is None else weight[safe]
-    sample_weight = torch.where(ignored, torch.zeros_like(sample_weight), sample_weight)
-    nll = -(log_probs * one_hot).sum(1) * sample_weight
-    grad = (probs - one_hot) * sample_weight[:, None] * (1 - smoothing)
-    value = nll.sum() * (1 - smoothing)
-    if smoothing > 0:
-        class_weight = torch.ones_like(log_probs[0]) if weight is None else weight
-        kept = (~ignored).to(logits.dtype)[:, None]
-        spread = -(log_probs * class_weight).sum(1) * kept[:, 0]
-        value = value + spread.sum() * (smoothing / classes)
-        grad = grad + (probs * class_weight.sum() - class_weight) * kept * (smoothing / classes)
-    if sum_reduction:
-        return value, grad
-    total = sample_weight.sum()
-    # torch leaves ignored rows' gradient at exactly 0, even when nothing is kept (loss NaN)
-    return value / total, torch.where(ignored[:, None], torch.zeros_like(grad), grad / total)
+@functools.cache
+def decompositions() -> dict:
+    """torch's core ATen decompositions, its batch-norm forward ones, and lossx's backward ones."""
+    table = {**core_aten_decompositions(), **_TORCH_DECOMPOSITIONS}
+    table[aten.convolution_backward.default] = _convolution_backward
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
+    table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
+    return table
 
 
-class TrainingStep(nn.Module):
-    """(images, target, *parameters) -> (loss, logits, d loss / d each parameter[, d loss / d
-    images]), with the backward written out layer by layer (see the module docstring)."""
+# --- the step: traced, checked, and its reference ---------------------------------------------
 
-    def __init__(self, model: nn.Module, loss: LossSpec, input_grad: bool = False) -> None:
-        super().__init__()
-        check_trainable(model, loss)
-        self.layers = [layer for _, layer in _layers(model)]
-        self.names = [name for name, _ in model.named_parameters()]
-        self.loss = loss
-        self.input_grad = input_grad
 
-    def forward(self, images, target, *parameters):
-        params = iter(parameters)
-        saved, x = [], images  # each layer's input and weight (None without one)
-        for layer in self.layers:
-            weight = next(params) if isinstance(layer, nn.Conv2d | nn.Linear) else None
-            saved.append((x, weight))
-            if isinstance(layer, nn.Conv2d):
-                x = F.conv2d(x, weight, next(params), padding=layer.padding[0])
-            elif isinstance(layer, nn.MaxPool2d):
-                x = F.max_pool2d(x, 2)
-            elif isinstance(layer, nn.Flatten):
-                x = x.flatten(1)
-            else:
-                x = F.linear(x, weight, next(params))
-        logits = x
-        loss, dy = _loss_and_gradient(self.loss, logits, target)
-        grads = []
-        for index in range(len(self.layers) - 1, -1, -1):
-            layer, (x, weight) = self.layers[index], saved[index]
-            if isinstance(layer, nn.Conv2d):
-                need_dx = index > 0 or self.input_grad
-                dy, dw, db = _conv_backward(dy, x, weight, layer.padding[0], need_dx)
-                grads = [dw, db, *grads]
-            elif isinstance(layer, nn.MaxPool2d):
-                dy = _pool_backward(dy, x, saved[index + 1][0])
-            elif isinstance(layer, nn.Flatten):
-                dy = dy.reshape(x.shape)
-            else:
-                grads = [dy.T @ x, dy.sum(0), *grads]
-                dy = dy @ weight
-        return (loss, logits, *grads, dy) if self.input_grad else (loss, logits, *grads)
+def model_buffers(model: nn.Module) -> tuple[Buffer, ...]:
+    """Every buffer of `model` as its training graphs take it, refusing dtypes they cannot."""
+    updated = updated_buffers(model)
+    buffers = []
+    for name, value in model.named_buffers():
+        dtype = str(value.dtype).removeprefix("torch.")
+        if dtype not in ("float32", "int64"):
+            raise SpecError(f"--train: buffer {name} is {dtype}; training graphs take float32 or int64")
+        buffers.append(Buffer(name, dtype, tuple(value.shape), name in updated))
+    return tuple(buffers)
+
+
+def updated_buffers(model: nn.Module) -> list[str]:
+    """The buffers a train-mode forward changes (batch-norm statistics), by state_dict name."""
+    probe = copy.deepcopy(model).train()
+    before = {k: v.clone() for k, v in probe.named_buffers()}
+    with torch.no_grad():
+        probe(torch.rand(2, 3, 32, 32))
+    after = dict(probe.named_buffers())
+    return [k for k, v in before.items() if not torch.equal(v, after[k])]
+
+
+def _functional_step(model, loss_fn, names, buffer_names, updated, input_grad):
+    """(images, target, *parameters, *buffers) -> (loss, logits, *gradients, *next buffers),
+    the model in train mode on copies of the buffers."""
+    count = len(names)
+
+    def step(images, target, *tensors):
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in tensors[:count]]
+            images = images.detach().requires_grad_(input_grad)
+            buffers = dict(zip(buffer_names, (b.clone() for b in tensors[count:]), strict=True))
+            state = {**dict(zip(names, leaves, strict=True)), **buffers}
+            was_training = model.training
+            model.train()
+            try:
+                logits = torch.func.functional_call(model, state, (images,))
+            finally:
+                model.train(was_training)
+            loss = loss_fn(logits, target)
+            wanted = [*leaves, images] if input_grad else leaves
+            grads = torch.autograd.grad(loss, wanted)
+        return (loss.detach(), logits.detach(), *grads, *(buffers[k] for k in updated))
+
+    return step
+
+
+def _loss_module(loss: LossSpec) -> nn.Module:
+    return OnLogits(reference_loss(loss), loss)
 
 
 class ReferenceTrainingStep(nn.Module):
-    """The same outputs from torch.nn's loss and torch.autograd: what a training graph must
-    equal."""
+    """What a training graph must equal: torch.nn's loss and torch.autograd, the model in train
+    mode. forward(images, target, *parameters, *buffers) -> (loss, logits, *gradients[, d loss
+    / d images], *next buffers)."""
 
     def __init__(self, model: nn.Module, loss: LossSpec, input_grad: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.loss = OnLogits(reference_loss(loss), loss)
         self.names = [name for name, _ in model.named_parameters()]
-        self.input_grad = input_grad
+        self.buffer_names = [name for name, _ in model.named_buffers()]
+        self.step = _functional_step(
+            model, _loss_module(loss), self.names, self.buffer_names, updated_buffers(model),
+            input_grad,
+        )  # fmt: skip
 
-    def forward(self, images, target, *parameters):
-        with torch.enable_grad():
-            leaves = [p.detach().clone().requires_grad_() for p in parameters]
-            images = images.detach().clone().requires_grad_(self.input_grad)
-            logits = torch.func.functional_call(
-                self.model, dict(zip(self.names, leaves, strict=True)), (images,)
+    def forward(self, images, target, *tensors):
+        return tuple(t.detach() for t in self.step(images, target, *tensors))
+
+
+class TrainingStep(nn.Module):
+    """The module a training graph is exported from: the reference step traced by make_fx
+    with lossx's decompositions (see the module docstring), so only forward ops remain."""
+
+    def __init__(self, model: nn.Module, loss: LossSpec, input_grad: bool = False) -> None:
+        super().__init__()
+        check_trainable(model, loss)
+        names = [name for name, _ in model.named_parameters()]
+        buffers = dict(model.named_buffers())
+        step = _functional_step(
+            model, _loss_module(loss), names, list(buffers), updated_buffers(model), input_grad
+        )
+        tensors = [p.detach() for p in model.parameters()] + [b.detach() for b in buffers.values()]
+        args = _symbolic_batch(_example(model, loss), tensors)
+        self.graph = make_fx(step, decompositions(), tracing_mode="symbolic")(*args)
+        check_traced(self.graph, model)
+
+    def forward(self, images, target, *tensors):
+        return self.graph(images, target, *tensors)
+
+
+def _symbolic_batch(batch: tuple[torch.Tensor, ...], weights: list[torch.Tensor]) -> list:
+    """Fake tensors to trace with, symbolic in the batch dim only (make_fx's symbolic mode
+    makes every dim symbolic, and tracing the reshapes of a convolution's backward then takes
+    minutes)."""
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(tensor: torch.Tensor, index: int, batched: bool) -> torch.Tensor:
+        sizes = [DimDynamic.STATIC] * tensor.dim()
+        if batched:
+            sizes[0] = DimDynamic.DYNAMIC
+        return mode.from_tensor(
+            tensor,
+            source=ConstantSource(f"input{index}"),
+            symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes),
+        )
+
+    tensors = [*batch, *weights]
+    return [fake(t, i, i < len(batch)) for i, t in enumerate(tensors)]
+
+
+def _example(model: nn.Module, loss: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        logits = copy.deepcopy(model).eval()(images)
+    if loss.target == "class_index":
+        return images, torch.tensor([0, 1, 2, 3])
+    return images, torch.softmax(torch.rand_like(logits), 1)
+
+
+def check_traced(graph: torch.fx.GraphModule, model: nn.Module) -> None:
+    """Refuse a traced step holding an op torch.onnx cannot export as a training step: a
+    backward op no decomposition covers, or a random op, naming the op and the layers that
+    use its forward."""
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target.name().split("::")[-1].split(".")[0]
+        if torch.Tag.nondeterministic_seeded in node.target.tags:
+            raise SpecError(
+                f"--train: {model.__class__.__name__} calls the random op aten.{name} in train "
+                "mode (functional dropout?); standard ONNX cannot draw it reproducibly"
             )
-            loss = self.loss(logits, target)
-            wanted = [*leaves, images] if self.input_grad else leaves
-            grads = torch.autograd.grad(loss, wanted)
-        return (loss.detach(), logits.detach(), *grads)
+        if name.endswith("_backward"):
+            raise SpecError(
+                f"--train: no ONNX backward for aten.{name} (used by {_users_of(model, name)})"
+            )
+
+
+def _users_of(model: nn.Module, backward: str) -> str:
+    """The layers whose forward the backward op `backward` belongs to, best effort."""
+    forward = backward.removesuffix("_backward").lstrip("_").replace("_", "")
+    found = [
+        f"{n or 'the model'} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if not list(m.children()) and type(m).__name__.lower() in forward
+    ]
+    return ", ".join(found[:3]) or f"the forward of {model.__class__.__name__}"

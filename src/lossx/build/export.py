@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import sys
+import unittest.mock
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,15 @@ import numpy as np
 import onnx
 import onnx.version_converter
 import onnxruntime
+import onnx_ir
+import onnx_ir.passes.common
 import onnxscript
+import onnxscript.rewriter
 import torch
 from torch import nn
 
 import lossx
-from lossx.build.backward import check_trainable
+from lossx.build.backward import INFERENCE_MODE_OPS, check_trainable, model_buffers
 from lossx.build.eager import EagerRunner
 from lossx.build.graph_modules import exported_module
 from lossx.build.models import (
@@ -49,6 +53,7 @@ from lossx.runtime.graphs import (
     DEFAULT_MODEL,
     DEFAULT_OPSET,
     MIN_OPSET,
+    GraphKind,
     GraphSpec,
     TensorSpec,
     artifact_graphs,
@@ -105,10 +110,47 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
     shapes = tuple(
         {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs
     )
-    if not spec.parameter_names:
+    state = len(spec.parameter_names) + len(spec.buffer_names)
+    if not state:
         return shapes
-    leading = len(spec.inputs) - len(spec.parameter_names)  # forward(images, target, *params)
+    leading = len(spec.inputs) - state  # forward(images, target, *parameters, *buffers)
     return (*shapes[:leading], shapes[leading:])
+
+
+def batch_norm_fusions() -> tuple:
+    """The rules of torch.onnx's optimizer (onnxscript's rewriter) that fold batch norms into
+    the Conv or Gemm before them: they keep the Conv's weight under its state_dict name but
+    change it, and drop the batch-norm parameters."""
+    return tuple(
+        rule
+        for rule in onnxscript.rewriter._DEFAULT_REWRITE_RULES
+        if str(getattr(rule, "name", "")).startswith("FuseBatchNormInto")
+    )
+
+
+class _KeepInitializers(onnx_ir.passes.InPlacePass):
+    """Instead of DeduplicateInitializersPass, which merges equal weights (a fresh model's
+    batch-norm scales are all ones) under one name."""
+
+    def call(self, model: onnx_ir.Model) -> onnx_ir.passes.PassResult:
+        return onnx_ir.passes.PassResult(model, modified=False)
+
+
+@contextlib.contextmanager
+def _weights_kept_by_name():
+    """torch.onnx's optimizer, less what would change or merge weights: every state_dict entry
+    a graph reads stays an initializer of its own, with its own values, so that other weights
+    (a training run's) can replace them by name. Both are private to onnxscript and onnx_ir
+    (pinned in pyproject.toml; tests/build/test_backward.py checks they are still there)."""
+    fusions = batch_norm_fusions()
+    kept = tuple(r for r in onnxscript.rewriter._DEFAULT_REWRITE_RULES if r not in fusions)
+    with (
+        unittest.mock.patch.object(onnxscript.rewriter, "_DEFAULT_REWRITE_RULES", kept),
+        unittest.mock.patch.object(
+            onnx_ir.passes.common, "DeduplicateInitializersPass", lambda *_, **__: _KeepInitializers()
+        ),
+    ):
+        yield
 
 
 def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
@@ -139,7 +181,11 @@ def _export_graph(
 ) -> onnx.ModelProto:
     example = tuple(torch.from_numpy(x) for x in sample_feed(spec, EXAMPLE_SIZES, 0).values())
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            _weights_kept_by_name(),
+        ):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,
@@ -155,6 +201,8 @@ def _export_graph(
     except Exception as e:
         raise ExportError(f"{spec.file}: torch.onnx.export failed: {first_line(e)}") from None
     proto = _at_opset(program.model_proto, opset, spec)
+    if spec.kind is GraphKind.TRAIN:
+        _check_training_ops(proto, spec)
     _conform_signature(proto, spec)
     proto.producer_name = "lossx"
     proto.producer_version = lossx.__version__
@@ -166,6 +214,17 @@ def _export_graph(
     except onnx.checker.ValidationError as e:
         raise ExportError(f"{spec.file}: onnx.checker rejected it: {first_line(e)}") from None
     return proto
+
+
+def _check_training_ops(proto: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Refuse a training graph holding an op ONNX Runtime runs in inference mode: it would
+    compute the eval-mode step without an error."""
+    found = sorted({n.op_type for n in proto.graph.node if n.op_type in INFERENCE_MODE_OPS})
+    if found:
+        raise ExportError(
+            f"{spec.file}: the exported step holds {', '.join(found)}, which ONNX Runtime runs "
+            "in inference mode; its train-mode decomposition did not apply"
+        )
 
 
 def _at_opset(proto: onnx.ModelProto, opset: int, spec: GraphSpec) -> onnx.ModelProto:
@@ -351,12 +410,13 @@ def export_artifact(
         model = build_model(model_name, seed)
         source = model_source(model_name)
         given = False
-    parameters = None
+    parameters, buffers = None, ()
     if train:
         for spec in specs:
             check_trainable(model, spec)
         parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    graphs = artifact_graphs(specs, parameters, input_grad)
+        buffers = model_buffers(model)
+    graphs = artifact_graphs(specs, parameters, input_grad, buffers)
     if given:
         weights = {"file": WEIGHTS_FILE, "source": "model"}  # the instance's own weights
     else:

@@ -43,7 +43,9 @@ def sample_feed(
         shape = [sizes[d] if isinstance(d, str) else d for d in tensor.shape]
         if tensor.role in _WEIGHTS:
             if parameters is not None:
-                feed[tensor.name] = np.array(parameters[tensor.name], dtype=np.float32)
+                feed[tensor.name] = np.array(parameters[tensor.name], dtype=tensor.dtype)
+            elif tensor.role is Role.BUFFER:  # e.g. batch-norm statistics: variances > 0
+                feed[tensor.name] = rng.integers(0, 100, shape).astype(tensor.dtype)
             else:
                 feed[tensor.name] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
         elif tensor.values == "class_index":

@@ -26,6 +26,7 @@ from lossx.runtime.graphs import (
     fused_graph,
     loss_graph,
     model_graph,
+    graph_buffers,
     train_graph,
 )
 from lossx.runtime.loss_specs import LossSpec
@@ -225,7 +226,7 @@ def _check_graph_spec(spec: GraphSpec, losses: tuple[LossSpec, ...]) -> None:
             expected = fused_graph(spec.loss)
         case GraphKind.TRAIN:
             parameters = [(t.name, t.shape) for t in spec.inputs if t.role is Role.PARAMETER]
-            expected = train_graph(spec.loss, parameters, spec.input_grad)
+            expected = train_graph(spec.loss, parameters, spec.input_grad, graph_buffers(spec))
     if spec != expected:
         for side in ("inputs", "outputs"):
             for got, want in zip(getattr(spec, side), getattr(expected, side), strict=False):
@@ -312,7 +313,13 @@ class Artifact:
             replaced = None
             prefix = entry.spec.kind.weights_prefix
             if self.weights is not None and prefix is not None:
-                replaced = {prefix + name: value for name, value in self.weights.items()}
+                # integer buffers (batch-norm's num_batches_tracked) are read by training
+                # graphs only
+                replaced = {
+                    prefix + name: value
+                    for name, value in self.weights.items()
+                    if value.dtype == np.float32
+                }
             # A graph whose convolutions take their weights as inputs (a training graph) gains
             # nothing from NCHWc, which only reorders its constant im2col convolutions'
             # outputs: 14% (batch 64) and 9% (256) slower, measured with bench/train_step.py.
@@ -535,8 +542,10 @@ def check_weights(weights: dict[str, np.ndarray], expected: dict[str, np.ndarray
         raise CheckpointError(f"weights do not fit the model: {'; '.join(parts)}")
     for name, value in weights.items():
         value = np.asarray(value)
-        if value.dtype != np.float32:
-            raise CheckpointError(f"weights: {name} is {value.dtype}, the model needs float32")
+        if value.dtype != expected[name].dtype:
+            raise CheckpointError(
+                f"weights: {name} is {value.dtype}, the model needs {expected[name].dtype}"
+            )
         if value.shape != expected[name].shape:
             raise CheckpointError(
                 f"weights: {name} has shape {list(value.shape)}, the model needs "

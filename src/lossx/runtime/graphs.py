@@ -26,7 +26,8 @@ class GraphKind(StrEnum):
     MODEL = "model"  # images -> logits
     LOSS = "loss"  # (loss input, target) -> loss
     FUSED = "fused"  # (images, target) -> (logits, loss)
-    TRAIN = "train"  # (images, target, *parameters) -> (loss, logits, *gradients)
+    TRAIN = "train"  # (images, target, *parameters, *buffers) -> (loss, logits, *gradients,
+    # *next buffers)
 
     @property
     def weights_prefix(self) -> str | None:
@@ -46,6 +47,7 @@ class Role(StrEnum):
     LOGITS = "logits"
     LOSS = "loss"
     GRADIENT = "gradient"  # d loss / d the input named by `gradient_of`
+    NEXT_BUFFER = "next_buffer"  # a buffer as a train-mode step leaves it, `next.<buffer>`
 
 
 class ToleranceRule(StrEnum):
@@ -65,7 +67,8 @@ class TensorSpec:
     dtype: str  # numpy dtype name: "float32" or "int64"
     shape: tuple[int | str, ...]
     # What the values are: "real", "image" (in [0, 1]), "class_index", "probabilities" (sum to
-    # 1 over the class dim), "log_probabilities" or "unit" (each in [0, 1]).
+    # 1 over the class dim), "log_probabilities", "unit" (each in [0, 1]) or "count" (an
+    # integer >= 0, e.g. batch-norm's num_batches_tracked).
     values: str
     role: Role
     gradient_of: str | None = None  # for a gradient: the input it differentiates by
@@ -140,6 +143,15 @@ class GraphSpec:
         return {t.gradient_of: t.name for t in self.outputs if t.role is Role.GRADIENT}
 
     @property
+    def next_buffers(self) -> dict[str, str]:
+        """Buffer name -> the output holding its value after the step."""
+        return {
+            t.name.removeprefix(NEXT_PREFIX): t.name
+            for t in self.outputs
+            if t.role is Role.NEXT_BUFFER
+        }
+
+    @property
     def input_grad(self) -> bool:
         """Whether the images' gradient is an output."""
         return any(self.gradients.get(t.name) for t in self.inputs if t.role is Role.IMAGES)
@@ -156,6 +168,7 @@ class GraphSpec:
 
 
 _SCORES = (Role.LOSS_INPUT, Role.LOGITS)
+NEXT_PREFIX = "next."
 
 
 _IMAGES = TensorSpec("images", "float32", ("N", *IMAGE_SHAPE), "image", Role.IMAGES)
@@ -214,11 +227,30 @@ def fused_graph(loss: LossSpec) -> GraphSpec:
     return GraphSpec(f"model_{loss.name}", GraphKind.FUSED, loss, (_IMAGES, target), outputs)
 
 
+@dataclass(frozen=True)
+class Buffer:
+    """A model buffer as a training graph sees it: its state_dict name, dtype and shape, and
+    whether a train-mode forward changes it (batch-norm statistics do)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    updated: bool
+
+    @property
+    def values(self) -> str:
+        return "count" if self.dtype == "int64" else "real"
+
+
 def train_graph(
-    loss: LossSpec, parameters: list[tuple[str, tuple[int, ...]]], input_grad: bool = False
+    loss: LossSpec,
+    parameters: list[tuple[str, tuple[int, ...]]],
+    input_grad: bool = False,
+    buffers: tuple[Buffer, ...] = (),
 ) -> GraphSpec:
-    """`train_<name>.onnx`: the fused graph's inputs plus every parameter (by its state_dict
-    name) -> loss, logits and `grad.<name>` of every parameter (and `grad.images`)."""
+    """`train_<name>.onnx`, one train-mode step: the fused graph's inputs plus every parameter
+    and every buffer (by state_dict name) -> loss, logits, `grad.<name>` of every parameter (and
+    `grad.images`), and `next.<name>` of every buffer the step changes."""
     fused = fused_graph(loss)
     weights = tuple(
         TensorSpec(name, "float32", shape, "real", Role.PARAMETER) for name, shape in parameters
@@ -227,21 +259,38 @@ def train_graph(
     grads = tuple(
         TensorSpec(f"grad.{t.name}", "float32", t.shape, "real", Role.GRADIENT, t.name) for t in wrt
     )
-    outputs = (_loss_output(loss, ()), _LOGITS, *grads)
-    inputs = (*fused.inputs, *weights)
+    state = tuple(TensorSpec(b.name, b.dtype, b.shape, b.values, Role.BUFFER) for b in buffers)
+    updates = tuple(
+        TensorSpec(NEXT_PREFIX + b.name, b.dtype, b.shape, b.values, Role.NEXT_BUFFER)
+        for b in buffers
+        if b.updated
+    )
+    outputs = (_loss_output(loss, ()), _LOGITS, *grads, *updates)
+    inputs = (*fused.inputs, *weights, *state)
     return GraphSpec(f"train_{loss.name}", GraphKind.TRAIN, loss, inputs, outputs)
+
+
+def graph_buffers(spec: GraphSpec) -> tuple[Buffer, ...]:
+    """The buffers training graph `spec` takes, as train_graph was given them."""
+    updated = spec.next_buffers
+    return tuple(
+        Buffer(t.name, t.dtype, t.shape, t.name in updated)
+        for t in spec.inputs
+        if t.role is Role.BUFFER
+    )
 
 
 def artifact_graphs(
     losses: list[LossSpec],
     parameters: list[tuple[str, tuple[int, ...]]] | None = None,
     input_grad: bool = False,
+    buffers: tuple[Buffer, ...] = (),
 ) -> list[GraphSpec]:
     """Every graph an artifact with these losses holds, model first; training graphs when
-    `parameters` (the model's, by name and shape) are given."""
+    `parameters` (the model's, by name and shape) are given, taking `buffers` too."""
     graphs = [model_graph(), *(loss_graph(n) for n in losses), *(fused_graph(n) for n in losses)]
     if parameters is not None:
-        graphs += [train_graph(n, parameters, input_grad) for n in losses]
+        graphs += [train_graph(n, parameters, input_grad, buffers) for n in losses]
     return graphs
 
 

@@ -1,13 +1,14 @@
 """`lossx train --engine onnxruntime`: train with an artifact's training graph in ONNX Runtime
 and numpy updates, without torch.
 
-Each step feeds the batch and the current weights to `train_<loss>.onnx`, takes the loss and
-every parameter's gradient back, and applies torch.optim.SGD's Nesterov update in numpy. The
+Each step feeds the batch, the current weights and buffers to `train_<loss>.onnx`, takes the
+loss, every parameter's gradient and the buffers' next values (batch-norm statistics) back, and
+applies torch.optim.SGD's Nesterov update in numpy. The
 recipe (data order, augmentation, schedule, clipping) and the loop are lossx.runtime.trainer's,
 which the torch engine follows too, so both engines take the same steps from the same weights
 and seed.
 
-The checkpoint is one .npz: the weights by state_dict name (what `lossx export --checkpoint`,
+The checkpoint is one .npz: the weights and buffers by state_dict name (what `lossx export --checkpoint`,
 `lossx eval --weights` and `Artifact.with_weights` read), the momentum buffers under
 "momentum/<name>" and the recipe, log and artifact under "lossx/state" (JSON).
 """
@@ -85,13 +86,18 @@ class OnnxRuntimeEngine:
         self.session = artifact.session(self.graph.stem, **session_options)
         names = self.graph.parameter_names
         self.grad_names = [self.graph.gradients[name] for name in names]
-        parameters = artifact.parameters()
-        self.parameters = {name: parameters[name].copy() for name in names}
+        weights = {name: value.copy() for name, value in artifact.parameters().items()}
+        self.parameters = {name: weights[name] for name in names}
+        self.buffers = {name: weights[name] for name in self.graph.buffer_names}
+        self.next_buffers = self.graph.next_buffers
         self.optimizer = NesterovSGD(self.parameters, config.weight_decay)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
-        feed = graph_feed(self.graph, images, labels, None, self.parameters)
-        loss, *grads = self.session.run(["loss", *self.grad_names], feed)
+        feed = graph_feed(self.graph, images, labels, None, {**self.parameters, **self.buffers})
+        wanted = ["loss", *self.grad_names, *self.next_buffers.values()]
+        loss, *outputs = self.session.run(wanted, feed)
+        grads = outputs[: len(self.grad_names)]
+        self.buffers.update(zip(self.next_buffers, outputs[len(self.grad_names) :], strict=True))
         norm = np.sqrt(sum(float(np.vdot(g, g)) for g in grads))
         factor = np.float32(clip_factor(norm, self.config.clip_norm))
         if factor != 1:
@@ -100,7 +106,7 @@ class OnnxRuntimeEngine:
         return float(loss)
 
     def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
-        model = self.artifact.with_weights(self.parameters)
+        model = self.artifact.with_weights(self.weights())
         logits = [model.run("model", {"images": x}, **self.session_options)["logits"]
                   for x, _ in iter_batches(split, EVAL_BATCH)]  # fmt: skip
         return eval_scores(np.concatenate(logits), split.labels)
@@ -113,21 +119,25 @@ class OnnxRuntimeEngine:
             "config": self.config.to_dict(),
             "history": [e.to_dict() for e in history],
         }
-        arrays = dict(self.parameters)
+        arrays = self.weights()
         arrays.update({MOMENTUM_PREFIX + k: v for k, v in self.optimizer.momentum_buffers.items()})
         arrays[STATE_KEY] = np.array(json.dumps(state))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         write_atomically(self.out, lambda f: f.write(buffer.getvalue()))
 
+    def weights(self) -> dict[str, np.ndarray]:
+        """The model's state by state_dict name: parameters and buffers."""
+        return {**self.parameters, **self.buffers}
+
     def restore(self, path: Path, state: dict) -> list[EpochResult]:
         weights = read_weights(path)
         momentum = read_weights(path, MOMENTUM_PREFIX)
-        check_weights(weights, self.parameters)
+        check_weights(weights, self.weights())
         if momentum:
             check_weights(momentum, self.parameters)
         for name, value in weights.items():
-            self.parameters[name][...] = value
+            self.weights()[name][...] = value
         self.optimizer.momentum_buffers = {k: v.copy() for k, v in momentum.items()}
         return [EpochResult(**e) for e in state["history"]]
 
