@@ -114,7 +114,10 @@ def _spread(dy, x_shape, kernel, stride, padding):
         tiles = dy[:, :, :, None, :, None].expand(-1, -1, -1, kh, -1, kw)
         return tiles.reshape(-1, channels, height, width)
     ones = torch.ones(1, 1, kh, kw, dtype=dy.dtype)
-    output_padding = (height - ((out_h - 1) * sh - 2 * ph + kh), width - ((out_w - 1) * sw - 2 * pw + kw))
+    output_padding = (
+        height - ((out_h - 1) * sh - 2 * ph + kh),
+        width - ((out_w - 1) * sw - 2 * pw + kw),
+    )
     planes = dy.reshape(-1, 1, out_h, out_w)
     spread = F.conv_transpose2d(planes, ones, None, (sh, sw), (ph, pw), output_padding)
     return spread.reshape(-1, channels, height, width)
@@ -217,7 +220,9 @@ def model_buffers(model: nn.Module) -> tuple[Buffer, ...]:
     for name, value in model.named_buffers():
         dtype = str(value.dtype).removeprefix("torch.")
         if dtype not in ("float32", "int64"):
-            raise SpecError(f"--train: buffer {name} is {dtype}; training graphs take float32 or int64")
+            raise SpecError(
+                f"--train: buffer {name} is {dtype}; training graphs take float32 or int64"
+            )
         buffers.append(Buffer(name, dtype, tuple(value.shape), name in updated))
     return tuple(buffers)
 
@@ -294,18 +299,18 @@ class TrainingStep(nn.Module):
         )
         tensors = [p.detach() for p in model.parameters()] + [b.detach() for b in buffers.values()]
         args = _symbolic_batch(_example(model, loss), tensors)
-        self.graph = make_fx(step, decompositions(), tracing_mode="symbolic")(*args)
-        check_traced(self.graph, model)
+        self.traced = make_fx(step, decompositions(), tracing_mode="symbolic")(*args)
+        check_traced(self.traced, model)
 
     def forward(self, images, target, *tensors):
-        return self.graph(images, target, *tensors)
+        return self.traced(images, target, *tensors)
 
 
 def _symbolic_batch(batch: tuple[torch.Tensor, ...], weights: list[torch.Tensor]) -> list:
     """Fake tensors to trace with, symbolic in the batch dim only (make_fx's symbolic mode
     makes every dim symbolic, and tracing the reshapes of a convolution's backward then takes
     minutes)."""
-    mode = FakeTensorMode(shape_env=ShapeEnv())
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)  # loss weights
 
     def fake(tensor: torch.Tensor, index: int, batched: bool) -> torch.Tensor:
         sizes = [DimDynamic.STATIC] * tensor.dim()
@@ -355,6 +360,6 @@ def _users_of(model: nn.Module, backward: str) -> str:
     found = [
         f"{n or 'the model'} ({type(m).__name__})"
         for n, m in model.named_modules()
-        if not list(m.children()) and type(m).__name__.lower() in forward
+        if not list(m.children()) and type(m).__name__.lower() == forward
     ]
-    return ", ".join(found[:3]) or f"the forward of {model.__class__.__name__}"
+    return ", ".join(found[:3]) or f"a function in the forward of {model.__class__.__name__}"

@@ -147,7 +147,9 @@ def _weights_kept_by_name():
     with (
         unittest.mock.patch.object(onnxscript.rewriter, "_DEFAULT_REWRITE_RULES", kept),
         unittest.mock.patch.object(
-            onnx_ir.passes.common, "DeduplicateInitializersPass", lambda *_, **__: _KeepInitializers()
+            onnx_ir.passes.common,
+            "DeduplicateInitializersPass",
+            lambda *_, **__: _KeepInitializers(),
         ),
     ):
         yield
