@@ -1,6 +1,7 @@
 """One training step in ONNX Runtime beside eager PyTorch: `lossx train`'s two engines.
 
-    python bench/train_step.py [--data-dir DIR] [--threads 2] [--steps 20] [--rounds 3] [--profile]
+    python bench/train_step.py [--data-dir DIR] [--model tudui] [--threads 2] [--steps 20]
+        [--rounds 3] [--profile]
 
 Exports seeded random weights with `--train` (the torch engine starts from the same ones), then
 runs the step each engine of `lossx train` takes, on the same batches of the default recipe
@@ -69,6 +70,7 @@ def profile(artifact, batches, threads: int, folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--model", default="tudui", help="a registry name or MODULE:ATTR")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
@@ -81,16 +83,18 @@ def main() -> None:
         split = load_packaged_sample()
     total_steps = args.rounds * args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        export_artifact(Path(tmp) / "a", losses=["ce"], init="random", seed=0, train=True)
+        export_artifact(
+            Path(tmp) / "a", args.model, losses=["ce"], init="random", seed=0, train=True
+        )
         artifact = load_artifact(Path(tmp) / "a")
         print(
-            f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps of the default "
-            f"recipe on {split.source}, best round"
+            f"{args.model}, {args.threads} threads, {args.rounds} rounds of {args.steps} steps "
+            f"of the default recipe on {split.source}, best round"
         )
         print(f"{'batch':>6}{'onnxruntime img/s':>19}{'torch img/s':>13}{'ratio':>8}"
               f"{'weights apart':>15}")  # fmt: skip
         for batch in (64, 256):
-            config = TrainConfig(batch_size=batch, seed=0)
+            config = TrainConfig(model=args.model, batch_size=batch, seed=0)
             batches = list(itertools.islice(epoch_batches(split, config, 1), args.steps))
             onnx = OnnxRuntimeEngine(
                 artifact, config, Path(tmp) / "o.npz", {"threads": args.threads}
@@ -101,8 +105,9 @@ def main() -> None:
                 first = round_index * args.steps
                 speeds["onnx"].append(timed_round(onnx, batches, first, total_steps))
                 speeds["eager"].append(timed_round(eager, batches, first, total_steps))
+            weights = onnx.weights()
             apart = max(
-                float(np.abs(onnx.parameters[k] - v.numpy()).max() / np.abs(v.numpy()).max())
+                float(np.abs(weights[k] - v.numpy()).max() / max(np.abs(v.numpy()).max(), 1e-12))
                 for k, v in eager.model.state_dict().items()
             )
             best_onnx, best_eager = max(speeds["onnx"]), max(speeds["eager"])

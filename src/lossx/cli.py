@@ -327,6 +327,13 @@ def predict(
     type=_path(),
     help="Compare with this artifact's ONNX Runtime outputs instead of eager PyTorch.",
 )
+@click.option(
+    "--model",
+    "model_name",
+    metavar="NAME|MODULE:ATTR",
+    help="The eager model, a registry name or MODULE:ATTR, instead of the one the manifest "
+    "records (e.g. after its module moved); it must take the artifact's weights.",
+)
 @_data_options
 @_session_options
 @click.option(
@@ -365,6 +372,7 @@ def check(
     artifact_dir: Path,
     checkpoint: Path | None,
     baseline: Path | None,
+    model_name: str | None,
     data_dir: Path | None,
     split: str,
     limit: int | None,
@@ -392,6 +400,8 @@ def check(
 
     if checkpoint is not None and baseline is not None:
         raise click.UsageError("--checkpoint and --baseline exclude each other")
+    if model_name is not None and baseline is not None:
+        raise click.UsageError("--model and --baseline exclude each other")
     resolve_tolerances(tolerance_profile or "fp32-cpu", atol, rtol, atol_for)  # refused first
     check_batch_size(batch_size)
     _require_export_extra("lossx check")
@@ -418,6 +428,7 @@ def check(
         session_options=session_options,
         repro=repro or repro_beside(list(reports.values())),
         progress=lambda inputs: click.echo(f"compared {inputs.label}", err=True),
+        model_name=model_name,
     )
     click.echo(to_text(report))
     write_reports(report, reports)

@@ -5,6 +5,7 @@ and a one-line refusal for each way the import path can be wrong."""
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from lossx.build import export_artifact
 from lossx.build.models import build_model
 from lossx.errors import SpecError
 from lossx.runtime import load_artifact
+from lossx.runtime.ort_engine import STATE_KEY
 from tests.cli.test_cli import assert_one_line_error, run_cli
 from tests.conftest import require_shared, shared_cifar10_dir
 
@@ -65,7 +67,7 @@ def test_a_users_model_exports_checks_and_trains(project, tmp_path, monkeypatch)
     monkeypatch.chdir(project)
     out = tmp_path / "art"
     result = run_cli("export", out, "--model", "lossx_user_net:Net", "--init", "random",
-                     "--seed", "3", "--loss", "ce", "--loss", "mse")  # fmt: skip
+                     "--seed", "3", "--loss", "ce", "--loss", "mse", "--train")  # fmt: skip
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == "lossx_user_net:Net"
@@ -75,12 +77,22 @@ def test_a_users_model_exports_checks_and_trains(project, tmp_path, monkeypatch)
     result = run_cli("check", out, "--limit", "64")
     assert result.exit_code == 0, result.output
     assert "model lossx_user_net:Net with the artifact's weights.npz" in result.stdout
-    # the torch engine trains it, and its checkpoint exports
+    assert "train_ce/next.bn.running_var" in result.stdout  # gradients and statistics checked
+    # the torch engine trains it as ONNX Runtime does, and its checkpoint exports
     checkpoint = tmp_path / "net.pt"
     data = shared_cifar10_dir()
-    result = run_cli("train", "--model", "lossx_user_net:Net", "--data-dir", data, "--limit",
-                     "256", "--holdout", "64", "--epochs", "1", "--out", checkpoint)  # fmt: skip
+    recipe = ["--data-dir", data, "--limit", "448", "--holdout", "64", "--epochs", "1", "--seed",
+              "3"]  # fmt: skip
+    result = run_cli("train", "--model", "lossx_user_net:Net", *recipe, "--out", checkpoint)
     assert result.exit_code == 0, result.output
+    result = run_cli("train", out, "--engine", "onnxruntime", *recipe, "--out", tmp_path / "o.npz")
+    assert result.exit_code == 0, result.output
+    torch_log = torch.load(checkpoint, weights_only=True)["history"][0]
+    with np.load(tmp_path / "o.npz") as npz:
+        ort_log = json.loads(str(npz[STATE_KEY]))["history"][0]
+        assert int(npz["bn.num_batches_tracked"]) == 6
+    assert abs(ort_log["train_loss"] - torch_log["train_loss"]) < 1e-4  # 6 steps
+    assert abs(ort_log["eval_loss"] - torch_log["eval_loss"]) < 1e-4
     trained = tmp_path / "trained"
     result = run_cli("export", trained, "--model", "lossx_user_net:Net", "--checkpoint",
                      checkpoint, "--loss", "ce")  # fmt: skip
@@ -101,6 +113,13 @@ def test_check_refuses_a_model_whose_source_changed(project, tmp_path, monkeypat
     result = run_cli("check", out)
     assert_one_line_error(result, 2, "cannot rebuild the eager model the artifact records")
     assert "cannot import lossx_user_edit: ModuleNotFoundError" in result.stderr
+    # check --model names the eager model when the module moved
+    (tmp_path / "lossx_user_moved.py").write_text(RESNET_STYLE)
+    result = run_cli("check", out, "--model", "lossx_user_moved:Net", "--limit", "16")
+    assert result.exit_code == 0, result.output
+    assert "model lossx_user_moved:Net (--model) with the artifact's weights.npz" in result.stdout
+    result = run_cli("check", out, "--model", "tudui")
+    assert_one_line_error(result, 2, "weights do not fit the model: missing model1.0.weight")
 
 
 @pytest.mark.parametrize(

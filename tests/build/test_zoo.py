@@ -1,5 +1,5 @@
 """The registry's models beyond the seed CNN: built by name, the size they are meant to be, and
-exported and checked like any other (forward graphs; their training graphs come later)."""
+exported and checked like any other."""
 
 import pytest
 from torch import nn
@@ -36,5 +36,6 @@ def test_zoo_models_export_and_pass_check(name, tmp_path):
     result = run_cli("check", out, "--limit", "64")
     assert result.exit_code == 0, result.output
     assert f"model {name} with the artifact's weights.npz" in result.stdout
-    refused = run_cli("export", tmp_path / "t", "--model", name, "--init", "random", "--train")
-    assert refused.exit_code == 2 and "--train: no ONNX backward for" in refused.stderr
+    if name == "dsnet":  # resnet20's training graphs: tests/build/test_backward.py
+        refused = run_cli("export", tmp_path / "t", "--model", name, "--init", "random", "--train")
+        assert refused.exit_code == 2 and "classifier.1 (Dropout" in refused.stderr

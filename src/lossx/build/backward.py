@@ -75,7 +75,7 @@ def _conv_weight_grad(dy, x, weight_shape, stride, padding, dilation, groups):
 
 def _conv_input_grad(dy, x_shape, weight, stride, padding, dilation, groups):
     kh, kw = weight.shape[2], weight.shape[3]
-    flipped_padding = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
+    flipped_padding = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding, strict=True)]
     if stride == (1, 1) and groups == 1 and min(flipped_padding) >= 0:
         # a Conv of dy with the flipped, transposed kernel: faster than ConvTranspose here
         flipped = weight.flip(2, 3).transpose(0, 1)
@@ -83,7 +83,7 @@ def _conv_input_grad(dy, x_shape, weight, stride, padding, dilation, groups):
     output_padding = [
         size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
         for size, out, s, p, d, k in zip(
-            x_shape[2:], dy.shape[2:], stride, padding, dilation, (kh, kw)
+            x_shape[2:], dy.shape[2:], stride, padding, dilation, (kh, kw), strict=True
         )
     ]
     return F.conv_transpose2d(dy, weight, None, stride, padding, output_padding, groups, dilation)
@@ -142,10 +142,8 @@ def _avg_pool2d_backward(
     elif count_include_pad or padding == (0, 0):
         divisor = kernel[0] * kernel[1]
     else:  # the count of in-image elements under each window, a constant
-        rows, columns = (
-            _window_counts(out, size, k, s, p)
-            for size, out, k, s, p in zip(x.shape[2:], dy.shape[2:], kernel, stride, padding)
-        )
+        axes = zip(x.shape[2:], dy.shape[2:], kernel, stride, padding, strict=True)
+        rows, columns = (_window_counts(out, size, k, s, p) for size, out, k, s, p in axes)
         divisor = (rows[:, None] * columns[None, :]).to(dy.dtype)
     return _spread(dy / divisor, x.shape, kernel, stride, padding)
 

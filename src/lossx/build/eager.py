@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from lossx.build.graph_modules import reference_module
-from lossx.build.models import build_model, load_checkpoint, model_source
+from lossx.build.models import build_model, load_checkpoint, model_source, weights_to_arrays
 from lossx.errors import SpecError
-from lossx.runtime.artifact import Artifact, Manifest
+from lossx.runtime.artifact import Artifact, Manifest, check_weights
 from lossx.runtime.graphs import GraphSpec
 
 
@@ -23,21 +23,26 @@ class EagerRunner:
         self.name = name
 
     @classmethod
-    def of_artifact(cls, artifact: Artifact, checkpoint: Path | None = None) -> "EagerRunner":
-        """The artifact's model rebuilt from the registry with the artifact's weights
+    def of_artifact(
+        cls, artifact: Artifact, checkpoint: Path | None = None, model_name: str | None = None
+    ) -> "EagerRunner":
+        """The artifact's model rebuilt as its manifest records it (or as `model_name`, a
+        registry name or MODULE:ATTR, says) with the artifact's weights
         (`artifact.parameters()`), or with a checkpoint's."""
         manifest = artifact.manifest
-        model = rebuild_model(manifest)
+        if model_name is None:
+            model, described = rebuild_model(manifest), manifest.model
+        else:
+            model, described = build_model(model_name), f"{model_name} (--model)"
         if checkpoint is None:
-            state = {k: torch.from_numpy(v) for k, v in artifact.parameters().items()}
-            model.load_state_dict(state)
+            weights = artifact.parameters()
+            check_weights(weights, weights_to_arrays(model))
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
             weights = f"the artifact's {manifest.weights['file']}"
         else:
             load_checkpoint(model, Path(checkpoint))
             weights = f"checkpoint {checkpoint}"
-        return cls(
-            model, f"eager PyTorch {torch.__version__}, model {manifest.model} with {weights}"
-        )
+        return cls(model, f"eager PyTorch {torch.__version__}, model {described} with {weights}")
 
     def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         module = reference_module(graph, self.model)

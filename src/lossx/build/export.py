@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.version_converter
-import onnxruntime
 import onnx_ir
 import onnx_ir.passes.common
+import onnxruntime
 import onnxscript
 import onnxscript.rewriter
 import torch

@@ -47,17 +47,18 @@ def check_artifact(
     session_options: dict | None = None,
     repro: Path | None = None,
     progress: Callable[[InputSet], None] | None = None,
+    model_name: str | None = None,
 ) -> ParityReport:
     """Compare every output of every graph of `artifact` with eager PyTorch on the artifact's
     weights, on a checkpoint's (`reference` a path), or with a baseline artifact's outputs
-    (`reference` an Artifact)."""
+    (`reference` an Artifact). The eager model is the manifest's, or `model_name`."""
     check_batch_size(batch_size)
     options = {"provider": "cpu", **(session_options or {})}
     baseline = reference if isinstance(reference, Artifact) else None
     if baseline is not None:
         expected = OnnxRuntimeRunner.of_artifact(baseline, "baseline artifact", **options)
     else:
-        expected = EagerRunner.of_artifact(artifact, reference)
+        expected = EagerRunner.of_artifact(artifact, reference, model_name)
     inputs = random_input_sets(seed)
     if data is not None:
         inputs = chain(real_input_sets(data, batch_size, odd_batches=True), inputs)

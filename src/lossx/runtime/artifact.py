@@ -24,9 +24,9 @@ from lossx.runtime.graphs import (
     Role,
     TensorSpec,
     fused_graph,
+    graph_buffers,
     loss_graph,
     model_graph,
-    graph_buffers,
     train_graph,
 )
 from lossx.runtime.loss_specs import LossSpec

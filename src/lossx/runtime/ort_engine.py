@@ -8,9 +8,9 @@ recipe (data order, augmentation, schedule, clipping) and the loop are lossx.run
 which the torch engine follows too, so both engines take the same steps from the same weights
 and seed.
 
-The checkpoint is one .npz: the weights and buffers by state_dict name (what `lossx export --checkpoint`,
-`lossx eval --weights` and `Artifact.with_weights` read), the momentum buffers under
-"momentum/<name>" and the recipe, log and artifact under "lossx/state" (JSON).
+The checkpoint is one .npz: the weights and buffers by state_dict name (what `lossx export
+--checkpoint`, `lossx eval --weights` and `Artifact.with_weights` read), the momentum buffers
+under "momentum/<name>" and the recipe, log and artifact under "lossx/state" (JSON).
 """
 
 import io
