@@ -350,8 +350,7 @@ def test_reference_step_leaves_the_model_as_it_was():
     model = build_model("resnet20")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tensors = [p.detach() for p in model.parameters()] + list(model.buffers())
-    ReferenceTrainingStep(model, parse_loss_spec("ce"))(
-        torch.rand(3, 3, 32, 32), torch.tensor([1, 2, 3]), *tensors
-    )
+    spec = train_graph(parse_loss_spec("ce"), _shapes(model), False, model_buffers(model))
+    ReferenceTrainingStep(model, spec)(torch.rand(3, 3, 32, 32), torch.tensor([1, 2, 3]), *tensors)
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

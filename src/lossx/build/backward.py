@@ -28,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 from lossx.build.losses import OnLogits, reference_loss
 from lossx.errors import SpecError
-from lossx.runtime.graphs import Buffer
+from lossx.runtime.graphs import IMAGE_SHAPE, NUM_CLASSES, Buffer, GraphSpec
 from lossx.runtime.loss_specs import LossSpec
 
 aten = torch.ops.aten
@@ -238,9 +238,12 @@ def updated_buffers(model: nn.Module) -> list[str]:
     return [k for k, v in before.items() if not torch.equal(v, after[k])]
 
 
-def _functional_step(model, loss_fn, names, buffer_names, updated, input_grad):
-    """(images, target, *parameters, *buffers) -> (loss, logits, *gradients, *next buffers),
-    the model in train mode on copies of the buffers."""
+def _functional_step(model: nn.Module, spec: GraphSpec):
+    """Training graph `spec` as a function: (images, target, *parameters, *buffers) -> (loss,
+    logits, *gradients, *next buffers), the model in train mode on copies of the buffers."""
+    names, buffer_names = spec.parameter_names, spec.buffer_names
+    updated, input_grad = list(spec.next_buffers), spec.input_grad
+    loss_fn = OnLogits(reference_loss(spec.loss), spec.loss)
     count = len(names)
 
     def step(images, target, *tensors):
@@ -263,44 +266,31 @@ def _functional_step(model, loss_fn, names, buffer_names, updated, input_grad):
     return step
 
 
-def _loss_module(loss: LossSpec) -> nn.Module:
-    return OnLogits(reference_loss(loss), loss)
-
-
 class ReferenceTrainingStep(nn.Module):
-    """What a training graph must equal: torch.nn's loss and torch.autograd, the model in train
-    mode. forward(images, target, *parameters, *buffers) -> (loss, logits, *gradients[, d loss
-    / d images], *next buffers)."""
+    """What training graph `spec` must equal: torch.nn's loss and torch.autograd, the model in
+    train mode. forward(images, target, *parameters, *buffers) -> (loss, logits, *gradients[,
+    d loss / d images], *next buffers)."""
 
-    def __init__(self, model: nn.Module, loss: LossSpec, input_grad: bool = False) -> None:
+    def __init__(self, model: nn.Module, spec: GraphSpec) -> None:
         super().__init__()
         self.model = model
-        self.names = [name for name, _ in model.named_parameters()]
-        self.buffer_names = [name for name, _ in model.named_buffers()]
-        self.step = _functional_step(
-            model, _loss_module(loss), self.names, self.buffer_names, updated_buffers(model),
-            input_grad,
-        )  # fmt: skip
+        self.step = _functional_step(model, spec)
 
     def forward(self, images, target, *tensors):
         return tuple(t.detach() for t in self.step(images, target, *tensors))
 
 
 class TrainingStep(nn.Module):
-    """The module a training graph is exported from: the reference step traced by make_fx
+    """The module training graph `spec` is exported from: the reference step traced by make_fx
     with lossx's decompositions (see the module docstring), so only forward ops remain."""
 
-    def __init__(self, model: nn.Module, loss: LossSpec, input_grad: bool = False) -> None:
+    def __init__(self, model: nn.Module, spec: GraphSpec) -> None:
         super().__init__()
-        check_trainable(model, loss)
-        names = [name for name, _ in model.named_parameters()]
-        buffers = dict(model.named_buffers())
-        step = _functional_step(
-            model, _loss_module(loss), names, list(buffers), updated_buffers(model), input_grad
-        )
-        tensors = [p.detach() for p in model.parameters()] + [b.detach() for b in buffers.values()]
-        args = _symbolic_batch(_example(model, loss), tensors)
-        self.traced = make_fx(step, decompositions(), tracing_mode="symbolic")(*args)
+        check_trainable(model, spec.loss)
+        tensors = [p.detach() for p in model.parameters()] + [b.detach() for b in model.buffers()]
+        args = _symbolic_batch(_example(spec.loss), tensors)
+        self.traced = make_fx(_functional_step(model, spec), decompositions(),
+                              tracing_mode="symbolic")(*args)  # fmt: skip
         check_traced(self.traced, model)
 
     def forward(self, images, target, *tensors):
@@ -327,13 +317,11 @@ def _symbolic_batch(batch: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
     return [fake(t, i, i < len(batch)) for i, t in enumerate(tensors)]
 
 
-def _example(model: nn.Module, loss: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.rand(4, 3, 32, 32)
-    with torch.no_grad():
-        logits = copy.deepcopy(model).eval()(images)
+def _example(loss: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.rand(4, *IMAGE_SHAPE)
     if loss.target == "class_index":
         return images, torch.tensor([0, 1, 2, 3])
-    return images, torch.softmax(torch.rand_like(logits), 1)
+    return images, torch.softmax(torch.rand(4, NUM_CLASSES), 1)
 
 
 def check_traced(graph: torch.fx.GraphModule, model: nn.Module) -> None:

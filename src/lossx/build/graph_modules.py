@@ -30,7 +30,7 @@ def _graph_module(spec: GraphSpec, model: nn.Module, make_loss, make_step) -> nn
         case GraphKind.FUSED:
             return Fused(model, OnLogits(make_loss(spec.loss), spec.loss))
         case GraphKind.TRAIN:
-            return make_step(model, spec.loss, spec.input_grad)
+            return make_step(model, spec)
 
 
 def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:

@@ -3,10 +3,9 @@ and numpy updates, without torch.
 
 Each step feeds the batch, the current weights and buffers to `train_<loss>.onnx`, takes the
 loss, every parameter's gradient and the buffers' next values (batch-norm statistics) back, and
-applies torch.optim.SGD's Nesterov update in numpy. The
-recipe (data order, augmentation, schedule, clipping) and the loop are lossx.runtime.trainer's,
-which the torch engine follows too, so both engines take the same steps from the same weights
-and seed.
+applies torch.optim.SGD's Nesterov update in numpy. The recipe (data order, augmentation,
+schedule, clipping) and the loop are lossx.runtime.trainer's, which the torch engine follows
+too, so both engines take the same steps from the same weights and seed.
 
 The checkpoint is one .npz: the weights and buffers by state_dict name (what `lossx export
 --checkpoint`, `lossx eval --weights` and `Artifact.with_weights` read), the momentum buffers
