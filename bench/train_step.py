@@ -9,7 +9,8 @@ runs the step each engine of `lossx train` takes, on the same batches of the def
 one-cycle schedule, at batch 64 and 256:
 
 - onnxruntime: train_ce.onnx in ONNX Runtime, then clipping and Nesterov SGD in numpy;
-- torch: eager forward, backward, clipping and torch.optim.SGD.
+- torch: eager forward, backward, clipping and torch.optim.SGD, channels-last as `lossx train`
+  runs it, and in the default contiguous (NCHW) memory format beside it.
 
 The engines alternate in rounds of --steps steps; the best round of each counts. Prints
 images/s, the ratio, and how far apart the two engines' weights are after the same steps.
@@ -92,6 +93,7 @@ def main() -> None:
             f"of the default recipe on {split.source}, best round"
         )
         print(f"{'batch':>6}{'onnxruntime img/s':>19}{'torch img/s':>13}{'ratio':>8}"
+              f"{'torch NCHW img/s':>18}{'channels-last gain':>20}"
               f"{'weights apart':>15}")  # fmt: skip
         for batch in (64, 256):
             config = TrainConfig(model=args.model, batch_size=batch, seed=0)
@@ -100,19 +102,22 @@ def main() -> None:
                 artifact, config, Path(tmp) / "o.npz", {"threads": args.threads}
             )
             eager = TorchEngine(config, Path(tmp) / "t.pt")
-            speeds = {"onnx": [], "eager": []}
+            nchw = TorchEngine(config, Path(tmp) / "n.pt", torch.contiguous_format)
+            speeds = {"onnx": [], "eager": [], "nchw": []}
             for round_index in range(args.rounds):
                 first = round_index * args.steps
                 speeds["onnx"].append(timed_round(onnx, batches, first, total_steps))
                 speeds["eager"].append(timed_round(eager, batches, first, total_steps))
+                speeds["nchw"].append(timed_round(nchw, batches, first, total_steps))
             weights = onnx.weights()
             apart = max(
                 float(np.abs(weights[k] - v.numpy()).max() / max(np.abs(v.numpy()).max(), 1e-12))
                 for k, v in eager.model.state_dict().items()
             )
-            best_onnx, best_eager = max(speeds["onnx"]), max(speeds["eager"])
+            best_onnx, best_eager, best_nchw = (max(speeds[k]) for k in ("onnx", "eager", "nchw"))
             print(f"{batch:>6}{best_onnx:>19,.0f}{best_eager:>13,.0f}"
-                  f"{best_onnx / best_eager:>7.2f}x{apart:>15.2g}")  # fmt: skip
+                  f"{best_onnx / best_eager:>7.2f}x{best_nchw:>18,.0f}"
+                  f"{best_eager / best_nchw:>19.2f}x{apart:>15.2g}")  # fmt: skip
             if args.profile:
                 profile(artifact, batches, args.threads, Path(tmp))
 

@@ -463,6 +463,12 @@ def losses(as_json: bool) -> None:
 )
 @_require_sha256
 @_weights
+@click.option(
+    "--jpeg-quality",
+    type=click.IntRange(1, 95),
+    help="Score JPEG copies of the images instead: each saved by Pillow at this quality (4:2:0 "
+    "chroma) and decoded, as a JPEG photo reaches the model.",
+)
 @click.option("--compare-eager", is_flag=True, help="Also run eager PyTorch and check parity.")
 @click.option("--atol", type=float, help="Absolute tolerance for --compare-eager.")
 @click.option("--rtol", type=float, help="Relative tolerance for --compare-eager.")
@@ -476,6 +482,7 @@ def eval_(
     download: bool,
     require_sha256: str | None,
     weights: Path | None,
+    jpeg_quality: int | None,
     compare_eager: bool,
     atol: float | None,
     rtol: float | None,
@@ -499,7 +506,11 @@ def eval_(
 
         download_cifar10(data_dir)
     artifact = _load_artifact(artifact_dir, require_sha256, weights)
-    data = load_cifar10(data_dir, split, limit, stream=True)
+    data = load_cifar10(data_dir, split, limit, stream=jpeg_quality is None)
+    if jpeg_quality is not None:
+        from lossx.runtime.images import as_jpeg
+
+        data = as_jpeg(data, jpeg_quality)
     check_batch_size(batch_size)
     profile = _fp32_profile(artifact, session_options)  # a provider problem stops us here
     tolerances = resolve_tolerances(profile, atol, rtol) if compare_eager else None
@@ -582,6 +593,13 @@ def eval_(
     default=RECIPE.augment,
     show_default=True,
     help="Random 4-pixel-padded crops and left-right flips.",
+)
+@click.option(
+    "--jpeg-augment/--no-jpeg-augment",
+    default=RECIPE.jpeg_augment,
+    show_default=True,
+    help="JPEG-compress each training image with probability 0.5, at a quality drawn from "
+    "50..95 (Pillow), before cropping.",
 )
 @click.option("--seed", type=_seed, default=RECIPE.seed, show_default=True)
 @click.option("--limit", type=int, help="Train on the first N training images only.")

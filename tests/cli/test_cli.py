@@ -16,6 +16,7 @@ from lossx.cli import main
 from lossx.compare.render import schema
 from lossx.runtime import evaluate, load_artifact, load_packaged_sample, open_artifact
 from lossx.runtime.artifact import sha256_of
+from lossx.runtime.images import as_jpeg
 from tests.conftest import copy_with_eager_weights_changed
 
 
@@ -78,6 +79,17 @@ def test_eval_without_data_dir_uses_the_packaged_sample(cli_artifact):
     assert result.exit_code == 0, result.output
     assert "packaged sample: CIFAR-10 test images 0-49\n" in result.stdout
     assert "images evaluated  50" in result.stdout
+
+
+def test_eval_jpeg_quality_scores_the_jpeg_copies(cli_artifact, test_split):
+    result = run_cli("eval", cli_artifact, "--limit", "100", "--jpeg-quality", "75", "--json", "-")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)["eval"]
+    expected = evaluate(load_artifact(cli_artifact), as_jpeg(test_split.head(100), 75))
+    assert figures["top1_accuracy"] == expected.top1_accuracy
+    assert figures["data"].endswith("test images 0-99, as JPEG quality 75 (Pillow)")
+    bad = run_cli("eval", cli_artifact, "--jpeg-quality", "100")
+    assert bad.exit_code == 2 and "Invalid value for '--jpeg-quality'" in bad.stderr
 
 
 def test_eval_compare_eager_reports_every_graph(cli_artifact, tmp_path):

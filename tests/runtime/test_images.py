@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lossx.errors import DataError
-from lossx.runtime.images import load_image
+from lossx.runtime.images import as_jpeg, jpeg_copies, load_image
 
 
 @pytest.fixture
@@ -84,3 +84,24 @@ def test_a_zero_by_zero_png_is_refused(tmp_path):
     (tmp_path / "empty.png").write_bytes(png)
     with pytest.raises(DataError, match=r"empty.png: "):
         load_image(tmp_path / "empty.png")
+
+
+def test_jpeg_copies_are_what_pillow_decodes_from_the_jpeg_file(tmp_path, test_split):
+    images = test_split.images[:8]
+    copies = jpeg_copies(images, 75)
+    assert copies.shape == images.shape and copies.dtype == np.uint8
+    for image, copy in zip(images, copies, strict=True):
+        Image.fromarray(image).save(tmp_path / "photo.jpg", quality=75)
+        np.testing.assert_array_equal(copy, np.asarray(Image.open(tmp_path / "photo.jpg")))
+    error = np.abs(copies.astype(int) - images.astype(int)).mean()
+    assert 1 < error < 12  # lossy, but the same pictures
+    better = np.abs(jpeg_copies(images, 95).astype(int) - images.astype(int)).mean()
+    assert better < error
+
+
+def test_as_jpeg_names_the_compression_in_the_source(test_split):
+    split = as_jpeg(test_split.head(4), 40)
+    assert split.source.endswith(", as JPEG quality 40 (Pillow)")
+    np.testing.assert_array_equal(split.labels, test_split.labels[:4])
+    with pytest.raises(DataError, match=r"JPEG quality must be 1\.\.95"):
+        jpeg_copies(test_split.images[:1], 0)

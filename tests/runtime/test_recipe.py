@@ -7,6 +7,7 @@ import torch
 
 from lossx.errors import SpecError
 from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.images import jpeg_copies
 from lossx.runtime.options import TrainConfig
 from lossx.runtime.ort_engine import NesterovSGD
 from lossx.runtime.recipe import (
@@ -14,6 +15,7 @@ from lossx.runtime.recipe import (
     clip_factor,
     epoch_batches,
     eval_scores,
+    jpeg_augment,
     one_cycle,
 )
 
@@ -81,6 +83,30 @@ def test_augment_returns_shifted_or_flipped_crops():
         assert plain or mirrored
         flipped += mirrored and not plain
     assert 0 < flipped < 16
+
+
+def test_jpeg_augment_compresses_about_half_the_images_at_a_drawn_quality(test_split):
+    images = test_split.images[:64]
+    out = jpeg_augment(images, np.random.default_rng(0))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    changed = [i for i in range(64) if not np.array_equal(out[i], images[i])]
+    assert 16 < len(changed) < 48
+    rng = np.random.default_rng(0)
+    chosen = rng.random(64) < 0.5
+    qualities = rng.integers(50, 96, size=64)
+    assert set(changed) == set(np.flatnonzero(chosen))
+    for i in changed[:4]:
+        np.testing.assert_array_equal(out[i], jpeg_copies(images[i : i + 1], qualities[i])[0])
+
+
+def test_jpeg_augment_is_drawn_from_seed_and_epoch_and_changes_nothing_else(test_split):
+    split = test_split.head(64)
+    config = TrainConfig(batch_size=64, jpeg_augment=True, seed=2)
+    first = next(epoch_batches(split, config, 1))
+    np.testing.assert_array_equal(first[0], next(epoch_batches(split, config, 1))[0])
+    plain = next(epoch_batches(split, TrainConfig(batch_size=64, seed=2), 1))
+    np.testing.assert_array_equal(first[1], plain[1])  # the same order
+    assert not np.array_equal(first[0], plain[0])
 
 
 def _split(n: int) -> Cifar10Split:

@@ -30,7 +30,7 @@ from lossx.runtime.ort_engine import checkpoint_state
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
 # Trained weights in lossx/build/weights: `lossx train` checkpoints (docs/training.md).
-PACKAGED_WEIGHTS = {DEFAULT_MODEL: "tudui_cifar10.pt"}
+PACKAGED_WEIGHTS = {DEFAULT_MODEL: "tudui_cifar10.pt", "resnet20": "resnet20_cifar10.pt"}
 
 
 def register_model(name: str) -> Callable:

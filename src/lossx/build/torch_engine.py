@@ -23,12 +23,20 @@ from lossx.runtime.recipe import EVAL_BATCH, eval_scores
 from lossx.runtime.trainer import EpochResult
 
 CHECKPOINT_FORMAT = "lossx-train-checkpoint"
+# channels-last convolutions train 1.2-1.4x faster on CPU (docs/performance.md)
+MEMORY_FORMAT = torch.channels_last
 
 
-def _evaluate(model: nn.Module, split) -> tuple[float, float]:
+def _as_input(images: np.ndarray, memory_format: torch.memory_format) -> torch.Tensor:
+    return torch.from_numpy(images).contiguous(memory_format=memory_format)
+
+
+def _evaluate(model: nn.Module, split, memory_format) -> tuple[float, float]:
     model.eval()
     with torch.inference_mode():
-        logits = [model(torch.from_numpy(x)).numpy() for x, _ in iter_batches(split, EVAL_BATCH)]
+        logits = [
+            model(_as_input(x, memory_format)).numpy() for x, _ in iter_batches(split, EVAL_BATCH)
+        ]
     return eval_scores(np.concatenate(logits), split.labels)
 
 
@@ -78,19 +86,22 @@ def load_training_checkpoint(path: Path) -> dict:
 class TorchEngine:
     """The model, loss and optimizer of one run, stepped by eager PyTorch."""
 
-    def __init__(self, config: TrainConfig, out: Path) -> None:
+    def __init__(
+        self, config: TrainConfig, out: Path, memory_format: torch.memory_format = MEMORY_FORMAT
+    ) -> None:
         self.config = config
+        self.memory_format = memory_format
         self.out = out
         self.loss_spec = config.loss_spec()
         self.loss = OnLogits(reference_loss(self.loss_spec), self.loss_spec)
-        self.model = build_model(config.model, config.seed)
+        self.model = build_model(config.model, config.seed).to(memory_format=memory_format)
         self.optimizer = _make_optimizer(config, self.model)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
         _schedule(self.optimizer, lr, momentum)
         self.model.train()
         target = torch.from_numpy(target_form(self.loss_spec, labels))
-        loss = self.loss(self.model(torch.from_numpy(images)), target)
+        loss = self.loss(self.model(_as_input(images, self.memory_format)), target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip_norm:
@@ -99,7 +110,7 @@ class TorchEngine:
         return loss.item()
 
     def evaluate(self, split) -> tuple[float, float]:
-        return _evaluate(self.model, split)
+        return _evaluate(self.model, split, self.memory_format)
 
     def save(self, history: list[EpochResult]) -> None:
         save_checkpoint(
@@ -107,7 +118,7 @@ class TorchEngine:
             {
                 "format": CHECKPOINT_FORMAT,
                 "model_name": self.config.model,
-                "model": self.model.state_dict(),
+                "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "config": self.config.to_dict(),
                 "history": [e.to_dict() for e in history],

@@ -5,6 +5,7 @@ converted by Pillow); files of another size are resized to 32x32 with Pillow's b
 without keeping the aspect ratio. PREPROCESSING["files"] records this in every manifest.
 """
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lossx.errors import DataError
 from lossx.files import regular_file
+from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.graphs import IMAGE_SHAPE
 
 _SIZE = (IMAGE_SHAPE[2], IMAGE_SHAPE[1])  # PIL's (width, height)
@@ -43,3 +45,30 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         raise DataError(f"{image.filename}: floating-point images are not supported")
     return image.convert("RGB")
+
+
+def jpeg_copies(images: np.ndarray, quality: int) -> np.ndarray:
+    """uint8 [N,32,32,3] RGB images saved as JPEG at `quality` by Pillow (its default 4:2:0
+    chroma subsampling) and decoded again: what the model sees of a JPEG photo."""
+    if not 1 <= quality <= 95:
+        raise DataError(f"JPEG quality must be 1..95 (Pillow's useful range), got {quality}")
+    copies = np.empty_like(images)
+    for index, image in enumerate(images):
+        copies[index] = jpeg_copy(image, quality)
+    return copies
+
+
+def jpeg_copy(image: np.ndarray, quality: int) -> np.ndarray:
+    """One uint8 [H,W,3] image through Pillow's JPEG encoder and decoder."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB"))
+
+
+def as_jpeg(split: Cifar10Split, quality: int) -> Cifar10Split:
+    """`split` with every image replaced by its JPEG copy (jpeg_copies)."""
+    images = jpeg_copies(np.asarray(split.images), quality)
+    source = f"{split.source}, as JPEG quality {quality} (Pillow)"
+    return Cifar10Split(images, split.labels, split.class_names, source)

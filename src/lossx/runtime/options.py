@@ -62,6 +62,7 @@ class TrainConfig:
     loss: str = "ce"  # a loss spec; targets are the labels or their one-hot vectors
     clip_norm: float = 5.0  # 0: no clipping
     augment: bool = True
+    jpeg_augment: bool = False  # JPEG-compress half the training images (recipe.jpeg_augment)
     seed: int = 0
     limit: int | None = None  # train on the first N training images only
     holdout: int = 0

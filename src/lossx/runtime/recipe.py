@@ -17,10 +17,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 from lossx.errors import SpecError
 from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.feeds import log_softmax
+from lossx.runtime.images import jpeg_copy
 from lossx.runtime.options import TrainConfig
 from lossx.runtime.preprocessing import scale, to_model_input
 
 PAD = 4
+JPEG_PROBABILITY = 0.5  # of each training image being JPEG-compressed, with --jpeg-augment
+JPEG_QUALITIES = (50, 95)  # drawn uniformly, both ends included
 # torch.optim.lr_scheduler.OneCycleLR's defaults, which the schedule reproduces
 WARMUP_FRACTION = 0.3
 DIV_FACTOR = 25.0
@@ -65,6 +68,17 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return crops
 
 
+def jpeg_augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [N,32,32,3] images, each replaced with probability JPEG_PROBABILITY by its JPEG
+    copy (Pillow) at a quality drawn from JPEG_QUALITIES."""
+    chosen = rng.random(len(images)) < JPEG_PROBABILITY
+    qualities = rng.integers(JPEG_QUALITIES[0], JPEG_QUALITIES[1] + 1, size=len(images))
+    out = images.copy()
+    for index in np.flatnonzero(chosen):
+        out[index] = jpeg_copy(images[index], int(qualities[index]))
+    return out
+
+
 def steps_per_epoch(images: int, batch_size: int) -> int:
     return math.ceil(images / batch_size)
 
@@ -79,6 +93,8 @@ def epoch_batches(
     for start in range(0, len(order), config.batch_size):
         index = order[start : start + config.batch_size]
         images = split.images[index]
+        if config.jpeg_augment:
+            images = jpeg_augment(images, rng)
         if config.augment:
             yield scale(augment(images, rng)), split.labels[index]
         else:
