@@ -1,8 +1,8 @@
 """ONNX Runtime against eager PyTorch for every graph, on 1,000 real CIFAR-10 test images.
 
-Tolerances are the fp32-cpu profile's (atol 1e-5, rtol 1e-5). Measured worst case with the
-shipped weights: 34% of the tolerance on logits over these images, 48% over all 50,000 training
-images (docs/parity.md).
+Tolerances are the fp32-cpu profile's (atol 2e-5, rtol 1e-5). Measured worst case with the
+shipped weights under the earlier atol 1e-5: 34% of the tolerance on logits over these images,
+48% over all 50,000 training images (docs/parity.md).
 """
 
 import numpy as np
