@@ -506,7 +506,7 @@ def eval_(
 
         download_cifar10(data_dir)
     artifact = _load_artifact(artifact_dir, require_sha256, weights)
-    data = load_cifar10(data_dir, split, limit, stream=jpeg_quality is None)
+    data = load_cifar10(data_dir, split, limit, stream=True)
     if jpeg_quality is not None:
         from lossx.runtime.images import as_jpeg
 

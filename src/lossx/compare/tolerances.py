@@ -54,11 +54,10 @@ class Tolerance:
 # (uniform in [0,1], N=7 seed 1) reached 1.43e-5 on a logit of 0.221, torch's own fp32 being
 # 1.08e-5 from float64 there (ONNX Runtime 5.4e-6), so atol is 2e-5 (docs/parity.md).
 # fp32-cuda (TF32 off): an H100 gave logits 1.05e-5 from the CPU's at most, a third of it.
-# fp16 and int8 follow from their precision
-# (fp16 keeps 11 bits, about 5e-4 relative per operation; int8 steps are ~1% of a tensor's
-# range); lossx exports neither yet, so these two are not measured here. The task-level limits
-# allow a near-tie to flip in fp32 (none did over 50,000 images) and the rounding of lower
-# precisions to move a few classes.
+# fp16 and int8 follow from their precision (fp16 keeps 11 bits, about 5e-4 relative per
+# operation; int8 steps are ~1% of a tensor's range); lossx exports neither yet, so these two
+# are not measured here. The task-level limits allow a near-tie to flip in fp32 (none did over
+# 50,000 images) and the rounding of lower precisions to move a few classes.
 PROFILES = {
     "fp32-cpu": Tolerance(2e-5, 1e-5, min_argmax_agreement=0.999, max_accuracy_drop=0.001),
     "fp32-cuda": Tolerance(3e-5, 3e-5, min_argmax_agreement=0.999, max_accuracy_drop=0.001),

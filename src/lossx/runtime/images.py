@@ -69,6 +69,6 @@ def jpeg_copy(image: np.ndarray, quality: int) -> np.ndarray:
 
 def as_jpeg(split: Cifar10Split, quality: int) -> Cifar10Split:
     """`split` with every image replaced by its JPEG copy (jpeg_copies)."""
-    images = jpeg_copies(np.asarray(split.images), quality)
+    images = jpeg_copies(split.images[:], quality)  # an array, or streamed images read whole
     source = f"{split.source}, as JPEG quality {quality} (Pillow)"
     return Cifar10Split(images, split.labels, split.class_names, source)

@@ -75,7 +75,7 @@ def jpeg_augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     qualities = rng.integers(JPEG_QUALITIES[0], JPEG_QUALITIES[1] + 1, size=len(images))
     out = images.copy()
     for index in np.flatnonzero(chosen):
-        out[index] = jpeg_copy(images[index], int(qualities[index]))
+        out[index] = jpeg_copy(images[index], qualities[index])
     return out
 
 
