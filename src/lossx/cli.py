@@ -24,12 +24,15 @@ from lossx.files import output_file, regular_file, write_atomically
 from lossx.runtime.graphs import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET, resolve_losses
 from lossx.runtime.loss_specs import DEFAULT_LOSSES, LOSSES, catalogue_text
 from lossx.runtime.options import (
+    CALIBRATION_METHODS,
     DEFAULT_LR,
     MAX_SEED,
     MAX_THREADS,
     OPTIMIZATION_LEVELS,
+    PRECISIONS,
     PROVIDER_CHOICES,
     TrainConfig,
+    check_precision,
 )
 
 EXPORT_EXTRA = "pip install 'lossx[export]'"
@@ -253,6 +256,29 @@ def main() -> None:
 )
 @click.option("--input-grad", is_flag=True, help="Training graphs also output grad.images.")
 @click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="The model's precision in model.onnx and the model+loss graphs (losses stay fp32).",
+)
+@click.option(
+    "--calibration-data",
+    type=_path(),
+    help="int8: a folder holding cifar-10-batches-py/ whose training split calibrates.  "
+    "[default: 512 training images packaged with lossx]",
+)
+@click.option(
+    "--calibration-images",
+    type=click.IntRange(min=1),
+    help="int8: how many training images calibrate (drawn with --seed).  [default: 512]",
+)
+@click.option(
+    "--calibration-method",
+    type=click.Choice(CALIBRATION_METHODS),
+    help="int8: how activation ranges are chosen.  [default: minmax]",
+)
+@click.option(
     "--opset",
     type=click.IntRange(MIN_OPSET, 100),
     default=DEFAULT_OPSET,
@@ -267,12 +293,24 @@ def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
     specs = resolve_losses(losses)
     if options["input_grad"] and not options["train"]:
         raise click.UsageError("--input-grad adds grad.images to training graphs; it needs --train")
+    calibration_options = {
+        "data_dir": options.pop("calibration_data"),
+        "images": options.pop("calibration_images"),
+        "method": options.pop("calibration_method"),
+    }
+    calibrated = any(v is not None for v in calibration_options.values())
+    check_precision(options["precision"], options["train"], calibrated)
     if options["checkpoint"] is not None:
         _checkpoint_file(options["checkpoint"], ("npz", "torch"))
     check_destination(out_dir, MANIFEST_FILE)
     _require_export_extra("lossx export")
     from lossx.build.export import export_artifact, export_summary
 
+    if options["precision"] == "int8":
+        from lossx.build.precision import load_calibration
+
+        calibration_options["method"] = calibration_options["method"] or "minmax"
+        options["calibration"] = load_calibration(seed=options["seed"], **calibration_options)
     manifest = export_artifact(
         out_dir,
         losses=specs,
@@ -410,8 +448,8 @@ def check(
         _checkpoint_file(checkpoint, ("npz", "torch"))
     reference = load_artifact(baseline) if baseline is not None else checkpoint
     data = load_cifar10(data_dir, split, limit, stream=True)
-    profile = tolerance_profile or _fp32_profile(artifact, session_options)
-    tolerances = resolve_tolerances(profile, atol, rtol, atol_for)
+    profile, fp32_profile = _profiles(artifact, session_options, tolerance_profile)
+    tolerances = resolve_tolerances(profile, atol, rtol, atol_for, fp32_profile)
     tolerances.check_names([entry.spec for entry in artifact.manifest.graphs])
     from lossx.compare.render import repro_beside, to_text, write_reports
     from lossx.parity.check import check_artifact
@@ -512,8 +550,10 @@ def eval_(
 
         data = as_jpeg(data, jpeg_quality)
     check_batch_size(batch_size)
-    profile = _fp32_profile(artifact, session_options)  # a provider problem stops us here
-    tolerances = resolve_tolerances(profile, atol, rtol) if compare_eager else None
+    profile, fp32_profile = _profiles(artifact, session_options)  # a provider problem stops here
+    tolerances = None
+    if compare_eager:
+        tolerances = resolve_tolerances(profile, atol, rtol, fp32_profile=fp32_profile)
     with _progress(len(data), "evaluating") as bar:
         result = evaluate(artifact, data, batch_size, progress=bar.update, **session_options)
     to_stderr = json_path == "-"  # stdout then carries the JSON alone
@@ -773,6 +813,16 @@ def _fp32_profile(artifact, session_options: dict) -> str:
     from lossx.runtime.session import provider_names
 
     return default_profile(provider_names(artifact.session("model", **session_options))[0])
+
+
+def _profiles(artifact, session_options: dict, chosen: str | None = None):
+    """The tolerance profile of the artifact's precision (`chosen` if given), and the fp32
+    profile of the graphs it keeps fp32 (None where that is the same profile)."""
+    fp32 = _fp32_profile(artifact, session_options)
+    precision = artifact.manifest.precision_name
+    if chosen is not None:
+        return chosen, None
+    return (fp32, None) if precision == "fp32" else (precision, fp32)
 
 
 def _progress(total: int, label: str):

@@ -14,6 +14,7 @@ import sys
 import unittest.mock
 import warnings
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +41,22 @@ from lossx.build.models import (
     source_record,
     weights_to_arrays,
 )
+from lossx.build.precision import (
+    Calibration,
+    load_calibration,
+    lower_model,
+    precision_record,
+    splice_model,
+)
 from lossx.build.torch_engine import CHECKPOINT_FORMAT as TORCH_CHECKPOINT_FORMAT
 from lossx.compare.engine import compare_runners
-from lossx.compare.inputs import EXAMPLE_SIZES, random_input_sets, sample_feed
+from lossx.compare.inputs import EXAMPLE_SIZES, random_input_sets, real_input_sets, sample_feed
 from lossx.compare.runners import OnnxRuntimeRunner
 from lossx.compare.tolerances import DEFAULT_PROFILE, resolve_tolerances
 from lossx.errors import ArtifactError, ExportError, SpecError, first_line
 from lossx.files import check_destination, write_folder_atomically
 from lossx.runtime.artifact import MANIFEST_FILE, GraphEntry, Manifest, load_artifact, sha256_of
-from lossx.runtime.cifar10 import CLASS_NAMES
+from lossx.runtime.cifar10 import CLASS_NAMES, Cifar10Split, load_packaged_sample
 from lossx.runtime.graphs import (
     DEFAULT_MODEL,
     DEFAULT_OPSET,
@@ -58,10 +66,11 @@ from lossx.runtime.graphs import (
     TensorSpec,
     artifact_graphs,
     loss_graph,
+    model_graph,
     resolve_losses,
 )
 from lossx.runtime.loss_specs import DEFAULT_LOSSES, LossSpec, parse_loss_spec
-from lossx.runtime.options import check_seed
+from lossx.runtime.options import check_precision, check_seed
 from lossx.runtime.ort_engine import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT
 from lossx.runtime.preprocessing import PREPROCESSING
 
@@ -263,10 +272,16 @@ def _default_opset(proto: onnx.ModelProto) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def verify_graph(spec: GraphSpec, model: nn.Module | None, path: Path) -> None:
-    """Run graph file `path` in ONNX Runtime on fresh random inputs of several sizes and
-    compare it with eager `model` (a training graph gets the model's weights as its
-    parameters) under the fp32-cpu profile.
+def verify_graph(
+    spec: GraphSpec,
+    model: nn.Module | None,
+    path: Path,
+    profile: str = DEFAULT_PROFILE,
+    images: Cifar10Split | None = None,
+) -> None:
+    """Run graph file `path` in ONNX Runtime on fresh random inputs of several sizes (after
+    the real `images`, if given) and compare it with eager `model` (a training graph gets the
+    model's weights as its parameters) under tolerance `profile` (its precision's).
 
     Raises ParityError naming the graph, the worst output and the inputs it failed on.
     """
@@ -277,9 +292,9 @@ def verify_graph(spec: GraphSpec, model: nn.Module | None, path: Path) -> None:
         OnnxRuntimeRunner.of_file(path),
         EagerRunner(model),
         [spec],
-        random_input_sets(seed=1),
-        resolve_tolerances(DEFAULT_PROFILE),
-        profile=DEFAULT_PROFILE,
+        chain(real_input_sets(images, 256) if images else (), random_input_sets(seed=1)),
+        resolve_tolerances(profile),
+        profile=profile,
         parameters=parameters,
     )
     report.raise_if_failed(f"export self-check failed: {spec.file}: ")
@@ -381,6 +396,8 @@ def export_artifact(
     progress: Callable[[str], None] | None = None,
     train: bool = False,
     input_grad: bool = False,
+    precision: str = "fp32",
+    calibration: Calibration | None = None,
 ) -> Manifest:
     """Export the model, each loss alone and each model+loss pair into `out_dir`; with
     `train`, also a training graph per loss (loss, logits and every parameter's gradient,
@@ -391,6 +408,10 @@ def export_artifact(
     `checkpoint` if given, else from an instance's own weights, else from the trained weights
     lossx ships (`init="trained"`) or from `seed` (`init="random"`).
 
+    `precision` int8 or fp16 converts the model and fused graphs after their fp32 self-check
+    (lossx.build.precision); int8 calibrates on `calibration` (default: the packaged training
+    images).
+
     The artifact is written to a hidden sibling directory and renamed into place only after every
     graph passed its self-check; on any failure `out_dir` is left as it was.
     """
@@ -398,6 +419,9 @@ def export_artifact(
     check_opset(opset)
     if input_grad and not train:
         raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")
+    check_precision(precision, train, calibration is not None)
+    if precision == "int8" and calibration is None:
+        calibration = load_calibration()
     check_seed(seed)
     out_dir = check_destination(Path(out_dir), MANIFEST_FILE, ArtifactError)
     if model is not None:
@@ -426,7 +450,17 @@ def export_artifact(
     return write_folder_atomically(
         out_dir,
         lambda staged: _write_artifact(
-            staged, model, model_name, source, specs, graphs, weights, opset, progress
+            staged,
+            model,
+            model_name,
+            source,
+            specs,
+            graphs,
+            weights,
+            opset,
+            progress,
+            precision,
+            calibration,
         ),
         ArtifactError,
     )
@@ -442,6 +476,8 @@ def _write_artifact(
     weights: dict,
     opset: int,
     progress: Callable[[str], None] | None,
+    precision: str = "fp32",
+    calibration: Calibration | None = None,
 ) -> Manifest:
     producer = _producer_versions()
     common = {
@@ -465,6 +501,13 @@ def _write_artifact(
             metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
         proto = export_graph(spec, model, staged / spec.file, opset, metadata)
         entries.append(GraphEntry(spec, opset, proto.ir_version))
+    if precision != "fp32":
+        entries = [
+            _lowered(e, model, staged, precision, calibration, progress)
+            if e.spec.kind.follows_precision
+            else e
+            for e in entries
+        ]
     np.savez(staged / WEIGHTS_FILE, **weights_to_arrays(model))
     files = sorted([e.spec.file for e in entries] + [WEIGHTS_FILE])
     manifest = Manifest(
@@ -481,18 +524,47 @@ def _write_artifact(
             for name in files
         },
         producer=producer,
+        precision=precision_record(precision, calibration),
     )
     (staged / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     load_artifact(staged)  # the runtime must accept exactly what was written
     return manifest
 
 
+def _lowered(
+    entry: GraphEntry,
+    model: nn.Module,
+    staged: Path,
+    precision: str,
+    calibration: Calibration | None,
+    progress: Callable[[str], None] | None,
+) -> GraphEntry:
+    """Graph `entry` (model first, then the fused graphs), verified in fp32, converted to
+    `precision` and verified again against eager under that precision's profile, on the
+    packaged test images too (int8 is compared on real images only)."""
+    spec, path = entry.spec, staged / entry.spec.file
+    if progress:
+        progress(f"{spec.file} at {precision}")
+    if spec.kind is GraphKind.MODEL:
+        lower_model(path, spec, precision, calibration)
+    else:
+        splice_model(path, staged / model_graph().file, spec, precision)
+    proto = onnx.load(path)
+    if _default_opset(proto) != entry.opset:
+        raise ExportError(
+            f"{spec.file}: the {precision} converter wrote opset {_default_opset(proto)}, "
+            f"not {entry.opset}"
+        )
+    verify_graph(spec, model, path, precision, load_packaged_sample())
+    return GraphEntry(spec, entry.opset, proto.ir_version)
+
+
 def export_summary(manifest: Manifest, out_dir: Path) -> str:
     """What `lossx export` prints: the graphs, each file with its size and sha256, and the
     manifest's own sha256 (what --require-sha256 pins)."""
     lines = [
-        f"wrote {out_dir}: {len(manifest.graphs)} graphs at opset {manifest.opset}, "
-        "each verified against eager PyTorch"
+        f"wrote {out_dir}: {len(manifest.graphs)} graphs at opset {manifest.opset}, model "
+        f"{manifest.precision_name}, each verified against eager PyTorch"
     ]
     for name, info in manifest.files.items():
         lines.append(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256']}")

@@ -31,6 +31,7 @@ class Tolerance:
     max_accuracy_drop: float = 0.0
     max_mismatch_fraction: float = 0.0  # share of elements allowed outside (gradients only)
     atol_scales: bool = False  # atol is times max(1, max |reference|) of each batch (gradients)
+    real_images_only: bool = False  # compared on real images only, never on random inputs
 
     def __post_init__(self) -> None:
         for name in ("atol", "rtol"):
@@ -61,8 +62,15 @@ class Tolerance:
 PROFILES = {
     "fp32-cpu": Tolerance(2e-5, 1e-5, min_argmax_agreement=0.999, max_accuracy_drop=0.001),
     "fp32-cuda": Tolerance(3e-5, 3e-5, min_argmax_agreement=0.999, max_accuracy_drop=0.001),
-    "fp16": Tolerance(1e-2, 1e-2, min_argmax_agreement=0.99, max_accuracy_drop=0.005),
-    "int8": Tolerance(1e-1, 5e-2, min_argmax_agreement=0.98, max_accuracy_drop=0.01),
+    "fp16": Tolerance(1e-2, 1e-2, min_argmax_agreement=0.995, max_accuracy_drop=0.002),
+    "int8": Tolerance(
+        0.5,
+        0.1,
+        min_argmax_agreement=0.96,
+        max_accuracy_drop=0.01,
+        max_mismatch_fraction=0.001,
+        real_images_only=True,
+    ),
 }
 DEFAULT_PROFILE = "fp32-cpu"
 
@@ -99,10 +107,12 @@ def rule_tolerance(rule: ToleranceRule, default: Tolerance) -> Tolerance:
 @dataclass(frozen=True)
 class Tolerances:
     """The tolerance of each output: `per_output` by "graph/output" or by output name, else
-    the default under the output's rule."""
+    the default under the output's rule; in an int8 or fp16 artifact, `fp32` (when set) for the
+    graphs it keeps fp32 (its losses)."""
 
     default: Tolerance
     per_output: dict[str, Tolerance] = field(default_factory=dict)
+    fp32: Tolerance | None = None
 
     def check_names(self, graphs: list[GraphSpec]) -> None:
         """Refuse a per-output tolerance that names no output of `graphs`, listing those that
@@ -119,7 +129,9 @@ class Tolerances:
 
     def of(self, graph: GraphSpec, output: str) -> Tolerance:
         explicit = self.per_output.get(f"{graph.stem}/{output}") or self.per_output.get(output)
-        return explicit or rule_tolerance(graph.output(output).tolerance_rule, self.default)
+        kept_fp32 = self.fp32 is not None and not graph.kind.follows_precision
+        base = self.fp32 if kept_fp32 else self.default
+        return explicit or rule_tolerance(graph.output(output).tolerance_rule, base)
 
 
 def resolve_tolerances(
@@ -127,17 +139,26 @@ def resolve_tolerances(
     atol: float | None = None,
     rtol: float | None = None,
     atol_for: tuple[str, ...] = (),
+    fp32_profile: str | None = None,
 ) -> Tolerances:
-    """A profile's tolerance, with --atol/--rtol overriding it and --atol-for OUTPUT=X items."""
-    if profile not in PROFILES:
-        raise SpecError(f"unknown tolerance profile {profile!r}; choose {', '.join(PROFILES)}")
+    """A profile's tolerance, with --atol/--rtol overriding it and --atol-for OUTPUT=X items;
+    with `fp32_profile`, that profile (so overridden) for the graphs an artifact keeps fp32."""
+    for name in (profile, fp32_profile or profile):
+        if name not in PROFILES:
+            raise SpecError(f"unknown tolerance profile {name!r}; choose {', '.join(PROFILES)}")
     for name, value in (("atol", atol), ("rtol", rtol)):
         if value is not None:
             _check_finite(name, value)
-    base = PROFILES[profile]
-    default = replace(
-        base, atol=base.atol if atol is None else atol, rtol=base.rtol if rtol is None else rtol
-    )
+
+    def overridden(base: Tolerance) -> Tolerance:
+        return replace(
+            base,
+            atol=base.atol if atol is None else atol,
+            rtol=base.rtol if rtol is None else rtol,
+        )
+
+    default = overridden(PROFILES[profile])
+    fp32 = overridden(PROFILES[fp32_profile]) if fp32_profile else None
     per_output = {}
     for item in atol_for:
         key, sep, value = item.partition("=")
@@ -148,4 +169,4 @@ def resolve_tolerances(
         if not sep or not key or not (number >= 0 and math.isfinite(number)):
             raise SpecError(f"--atol-for {item!r}: write OUTPUT=X or GRAPH/OUTPUT=X, X >= 0")
         per_output[key] = replace(default, atol=number)
-    return Tolerances(default, per_output)
+    return Tolerances(default, per_output, fp32)

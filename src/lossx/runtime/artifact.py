@@ -88,6 +88,9 @@ class Manifest:
     producer: dict[str, str]  # package versions that produced the artifact
     # For a MODULE:ATTR model: {"import", "file", "sha256"} of its module's source
     model_source: dict | None = None
+    # {"name": "fp32" | "int8" | "fp16", ...how it was made}; the model and fused graphs are
+    # at this precision, the loss graphs fp32 (GraphKind.follows_precision)
+    precision: dict = field(default_factory=lambda: {"name": "fp32"})
 
     def to_dict(self) -> dict:
         return {
@@ -103,6 +106,7 @@ class Manifest:
             "graphs": [g.to_dict() for g in self.graphs],
             "files": self.files,
             "producer": self.producer,
+            "precision": self.precision,
         }
 
     @classmethod
@@ -135,6 +139,7 @@ class Manifest:
             graphs=tuple(GraphEntry.from_dict(g) for g in data["graphs"]),
             files={name: dict(info) for name, info in data["files"].items()},
             producer=dict(data["producer"]),
+            precision=dict(data.get("precision") or {"name": "fp32"}),
         )
         manifest.check_consistency()
         return manifest
@@ -161,6 +166,10 @@ class Manifest:
             _check_graph_spec(entry.spec, self.losses)
         if "model" not in stems:
             raise ValueError("no model.onnx graph")
+        if self.precision_name != "fp32" and any(
+            e.spec.kind is GraphKind.TRAIN for e in self.graphs
+        ):
+            raise ValueError(f"a {self.precision_name} artifact holds a training graph")
         for loss in self.losses:
             for stem in (f"loss_{loss.name}", f"model_{loss.name}"):
                 if stem not in stems:
@@ -170,6 +179,10 @@ class Manifest:
             raise ValueError(
                 f"{len(self.class_names)} class_names for a model of {classes} classes"
             )
+
+    @property
+    def precision_name(self) -> str:
+        return self.precision["name"]
 
     @property
     def loss_names(self) -> list[str]:
@@ -266,6 +279,12 @@ class Artifact:
     def with_weights(self, weights: dict[str, np.ndarray] | Path | str) -> "Artifact":
         """This artifact with other weights: a dict by state_dict name or a weights file
         (.npz, as `lossx train --engine onnxruntime` writes), checked against the shipped ones."""
+        if self.manifest.precision_name != "fp32":
+            raise ArtifactError(
+                f"{self.path}: --weights needs an fp32 artifact; this one's model is "
+                f"{self.manifest.precision_name}, its weights converted into the graphs (export "
+                "the weights with lossx export --checkpoint --precision instead)"
+            )
         if not isinstance(weights, dict):
             weights = read_weights(Path(weights))
         check_weights(weights, self.shipped_parameters())

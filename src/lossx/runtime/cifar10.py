@@ -148,7 +148,7 @@ def _str_keys(obj: object, path: Path) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _validated(images: object, labels: object, where: str) -> tuple[np.ndarray, np.ndarray]:
+def validated_batch(images: object, labels: object, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Check a batch's arrays; return images as uint8 [N,32,32,3] and labels as int64 [N]."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         kind = getattr(images, "dtype", type(images).__name__)
@@ -181,7 +181,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     missing = {"data", "labels"} - batch.keys()
     if missing:
         raise DataError(f"{path}: not a CIFAR-10 batch (no {', '.join(sorted(missing))} key)")
-    return _validated(batch["data"], batch["labels"], str(path))
+    return validated_batch(batch["data"], batch["labels"], str(path))
 
 
 def _read_class_names(batches: Path) -> tuple[str, ...]:
@@ -262,5 +262,6 @@ def load_packaged_sample() -> Cifar10Split:
     """The 1,000 official CIFAR-10 test images 0-999 shipped inside lossx."""
     resource = resources.files("lossx.runtime").joinpath("data", SAMPLE_RESOURCE)
     with resources.as_file(resource) as path, np.load(path, allow_pickle=False) as npz:
-        images, labels = _validated(npz["images"], npz["labels"], f"packaged {SAMPLE_RESOURCE}")
+        where = f"packaged {SAMPLE_RESOURCE}"
+        images, labels = validated_batch(npz["images"], npz["labels"], where)
     return Cifar10Split(images, labels, CLASS_NAMES, f"{SAMPLE_SOURCE}0-{len(labels) - 1}")

@@ -50,6 +50,7 @@ class EvalResult:
     """What `lossx eval` reports; `to_dict` is its JSON form."""
 
     artifact: str
+    precision: str  # of the model graph (the artifact's manifest)
     data: str
     images: int
     batch_size: int
@@ -67,6 +68,7 @@ class EvalResult:
     def to_text(self) -> str:
         """The table `lossx eval` prints."""
         rows = [
+            ("model precision", self.precision),
             ("data", self.data),
             ("images evaluated", f"{self.images:,}"),
             ("top-1 accuracy", f"{self.top1_accuracy:.2%}"),
@@ -135,6 +137,7 @@ def evaluate(
     count = len(split)
     return EvalResult(
         artifact=str(artifact.path),
+        precision=artifact.manifest.precision_name,
         data=split.source,
         images=count,
         batch_size=batch_size,

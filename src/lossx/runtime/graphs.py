@@ -35,6 +35,12 @@ class GraphKind(StrEnum):
         holds the model as `.model`); None where the weights are not initializers."""
         return {GraphKind.MODEL: "", GraphKind.FUSED: "model."}.get(self)
 
+    @property
+    def follows_precision(self) -> bool:
+        """Whether the graph is at the artifact's precision (its model part); loss graphs and
+        training graphs are fp32 in every artifact."""
+        return self in (GraphKind.MODEL, GraphKind.FUSED)
+
 
 class Role(StrEnum):
     """What a tensor is to its graph."""

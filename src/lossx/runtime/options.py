@@ -36,6 +36,23 @@ def check_session_options(
         )
 
 
+PRECISIONS = ("fp32", "int8", "fp16")  # of an artifact's model part (docs/precision.md)
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # int8 activation ranges
+
+
+def check_precision(precision: str, train: bool = False, calibrated: bool = False) -> None:
+    """Refuse a precision lossx cannot export, or options that do not go with it."""
+    if precision not in PRECISIONS:
+        raise SpecError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    if train and precision != "fp32":
+        raise SpecError(
+            f"--train needs --precision fp32: training graphs compute fp32 gradients of fp32 "
+            f"weights, not of a {precision} model"
+        )
+    if calibrated and precision != "int8":
+        raise SpecError("calibration options apply only to --precision int8")
+
+
 MAX_SEED = 2**63 - 1  # seeds go to numpy's and torch's generators, which take 0..2**63-1
 
 

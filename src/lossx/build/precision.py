@@ -1,0 +1,299 @@
+"""Lower-precision graphs: int8 by ONNX Runtime's static quantizer, fp16 by onnxconverter-common.
+
+Both are maintained converters; lossx only chooses their settings (measured in docs/precision.md)
+and converts model.onnx alone; a fused graph gets that converted model spliced in place of its
+model part, its loss part (what follows `logits`) kept fp32, as are the standalone loss graphs.
+"""
+
+import contextlib
+import importlib.metadata
+import io
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+
+from lossx.errors import DataError, ExportError, SpecError, first_line
+from lossx.runtime.cifar10 import CLASS_NAMES, Cifar10Split, load_cifar10, validated_batch
+from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.options import CALIBRATION_METHODS
+from lossx.runtime.preprocessing import to_model_input
+
+CALIBRATION_RESOURCE = "cifar10_train_calibration.npz"
+DEFAULT_CALIBRATION_IMAGES = 512  # the packaged sample: 512 seeded picks of the 50,000
+CALIBRATION_BATCH = 64
+
+# U8S8 QDQ (uint8 activations, int8 per-channel weights) with 7-bit weights (reduce_range):
+# without VNNI, ONNX Runtime's U8S8 kernels sum pairs of products in 16 bits, which full 8-bit
+# weights can saturate; 7-bit weights cannot. On a VNNI CPU reduce_range cost 0.6 points of
+# argmax agreement with fp32 and ran faster, so one setting serves every CPU an artifact may meet.
+INT8_SETTINGS = {
+    "format": "QDQ",
+    "activations": "uint8",
+    "weights": "int8",
+    "per_channel": True,
+    "reduce_range": True,
+}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The training images int8 calibration reads, and how it reads them."""
+
+    images: np.ndarray  # uint8 [N,32,32,3]
+    labels: np.ndarray
+    source: str
+    method: str = "minmax"
+
+    def record(self) -> dict:
+        return {"source": self.source, "images": len(self.labels), "method": self.method}
+
+
+def load_calibration(
+    data_dir: Path | None = None,
+    images: int | None = None,
+    method: str = "minmax",
+    seed: int = 0,
+) -> Calibration:
+    """`images` training images for calibration: the packaged sample (data_dir None, at most
+    its 512 images), or a seeded draw from `data_dir`'s training split. The test split is never
+    read: its images are the ones evaluation reports."""
+    if method not in CALIBRATION_METHODS:
+        raise SpecError(
+            f"unknown calibration method {method!r}; choose {', '.join(CALIBRATION_METHODS)}"
+        )
+    if images is not None and (isinstance(images, bool) or images < 1):
+        raise SpecError(f"--calibration-images must be at least 1, got {images}")
+    split = _packaged_calibration() if data_dir is None else _training_split(Path(data_dir))
+    wanted = images or min(DEFAULT_CALIBRATION_IMAGES, len(split))
+    if wanted > len(split):
+        raise SpecError(
+            f"--calibration-images {wanted}: {split.source} holds {len(split):,} training images"
+        )
+    if data_dir is None or wanted == len(split):
+        index = np.arange(wanted)
+    else:
+        index = np.sort(np.random.default_rng(seed).choice(len(split), wanted, replace=False))
+    source = split.source
+    if data_dir is not None:
+        source += f", {wanted} drawn with seed {seed}"
+    return Calibration(split.images[index], split.labels[index], source, method)
+
+
+def _training_split(data_dir: Path) -> Cifar10Split:
+    batches = data_dir / "cifar-10-batches-py"
+    folder = batches if batches.is_dir() else data_dir
+    only_test = (folder / "test_batch").exists() and not any(folder.glob("data_batch_*"))
+    if only_test:
+        raise DataError(
+            f"--calibration-data {data_dir}: holds only the test split; calibration reads "
+            "training images (data_batch_1..5), never the test images evaluation reports"
+        )
+    return load_cifar10(data_dir, "train")
+
+
+def _packaged_calibration() -> Cifar10Split:
+    resource = resources.files("lossx.build").joinpath("data", CALIBRATION_RESOURCE)
+    with resources.as_file(resource) as path, np.load(path, allow_pickle=False) as npz:
+        images, labels = validated_batch(npz["images"], npz["labels"], CALIBRATION_RESOURCE)
+    return Cifar10Split(images, labels, CLASS_NAMES, f"packaged {CALIBRATION_RESOURCE}")
+
+
+def loss_part(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of fused graph `graph` that its `logits` output does not depend on."""
+    producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
+    model, stack = set(), ["logits"]
+    while stack:
+        index = producer.get(stack.pop())
+        if index is not None and index not in model:
+            model.add(index)
+            stack.extend(graph.node[index].input)
+    return [node for index, node in enumerate(graph.node) if index not in model]
+
+
+def lower_model(
+    path: Path, spec: GraphSpec, precision: str, calibration: Calibration | None
+) -> None:
+    """Rewrite model graph file `path` (fp32) at `precision`; ExportError (one line) when a
+    converter fails or ONNX Runtime cannot load what it wrote."""
+    try:
+        with _quiet():
+            if precision == "int8":
+                _quantize(path, spec, calibration)
+            elif precision == "fp16":
+                _to_fp16(path)
+            else:
+                raise SpecError(f"unknown precision {precision!r}; choose fp32, int8 or fp16")
+    except (SpecError, ExportError):
+        raise
+    except Exception as e:
+        raise ExportError(
+            f"{spec.file}: the {precision} conversion failed: {first_line(e)}"
+        ) from None
+    check_loads(path, spec, precision)
+
+
+def splice_model(fused_path: Path, model_path: Path, spec: GraphSpec, precision: str) -> None:
+    """Rewrite fused graph file `fused_path` (fp32) with model graph `model_path` (converted)
+    in place of its model part: the loss part, everything downstream of `logits`, stays fp32
+    and the model part is exactly model.onnx."""
+    fused, model = onnx.load(fused_path), onnx.load(model_path)
+    graph = fused.graph
+    loss_nodes = loss_part(graph)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in loss_nodes for a in node.attribute):  # fmt: skip
+        raise ExportError(f"{spec.file}: its loss holds subgraphs, which lossx cannot splice")
+    fixed = {"logits", *(t.name for t in graph.input), *(t.name for t in graph.output)}
+
+    def renamed(name: str) -> str:
+        return name if not name or name in fixed else f"loss.{name}"
+
+    used = {name for node in loss_nodes for name in node.input}
+    initializers = [t for t in graph.initializer if t.name in used]
+    for node in loss_nodes:
+        node.name = renamed(node.name)
+        node.input[:] = [renamed(n) for n in node.input]
+        node.output[:] = [renamed(n) for n in node.output]
+    for tensor in initializers:
+        tensor.name = renamed(tensor.name)
+    spliced = onnx.helper.make_graph(
+        [*model.graph.node, *loss_nodes],
+        graph.name,
+        list(graph.input),
+        list(graph.output),
+        [*model.graph.initializer, *initializers],
+        value_info=list(model.graph.value_info),
+    )
+    for image_input in model.graph.input:
+        if image_input.name not in {t.name for t in graph.input}:
+            raise ExportError(f"{spec.file}: the model's input {image_input.name} is not its own")
+    result = onnx.helper.make_model(
+        spliced,
+        opset_imports=list(model.opset_import),
+        ir_version=max(model.ir_version, fused.ir_version),
+        producer_name=fused.producer_name,
+        producer_version=fused.producer_version,
+    )
+    result.metadata_props.extend(fused.metadata_props)
+    result.functions.extend([*model.functions, *fused.functions])
+    try:
+        onnx.checker.check_model(result, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(
+            f"{spec.file}: the spliced {precision} graph is invalid: {first_line(e)}"
+        ) from None
+    onnx.save(result, fused_path)
+    check_loads(fused_path, spec, precision)
+
+
+def check_loads(path: Path, spec: GraphSpec, precision: str) -> None:
+    """ExportError unless ONNX Runtime loads `path` (its own check of what the converter wrote)."""
+    try:
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(
+            f"{spec.file}: ONNX Runtime cannot load the {precision} graph: {first_line(e)}"
+        ) from None
+
+
+def _quantize(path: Path, spec: GraphSpec, calibration: Calibration) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            images = calibration.images
+            self.batches = iter(
+                {"images": to_model_input(images[i : i + CALIBRATION_BATCH])}
+                for i in range(0, len(images), CALIBRATION_BATCH)
+            )
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="lossx-int8-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=INT8_SETTINGS["per_channel"],
+            reduce_range=INT8_SETTINGS["reduce_range"],
+            calibrate_method=methods[calibration.method],
+        )
+
+
+def _to_fp16(path: Path) -> None:
+    from onnxconverter_common import float16
+
+    converted = float16.convert_float_to_float16(onnx.load(path), keep_io_types=True)
+    onnx.save(converted, path)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The converters print progress and warnings; lossx reports itself."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has VNNI (AVX512-VNNI or AVX-VNNI): ONNX Runtime's fast int8 path."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def precision_record(precision: str, calibration: Calibration | None) -> dict:
+    """The manifest's account of how the artifact's precision was made."""
+    if precision == "fp32":
+        return {"name": "fp32"}
+    if precision == "int8":
+        return {
+            "name": "int8",
+            "converter": f"onnxruntime.quantization {onnxruntime.__version__} (quantize_static)",
+            **INT8_SETTINGS,
+            "calibration": calibration.record(),
+            "exported_on_vnni_cpu": has_vnni(),
+        }
+    version = importlib.metadata.version("onnxconverter-common")
+    return {
+        "name": "fp16",
+        "converter": f"onnxconverter-common {version} (float16.convert_float_to_float16)",
+        "keep_io_types": True,
+    }
