@@ -128,6 +128,22 @@ def shipped_artifact(tmp_path_factory):
     return load_artifact(out)
 
 
+@pytest.fixture(scope="session")
+def int8_artifact(tmp_path_factory):
+    """The shipped weights at int8, calibrated on the packaged training images (the default)."""
+    out = tmp_path_factory.mktemp("artifacts") / "int8"
+    export_artifact(out, precision="int8")
+    return load_artifact(out)
+
+
+@pytest.fixture(scope="session")
+def fp16_artifact(tmp_path_factory):
+    """The shipped weights at fp16."""
+    out = tmp_path_factory.mktemp("artifacts") / "fp16"
+    export_artifact(out, precision="fp16")
+    return load_artifact(out)
+
+
 def eager_model(artifact) -> nn.Module:
     """The artifact's model, rebuilt eagerly from its weights file."""
     return EagerRunner.of_artifact(artifact).model

@@ -79,7 +79,9 @@ function readManifest(dir) {
   const sha256 = manifest.files?.[graph.file]?.sha256;
   if (!/^[0-9a-f]{64}$/.test(sha256)) refuse(`${file}: no sha256 for ${graph.file}`);
   checkPreprocessing(manifest.preprocessing, file);
-  return { file: graph.file, sha256, input: input.name, output: output.name, classNames };
+  const precision = manifest.precision?.name ?? 'fp32'; // fp32, int8 or fp16: same inputs
+  const names = { input: input.name, output: output.name };
+  return { file: graph.file, sha256, ...names, classNames, precision };
 }
 
 function checkPreprocessing(pre, file) {
@@ -258,11 +260,13 @@ async function main() {
   const accuracy = correct / sample.n;
   const version = ort.env.versions.node;
   if (args.json) {
-    const result = { images: sample.n, accuracy, classes, logits, onnxruntime_node: version };
+    const { precision } = manifest;
+    const result = { images: sample.n, accuracy, classes, logits, precision };
+    result.onnxruntime_node = version;
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } else {
     const pct = (100 * accuracy).toFixed(2);
-    const via = `${manifest.file} via onnxruntime-node ${version}`;
+    const via = `${manifest.file}, ${manifest.precision}, via onnxruntime-node ${version}`;
     console.log(`accuracy ${pct}% on ${sample.n} images (${via})`);
   }
 }

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from lossx.errors import DataError, ExportError, SpecError, first_line
+from lossx.errors import ArtifactError, DataError, ExportError, SpecError, first_line
 from lossx.runtime.cifar10 import CLASS_NAMES, Cifar10Split, load_cifar10, validated_batch
 from lossx.runtime.graphs import GraphSpec
 from lossx.runtime.options import CALIBRATION_METHODS
@@ -130,7 +130,7 @@ def lower_model(
                 _to_fp16(path)
             else:
                 raise SpecError(f"unknown precision {precision!r}; choose fp32, int8 or fp16")
-    except (SpecError, ExportError):
+    except (SpecError, ExportError, ArtifactError):
         raise
     except Exception as e:
         raise ExportError(
@@ -193,11 +193,12 @@ def splice_model(fused_path: Path, model_path: Path, spec: GraphSpec, precision:
 
 
 def check_loads(path: Path, spec: GraphSpec, precision: str) -> None:
-    """ExportError unless ONNX Runtime loads `path` (its own check of what the converter wrote)."""
+    """ArtifactError unless ONNX Runtime loads `path` (its own check of what a converter
+    wrote)."""
     try:
         onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(
+        raise ArtifactError(
             f"{spec.file}: ONNX Runtime cannot load the {precision} graph: {first_line(e)}"
         ) from None
 
