@@ -202,3 +202,11 @@ def test_export_calibrates_on_a_chosen_training_split(cifar_dir, tmp_path, test_
 def test_the_fp32_profile_rejects_what_int8_passes(int8_artifact):
     result = run_cli("check", int8_artifact.path, "--tolerance-profile", "fp32-cpu")
     assert result.exit_code == 1, result.output
+
+
+@pytest.mark.gpu
+def test_lowered_artifacts_pass_their_gate_on_cuda(lowered, cifar_dir):
+    data = ["--data-dir", cifar_dir] if cifar_dir else []
+    result = run_cli("check", lowered.path, *data, "--provider", "cuda")
+    assert result.exit_code == 0, result.output
+    assert f"profile {lowered.manifest.precision_name}" in result.output

@@ -40,7 +40,7 @@ def cli_artifact(tmp_path_factory):
     result = run_cli("export", out)
     assert result.exit_code == 0, result.output
     assert (
-        f"wrote {out}: 7 graphs at opset 20, each verified against eager PyTorch" in result.stdout
+        f"wrote {out}: 7 graphs at opset 20, model fp32, each verified against eager PyTorch" in result.stdout
     )
     assert "exporting model.onnx" in result.stderr
     return out

@@ -41,7 +41,14 @@ def classify(node: str, artifact_dir: Path, *args: str) -> subprocess.CompletedP
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_node_matches_python_runtime(node, shipped_artifact):
+@pytest.fixture(params=["fp32", "int8", "fp16"])
+def any_precision(request, shipped_artifact, int8_artifact, fp16_artifact):
+    return {"fp32": shipped_artifact, "int8": int8_artifact, "fp16": fp16_artifact}[request.param]
+
+
+def test_node_matches_python_runtime(node, any_precision):
+    """The same app takes int8 and fp16 artifacts unchanged (float32 inputs and outputs)."""
+    shipped_artifact = any_precision
     result = classify(node, shipped_artifact.path, "--json")
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
@@ -57,6 +64,7 @@ def test_node_matches_python_runtime(node, shipped_artifact):
     np.testing.assert_allclose(np.array(got["logits"]), logits, rtol=1e-5, atol=1e-5)
     assert got["accuracy"] == float(np.mean(classes == sample.labels))
     assert got["onnxruntime_node"]
+    assert got["precision"] == shipped_artifact.manifest.precision_name
 
 
 def test_node_refuses_a_tampered_model(node, shipped_artifact, tmp_path):
