@@ -159,7 +159,7 @@ def test_export_refuses_bad_precision_options(args, message, tmp_path, test_spli
 
 
 def test_a_converted_graph_onnx_runtime_cannot_load_is_refused(monkeypatch, tmp_path):
-    def broken(path, spec, calibration):
+    def broken(path, calibration):
         model = onnx.load(path)
         model.graph.node[0].op_type = "NoSuchOp"
         onnx.save(model, path)

@@ -29,7 +29,7 @@ class Tolerance:
     rtol: float
     min_argmax_agreement: float = 1.0
     max_accuracy_drop: float = 0.0
-    max_mismatch_fraction: float = 0.0  # share of elements allowed outside (gradients only)
+    max_mismatch_fraction: float = 0.0  # share of elements allowed outside (gradients, int8)
     atol_scales: bool = False  # atol is times max(1, max |reference|) of each batch (gradients)
     real_images_only: bool = False  # compared on real images only, never on random inputs
 
@@ -55,10 +55,13 @@ class Tolerance:
 # (uniform in [0,1], N=7 seed 1) reached 1.43e-5 on a logit of 0.221, torch's own fp32 being
 # 1.08e-5 from float64 there (ONNX Runtime 5.4e-6), so atol is 2e-5 (docs/parity.md).
 # fp32-cuda (TF32 off): an H100 gave logits 1.05e-5 from the CPU's at most, a third of it.
-# fp16 and int8 follow from their precision (fp16 keeps 11 bits, about 5e-4 relative per
-# operation; int8 steps are ~1% of a tensor's range); lossx exports neither yet, so these two
-# are not measured here. The task-level limits allow a near-tie to flip in fp32 (none did over
-# 50,000 images) and the rounding of lower precisions to move a few classes.
+# fp16 and int8: the shipped weights' artifacts against eager fp32 on a VNNI CPU
+# (docs/precision.md). fp16: max 0.0098 over all 50,000 training images (77% of tolerance),
+# argmax agreement 99.97%, top-1 +0.01 pp; test images 99.90%, -0.10 pp. int8 (real images
+# only: calibrated on photographs, it promises nothing on noise; there it reached 1.4): over
+# the training images 38 of 500,080 logits outside 0.5 + 0.1|ref| (clipped outliers, worst
+# 7.95), agreement 98.02%, top-1 -0.12 pp; test images max 1.10, 97.60%, +0.20 pp. The
+# task-level limits allow a near-tie to flip in fp32 (none did over 50,000 images).
 PROFILES = {
     "fp32-cpu": Tolerance(2e-5, 1e-5, min_argmax_agreement=0.999, max_accuracy_drop=0.001),
     "fp32-cuda": Tolerance(3e-5, 3e-5, min_argmax_agreement=0.999, max_accuracy_drop=0.001),
