@@ -665,6 +665,13 @@ def eval_(
 @click.option(
     "--log-json", type=_path(), callback=_output("log"), help="Write one JSON line per epoch."
 )
+@click.option(
+    "--write-plan",
+    type=_path(dir_okay=False),
+    callback=_output("plan"),
+    help="Do not train: write the steps this recipe takes (batches, LR, momentum) to this .npz "
+    "for another runtime to replay (examples/node/train.js, examples/web).",
+)
 @_session_options
 def train(
     artifact_dir: Path | None,
@@ -673,6 +680,7 @@ def train(
     out: Path | None,
     resume: Path | None,
     log_json: Path | None,
+    write_plan: Path | None,
     provider: str,
     threads: int | None,
     optimization: str,
@@ -684,6 +692,9 @@ def train(
     the same weights and seed they take the same steps, to float rounding."""
     if data_dir is None:
         raise click.UsageError("--data-dir is required: the training images do not ship with lossx")
+    if write_plan is not None:
+        _write_plan(write_plan, data_dir, TrainConfig(**recipe))
+        return
     if engine == "torch" and artifact_dir is not None:
         raise click.UsageError(
             "ARTIFACT_DIR is for --engine onnxruntime; --engine torch needs none"
@@ -726,6 +737,21 @@ def train(
             f"wrote {out}: epoch {last.epoch}/{last.epochs}, {last.eval_split} accuracy "
             f"{last.eval_accuracy:.2%}"
         )
+
+
+def _write_plan(path: Path, data_dir: Path, config: TrainConfig) -> None:
+    if config.optimizer != "sgd":
+        raise click.UsageError("--write-plan records SGD steps; --optimizer adamw has no plan")
+    config.validate()
+    from lossx.files import input_folder
+    from lossx.runtime.plan import write_plan
+
+    input_folder(data_dir, "data directory")
+    steps, images = write_plan(path, data_dir, config)
+    click.echo(
+        f"wrote {path}: {steps} steps, {images:,} images in batches of {config.batch_size} "
+        f"({path.stat().st_size:,} bytes)"
+    )
 
 
 class _EpochProgress:

@@ -17,7 +17,7 @@ from lossx.compare.render import schema
 from lossx.runtime import evaluate, load_artifact, load_packaged_sample, open_artifact
 from lossx.runtime.artifact import sha256_of
 from lossx.runtime.images import as_jpeg
-from tests.conftest import copy_with_eager_weights_changed
+from tests.conftest import copy_with_eager_weights_changed, require_shared
 
 
 def run_cli(*args: str):
@@ -401,3 +401,30 @@ def test_a_batch_size_beyond_memory_fails_before_any_output(cli_artifact, comman
     result = run_cli(command, cli_artifact, "--batch-size", "100000000")
     assert_one_line_error(result, 2, "batch size 100,000,000 needs about 22,000.0 GB of memory")
     assert result.stdout == ""
+
+
+def test_train_write_plan_writes_a_plan_and_trains_nothing(tmp_path, cifar_dir):
+    require_shared(cifar_dir)
+    plan = tmp_path / "plan.npz"
+    result = run_cli("train", "--write-plan", plan, "--data-dir", cifar_dir, "--epochs", "1",
+                     "--limit", "200", "--batch-size", "64")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {plan}: 4 steps, 200 images in batches of 64")
+    with np.load(plan, allow_pickle=False) as npz:
+        assert npz["batch_sizes"].tolist() == [64, 64, 64, 8]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.npz"]  # no checkpoint
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optimizer", "adamw"], "--optimizer adamw has no plan"),
+        (["--epochs", "3"], "holds 150,000 images, more than 100,000"),
+        (["--limit", "0"], "limit must be at least 1"),
+    ],
+)
+def test_train_write_plan_refusals_leave_nothing(tmp_path, cifar_dir, args, message):
+    require_shared(cifar_dir)
+    result = run_cli("train", "--write-plan", tmp_path / "p.npz", "--data-dir", cifar_dir, *args)
+    assert_one_line_error(result, 2, message)
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.feeds import log_softmax
 from lossx.runtime.images import jpeg_copy
 from lossx.runtime.options import TrainConfig
-from lossx.runtime.preprocessing import scale, to_model_input
+from lossx.runtime.preprocessing import scale
 
 PAD = 4
 JPEG_PROBABILITY = 0.5  # of each training image being JPEG-compressed, with --jpeg-augment
@@ -88,6 +88,14 @@ def epoch_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Epoch `epoch`'s training batches: float32 images [B,3,32,32] (augmented if the recipe
     says so) and int64 labels [B], in an order drawn from (seed, epoch)."""
+    for pixels, labels in epoch_pixels(split, config, epoch):
+        yield scale(pixels), labels
+
+
+def epoch_pixels(
+    split: Cifar10Split, config: TrainConfig, epoch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`epoch_batches` before scaling: the images as uint8 [B,3,32,32]."""
     rng = np.random.default_rng((config.seed, epoch))
     order = rng.permutation(len(split))
     for start in range(0, len(order), config.batch_size):
@@ -96,9 +104,9 @@ def epoch_batches(
         if config.jpeg_augment:
             images = jpeg_augment(images, rng)
         if config.augment:
-            yield scale(augment(images, rng)), split.labels[index]
+            yield augment(images, rng), split.labels[index]
         else:
-            yield to_model_input(images), split.labels[index]
+            yield np.ascontiguousarray(images.transpose(0, 3, 1, 2)), split.labels[index]
 
 
 def clip_factor(grad_norm: float, clip_norm: float) -> float:

@@ -1,0 +1,91 @@
+"""`lossx train --write-plan`: the steps a recipe takes, written down for another runtime to
+replay.
+
+A plan is one uncompressed .npz: every step's batch as the model's pixels before scaling
+(`images`, uint8 [T,3,32,32], augmentation applied; the model takes them divided by 255 in
+float32), its `labels` (int64 [T]), `batch_sizes` (int64 [S]: step s takes the next
+batch_sizes[s] images), the `lr` and `momentum` the schedule gives each step (float64 [S]), and
+`plan` (the JSON below as UTF-8 bytes, uint8): the recipe, the loss in the manifest's form and the
+update rule. examples/node/train.js and the page in examples/web replay it with an artifact's
+training graph and reach the weights `lossx train --engine onnxruntime` reaches with the same
+recipe: the batches come from lossx.runtime.recipe, as the trainer's do.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lossx.errors import SpecError
+from lossx.files import write_atomically
+from lossx.runtime.options import TrainConfig
+from lossx.runtime.recipe import epoch_pixels, one_cycle, steps_per_epoch, training_data
+
+PLAN_FORMAT = "lossx-training-plan"
+PLAN_FORMAT_VERSION = 1
+MAX_PLAN_IMAGES = 100_000  # 300 MB of pixels: a plan is for replaying a few epochs, not a run
+UPDATE = (
+    "torch.optim.SGD(nesterov=True) in float32, one rounding per operation: g = grad * clip "
+    "(clip = min(clip_norm / (global L2 norm + 1e-6), 1), 1 without clipping); g = g + "
+    "weight_decay * w; first step buf = g, later buf = buf * momentum + g; "
+    "w = w - lr * (g + momentum * buf)"
+)
+
+
+def write_plan(path: Path, data_dir: Path, config: TrainConfig) -> tuple[int, int]:
+    """Write the plan of every step `config` takes to `path`; return (steps, images)."""
+    train_split, _ = training_data(data_dir, config)
+    steps = steps_per_epoch(len(train_split), config.batch_size)
+    total = config.epochs * len(train_split)
+    if total > MAX_PLAN_IMAGES:
+        raise SpecError(
+            f"a plan of {config.epochs} epochs of {len(train_split):,} images holds {total:,} "
+            f"images, more than {MAX_PLAN_IMAGES:,}; use fewer --epochs or a --limit"
+        )
+    images, labels, sizes, lrs, momenta = [], [], [], [], []
+    for epoch in range(1, config.epochs + 1):
+        for index, (pixels, batch_labels) in enumerate(epoch_pixels(train_split, config, epoch)):
+            lr, momentum = one_cycle((epoch - 1) * steps + index, config.epochs * steps, config.lr)
+            images.append(pixels)
+            labels.append(batch_labels)
+            sizes.append(len(batch_labels))
+            lrs.append(lr)
+            momenta.append(momentum)
+    header = {
+        "format": PLAN_FORMAT,
+        "format_version": PLAN_FORMAT_VERSION,
+        "recipe": config.to_dict(),
+        "loss": config.loss_spec().to_dict(),
+        "optimizer": "sgd",
+        "weight_decay": config.weight_decay,
+        "clip_norm": config.clip_norm,
+        "update": UPDATE,
+        "steps": len(sizes),
+    }
+    arrays = {
+        "images": np.concatenate(images),
+        "labels": np.concatenate(labels).astype(np.int64),
+        "batch_sizes": np.array(sizes, dtype=np.int64),
+        "lr": np.array(lrs, dtype=np.float64),
+        "momentum": np.array(momenta, dtype=np.float64),
+        "plan": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomically(Path(path), lambda f: f.write(buffer.getvalue()))
+    return len(sizes), len(arrays["labels"])
+
+
+def read_plan(path: Path) -> tuple[dict, list[tuple[np.ndarray, np.ndarray, float, float]]]:
+    """A plan's header and its steps (uint8 pixels, labels, lr, momentum), for tests and
+    replays in Python."""
+    with np.load(path, allow_pickle=False) as npz:
+        header = json.loads(npz["plan"].tobytes())
+        images, labels = npz["images"], npz["labels"]
+        bounds = np.concatenate([[0], np.cumsum(npz["batch_sizes"])])
+        steps = [
+            (images[a:b], labels[a:b], float(lr), float(m))
+            for a, b, lr, m in zip(bounds[:-1], bounds[1:], npz["lr"], npz["momentum"], strict=True)
+        ]
+    return header, steps
