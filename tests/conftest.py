@@ -23,7 +23,8 @@ from lossx.compare.inputs import sample_feed
 from lossx.compare.report import OutputReport
 from lossx.compare.tolerances import DEFAULT_PROFILE, PROFILES
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample, to_model_input
-from lossx.runtime.artifact import sha256_of
+from lossx.runtime.artifact import read_weights, sha256_of
+from lossx.runtime.options import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
@@ -126,6 +127,38 @@ def shipped_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts") / "shipped"
     export_artifact(out)
     return load_artifact(out)
+
+
+@pytest.fixture(scope="session")
+def shipped_train_artifact_dir(tmp_path_factory) -> Path:
+    """The shipped weights with a training graph for ce: what the JavaScript examples train."""
+    out = tmp_path_factory.mktemp("shipped-train") / "a"
+    export_artifact(out, losses=["ce"], train=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def training_plan(tmp_path_factory, shipped_train_artifact_dir, cifar_dir):
+    """16 steps of the default recipe on the first 1,024 real training images: the plan
+    `lossx train --write-plan` writes, and the weights `lossx train --engine onnxruntime`
+    reaches after its first 4 and all 16 steps (the JavaScript examples must reach them too)."""
+    from lossx.runtime.ort_engine import train as train_onnxruntime
+    from lossx.runtime.plan import write_plan
+
+    require_shared(cifar_dir)
+    folder = tmp_path_factory.mktemp("plan")
+    reached = {}
+    for limit in (256, 1024):  # 4 and 16 steps of 64
+        config = TrainConfig(epochs=1, batch_size=64, limit=limit)
+        write_plan(folder / f"plan{limit // 64}.npz", cifar_dir, config)
+        out = folder / f"python{limit // 64}.npz"
+        train_onnxruntime(load_artifact(shipped_train_artifact_dir), cifar_dir, out, config)
+        reached[limit // 64] = read_weights(out)
+    return {
+        "folder": folder,
+        "weights": reached,
+        "start": read_weights(shipped_train_artifact_dir / "weights.npz"),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -79,3 +79,94 @@ def test_node_refuses_a_tampered_model(node, shipped_artifact, tmp_path):
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
     assert "sha256" in result.stderr
+
+
+# Weights of the JavaScript examples against `lossx train --engine onnxruntime`'s after the same
+# plan: the largest element difference allowed, per runtime and number of steps. Measured, AMD
+# EPYC (AVX-512) / Intel Xeon (AVX-512 VNNI): Node.js 1.2e-7 / 0.0 after 4 steps and 3.3e-7 /
+# 3.3e-7 after 16 (onnxruntime-node runs the same CPU kernels); the browser's WASM kernels
+# 3.6e-6 / 3.0e-8 and 3.4e-4 / 3.4e-4. The 16-step bound is what float rounding alone gives in
+# this max-pool network: Python itself, started from weights perturbed by 1e-7 (relative), ends
+# 3.4e-4 away, as argmax choices in the pools flip. The weights move 1.75e-2 in 16 steps.
+WEIGHTS_ATOL = {"node": {4: 2e-6, 16: 1e-3}, "browser": {4: 2e-5, 16: 1e-3}}
+
+
+def weight_difference(got: dict, want: dict) -> float:
+    assert sorted(got) == sorted(want)
+    return max(float(np.abs(got[k] - want[k]).max()) for k in want)
+
+
+def check_trained(weights_file: Path, plan: dict, steps: int, runtime: str) -> float:
+    """The largest difference from Python's weights, asserted within WEIGHTS_ATOL."""
+    from lossx.runtime.artifact import read_weights
+
+    got = read_weights(weights_file)
+    want = plan["weights"][steps]
+    moved = weight_difference(want, plan["start"])
+    difference = weight_difference(got, want)
+    atol = WEIGHTS_ATOL[runtime][steps]
+    assert moved > 10 * atol
+    assert difference <= atol, (runtime, steps, difference)
+    return difference
+
+
+@pytest.mark.parametrize("steps", [4, 16])
+def test_node_training_reaches_python_weights(node, training_plan, shipped_train_artifact_dir,
+                                              tmp_path, steps):  # fmt: skip
+    out = tmp_path / "weights.npz"
+    plan = training_plan["folder"] / f"plan{steps}.npz"
+    command = [node, str(EXAMPLE / "train.js"), str(shipped_train_artifact_dir), "--plan",
+               str(plan), "--out", str(out), "--json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == steps and len(report["losses"]) == steps
+    check_trained(out, training_plan, steps, "node")
+
+
+def test_node_trained_weights_feed_lossx(node, training_plan, shipped_train_artifact_dir,
+                                         tmp_path):  # fmt: skip
+    """What train.js writes, lossx eval --weights and lossx export --checkpoint read."""
+    from click.testing import CliRunner
+
+    from lossx.cli import main
+
+    out = tmp_path / "weights.npz"
+    plan = training_plan["folder"] / "plan4.npz"
+    command = [node, str(EXAMPLE / "train.js"), str(shipped_train_artifact_dir), "--plan",
+               str(plan), "--out", str(out)]  # fmt: skip
+    subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    result = CliRunner().invoke(main, ["eval", str(shipped_train_artifact_dir), "--weights",
+                                       str(out), "--json", str(tmp_path / "e.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e.json").read_text())["eval"]["top1_accuracy"] > 0.7
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "art"), "--checkpoint", str(out)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("missing-plan", "cannot read plan"),
+        ("not-a-plan", "is not a lossx training plan"),
+        ("no-train-graph", "no training graph for loss ce"),
+    ],
+)
+def test_node_training_refusals(node, training_plan, shipped_artifact, shipped_train_artifact_dir,
+                                tmp_path, change, message):  # fmt: skip
+    artifact = shipped_train_artifact_dir
+    plan = training_plan["folder"] / "plan4.npz"
+    if change == "missing-plan":
+        plan = tmp_path / "absent.npz"
+    elif change == "not-a-plan":
+        plan = tmp_path / "sample.npz"
+        shutil.copy(EXAMPLE.parents[1] / "src/lossx/runtime/data/cifar10_test_subset.npz", plan)
+    else:
+        artifact = shipped_artifact.path
+    out = tmp_path / "w.npz"
+    command = [node, str(EXAMPLE / "train.js"), str(artifact), "--plan", str(plan),
+               "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -1,0 +1,285 @@
+// What a JavaScript app needs of a lossx artifact: its manifest's graphs, the preprocessing, and
+// training with its training graph (an SGD with Nesterov momentum and weight decay, written here,
+// carrying the graph's next.* buffers from step to step). Plain JavaScript over typed arrays and
+// an onnxruntime module passed in, so it runs in Node (require('./lossx'), onnxruntime-node) and
+// in a browser (<script src>, as globalThis.lossx, onnxruntime-web).
+'use strict';
+
+(function (root, factory) {
+  if (typeof module === 'object' && module.exports) module.exports = factory(require('./npz'));
+  else root.lossx = factory(root.lossxNpz);
+})(typeof self !== 'undefined' ? self : this, ({ refuse }) => {
+  const [H, W, C] = [32, 32, 3];
+
+  // The preprocessing implemented here, word for word as lossx writes it in the manifest. The
+  // fields are prose, so anything else (a mean/std, another layout) is refused, not guessed.
+  const PREPROCESSING = {
+    input: 'uint8 RGB images, HWC layout, shape [N,32,32,3]',
+    output: 'float32 NCHW tensor, shape [N,3,32,32]',
+    scale: 'x / 255 (float32), no mean or std normalisation',
+  };
+  // Fields that ask nothing of this code: `equivalent` restates the steps above, and `files` says
+  // how lossx decodes image files (apps decode theirs to uint8 RGB 32x32 themselves).
+  const PREPROCESSING_NOTES = new Set(['equivalent', 'files']);
+  const PLAN_FORMAT = 'lossx-training-plan';
+
+  function parseManifest(text, file) {
+    let manifest;
+    try {
+      manifest = JSON.parse(text);
+    } catch (err) {
+      refuse(`${file} is not valid JSON: ${err.message}`);
+    }
+    if (manifest?.format !== 'lossx-artifact' || manifest.format_version !== 3) {
+      refuse(`${file} is not a lossx artifact manifest of format_version 3`);
+    }
+    checkPreprocessing(manifest.preprocessing, file);
+    return manifest;
+  }
+
+  function checkPreprocessing(pre, file) {
+    if (typeof pre !== 'object' || pre === null) refuse(`${file}: no preprocessing section`);
+    for (const key of new Set([...Object.keys(pre), ...Object.keys(PREPROCESSING)])) {
+      if (PREPROCESSING_NOTES.has(key) || pre[key] === PREPROCESSING[key]) continue;
+      const found = key in pre ? JSON.stringify(pre[key]) : 'missing';
+      const want = PREPROCESSING[key];
+      const known = want === undefined ? 'no such step' : `only ${JSON.stringify(want)}`;
+      refuse(`${file}: preprocessing.${key} is ${found}; this example implements ${known}`);
+    }
+  }
+
+  function fileHash(manifest, name, file) {
+    const sha256 = manifest.files?.[name]?.sha256;
+    if (!/^[0-9a-f]{64}$/.test(sha256)) refuse(`${file}: no sha256 for ${name}`);
+    return sha256;
+  }
+
+  // The model graph: { file, sha256, input, output, classNames, precision }.
+  function modelGraph(manifest, file) {
+    const graph = (manifest.graphs || []).find((g) => g.kind === 'model');
+    const [input, output] = [graph?.inputs?.[0], graph?.outputs?.[0]];
+    if (graph?.inputs?.length !== 1 || graph.outputs?.length !== 1) {
+      refuse(`${file}: expected one model graph with one input and one output`);
+    }
+    if (input.dtype !== 'float32' || JSON.stringify(input.shape?.slice(1)) !== '[3,32,32]') {
+      refuse(`${file}: model input ${JSON.stringify(input)} is not float32 [N,3,32,32]`);
+    }
+    const classNames = manifest.class_names;
+    if (!Array.isArray(classNames) || output.shape?.[1] !== classNames.length) {
+      refuse(`${file}: model output shape ${JSON.stringify(output.shape)} does not fit class_names`);
+    }
+    const precision = manifest.precision?.name ?? 'fp32'; // fp32, int8 or fp16: same inputs
+    const sha256 = fileHash(manifest, graph.file, file);
+    return { file: graph.file, sha256, input: input.name, output: output.name, classNames, precision };
+  }
+
+  // The training graph for `loss` ({ name, options } as the manifest writes it): its file, and
+  // its tensors by role (the contract of docs/artifact.md).
+  function trainingGraph(manifest, loss, file) {
+    const graphs = (manifest.graphs || []).filter((g) => g.kind === 'train');
+    const graph = graphs.find((g) => g.loss?.name === loss.name);
+    if (!graph) {
+      const have = graphs.map((g) => g.loss?.name).join(', ') || 'none';
+      refuse(`${file}: no training graph for loss ${loss.name} (has: ${have}); export with --train`);
+    }
+    if (JSON.stringify(sorted(graph.loss)) !== JSON.stringify(sorted(loss))) {
+      refuse(`${file}: its ${loss.name} training graph computes ${JSON.stringify(graph.loss)}, ` +
+        `the plan ${JSON.stringify(loss)}`);
+    }
+    const byRole = (tensors, role) => tensors.filter((t) => t.role === role);
+    const [images] = byRole(graph.inputs, 'images');
+    const [target] = byRole(graph.inputs, 'target');
+    const gradients = Object.fromEntries(
+      byRole(graph.outputs, 'gradient').map((t) => [t.gradient_of, t.name]));
+    const nextBuffers = Object.fromEntries(
+      byRole(graph.outputs, 'next_buffer').map((t) => [t.name.replace(/^next\./, ''), t.name]));
+    const parameters = byRole(graph.inputs, 'parameter');
+    for (const p of parameters) {
+      if (!(p.name in gradients)) refuse(`${file}: ${graph.file} has no gradient of ${p.name}`);
+    }
+    return {
+      file: graph.file,
+      sha256: fileHash(manifest, graph.file, file),
+      classes: manifest.class_names.length,
+      images: images.name,
+      target,
+      parameters,
+      buffers: byRole(graph.inputs, 'buffer'),
+      gradients,
+      nextBuffers,
+    };
+  }
+
+  const sorted = (value) => (value && typeof value === 'object' && !Array.isArray(value)
+    ? Object.fromEntries(Object.keys(value).sort().map((k) => [k, sorted(value[k])]))
+    : value);
+
+  // The weights a training graph starts from (an .npz's arrays by state_dict name), checked
+  // against its inputs' shapes and dtypes and copied: { name: { typed, shape } }.
+  function startingWeights(graph, arrays, file) {
+    const weights = {};
+    for (const t of [...graph.parameters, ...graph.buffers]) {
+      const array = arrays[t.name];
+      if (!array) refuse(`${file} has no ${t.name}`);
+      const descr = t.dtype === 'int64' ? '<i8' : '<f4';
+      if (array.descr !== descr || JSON.stringify(array.shape) !== JSON.stringify(t.shape)) {
+        refuse(`${file}: ${t.name} is ${array.descr} [${array.shape}], expected ${t.dtype} ` +
+          `[${t.shape}]`);
+      }
+      weights[t.name] = { typed: array.typed.slice(), shape: t.shape };
+    }
+    return weights;
+  }
+
+  // A plan written by `lossx train --write-plan` (its .npz arrays): { header, steps }, each step
+  // { pixels (uint8 [B,3,32,32]), labels (BigInt64Array), lr, momentum }.
+  function readPlan(arrays, file) {
+    for (const key of ['plan', 'images', 'labels', 'batch_sizes', 'lr', 'momentum']) {
+      if (!(key in arrays)) refuse(`${file} is not a lossx training plan: no ${key}`);
+    }
+    let header;
+    try {
+      header = JSON.parse(new TextDecoder().decode(arrays.plan.typed));
+    } catch (err) {
+      refuse(`${file}: its plan header is not JSON (${err.message})`);
+    }
+    if (header?.format !== PLAN_FORMAT || header.format_version !== 1) {
+      refuse(`${file} is not a lossx training plan of format_version 1`);
+    }
+    if (header.optimizer !== 'sgd') refuse(`${file}: optimizer ${header.optimizer}, not sgd`);
+    const { images, labels } = arrays;
+    const total = labels.typed.length;
+    if (images.descr !== '|u1' || JSON.stringify(images.shape) !== JSON.stringify([total, C, H, W])) {
+      refuse(`${file}: images must be uint8 [${total},3,32,32], got ${images.descr} [${images.shape}]`);
+    }
+    const sizes = Array.from(arrays.batch_sizes.typed, Number);
+    if (sizes.reduce((a, b) => a + b, 0) !== total || sizes.length !== arrays.lr.typed.length) {
+      refuse(`${file}: batch_sizes, lr and labels disagree`);
+    }
+    const steps = [];
+    let start = 0;
+    sizes.forEach((size, s) => {
+      steps.push({
+        pixels: images.typed.subarray(start * C * H * W, (start + size) * C * H * W),
+        labels: labels.typed.subarray(start, start + size),
+        lr: arrays.lr.typed[s],
+        momentum: arrays.momentum.typed[s],
+      });
+      start += size;
+    });
+    return { header, steps };
+  }
+
+  // uint8 HWC RGB images [N,32,32,3] -> the model's float32 NCHW, x / 255. The division runs in
+  // float64 and rounds to float32: the same value as numpy's float32 division (53 >= 2*24 + 2
+  // bits, so rounding twice is exact).
+  function toModelInput(images, start, count) {
+    const out = new Float32Array(count * C * H * W);
+    for (let n = 0; n < count; n++) {
+      const src = (start + n) * H * W * C;
+      for (let c = 0; c < C; c++) {
+        for (let hw = 0; hw < H * W; hw++) {
+          out[(n * C + c) * H * W + hw] = images[src + hw * C + c] / 255;
+        }
+      }
+    }
+    return out;
+  }
+
+  // uint8 CHW pixels (a plan's) -> float32, x / 255.
+  const scale = (pixels) => Float32Array.from(pixels, (x) => x / 255);
+
+  function argmax(row) {
+    let best = 0;
+    for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
+    return best;
+  }
+
+  // The target input for class labels, in the form the graph's target takes (as lossx's
+  // runtime.feeds.target_form): the labels, their one-hot vectors, or those vectors' logs.
+  function targetTensor(ort, graph, labels) {
+    const { target, classes } = graph;
+    if (target.values === 'class_index') return new ort.Tensor('int64', labels, [labels.length]);
+    const fill = target.values === 'log_probabilities'
+      ? [Math.fround(Math.log(1.1754943508222875e-38)), 0] // log(float32 tiny), log(1)
+      : [0, 1];
+    const data = new Float32Array(labels.length * classes).fill(fill[0]);
+    labels.forEach((y, i) => {
+      data[i * classes + Number(y)] = fill[1];
+    });
+    return new ort.Tensor('float32', data, [labels.length, classes]);
+  }
+
+  // torch.optim.SGD(momentum, nesterov=True, weight_decay) with the global-norm clip of
+  // torch.nn.utils.clip_grad_norm_, rounding to float32 after every operation as lossx's numpy
+  // update does (Math.fround): the same weights from the same gradients.
+  class NesterovSGD {
+    constructor(parameters, weightDecay, clipNorm) {
+      this.parameters = parameters; // { name: Float32Array }, updated in place
+      this.weightDecay = Math.fround(weightDecay);
+      this.clipNorm = clipNorm;
+      this.momentumBuffers = {};
+    }
+
+    step(grads, lr, momentum) {
+      const f = Math.fround;
+      [lr, momentum] = [f(lr), f(momentum)];
+      let squares = 0;
+      for (const g of Object.values(grads)) for (let i = 0; i < g.length; i++) squares += g[i] * g[i];
+      const clip = this.clipNorm ? f(Math.min(this.clipNorm / (Math.sqrt(squares) + 1e-6), 1)) : 1;
+      for (const [name, w] of Object.entries(this.parameters)) {
+        const grad = grads[name];
+        const first = !(name in this.momentumBuffers);
+        const buf = first ? new Float32Array(w.length) : this.momentumBuffers[name];
+        this.momentumBuffers[name] = buf;
+        for (let i = 0; i < w.length; i++) {
+          let g = clip === 1 ? grad[i] : f(grad[i] * clip);
+          if (this.weightDecay) g = f(g + f(this.weightDecay * w[i]));
+          buf[i] = first ? g : f(f(buf[i] * momentum) + g);
+          w[i] = f(w[i] - f(lr * f(g + f(momentum * buf[i]))));
+        }
+      }
+    }
+  }
+
+  // Trains with a training graph's session: weights ({ name: { typed, shape } }, updated in
+  // place) step by step through a plan's steps; `onStep(index, loss)` after each.
+  class Trainer {
+    constructor(ort, session, graph, weights, header) {
+      Object.assign(this, { ort, session, graph, weights });
+      const parameters = Object.fromEntries(graph.parameters.map((t) => [t.name, weights[t.name].typed]));
+      this.optimizer = new NesterovSGD(parameters, header.weight_decay, header.clip_norm);
+    }
+
+    async step({ pixels, labels, lr, momentum }) {
+      const { ort, graph, weights } = this;
+      const tensor = (t) => new ort.Tensor(t.dtype, weights[t.name].typed, weights[t.name].shape);
+      const feeds = {
+        [graph.images]: new ort.Tensor('float32', scale(pixels), [labels.length, C, H, W]),
+        [graph.target.name]: targetTensor(ort, graph, labels),
+      };
+      for (const t of [...graph.parameters, ...graph.buffers]) feeds[t.name] = tensor(t);
+      const out = await this.session.run(feeds);
+      const grads = Object.fromEntries(
+        graph.parameters.map((t) => [t.name, out[graph.gradients[t.name]].data]));
+      for (const [buffer, name] of Object.entries(graph.nextBuffers)) {
+        weights[buffer].typed = out[name].data.slice();
+      }
+      this.optimizer.step(grads, lr, momentum);
+      return out.loss.data[0];
+    }
+  }
+
+  return {
+    PREPROCESSING,
+    argmax,
+    fileHash,
+    modelGraph,
+    parseManifest,
+    readPlan,
+    startingWeights,
+    toModelInput,
+    trainingGraph,
+    Trainer,
+  };
+});
