@@ -186,8 +186,13 @@
     return out;
   }
 
-  // uint8 CHW pixels (a plan's) -> float32, x / 255.
-  const scale = (pixels) => Float32Array.from(pixels, (x) => x / 255);
+  // uint8 CHW pixels (a plan's) -> float32, x / 255. A plain loop: Float32Array.from with a
+  // mapping function took 30 ms a batch of 64 in Node 20, a quarter of a training step.
+  function scale(pixels) {
+    const out = new Float32Array(pixels.length);
+    for (let i = 0; i < pixels.length; i++) out[i] = pixels[i] / 255;
+    return out;
+  }
 
   function argmax(row) {
     let best = 0;
