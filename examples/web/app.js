@@ -81,14 +81,14 @@ async function initTraining(manifest) {
   }
   const bytes = new Uint8Array(await response.arrayBuffer());
   const plan = lossx.readPlan(await readNpz(bytes, 'plan.npz', inflateRaw), 'plan.npz');
-  const hasGraph = manifest.graphs.some((g) => g.kind === 'train' && g.loss?.name === plan.header.loss.name);
-  if (!hasGraph) {
-    $('train-info').textContent = `This artifact has no training graph for ${plan.header.loss.name} ` +
-      '(export it with lossx export --train; int8 and fp16 artifacts have none).';
+  try {
+    state.graph = lossx.trainingGraph(manifest, plan.header.loss, 'manifest.json');
+  } catch (err) {
+    if (!(err instanceof lossxNpz.Refusal)) throw err;
+    $('train-info').textContent = `${err.message} (int8 and fp16 artifacts have none).`;
     return;
   }
   state.plan = plan;
-  state.graph = lossx.trainingGraph(manifest, plan.header.loss, 'manifest.json');
   const wanted = Number(new URLSearchParams(location.search).get('steps')) || plan.steps.length;
   state.steps = plan.steps.slice(0, wanted);
   fact('training plan', `${plan.steps.length} steps of ${plan.steps[0].labels.length} images, ` +

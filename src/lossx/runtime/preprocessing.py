@@ -17,7 +17,12 @@ PREPROCESSING = {
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
     """Turn uint8 images [N,32,32,3] (HWC, RGB) into the model's float32 [N,3,32,32] input."""
-    return scale(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return scale(to_chw(images))
+
+
+def to_chw(images: np.ndarray) -> np.ndarray:
+    """uint8 [N,32,32,3] (HWC) to contiguous uint8 [N,3,32,32] (CHW), the model's layout."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
 def scale(images: np.ndarray) -> np.ndarray:

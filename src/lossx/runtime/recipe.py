@@ -19,7 +19,7 @@ from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.feeds import log_softmax
 from lossx.runtime.images import jpeg_copy
 from lossx.runtime.options import TrainConfig
-from lossx.runtime.preprocessing import scale
+from lossx.runtime.preprocessing import scale, to_chw
 
 PAD = 4
 JPEG_PROBABILITY = 0.5  # of each training image being JPEG-compressed, with --jpeg-augment
@@ -106,7 +106,7 @@ def epoch_pixels(
         if config.augment:
             yield augment(images, rng), split.labels[index]
         else:
-            yield np.ascontiguousarray(images.transpose(0, 3, 1, 2)), split.labels[index]
+            yield to_chw(images), split.labels[index]
 
 
 def clip_factor(grad_norm: float, clip_norm: float) -> float:
