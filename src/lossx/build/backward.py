@@ -57,10 +57,22 @@ def _pairs(value) -> tuple[int, int]:
 
 
 def _conv_weight_grad(dy, x, weight_shape, stride, padding, dilation, groups):
-    """im2col as one Conv with a one-hot kernel (each input channel alone), then one batched
-    MatMul per group: 1.8x faster in ONNX Runtime than k*k shifted slices."""
+    """In ONNX Runtime, whichever form ran faster (bench/train_step.py, the closing notes of
+    issue 17): for a 5x5 or larger kernel over at most 8x8 outputs, one Conv of the images with
+    the batch as channels and dy as the kernel (the seed CNN's third layer: 1.2x); otherwise
+    im2col as one Conv with a one-hot kernel (each input channel alone), then one batched MatMul
+    per group: 1.8x faster than k*k shifted slices, and than the first form for 3x3 kernels
+    (resnet20's step: 1.17x) or larger outputs (the seed CNN's second layer: 1.2x)."""
     out_channels, in_per_group, kh, kw = weight_shape
     height, width = dy.shape[2], dy.shape[3]
+    if (
+        kh * kw >= 25
+        and height * width <= 64
+        and groups == 1
+        and stride == (1, 1)
+        and dilation == (1, 1)
+    ):
+        return F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, padding).transpose(0, 1)
     if (kh, kw) == (1, 1) and padding == (0, 0):
         columns = x[:, :, :: stride[0], :: stride[1]]
     else:
@@ -189,6 +201,12 @@ def _max_pool2d_backward(dy, x, kernel_size, stride, padding, dilation, ceil_mod
     return torch.stack([top, bottom], 3).flatten(2, 3)
 
 
+def _threshold_backward(dy, x, threshold):
+    """ReLU's backward as a Mul by a 0/1 mask: with torch's Where, resnet20's step took 1.1x as
+    long in ONNX Runtime. (It differs from torch's only where x is NaN or dy infinite.)"""
+    return dy * (x > threshold).to(dy.dtype)
+
+
 _TORCH_DECOMPOSITIONS = get_decompositions(
     [
         aten._native_batch_norm_legit,
@@ -208,6 +226,7 @@ def decompositions() -> dict:
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
     table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
+    table[aten.threshold_backward.default] = _threshold_backward
     return table
 
 

@@ -339,9 +339,6 @@ class Artifact:
                     for name, value in self.weights.items()
                     if value.dtype == np.float32
                 }
-            # A graph whose convolutions take their weights as inputs (a training graph) gains
-            # nothing from NCHWc, which only reorders its constant im2col convolutions'
-            # outputs: 14% (batch 64) and 9% (256) slower, measured with bench/train_step.py.
             session = open_session(
                 self.path / entry.spec.file,
                 provider,
@@ -349,7 +346,7 @@ class Artifact:
                 optimization,
                 tf32,
                 replaced,
-                nchwc=not entry.spec.parameter_names,
+                weights_as_inputs=bool(entry.spec.parameter_names),
             )
             check_signature(session, entry.spec, self.manifest)
             self._sessions[key] = session

@@ -43,16 +43,18 @@ def open_session(
     optimization: str = "all",
     tf32: bool = False,
     initializers: dict[str, np.ndarray] | None = None,
-    nchwc: bool = True,
+    weights_as_inputs: bool = False,
 ) -> ort.InferenceSession:
     """An InferenceSession for `path` that really runs on `provider` ("cpu", "cuda" or "auto").
 
     `threads`: intra-op threads (None: one per core). `optimization`: ONNX Runtime's graph
     optimisation level (lossx.runtime.options.OPTIMIZATION_LEVELS). `tf32`: let CUDA use TF32;
     off by default because TF32 rounds fp32 inputs to 10-bit mantissas, which breaks parity.
-    `initializers`: values that replace the graph's initializers of the same names. `nchwc`:
-    ONNX Runtime's NCHWc layout transformer (optimisation level all); it slows training graphs
-    down (see `Artifact.session`).
+    `initializers`: values that replace the graph's initializers of the same names.
+    `weights_as_inputs`: the graph takes its Conv weights as inputs (a training graph). ONNX
+    Runtime's NCHWc layout transformer (optimisation level all) would then reorder only its
+    constant im2col Convs, which slows it down, so it is off; on the CPU provider at level all,
+    lossx.runtime.nchwc gives the Convs with weight inputs the NCHWc kernels instead.
     """
     check_session_options(provider, threads, optimization)
     providers = _requested_providers(provider)
@@ -74,12 +76,13 @@ def open_session(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback warning: checked below instead
-            model = str(path) if initializers is None else _with_initializers(path, initializers)
+            cpu_only = providers == [_ORT_NAMES["cpu"]]
+            nchwc_convs = weights_as_inputs and optimization == "all" and cpu_only
             session = ort.InferenceSession(
-                model,
+                _model(path, initializers, nchwc_convs),
                 sess_options=options,
                 providers=providers,
-                disabled_optimizers=None if nchwc else ["NchwcTransformer"],
+                disabled_optimizers=["NchwcTransformer"] if weights_as_inputs else None,
             )
     except Exception as e:  # ORT raises several unrelated types for unreadable models
         raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line(e)}") from None
@@ -91,20 +94,33 @@ def open_session(
     return session
 
 
-def _with_initializers(path: Path, values: dict[str, np.ndarray]) -> bytes:
-    """The model at `path` with these initializers replaced, serialised. (SessionOptions.
-    add_initializer is no substitute: at optimisation level all, ONNX Runtime's NCHWc layout
-    transformer keeps the file's Conv weights and silently ignores the replacements.)"""
+def _model(path: Path, initializers: dict[str, np.ndarray] | None, nchwc_convs: bool):
+    """The model at `path` as ONNX Runtime should load it: the path itself, or the model
+    serialised with these initializers replaced (SessionOptions.add_initializer is no substitute:
+    at optimisation level all, ONNX Runtime's NCHWc layout transformer keeps the file's Conv
+    weights and silently ignores the replacements) and its Convs with weight inputs on NCHWc."""
+    if initializers is None and not nchwc_convs:
+        return str(path)
     import onnx
-    from onnx import numpy_helper
+
+    from lossx.runtime.nchwc import with_nchwc_convs
 
     model = onnx.load(str(path))
+    if initializers is not None:
+        _replace_initializers(model, initializers, path)
+    if nchwc_convs:
+        model = with_nchwc_convs(model)
+    return model.SerializeToString()
+
+
+def _replace_initializers(model, values: dict[str, np.ndarray], path: Path) -> None:
+    from onnx import numpy_helper
+
     present = {tensor.name: tensor for tensor in model.graph.initializer}
     for name, value in values.items():
         if name not in present:
             raise ArtifactError(f"{path.name}: the graph has no initializer {name!r} to replace")
         present[name].CopyFrom(numpy_helper.from_array(value, name))
-    return model.SerializeToString()
 
 
 def provider_names(session: ort.InferenceSession) -> list[str]:
