@@ -57,22 +57,18 @@ def _pairs(value) -> tuple[int, int]:
 
 
 def _conv_weight_grad(dy, x, weight_shape, stride, padding, dilation, groups):
-    """In ONNX Runtime, whichever form ran faster (bench/train_step.py, the closing notes of
-    issue 17): for a 5x5 or larger kernel over at most 8x8 outputs, one Conv of the images with
-    the batch as channels and dy as the kernel (the seed CNN's third layer: 1.2x); otherwise
-    im2col as one Conv with a one-hot kernel (each input channel alone), then one batched MatMul
-    per group: 1.8x faster than k*k shifted slices, and than the first form for 3x3 kernels
-    (resnet20's step: 1.17x) or larger outputs (the seed CNN's second layer: 1.2x)."""
+    """The weight gradient in the form ONNX Runtime ran fastest (docs/training.md, Speed): for
+    ungrouped stride-1 convolutions, one Conv of the images with the batch as channels and dy as
+    the kernel where a 5x5 or larger kernel has at most 8x8 outputs, `_shifted_rows_weight_grad`
+    elsewhere; otherwise im2col as one Conv with a one-hot kernel (each input channel alone),
+    then one batched MatMul per group (1.8x faster than k*k shifted slices)."""
     out_channels, in_per_group, kh, kw = weight_shape
     height, width = dy.shape[2], dy.shape[3]
-    if (
-        kh * kw >= 25
-        and height * width <= 64
-        and groups == 1
-        and stride == (1, 1)
-        and dilation == (1, 1)
-    ):
-        return F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, padding).transpose(0, 1)
+    if groups == 1 and stride == (1, 1) and dilation == (1, 1) and (kh, kw) != (1, 1):
+        if kh * kw >= 25 and height * width <= 64:
+            flipped = F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, padding)
+            return flipped.transpose(0, 1)
+        return _shifted_rows_weight_grad(dy, x, kh, kw, padding)
     if (kh, kw) == (1, 1) and padding == (0, 0):
         columns = x[:, :, :: stride[0], :: stride[1]]
     else:
@@ -86,6 +82,25 @@ def _conv_weight_grad(dy, x, weight_shape, stride, padding, dilation, groups):
     dy = dy.reshape(-1, out_channels // groups, height * width)
     per_image = torch.bmm(dy, columns.transpose(1, 2))
     return per_image.reshape(-1, *weight_shape).sum(0)
+
+
+def _shifted_rows_weight_grad(dy, x, kh, kw, padding):
+    """dW[o, c, i, j] = sum over images n and positions (y, x) of dy[n, o, y, x] times
+    x_padded[n, c, y + i, x + j], for stride 1: the kw column shifts of the images as one 1 x kw
+    one-hot Conv (kw copies of the images where an im2col writes kh * kw), the kh row shifts of
+    dy as one kh x 1 one-hot Conv, then one batched MatMul over images."""
+    out_channels, height, width = dy.shape[1], dy.shape[2], dy.shape[3]
+    in_channels = x.shape[1]
+    column_shifts = torch.eye(kw, dtype=x.dtype).reshape(kw, 1, 1, kw)
+    columns = F.conv2d(x.reshape(-1, 1, x.shape[2], x.shape[3]), column_shifts, None, 1, padding)
+    rows = columns.shape[2]  # the padded height: height + kh - 1
+    columns = columns.reshape(-1, in_channels * kw, rows * width)
+    row_shifts = torch.eye(kh, dtype=dy.dtype).flip(1).reshape(kh, 1, kh, 1)
+    shifted = F.conv2d(dy.reshape(-1, 1, height, width), row_shifts, None, 1, (kh - 1, 0))
+    shifted = shifted.reshape(-1, out_channels * kh, rows * width)
+    per_image = torch.bmm(shifted, columns.transpose(1, 2))
+    summed = per_image.reshape(-1, out_channels, kh, in_channels, kw).sum(0)
+    return summed.permute(0, 2, 1, 3)
 
 
 def _conv_input_grad(dy, x_shape, weight, stride, padding, dilation, groups):
