@@ -1,26 +1,31 @@
 """One training step in ONNX Runtime beside eager PyTorch: `lossx train`'s two engines.
 
-    python bench/train_step.py [--data-dir DIR] [--model tudui] [--threads 2] [--steps 20]
-        [--rounds 3] [--profile]
+    python bench/train_step.py [--data-dir DIR] [--models tudui,resnet20] [--threads 2]
+        [--steps 20] [--rounds 3] [--profile]
 
-Exports seeded random weights with `--train` (the torch engine starts from the same ones), then
-runs the step each engine of `lossx train` takes, on the same batches of the default recipe
-(shuffled, augmented training images; the packaged test images without --data-dir) with the
-one-cycle schedule, at batch 64 and 256:
+For each model, exports seeded random weights with `--train` (the torch engine starts from the
+same ones), then runs the step each engine of `lossx train` takes, on the same batches of the
+default recipe (shuffled, augmented training images; the packaged test images without
+--data-dir) with the one-cycle schedule, at batch 64 and 256:
 
 - onnxruntime: train_ce.onnx in ONNX Runtime, then clipping and Nesterov SGD in numpy;
 - torch: eager forward, backward, clipping and torch.optim.SGD, channels-last as `lossx train`
   runs it, and in the default contiguous (NCHW) memory format beside it.
 
-The engines alternate in rounds of --steps steps; the best round of each counts. Prints
-images/s, the ratio, and how far apart the two engines' weights are after the same steps.
---profile adds ONNX Runtime's time per operator type (SessionOptions.enable_profiling).
+The engines alternate in rounds of --steps steps (a quarter as many at batch 256); the best
+round of each counts. Prints images/s, the ratio, the share of this machine's fp32 peak each
+engine reaches (the best sgemm rate of ONNX Runtime, torch.mm and numpy, measured in the same
+run, against a step's FLOPs: forward, weight gradients and input gradients of every Conv2d and
+Linear but the first layer's input gradient), and how far apart the two engines' weights are
+after the same steps. --profile adds ONNX Runtime's time per operator type
+(SessionOptions.enable_profiling).
 """
 
 import argparse
 import collections
 import itertools
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +33,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from runtime_speed import cpu_name, gemm_peaks, layer_flops, load_line
 
 from lossx.build import export_artifact
+from lossx.build.models import build_model
 from lossx.build.torch_engine import TorchEngine
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample
 from lossx.runtime.options import TrainConfig
@@ -68,36 +75,29 @@ def profile(artifact, batches, threads: int, folder: Path) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--model", default="tudui", help="a registry name or MODULE:ATTR")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profile", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.data_dir:
-        split = load_cifar10(args.data_dir, "train", limit=256 * args.steps)
-    else:
-        split = load_packaged_sample()
+def step_flops(model_name: str) -> int:
+    """FLOPs of one training step per image: every Conv2d and Linear's forward and weight
+    gradient, and its input gradient but for the first layer (the images need none)."""
+    layers = [flops for _, flops in layer_flops(build_model(model_name))]
+    return 3 * sum(layers) - layers[0]
+
+
+def measure(model_name: str, split, args, peak: float) -> None:
     total_steps = args.rounds * args.steps
     with tempfile.TemporaryDirectory() as tmp:
         export_artifact(
-            Path(tmp) / "a", args.model, losses=["ce"], init="random", seed=0, train=True
+            Path(tmp) / "a", model_name, losses=["ce"], init="random", seed=0, train=True
         )
         artifact = load_artifact(Path(tmp) / "a")
-        print(
-            f"{args.model}, {args.threads} threads, {args.rounds} rounds of {args.steps} steps "
-            f"of the default recipe on {split.source}, best round"
-        )
+        flops = step_flops(model_name)
+        print(f"\n{model_name}: {flops / 1e6:.1f} MFLOP per image per step")
         print(f"{'batch':>6}{'onnxruntime img/s':>19}{'torch img/s':>13}{'ratio':>8}"
-              f"{'torch NCHW img/s':>18}{'channels-last gain':>20}"
+              f"{'ORT % peak':>12}{'torch % peak':>14}{'torch NCHW img/s':>18}"
               f"{'weights apart':>15}")  # fmt: skip
         for batch in (64, 256):
-            config = TrainConfig(model=args.model, batch_size=batch, seed=0)
-            batches = list(itertools.islice(epoch_batches(split, config, 1), args.steps))
+            steps = args.steps if batch == 64 else max(2, args.steps // 4)
+            config = TrainConfig(model=model_name, batch_size=batch, seed=0)
+            batches = list(itertools.islice(epoch_batches(split, config, 1), steps))
             onnx = OnnxRuntimeEngine(
                 artifact, config, Path(tmp) / "o.npz", {"threads": args.threads}
             )
@@ -105,7 +105,7 @@ def main() -> None:
             nchw = TorchEngine(config, Path(tmp) / "n.pt", torch.contiguous_format)
             speeds = {"onnx": [], "eager": [], "nchw": []}
             for round_index in range(args.rounds):
-                first = round_index * args.steps
+                first = round_index * steps
                 speeds["onnx"].append(timed_round(onnx, batches, first, total_steps))
                 speeds["eager"].append(timed_round(eager, batches, first, total_steps))
                 speeds["nchw"].append(timed_round(nchw, batches, first, total_steps))
@@ -116,10 +116,41 @@ def main() -> None:
             )
             best_onnx, best_eager, best_nchw = (max(speeds[k]) for k in ("onnx", "eager", "nchw"))
             print(f"{batch:>6}{best_onnx:>19,.0f}{best_eager:>13,.0f}"
-                  f"{best_onnx / best_eager:>7.2f}x{best_nchw:>18,.0f}"
-                  f"{best_eager / best_nchw:>19.2f}x{apart:>15.2g}")  # fmt: skip
+                  f"{best_onnx / best_eager:>7.2f}x{best_onnx * flops / peak:>12.0%}"
+                  f"{best_eager * flops / peak:>14.0%}{best_nchw:>18,.0f}"
+                  f"{apart:>15.2g}")  # fmt: skip
             if args.profile:
                 profile(artifact, batches, args.threads, Path(tmp))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument(
+        "--models", default="tudui,resnet20", help="registry names or MODULE:ATTR, comma-separated"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.data_dir:
+        split = load_cifar10(args.data_dir, "train", limit=64 * args.steps)
+    else:
+        split = load_packaged_sample()
+    peaks = gemm_peaks(args.threads, 3, 0.25)
+    name, size, peak = max(
+        ((n, k, r) for n, rates in peaks.items() for k, r in rates.items()), key=lambda x: x[2]
+    )
+    print(f"{cpu_name()}, {args.threads} threads; {load_line('start', os.cpu_count() or 1)}")
+    print(
+        f"fp32 peak {peak / 1e9:.1f} GFLOP/s ({name}, n={size}); {args.rounds} rounds of "
+        f"{args.steps} steps (batch 64) of the default recipe on {split.source}, best round"
+    )
+    for model_name in args.models.split(","):
+        measure(model_name, split, args, peak)
+    print(load_line("end", os.cpu_count() or 1))
 
 
 if __name__ == "__main__":
