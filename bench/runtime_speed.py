@@ -1,13 +1,19 @@
-"""How fast the runtime side is: ONNX Runtime against eager PyTorch, eval end to end, a roofline.
+"""How fast the runtime side is: ONNX Runtime against torch.compile and eager PyTorch, eval end to
+end, a roofline.
 
     python bench/runtime_speed.py ARTIFACT_DIR --data-dir ../shared/data/cifar10 \\
         --threads 2 --repeats 5
 
 ARTIFACT_DIR comes from `lossx export`. Prints one table, in one run:
 
-1. the model graph alone (inputs converted to float32 NCHW beforehand): ONNX Runtime and eager
-   PyTorch (the model rebuilt with the artifact's weights, under torch.inference_mode) at batch
-   1, 64 and 256 with the same thread count; images/s, and per-call latency p50/p99;
+1. the model graph alone (inputs converted to float32 NCHW beforehand): ONNX Runtime,
+   torch.compile and eager PyTorch (both the model rebuilt with the artifact's weights, under
+   torch.inference_mode) at batch 1, 64 and 256 with the same thread count; images/s, and
+   per-call latency p50/p99. torch.compile is what a PyTorch user would pick instead: the default
+   inductor backend on the CPU, one graph per batch size (dynamic=False, as a server with a fixed
+   batch has). Its compile time is reported apart, per batch size: first into an empty inductor
+   cache (a temporary directory: what a first start costs), then again from the cache that
+   filled (what a restart costs); the second compilation's model is the one timed;
 2. `lossx.runtime.evaluate` (what `lossx eval` runs) over 10,000 images at batch 256: end to
    end images/s (preprocessing, model and loss graphs) as a share of the model-only figure;
 3. a roofline: this machine's fp32 matrix-multiply FLOP/s (numpy, torch.mm and an ONNX Runtime
@@ -18,8 +24,8 @@ ARTIFACT_DIR comes from `lossx export`. Prints one table, in one run:
 5. the goals, each MET or MISSED.
 
 Every throughput is the best of --repeats trials of at least --min-seconds each, after a
-warm-up; ORT and eager trials alternate so drifting load hits both. Run it on a quiet machine:
-other work on the same cores shows up directly in these figures.
+warm-up; ORT, torch.compile and eager trials alternate so drifting load hits all three. Run it on
+a quiet machine: other work on the same cores shows up directly in these figures.
 """
 
 import argparse
@@ -30,6 +36,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -58,6 +65,7 @@ EVAL_BATCH = 256
 GEMM_SIZES = (256, 512, 1024, 2048)
 STARTUP_RUNS = 5
 GOAL_SPEEDUP = 2.5  # ORT over eager at batch 64
+GOAL_COMPILE_SPEEDUP = 1.15  # ORT over torch.compile at batches 64 and 256
 GOAL_EVAL_SHARE = 0.85  # eval end to end over model-only ORT at batch 256
 GOAL_ROOFLINE_SHARE = 0.75  # best model-only ORT over the sgemm roofline
 
@@ -102,19 +110,43 @@ def model_batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
     return [to_model_input(images[s : s + batch]) for s in range(0, len(images) - batch + 1, batch)]
 
 
-def model_only(artifact, split: Cifar10Split, threads: int, repeats: int, seconds: float) -> dict:
-    """Per batch size and engine: best and median images/s, and every call's latency."""
+def compile_model(model: nn.Module, examples: dict[int, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """torch.compile(model) with one graph per batch size, and per batch size the seconds of its
+    first call (the compilation) into an empty inductor cache and again from the cache it filled,
+    with the largest logit difference from eager."""
+    compiled, report = None, {batch: {} for batch in examples}
+    with torch.inference_mode():
+        for cache in ("cold", "warm"):
+            torch._dynamo.reset()  # forget the compiled graphs; the on-disk cache stays
+            compiled = torch.compile(model, dynamic=False)
+            for batch, images in examples.items():
+                started = time.perf_counter()
+                logits = compiled(images)
+                report[batch][cache] = time.perf_counter() - started
+                report[batch]["max_diff"] = (logits - model(images)).abs().max().item()
+    return compiled, report
+
+
+def model_only(
+    artifact, split: Cifar10Split, threads: int, repeats: int, seconds: float
+) -> tuple[dict, dict]:
+    """Per batch size and engine: best and median images/s, and every call's latency; and
+    torch.compile's compile times (`compile_model`)."""
     spec = artifact.graph("model").spec
     session = open_session(artifact.path / spec.file, "cpu", threads)
     (input_name,), outputs = spec.input_names, spec.output_names
     model = EagerRunner.of_artifact(artifact).model.eval()
+    batches = {batch: model_batches(split.images, batch) for batch in BATCH_SIZES}
+    examples = {batch: torch.from_numpy(arrays[0]) for batch, arrays in batches.items()}
+    compiled, compile_report = compile_model(model, examples)
     steps = {}
-    for batch in BATCH_SIZES:
-        arrays = model_batches(split.images, batch)
+    for batch, arrays in batches.items():
         tensors = [torch.from_numpy(a) for a in arrays]
         feeds = itertools.cycle([{input_name: a} for a in arrays])
-        inputs = itertools.cycle(tensors)
         steps[batch, "ort"] = lambda feeds=feeds: session.run(outputs, next(feeds))
+        inputs = itertools.cycle(tensors)
+        steps[batch, "compile"] = lambda inputs=inputs: compiled(next(inputs))
+        inputs = itertools.cycle(tensors)
         steps[batch, "eager"] = lambda inputs=inputs: model(next(inputs))
     results = {key: {"rates": [], "laps": []} for key in steps}
     with torch.inference_mode():
@@ -125,7 +157,7 @@ def model_only(artifact, split: Cifar10Split, threads: int, repeats: int, second
                 laps = timed_calls(step, seconds)
                 results[batch, engine]["rates"].append(batch * len(laps) / sum(laps))
                 results[batch, engine]["laps"] += laps
-    return results
+    return results, compile_report
 
 
 def eval_workload(data_dir: Path | None) -> Cifar10Split:
@@ -249,6 +281,20 @@ def load_line(when: str, cpus: int) -> str:
     return line
 
 
+def simd_flags() -> list[str]:
+    """Which of AVX2, AVX-512 (F) and AVX-512 VNNI /proc/cpuinfo lists."""
+    try:
+        flags = next(
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return []
+    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI"}
+    return [label for flag, label in names.items() if flag in flags]
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -268,7 +314,11 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=1.0, help="Length of each trial.")
     args = parser.parse_args()
     threads, repeats, seconds = args.threads, args.repeats, args.min_seconds
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # inductor's kernels take their thread count from it too
+    # An empty inductor cache for this run, so torch.compile's cold compile time is a first
+    # start's whatever ran before; removed when the bench exits.
+    inductor_cache = tempfile.TemporaryDirectory(prefix="runtime-speed-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache.name
     lossx = Path(sys.executable).with_name("lossx")
     artifact = load_artifact(args.artifact)
     images = load_cifar10(args.data_dir, "test") if args.data_dir else load_packaged_sample()
@@ -280,29 +330,49 @@ def main() -> None:
     )
     print(
         f"{cpu_name()}: {os.cpu_count()} CPUs ({usable} usable); {threads} threads "
-        f"(ORT intra-op, torch.set_num_threads = {torch.get_num_threads()}, OpenBLAS)"
+        f"(ORT intra-op, torch.set_num_threads = {torch.get_num_threads()}, OpenBLAS); "
+        f"CPU flags: {', '.join(simd_flags()) or 'no AVX2'}"
     )
     print(f"{load_line('start', usable)}; best of {repeats} trials of >= {seconds:g} s per cell")
 
-    cells = model_only(artifact, images, threads, repeats, seconds)
-    ort_rate = {b: max(cells[b, "ort"]["rates"]) for b in BATCH_SIZES}
-    eager_rate = {b: max(cells[b, "eager"]["rates"]) for b in BATCH_SIZES}
+    cells, compile_report = model_only(artifact, images, threads, repeats, seconds)
+    engines = {"ort": "ORT", "compile": "compile", "eager": "eager"}
+    rate = {(b, e): max(cells[b, e]["rates"]) for b in BATCH_SIZES for e in engines}
+    ort_rate = {b: rate[b, "ort"] for b in BATCH_SIZES}
+    eager_rate = {b: rate[b, "eager"] for b in BATCH_SIZES}
+    compile_rate = {b: rate[b, "compile"] for b in BATCH_SIZES}
     print(f"\n1. model only, {len(images):,} images of {images.source} (images/s: best, median)")
     print(
-        f"{'batch':>5}{'ORT best':>10}{'median':>8}{'eager best':>12}{'median':>8}{'ORT/eager':>11}"
-        f"{'ORT p50/p99 ms':>19}{'eager p50/p99 ms':>19}"
+        f"{'batch':>5}"
+        + "".join(f"{label + ' best':>{len(label) + 7}}{'median':>8}" for label in engines.values())
+        + f"{'ORT/compile':>13}{'ORT/eager':>11}"
     )
     for b in BATCH_SIZES:
         row = f"{b:>5}"
-        for engine in ("ort", "eager"):
+        for engine, label in engines.items():
             rates = cells[b, engine]["rates"]
-            width = 10 if engine == "ort" else 12
-            row += f"{max(rates):>{width},.0f}{statistics.median(rates):>8,.0f}"
-        row += f"{ort_rate[b] / eager_rate[b]:>10.2f}x"
-        for engine in ("ort", "eager"):
+            row += f"{max(rates):>{len(label) + 7},.0f}{statistics.median(rates):>8,.0f}"
+        row += f"{ort_rate[b] / compile_rate[b]:>12.2f}x{ort_rate[b] / eager_rate[b]:>10.2f}x"
+        print(row)
+    print(f"{'batch':>5}" + "".join(f"{label + ' p50/p99 ms':>21}" for label in engines.values()))
+    for b in BATCH_SIZES:
+        row = f"{b:>5}"
+        for engine in engines:
             p50, p99 = np.percentile(cells[b, engine]["laps"], [50, 99]) * 1e3
-            row += f"{p50:>11.3f}/{p99:<7.3f}"
+            row += f"{p50:>13.3f}/{p99:<7.3f}"
         print(row.rstrip())
+    print(
+        "   torch.compile (inductor, dynamic=False), compile time per batch size, into an empty "
+        "cache / from the cache it filled:"
+    )
+    print(
+        "     "
+        + "; ".join(
+            f"batch {b} {r['cold']:.1f} s / {r['warm']:.1f} s" for b, r in compile_report.items()
+        )
+        + f" (max |compiled - eager| logit "
+        f"{max(r['max_diff'] for r in compile_report.values()):.1e})"
+    )
 
     workload = eval_workload(args.data_dir)
     evaluate(artifact, workload.head(2 * EVAL_BATCH), EVAL_BATCH, "cpu", threads)  # warm-up
@@ -386,6 +456,15 @@ def main() -> None:
     speedup = ort_rate[64] / eager_rate[64]
     goals = [
         (
+            f"ORT >= {GOAL_COMPILE_SPEEDUP}x torch.compile at batch {b}",
+            f"{ort_rate[b] / compile_rate[b]:.2f}x",
+            ort_rate[b] / compile_rate[b],
+            GOAL_COMPILE_SPEEDUP,
+            "x",
+        )
+        for b in (64, 256)
+    ] + [
+        (
             f"ORT >= {GOAL_SPEEDUP}x eager at batch 64",
             f"{speedup:.2f}x",
             speedup,
@@ -408,8 +487,9 @@ def main() -> None:
         ),
     ]
     print("\n5. goals")
+    width = max(len(label) for label, *_ in goals) + 2
     for label, shown, value, goal, unit in goals:
-        print(f"   {label:<38}{shown:>8}  {verdict(value, goal, unit)}")
+        print(f"   {label:<{width}}{shown:>6}  {verdict(value, goal, unit)}")
     print(load_line("end", usable))
 
 
