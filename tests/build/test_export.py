@@ -134,6 +134,37 @@ def test_weights_file_holds_the_exported_weights(artifact_dir):
             np.testing.assert_array_equal(npz[key], initializers[key])
 
 
+def test_the_model_and_each_loss_are_exported_once(tmp_path, monkeypatch):
+    """torch.onnx exports model.onnx and each loss graph; each model+loss graph is composed from
+    them (a loss of log-probabilities behind a LogSoftmax), and verified like the others."""
+    exported = []
+    export = torch.onnx.export
+
+    def counted(*args, **kwargs):
+        exported.append(kwargs["input_names"])
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counted)
+    out = tmp_path / "a"
+    export_artifact(out, init="random", losses=["ce", "nll"])
+    assert exported == [["images"], ["logits", "labels"], ["log_probs", "labels"]]
+    stems = ("model", "loss_ce", "loss_nll", "model_ce", "model_nll")
+    ops = {f: [n.op_type for n in onnx.load(out / f"{f}.onnx").graph.node] for f in stems}
+    assert ops["model_ce"] == ops["model"] + ops["loss_ce"]
+    assert ops["model_nll"] == ops["model"] + ["LogSoftmax"] + ops["loss_nll"]
+
+
+def test_fused_graphs_hold_the_model_weights_under_model(artifact_dir):
+    """As the fused module's state_dict names them, which is what --weights replaces."""
+    model = onnx.load(artifact_dir / "model.onnx").graph.initializer
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model if t.name.startswith("model1.")}
+    for file in ("model_ce.onnx", "model_mse.onnx", "model_l1.onnx"):
+        fused = onnx.load(artifact_dir / file).graph.initializer
+        fused = {t.name: onnx.numpy_helper.to_array(t) for t in fused}
+        for name, value in weights.items():
+            np.testing.assert_array_equal(fused[f"model.{name}"], value)
+
+
 def test_export_is_reproducible(tmp_path):
     export_artifact(tmp_path / "a", init="random", losses=["ce"])
     export_artifact(tmp_path / "b", init="random", losses=["ce"])

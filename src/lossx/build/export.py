@@ -1,7 +1,9 @@
 """Export a model and its losses to an ONNX artifact that verifies itself before it lands.
 
-Every graph is exported with torch.onnx (dynamo), checked with `onnx.checker` (full check), run
-in ONNX Runtime on fresh inputs of other sizes and compared with eager PyTorch by the parity
+The model, each loss and each training step are exported with torch.onnx (dynamo), each once;
+a model+loss graph is composed from the model's and its loss's graphs with `onnx.compose`
+instead of being traced again. Every graph is checked with `onnx.checker` (full check), run in
+ONNX Runtime on fresh inputs of other sizes and compared with eager PyTorch by the parity
 engine (lossx.compare). The artifact is written to a temporary sibling directory and renamed
 into place only when all of that passed.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.compose
 import onnx.version_converter
 import onnx_ir
 import onnx_ir.passes.common
@@ -187,9 +190,9 @@ def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
                 raise ExportError(f"{spec.file}: {declared.name} has a dim {dim} != {want}")
 
 
-def _export_graph(
-    spec: GraphSpec, module: nn.Module, path: Path, opset: int, metadata: dict[str, str]
-) -> onnx.ModelProto:
+def _exported_proto(spec: GraphSpec, module: nn.Module, opset: int) -> onnx.ModelProto:
+    """Graph `spec` exported from `module` by torch.onnx (dynamo) at `opset`, its inputs and
+    outputs checked against the spec."""
     example = tuple(torch.from_numpy(x) for x in sample_feed(spec, EXAMPLE_SIZES, 0).values())
     try:
         with (
@@ -215,16 +218,121 @@ def _export_graph(
     if spec.kind is GraphKind.TRAIN:
         _check_training_ops(proto, spec)
     _conform_signature(proto, spec)
-    proto.producer_name = "lossx"
-    proto.producer_version = lossx.__version__
+    return proto
+
+
+def _graph_proto(
+    spec: GraphSpec,
+    model: nn.Module,
+    opset: int,
+    exported: dict[GraphSpec, onnx.ModelProto],
+) -> onnx.ModelProto:
+    """Graph `spec`: exported from its module, or for a fused graph composed from the model
+    and loss graphs; `exported` holds the graphs exported so far, so each is exported once."""
+    if spec.kind is GraphKind.FUSED:
+        parts = (model_graph(), loss_graph(spec.loss))
+        return _fused_proto(spec, *(_graph_proto(p, model, opset, exported) for p in parts))
+    if spec not in exported:
+        exported[spec] = _exported_proto(spec, exported_module(spec, model), opset)
+    return exported[spec]
+
+
+def _fused_proto(spec: GraphSpec, model: onnx.ModelProto, loss: onnx.ModelProto) -> onnx.ModelProto:
+    """Fused graph `spec`, what graph_modules.Fused computes, composed from the exported model
+    and loss graphs: every name of the model under `model.` (which gives its weights the fused
+    module's state_dict names) and of the loss under `loss.`, the logits scored in the form the
+    loss is defined on, and the inputs and outputs named as `spec` names them."""
+    parts = (model_graph(), loss_graph(spec.loss))
+    loss = _on_logits(loss, spec)
+    try:
+        fused = onnx.compose.merge_models(
+            model,
+            loss,
+            io_map=[(parts[0].output_names[0], loss.graph.input[0].name)],
+            outputs=[f"model.{parts[0].output_names[0]}", f"loss.{parts[1].output_names[0]}"],
+            prefix1="model.",
+            prefix2="loss.",
+            name=model.graph.name,
+            doc_string="",
+            domain=model.domain,
+            model_version=model.model_version,
+        )
+    except (ValueError, onnx.checker.ValidationError) as e:
+        raise ExportError(
+            f"{spec.file}: cannot compose it with onnx.compose: {first_line(e)}"
+        ) from None
+    # merge_models lists each opset of both models; one entry per domain is the ONNX form
+    opsets = {o.domain: o.version for o in fused.opset_import}
+    del fused.opset_import[:]
+    fused.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    # (images, target) -> (logits, loss): the model's input, the loss's target, their outputs
+    composed = (
+        f"model.{parts[0].input_names[0]}",
+        f"loss.{parts[1].input_names[1]}",
+        f"model.{parts[0].output_names[0]}",
+        f"loss.{parts[1].output_names[0]}",
+    )
+    renames = dict(zip(composed, (*spec.input_names, *spec.output_names), strict=True))
+    _rename_values(fused.graph, renames)
+    # where the loss's symbolic class dim meets the model's fixed one, it is fixed
+    for actual, declared in (
+        *zip(fused.graph.input, spec.inputs, strict=True),
+        *zip(fused.graph.output, spec.outputs, strict=True),
+    ):
+        dims = actual.type.tensor_type.shape.dim
+        for dim, want in zip(dims, declared.shape, strict=False):
+            if isinstance(want, int) and dim.HasField("dim_param"):
+                dim.dim_value = want
+    _conform_signature(fused, spec)
+    return fused
+
+
+def _on_logits(loss: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
+    """Loss graph `loss` scoring logits, as losses.OnLogits does: a loss defined on
+    log-probabilities gets a LogSoftmax over the class dim in front of it."""
+    if spec.loss.info.input_name != "log_probs":
+        return loss
+    scored = onnx.ModelProto()
+    scored.CopyFrom(loss)
+    graph = scored.graph
+    scores = graph.input[0].name
+    graph.input[0].name = "logits"
+    graph.node.insert(0, onnx.helper.make_node("LogSoftmax", ["logits"], [scores], axis=1))
+    return scored
+
+
+def _rename_values(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Rename values of `graph` (and their uses in its subgraphs) as `names` maps them."""
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+        for attribute in node.attribute:
+            for subgraph in (
+                *([attribute.g] if attribute.HasField("g") else []),
+                *attribute.graphs,
+            ):
+                _rename_values(subgraph, names)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        value.name = names.get(value.name, value.name)
+
+
+def _write_graph(
+    proto: onnx.ModelProto, spec: GraphSpec, path: Path, metadata: dict[str, str]
+) -> onnx.ModelProto:
+    """Write graph `proto` to `path` with lossx's producer and `metadata` (on a copy: the
+    exported graphs stay as they are, to be composed), then check the file with onnx.checker."""
+    written = onnx.ModelProto()
+    written.CopyFrom(proto)
+    written.producer_name = "lossx"
+    written.producer_version = lossx.__version__
     for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save_model(proto, path)
+        written.metadata_props.add(key=key, value=value)
+    onnx.save_model(written, path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"{spec.file}: onnx.checker rejected it: {first_line(e)}") from None
-    return proto
+    return written
 
 
 def _check_training_ops(proto: onnx.ModelProto, spec: GraphSpec) -> None:
@@ -377,9 +485,21 @@ def export_graph(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
-    """Export graph `spec` (of `model` for model and fused graphs) to `path`, checked with
-    onnx.checker and verified in ONNX Runtime against the torch.nn reference."""
-    proto = _export_graph(spec, exported_module(spec, model), path, opset, metadata or {})
+    """Export graph `spec` (of `model` for model, fused and training graphs; a fused graph is
+    composed from the model and loss graphs) to `path`, checked with onnx.checker and verified
+    in ONNX Runtime against the torch.nn reference."""
+    return _export_verified(spec, model, path, opset, metadata or {}, {})
+
+
+def _export_verified(
+    spec: GraphSpec,
+    model: nn.Module,
+    path: Path,
+    opset: int,
+    metadata: dict[str, str],
+    exported: dict[GraphSpec, onnx.ModelProto],
+) -> onnx.ModelProto:
+    proto = _write_graph(_graph_proto(spec, model, opset, exported), spec, path, metadata)
     verify_graph(spec, model, path)
     return proto
 
@@ -488,6 +608,7 @@ def _write_artifact(
         **{f"producer.{k}": v for k, v in producer.items()},
     }
     entries = []
+    exported = {}  # the model and loss graphs, each exported once, the fused ones composed
     for spec in graphs:
         if progress:
             progress(spec.file)
@@ -499,7 +620,7 @@ def _write_artifact(
         }
         if spec.loss:
             metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
-        proto = export_graph(spec, model, staged / spec.file, opset, metadata)
+        proto = _export_verified(spec, model, staged / spec.file, opset, metadata, exported)
         entries.append(GraphEntry(spec, opset, proto.ir_version))
     if precision != "fp32":
         entries = [

@@ -39,5 +39,6 @@ def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
 
 
 def exported_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
-    """The module graph `spec` is exported from."""
+    """The module graph `spec` is exported from (lossx.build.export composes a fused graph from
+    the model's and the loss's graphs instead)."""
     return _graph_module(spec, model, exported_loss, TrainingStep)
