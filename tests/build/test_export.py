@@ -154,6 +154,24 @@ def test_the_model_and_each_loss_are_exported_once(tmp_path, monkeypatch):
     assert ops["model_nll"] == ops["model"] + ["LogSoftmax"] + ops["loss_nll"]
 
 
+def test_torch_onnx_builds_its_function_table_once(tmp_path, monkeypatch):
+    """torch.onnx.export builds its ATen-to-ONNX table on every call unless export reuses it,
+    which patches a private of torch.onnx (pinned in pyproject.toml)."""
+    from torch.onnx._internal.exporter import _registration
+
+    builds = []
+    build = _registration.ONNXRegistry.from_torchlib
+
+    def counted(_, *args, **kwargs):
+        builds.append(kwargs)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counted))
+    monkeypatch.setattr(export_module, "_torchlib_registries", {})
+    export_artifact(tmp_path / "a", init="random", losses=["ce", "mse"])
+    assert len(builds) == 1
+
+
 def test_fused_graphs_hold_the_model_weights_under_model(artifact_dir):
     """As the fused module's state_dict names them, which is what --weights replaces."""
     model = onnx.load(artifact_dir / "model.onnx").graph.initializer

@@ -167,6 +167,31 @@ def _weights_kept_by_name():
         yield
 
 
+_torchlib_registries = {}  # torch.onnx's ATen-to-ONNX tables by the arguments they were built for
+
+
+@contextlib.contextmanager
+def _torchlib_registry_built_once():
+    """torch.onnx.export with its table of ATen-to-ONNX functions built once per opset and
+    process: every call builds it anew (about 0.5 s, more than a loss graph's whole export),
+    and an export only reads it. The table is private to torch.onnx (pinned in pyproject.toml;
+    tests/build/test_export.py checks it is still there)."""
+    from torch.onnx._internal.exporter import _registration
+
+    build = _registration.ONNXRegistry.from_torchlib
+
+    def built_once(_, *args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in _torchlib_registries:
+            _torchlib_registries[key] = build(*args, **kwargs)
+        return _torchlib_registries[key]
+
+    with unittest.mock.patch.object(
+        _registration.ONNXRegistry, "from_torchlib", classmethod(built_once)
+    ):
+        yield
+
+
 def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
     """Check the exported graph's I/O against `spec` and name its dynamic dims as `spec` does."""
     for actual, declared in (
@@ -199,6 +224,7 @@ def _exported_proto(spec: GraphSpec, module: nn.Module, opset: int) -> onnx.Mode
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
             _weights_kept_by_name(),
+            _torchlib_registry_built_once(),
         ):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
