@@ -6,14 +6,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 import lossx
 from lossx import files as files_module
 from lossx.build import export as export_module
-from lossx.build.export import export_artifact, verify_graph
+from lossx.build.export import export_artifact, export_loss, verify_graph
+from lossx.build.graph_modules import Together
 from lossx.build.losses import reference_loss
 from lossx.compare.inputs import sample_feed
-from lossx.errors import ArtifactError, ParityError, SpecError
+from lossx.errors import ArtifactError, ExportError, ParityError, SpecError
 from lossx.runtime import load_artifact
 from lossx.runtime.artifact import sha256_of
 from lossx.runtime.cifar10 import CLASS_NAMES
@@ -134,24 +136,68 @@ def test_weights_file_holds_the_exported_weights(artifact_dir):
             np.testing.assert_array_equal(npz[key], initializers[key])
 
 
-def test_the_model_and_each_loss_are_exported_once(tmp_path, monkeypatch):
-    """torch.onnx exports model.onnx and each loss graph; each model+loss graph is composed from
-    them (a loss of log-probabilities behind a LogSoftmax), and verified like the others."""
-    exported = []
+def _counted_exports(monkeypatch) -> list[list[str]]:
+    """The input names of every torch.onnx.export call from now on."""
+    calls = []
     export = torch.onnx.export
 
     def counted(*args, **kwargs):
-        exported.append(kwargs["input_names"])
+        calls.append(kwargs["input_names"])
         return export(*args, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", counted)
+    return calls
+
+
+def test_the_model_and_the_losses_are_exported_in_one_call(tmp_path, monkeypatch):
+    """torch.onnx exports model.onnx and every loss graph together, split apart after; each
+    model+loss graph is composed from them (a loss of log-probabilities behind a LogSoftmax),
+    and every graph is verified like the others."""
+    calls = _counted_exports(monkeypatch)
     out = tmp_path / "a"
     export_artifact(out, init="random", losses=["ce", "nll"])
-    assert exported == [["images"], ["logits", "labels"], ["log_probs", "labels"]]
+    assert calls == [
+        [
+            "model.images",
+            "loss_ce.logits",
+            "loss_ce.labels",
+            "loss_nll.log_probs",
+            "loss_nll.labels",
+        ]
+    ]
     stems = ("model", "loss_ce", "loss_nll", "model_ce", "model_nll")
     ops = {f: [n.op_type for n in onnx.load(out / f"{f}.onnx").graph.node] for f in stems}
+    assert ops["model"] == ["Conv", "MaxPool"] * 3 + ["Reshape", "Gemm", "Gemm"]
     assert ops["model_ce"] == ops["model"] + ops["loss_ce"]
     assert ops["model_nll"] == ops["model"] + ["LogSoftmax"] + ops["loss_nll"]
+
+
+def test_graphs_are_exported_alone_where_exporting_them_together_fails(tmp_path, monkeypatch):
+    def untraceable(self, *inputs):
+        raise RuntimeError("not today")
+
+    monkeypatch.setattr(Together, "forward", untraceable)
+    calls = _counted_exports(monkeypatch)
+    export_artifact(tmp_path / "a", init="random", losses=["ce", "mse"])
+    assert calls[1:] == [["images"], ["logits", "labels"], ["input", "target"]]
+    assert load_artifact(tmp_path / "a").manifest.loss_names == ["ce", "mse"]
+
+
+class _Histogram(nn.Module):
+    """Runs eagerly, but torch.onnx has no ONNX function for torch.histc."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, images):
+        return self.linear(images.flatten(1)) + torch.histc(images, bins=4).sum() * 0
+
+
+def test_a_graph_torch_onnx_cannot_export_is_named(tmp_path):
+    with pytest.raises(ExportError, match=r"^model.onnx: torch.onnx.export failed: "):
+        export_artifact(tmp_path / "a", model=_Histogram(), losses=["ce"])
+    assert not (tmp_path / "a").exists()
 
 
 def test_torch_onnx_builds_its_function_table_once(tmp_path, monkeypatch):
@@ -168,7 +214,8 @@ def test_torch_onnx_builds_its_function_table_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counted))
     monkeypatch.setattr(export_module, "_torchlib_registries", {})
-    export_artifact(tmp_path / "a", init="random", losses=["ce", "mse"])
+    export_loss("ce", tmp_path / "ce.onnx")
+    export_loss("mse", tmp_path / "mse.onnx")
     assert len(builds) == 1
 
 

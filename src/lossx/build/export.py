@@ -1,27 +1,29 @@
 """Export a model and its losses to an ONNX artifact that verifies itself before it lands.
 
-The model, each loss and each training step are exported with torch.onnx (dynamo), each once;
-a model+loss graph is composed from the model's and its loss's graphs with `onnx.compose`
-instead of being traced again. Every graph is checked with `onnx.checker` (full check), run in
-ONNX Runtime on fresh inputs of other sizes and compared with eager PyTorch by the parity
-engine (lossx.compare). The artifact is written to a temporary sibling directory and renamed
-into place only when all of that passed.
+The model and its losses are exported with torch.onnx (dynamo) in one call and split apart,
+each training step alone; a model+loss graph is composed from the model's and its loss's graphs
+with `onnx.compose` instead of being traced again. Every graph is checked with `onnx.checker`
+(full check), run in ONNX Runtime on fresh inputs of other sizes and compared with eager
+PyTorch by the parity engine (lossx.compare). The artifact is written to a temporary sibling
+directory and renamed into place only when all of that passed.
 """
 
 import contextlib
 import functools
 import io
 import json
+import re
 import sys
 import unittest.mock
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.compose
+import onnx.utils
 import onnx.version_converter
 import onnx_ir
 import onnx_ir.passes.common
@@ -34,7 +36,7 @@ from torch import nn
 import lossx
 from lossx.build.backward import INFERENCE_MODE_OPS, check_trainable, model_buffers
 from lossx.build.eager import EagerRunner
-from lossx.build.graph_modules import exported_module
+from lossx.build.graph_modules import Together, exported_module
 from lossx.build.models import (
     build_model,
     check_model,
@@ -80,6 +82,7 @@ from lossx.runtime.preprocessing import PREPROCESSING
 WEIGHTS_FILE = "weights.npz"
 INITS = ("trained", "random")
 
+_EXPORTED_TOGETHER = (GraphKind.MODEL, GraphKind.LOSS)  # in one torch.onnx.export call
 EXPORTER_MIN_OPSET = 18  # torch.onnx (dynamo) writes 18 and newer; older ones are converted
 
 
@@ -215,10 +218,16 @@ def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
                 raise ExportError(f"{spec.file}: {declared.name} has a dim {dim} != {want}")
 
 
-def _exported_proto(spec: GraphSpec, module: nn.Module, opset: int) -> onnx.ModelProto:
-    """Graph `spec` exported from `module` by torch.onnx (dynamo) at `opset`, its inputs and
-    outputs checked against the spec."""
-    example = tuple(torch.from_numpy(x) for x in sample_feed(spec, EXAMPLE_SIZES, 0).values())
+def _torch_onnx_export(
+    file: str,
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: tuple,
+    opset: int,
+) -> onnx.ModelProto:
+    """`module` exported by torch.onnx (dynamo); ExportError naming `file` where it fails."""
     try:
         with (
             warnings.catch_warnings(),
@@ -230,37 +239,141 @@ def _exported_proto(spec: GraphSpec, module: nn.Module, opset: int) -> onnx.Mode
             program = torch.onnx.export(
                 module,
                 example,
-                input_names=spec.input_names,
-                output_names=spec.output_names,
+                input_names=input_names,
+                output_names=output_names,
                 opset_version=max(opset, EXPORTER_MIN_OPSET),
-                dynamic_shapes=_dynamic_shapes(spec),
+                dynamic_shapes=dynamic_shapes,
                 dynamo=True,
                 external_data=False,
                 verbose=False,
             )
     except Exception as e:
-        raise ExportError(f"{spec.file}: torch.onnx.export failed: {first_line(e)}") from None
-    proto = _at_opset(program.model_proto, opset, spec)
+        raise ExportError(f"{file}: torch.onnx.export failed: {first_line(e)}") from None
+    return program.model_proto
+
+
+def _exported_proto(spec: GraphSpec, module: nn.Module, opset: int) -> onnx.ModelProto:
+    """Graph `spec` exported from `module` by torch.onnx (dynamo) at `opset`, its inputs and
+    outputs checked against the spec."""
+    example = tuple(torch.from_numpy(x) for x in sample_feed(spec, EXAMPLE_SIZES, 0).values())
+    proto = _torch_onnx_export(
+        spec.file,
+        module,
+        example,
+        spec.input_names,
+        spec.output_names,
+        _dynamic_shapes(spec),
+        opset,
+    )
+    return _conformed(proto, spec, opset)
+
+
+def _conformed(proto: onnx.ModelProto, spec: GraphSpec, opset: int) -> onnx.ModelProto:
+    """Exported graph `proto` at `opset`, its inputs and outputs checked against `spec`."""
+    proto = _at_opset(proto, opset, spec)
     if spec.kind is GraphKind.TRAIN:
         _check_training_ops(proto, spec)
     _conform_signature(proto, spec)
     return proto
 
 
-def _graph_proto(
-    spec: GraphSpec,
-    model: nn.Module,
-    opset: int,
-    exported: dict[GraphSpec, onnx.ModelProto],
+def _exported_together(
+    specs: list[GraphSpec], model: nn.Module, opset: int
+) -> dict[GraphSpec, onnx.ModelProto]:
+    """Graphs `specs` (model and loss graphs) exported in one torch.onnx.export call, then split
+    apart, each named as its own export names it: torch.onnx's cost per call (tracing and
+    decompositions, 0.3 to 0.4 s here) is paid once. A graph missing from the result (all of them
+    where that export fails) is then exported alone, so that an error names its own graph."""
+    example, input_names, shapes, output_names, symbols = [], [], [], [], {}
+    for spec in specs:
+        # each graph its own dynamic dims, so that no graph's shapes are read off another's
+        symbols[spec] = {f"{spec.stem}_{d}": d for d in sorted(_symbols(spec))}
+        dims = {d: torch.export.Dim(name, min=1) for name, d in symbols[spec].items()}
+        feed = sample_feed(spec, EXAMPLE_SIZES, 0)
+        for tensor in spec.inputs:
+            example.append(torch.from_numpy(feed[tensor.name]))
+            input_names.append(f"{spec.stem}.{tensor.name}")
+            shapes.append({i: dims[d] for i, d in enumerate(tensor.shape) if isinstance(d, str)})
+        output_names += [f"{spec.stem}.{name}" for name in spec.output_names]
+    module = Together(
+        {spec.stem: exported_module(spec, model) for spec in specs}, [len(s.inputs) for s in specs]
+    )
+    try:
+        proto = _torch_onnx_export(
+            "+".join(spec.file for spec in specs),
+            module,
+            tuple(example),
+            input_names,
+            output_names,
+            (tuple(shapes),),  # forward(*inputs)
+            opset,
+        )
+    except ExportError:
+        return {}
+    exported = {}
+    for spec in specs:
+        with contextlib.suppress(ExportError):  # if so, exported alone, which names what fails
+            exported[spec] = _conformed(_part_of(proto, spec, symbols[spec]), spec, opset)
+    return exported
+
+
+def _part_of(
+    together: onnx.ModelProto, spec: GraphSpec, symbols: dict[str, str]
 ) -> onnx.ModelProto:
-    """Graph `spec`: exported from its module, or for a fused graph composed from the model
-    and loss graphs; `exported` holds the graphs exported so far, so each is exported once."""
-    if spec.kind is GraphKind.FUSED:
-        parts = (model_graph(), loss_graph(spec.loss))
-        return _fused_proto(spec, *(_graph_proto(p, model, opset, exported) for p in parts))
-    if spec not in exported:
-        exported[spec] = _exported_proto(spec, exported_module(spec, model), opset)
-    return exported[spec]
+    """Graph `spec`'s part of graphs exported together: the nodes its outputs depend on with
+    their initializers and value infos, its values and dynamic dims (`symbols`) named as its
+    own export names them; ExportError where that renaming would clash with another name."""
+    prefix, weights = f"{spec.stem}.", f"{Together.PARTS}.{spec.stem}."
+    extracted = onnx.utils.Extractor(together).extract_model(
+        [prefix + name for name in spec.input_names],
+        [prefix + name for name in spec.output_names],
+    )
+    part = onnx.ModelProto()
+    part.CopyFrom(together)
+    part.graph.CopyFrom(extracted.graph)
+    part.graph.name = together.graph.name
+    del part.functions[:]
+    part.functions.extend(extracted.functions)
+    graph = part.graph
+    names = {prefix + name: name for name in (*spec.input_names, *spec.output_names)}
+    kept = [v for v in graph.value_info if v.name not in names]  # the inputs' and outputs'
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    names.update({t.name: t.name.removeprefix(weights) for t in graph.initializer})
+    others = {n for node in graph.node for n in (*node.input, *node.output)} - set(names)
+    if others & set(names.values()) or len(set(names.values())) < len(names):
+        raise ExportError(f"{spec.file}: its names clash once the graphs are split")
+    _rename_values(graph, names)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = re.sub(
+                    r"\w+", lambda m: symbols.get(m.group(), m.group()), dim.dim_param
+                )
+    return part
+
+
+class _Graphs:
+    """The graphs of one export, each exported once: the model and loss graphs `together` in
+    one torch.onnx.export call, training graphs each alone, fused graphs composed from the
+    model and loss graphs."""
+
+    def __init__(self, model: nn.Module, opset: int, together: Sequence[GraphSpec] = ()) -> None:
+        self.model, self.opset, self.together = model, opset, list(together)
+        self.exported: dict[GraphSpec, onnx.ModelProto] = {}
+
+    def proto(self, spec: GraphSpec) -> onnx.ModelProto:
+        """Graph `spec`, exported or composed."""
+        if spec.kind is GraphKind.FUSED:
+            model, loss = self.proto(model_graph()), self.proto(loss_graph(spec.loss))
+            return _fused_proto(spec, model, loss)
+        if spec in self.together:
+            self.exported.update(_exported_together(self.together, self.model, self.opset))
+            self.together = []
+        if spec not in self.exported:
+            module = exported_module(spec, self.model)
+            self.exported[spec] = _exported_proto(spec, module, self.opset)
+        return self.exported[spec]
 
 
 def _fused_proto(spec: GraphSpec, model: onnx.ModelProto, loss: onnx.ModelProto) -> onnx.ModelProto:
@@ -300,15 +413,19 @@ def _fused_proto(spec: GraphSpec, model: onnx.ModelProto, loss: onnx.ModelProto)
     )
     renames = dict(zip(composed, (*spec.input_names, *spec.output_names), strict=True))
     _rename_values(fused.graph, renames)
-    # where the loss's symbolic class dim meets the model's fixed one, it is fixed
-    for actual, declared in (
-        *zip(fused.graph.input, spec.inputs, strict=True),
-        *zip(fused.graph.output, spec.outputs, strict=True),
-    ):
-        dims = actual.type.tensor_type.shape.dim
-        for dim, want in zip(dims, declared.shape, strict=False):
-            if isinstance(want, int) and dim.HasField("dim_param"):
-                dim.dim_value = want
+    # the loss's symbolic dims that the model's logits fix (its class dim: C or D) are fixed
+    loss_tensors = (*parts[1].inputs, *parts[1].outputs)
+    fused_tensors = (spec.output(parts[0].output_names[0]), *spec.inputs[1:], *spec.outputs[1:])
+    fixed = {
+        symbol: size
+        for a, b in zip(loss_tensors, fused_tensors, strict=True)
+        for symbol, size in zip(a.shape, b.shape, strict=True)
+        if isinstance(symbol, str) and isinstance(size, int)
+    }
+    for value in (*fused.graph.input, *fused.graph.output, *fused.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in fixed:
+                dim.dim_value = fixed[dim.dim_param]
     _conform_signature(fused, spec)
     return fused
 
@@ -328,7 +445,8 @@ def _on_logits(loss: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
 
 
 def _rename_values(graph: onnx.GraphProto, names: dict[str, str]) -> None:
-    """Rename values of `graph` (and their uses in its subgraphs) as `names` maps them."""
+    """Rename values of `graph` (initializers too, and uses in its subgraphs) as `names` maps
+    them."""
     for node in graph.node:
         node.input[:] = [names.get(n, n) for n in node.input]
         node.output[:] = [names.get(n, n) for n in node.output]
@@ -338,7 +456,7 @@ def _rename_values(graph: onnx.GraphProto, names: dict[str, str]) -> None:
                 *attribute.graphs,
             ):
                 _rename_values(subgraph, names)
-    for value in (*graph.input, *graph.output, *graph.value_info):
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
         value.name = names.get(value.name, value.name)
 
 
@@ -514,18 +632,13 @@ def export_graph(
     """Export graph `spec` (of `model` for model, fused and training graphs; a fused graph is
     composed from the model and loss graphs) to `path`, checked with onnx.checker and verified
     in ONNX Runtime against the torch.nn reference."""
-    return _export_verified(spec, model, path, opset, metadata or {}, {})
+    return _export_verified(spec, model, path, metadata or {}, _Graphs(model, opset))
 
 
 def _export_verified(
-    spec: GraphSpec,
-    model: nn.Module,
-    path: Path,
-    opset: int,
-    metadata: dict[str, str],
-    exported: dict[GraphSpec, onnx.ModelProto],
+    spec: GraphSpec, model: nn.Module, path: Path, metadata: dict[str, str], graphs: _Graphs
 ) -> onnx.ModelProto:
-    proto = _write_graph(_graph_proto(spec, model, opset, exported), spec, path, metadata)
+    proto = _write_graph(graphs.proto(spec), spec, path, metadata)
     verify_graph(spec, model, path)
     return proto
 
@@ -634,7 +747,7 @@ def _write_artifact(
         **{f"producer.{k}": v for k, v in producer.items()},
     }
     entries = []
-    exported = {}  # the model and loss graphs, each exported once, the fused ones composed
+    exports = _Graphs(model, opset, [g for g in graphs if g.kind in _EXPORTED_TOGETHER])
     for spec in graphs:
         if progress:
             progress(spec.file)
@@ -646,7 +759,7 @@ def _write_artifact(
         }
         if spec.loss:
             metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
-        proto = _export_verified(spec, model, staged / spec.file, opset, metadata, exported)
+        proto = _export_verified(spec, model, staged / spec.file, metadata, exports)
         entries.append(GraphEntry(spec, opset, proto.ir_version))
     if precision != "fp32":
         entries = [
