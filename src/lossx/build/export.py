@@ -1,7 +1,7 @@
 """Export a model and its losses to an ONNX artifact that verifies itself before it lands.
 
-The model and its losses are exported with torch.onnx (dynamo) in one call and split apart,
-each training step alone; a model+loss graph is composed from the model's and its loss's graphs
+The model and each training step are exported with torch.onnx (dynamo) alone, the losses in
+one call and split apart; a model+loss graph is composed from the model's and its loss's graphs
 with `onnx.compose` instead of being traced again. Every graph is checked with `onnx.checker`
 (full check), run in ONNX Runtime on fresh inputs of other sizes and compared with eager
 PyTorch by the parity engine (lossx.compare). The artifact is written to a temporary sibling
@@ -82,7 +82,6 @@ from lossx.runtime.preprocessing import PREPROCESSING
 WEIGHTS_FILE = "weights.npz"
 INITS = ("trained", "random")
 
-_EXPORTED_TOGETHER = (GraphKind.MODEL, GraphKind.LOSS)  # in one torch.onnx.export call
 EXPORTER_MIN_OPSET = 18  # torch.onnx (dynamo) writes 18 and newer; older ones are converted
 
 
@@ -280,10 +279,14 @@ def _conformed(proto: onnx.ModelProto, spec: GraphSpec, opset: int) -> onnx.Mode
 def _exported_together(
     specs: list[GraphSpec], model: nn.Module, opset: int
 ) -> dict[GraphSpec, onnx.ModelProto]:
-    """Graphs `specs` (model and loss graphs) exported in one torch.onnx.export call, then split
-    apart, each named as its own export names it: torch.onnx's cost per call (tracing and
+    """Graphs `specs` (loss graphs) exported in one torch.onnx.export call, then split apart,
+    their values named as their own exports name them: torch.onnx's cost per call (tracing and
     decompositions, 0.3 to 0.4 s here) is paid once. A graph missing from the result (all of them
-    where that export fails) is then exported alone, so that an error names its own graph."""
+    where that export fails) is then exported alone, so that an error names its own graph.
+
+    Their nodes' metadata keeps torch.onnx's record of where they were traced (module paths
+    under `parts.<stem>`, graph_modules.Together), which is why the model, whose module paths
+    the layer-by-layer diagnosis reads, is exported alone."""
     example, input_names, shapes, output_names, symbols = [], [], [], [], {}
     for spec in specs:
         # each graph its own dynamic dims, so that no graph's shapes are read off another's
@@ -354,9 +357,9 @@ def _part_of(
 
 
 class _Graphs:
-    """The graphs of one export, each exported once: the model and loss graphs `together` in
-    one torch.onnx.export call, training graphs each alone, fused graphs composed from the
-    model and loss graphs."""
+    """The graphs of one export, each exported once: the loss graphs `together` in one
+    torch.onnx.export call, the others alone, fused graphs composed from the model and loss
+    graphs."""
 
     def __init__(self, model: nn.Module, opset: int, together: Sequence[GraphSpec] = ()) -> None:
         self.model, self.opset, self.together = model, opset, list(together)
@@ -747,7 +750,8 @@ def _write_artifact(
         **{f"producer.{k}": v for k, v in producer.items()},
     }
     entries = []
-    exports = _Graphs(model, opset, [g for g in graphs if g.kind in _EXPORTED_TOGETHER])
+    loss_graphs = [g for g in graphs if g.kind is GraphKind.LOSS]
+    exports = _Graphs(model, opset, loss_graphs if len(loss_graphs) > 1 else ())
     for spec in graphs:
         if progress:
             progress(spec.file)
