@@ -9,6 +9,9 @@ Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment, 4 
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Every error is one line on stderr.
 """
 
+import atexit
+import gc
+import importlib
 import importlib.util
 import json
 import signal
@@ -304,6 +307,7 @@ def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
         _checkpoint_file(options["checkpoint"], ("npz", "torch"))
     check_destination(out_dir, MANIFEST_FILE)
     _require_export_extra("lossx export")
+    _import_for_good("lossx.build.export")
     from lossx.build.export import export_artifact, export_summary
 
     if options["precision"] == "int8":
@@ -804,6 +808,25 @@ def _require_export_extra(what: str, modules: tuple[str, ...] = ("torch", "onnxs
             f"{what} needs {' and '.join(missing)}, which this install lacks; install "
             f"{EXPORT_EXTRA}"
         )
+
+
+def _import_for_good(module: str) -> None:
+    """Import `module` (torch and its exporter: some 340k objects that live until exit) with
+    the garbage collector paused, then freeze every object, now and again at exit: collections
+    found little to free among them, yet each full one, the last at exit included, walked them
+    all (about 1 s of an export here). Only a first import does this, so a process that had
+    imported it before (a test session) keeps its own collector as it was."""
+    if module in sys.modules:
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        importlib.import_module(module)
+    finally:
+        if enabled:
+            gc.enable()
+    gc.freeze()
+    atexit.register(gc.freeze)
 
 
 def _checkpoint_file(path: Path, kinds: tuple[str, ...], overwrite: bool = False) -> None:

@@ -6,14 +6,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 import lossx
 from lossx import files as files_module
 from lossx.build import export as export_module
-from lossx.build.export import export_artifact, verify_graph
+from lossx.build.export import export_artifact, export_loss, verify_graph
+from lossx.build.graph_modules import Together
 from lossx.build.losses import reference_loss
 from lossx.compare.inputs import sample_feed
-from lossx.errors import ArtifactError, ParityError, SpecError
+from lossx.errors import ArtifactError, ExportError, ParityError, SpecError
 from lossx.runtime import load_artifact
 from lossx.runtime.artifact import sha256_of
 from lossx.runtime.cifar10 import CLASS_NAMES
@@ -132,6 +134,95 @@ def test_weights_file_holds_the_exported_weights(artifact_dir):
         assert sorted(npz.files) == sorted(k for k in initializers if k.startswith("model1."))
         for key in npz.files:
             np.testing.assert_array_equal(npz[key], initializers[key])
+
+
+def _counted_exports(monkeypatch) -> list[list[str]]:
+    """The input names of every torch.onnx.export call from now on."""
+    calls = []
+    export = torch.onnx.export
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["input_names"])
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counted)
+    return calls
+
+
+def test_the_model_and_the_losses_take_two_exports(tmp_path, monkeypatch):
+    """torch.onnx exports model.onnx, then every loss graph in one call, split apart after;
+    each model+loss graph is composed from them (a loss of log-probabilities behind a
+    LogSoftmax), and every graph is verified like the others."""
+    calls = _counted_exports(monkeypatch)
+    out = tmp_path / "a"
+    export_artifact(out, init="random", losses=["ce", "nll"])
+    assert calls == [
+        ["images"],
+        ["loss_ce.logits", "loss_ce.labels", "loss_nll.log_probs", "loss_nll.labels"],
+    ]
+    stems = ("model", "loss_ce", "loss_nll", "model_ce", "model_nll")
+    ops = {f: [n.op_type for n in onnx.load(out / f"{f}.onnx").graph.node] for f in stems}
+    assert ops["model"] == ["Conv", "MaxPool"] * 3 + ["Reshape", "Gemm", "Gemm"]
+    assert ops["model_ce"] == ops["model"] + ops["loss_ce"]
+    assert ops["model_nll"] == ops["model"] + ["LogSoftmax"] + ops["loss_nll"]
+
+
+def test_graphs_are_exported_alone_where_exporting_them_together_fails(tmp_path, monkeypatch):
+    def untraceable(self, *inputs):
+        raise RuntimeError("not today")
+
+    monkeypatch.setattr(Together, "forward", untraceable)
+    calls = _counted_exports(monkeypatch)
+    export_artifact(tmp_path / "a", init="random", losses=["ce", "mse"])
+    assert calls[0] == ["images"] and calls[2:] == [["logits", "labels"], ["input", "target"]]
+    assert load_artifact(tmp_path / "a").manifest.loss_names == ["ce", "mse"]
+
+
+class _Histogram(nn.Module):
+    """Runs eagerly, but torch.onnx has no ONNX function for torch.histc."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, images):
+        return self.linear(images.flatten(1)) + torch.histc(images, bins=4).sum() * 0
+
+
+def test_a_graph_torch_onnx_cannot_export_is_named(tmp_path):
+    with pytest.raises(ExportError, match=r"^model.onnx: torch.onnx.export failed: "):
+        export_artifact(tmp_path / "a", model=_Histogram(), losses=["ce"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_torch_onnx_builds_its_function_table_once(tmp_path, monkeypatch):
+    """torch.onnx.export builds its ATen-to-ONNX table on every call unless export reuses it,
+    which patches a private of torch.onnx (pinned in pyproject.toml)."""
+    from torch.onnx._internal.exporter import _registration
+
+    builds = []
+    build = _registration.ONNXRegistry.from_torchlib
+
+    def counted(_, *args, **kwargs):
+        builds.append(kwargs)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counted))
+    monkeypatch.setattr(export_module, "_torchlib_registries", {})
+    export_loss("ce", tmp_path / "ce.onnx")
+    export_loss("mse", tmp_path / "mse.onnx")
+    assert len(builds) == 1
+
+
+def test_fused_graphs_hold_the_model_weights_under_model(artifact_dir):
+    """As the fused module's state_dict names them, which is what --weights replaces."""
+    model = onnx.load(artifact_dir / "model.onnx").graph.initializer
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model if t.name.startswith("model1.")}
+    for file in ("model_ce.onnx", "model_mse.onnx", "model_l1.onnx"):
+        fused = onnx.load(artifact_dir / file).graph.initializer
+        fused = {t.name: onnx.numpy_helper.to_array(t) for t in fused}
+        for name, value in weights.items():
+            np.testing.assert_array_equal(fused[f"model.{name}"], value)
 
 
 def test_export_is_reproducible(tmp_path):

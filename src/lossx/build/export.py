@@ -1,24 +1,29 @@
 """Export a model and its losses to an ONNX artifact that verifies itself before it lands.
 
-Every graph is exported with torch.onnx (dynamo), checked with `onnx.checker` (full check), run
-in ONNX Runtime on fresh inputs of other sizes and compared with eager PyTorch by the parity
-engine (lossx.compare). The artifact is written to a temporary sibling directory and renamed
-into place only when all of that passed.
+The model and each training step are exported with torch.onnx (dynamo) alone, the losses in
+one call and split apart; a model+loss graph is composed from the model's and its loss's graphs
+with `onnx.compose` instead of being traced again. Every graph is checked with `onnx.checker`
+(full check), run in ONNX Runtime on fresh inputs of other sizes and compared with eager
+PyTorch by the parity engine (lossx.compare). The artifact is written to a temporary sibling
+directory and renamed into place only when all of that passed.
 """
 
 import contextlib
 import functools
 import io
 import json
+import re
 import sys
 import unittest.mock
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.compose
+import onnx.utils
 import onnx.version_converter
 import onnx_ir
 import onnx_ir.passes.common
@@ -31,7 +36,7 @@ from torch import nn
 import lossx
 from lossx.build.backward import INFERENCE_MODE_OPS, check_trainable, model_buffers
 from lossx.build.eager import EagerRunner
-from lossx.build.graph_modules import exported_module
+from lossx.build.graph_modules import Together, exported_module
 from lossx.build.models import (
     build_model,
     check_model,
@@ -164,6 +169,31 @@ def _weights_kept_by_name():
         yield
 
 
+_torchlib_registries = {}  # torch.onnx's ATen-to-ONNX tables by the arguments they were built for
+
+
+@contextlib.contextmanager
+def _torchlib_registry_built_once():
+    """torch.onnx.export with its table of ATen-to-ONNX functions built once per opset and
+    process: every call builds it anew (about 0.5 s, more than a loss graph's whole export),
+    and an export only reads it. The table is private to torch.onnx (pinned in pyproject.toml;
+    tests/build/test_export.py checks it is still there)."""
+    from torch.onnx._internal.exporter import _registration
+
+    build = _registration.ONNXRegistry.from_torchlib
+
+    def built_once(_, *args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in _torchlib_registries:
+            _torchlib_registries[key] = build(*args, **kwargs)
+        return _torchlib_registries[key]
+
+    with unittest.mock.patch.object(
+        _registration.ONNXRegistry, "from_torchlib", classmethod(built_once)
+    ):
+        yield
+
+
 def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
     """Check the exported graph's I/O against `spec` and name its dynamic dims as `spec` does."""
     for actual, declared in (
@@ -187,44 +217,269 @@ def _conform_signature(proto: onnx.ModelProto, spec: GraphSpec) -> None:
                 raise ExportError(f"{spec.file}: {declared.name} has a dim {dim} != {want}")
 
 
-def _export_graph(
-    spec: GraphSpec, module: nn.Module, path: Path, opset: int, metadata: dict[str, str]
+def _torch_onnx_export(
+    file: str,
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: tuple,
+    opset: int,
 ) -> onnx.ModelProto:
-    example = tuple(torch.from_numpy(x) for x in sample_feed(spec, EXAMPLE_SIZES, 0).values())
+    """`module` exported by torch.onnx (dynamo); ExportError naming `file` where it fails."""
     try:
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
             _weights_kept_by_name(),
+            _torchlib_registry_built_once(),
         ):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,
                 example,
-                input_names=spec.input_names,
-                output_names=spec.output_names,
+                input_names=input_names,
+                output_names=output_names,
                 opset_version=max(opset, EXPORTER_MIN_OPSET),
-                dynamic_shapes=_dynamic_shapes(spec),
+                dynamic_shapes=dynamic_shapes,
                 dynamo=True,
                 external_data=False,
                 verbose=False,
             )
     except Exception as e:
-        raise ExportError(f"{spec.file}: torch.onnx.export failed: {first_line(e)}") from None
-    proto = _at_opset(program.model_proto, opset, spec)
+        raise ExportError(f"{file}: torch.onnx.export failed: {first_line(e)}") from None
+    return program.model_proto
+
+
+def _exported_proto(spec: GraphSpec, module: nn.Module, opset: int) -> onnx.ModelProto:
+    """Graph `spec` exported from `module` by torch.onnx (dynamo) at `opset`, its inputs and
+    outputs checked against the spec."""
+    example = tuple(torch.from_numpy(x) for x in sample_feed(spec, EXAMPLE_SIZES, 0).values())
+    proto = _torch_onnx_export(
+        spec.file,
+        module,
+        example,
+        spec.input_names,
+        spec.output_names,
+        _dynamic_shapes(spec),
+        opset,
+    )
+    return _conformed(proto, spec, opset)
+
+
+def _conformed(proto: onnx.ModelProto, spec: GraphSpec, opset: int) -> onnx.ModelProto:
+    """Exported graph `proto` at `opset`, its inputs and outputs checked against `spec`."""
+    proto = _at_opset(proto, opset, spec)
     if spec.kind is GraphKind.TRAIN:
         _check_training_ops(proto, spec)
     _conform_signature(proto, spec)
-    proto.producer_name = "lossx"
-    proto.producer_version = lossx.__version__
+    return proto
+
+
+def _exported_together(
+    specs: list[GraphSpec], model: nn.Module, opset: int
+) -> dict[GraphSpec, onnx.ModelProto]:
+    """Graphs `specs` (loss graphs) exported in one torch.onnx.export call, then split apart,
+    their values named as their own exports name them: torch.onnx's cost per call (tracing and
+    decompositions, 0.3 to 0.4 s here) is paid once. A graph missing from the result (all of them
+    where that export fails) is then exported alone, so that an error names its own graph.
+
+    Their nodes' metadata keeps torch.onnx's record of where they were traced (module paths
+    under `parts.<stem>`, graph_modules.Together), which is why the model, whose module paths
+    the layer-by-layer diagnosis reads, is exported alone."""
+    example, input_names, shapes, output_names, symbols = [], [], [], [], {}
+    for spec in specs:
+        # each graph its own dynamic dims, so that no graph's shapes are read off another's
+        symbols[spec] = {f"{spec.stem}_{d}": d for d in sorted(_symbols(spec))}
+        dims = {d: torch.export.Dim(name, min=1) for name, d in symbols[spec].items()}
+        feed = sample_feed(spec, EXAMPLE_SIZES, 0)
+        for tensor in spec.inputs:
+            example.append(torch.from_numpy(feed[tensor.name]))
+            input_names.append(f"{spec.stem}.{tensor.name}")
+            shapes.append({i: dims[d] for i, d in enumerate(tensor.shape) if isinstance(d, str)})
+        output_names += [f"{spec.stem}.{name}" for name in spec.output_names]
+    module = Together(
+        {spec.stem: exported_module(spec, model) for spec in specs}, [len(s.inputs) for s in specs]
+    )
+    try:
+        proto = _torch_onnx_export(
+            "+".join(spec.file for spec in specs),
+            module,
+            tuple(example),
+            input_names,
+            output_names,
+            (tuple(shapes),),  # forward(*inputs)
+            opset,
+        )
+    except ExportError:
+        return {}
+    exported = {}
+    for spec in specs:
+        with contextlib.suppress(ExportError):  # if so, exported alone, which names what fails
+            exported[spec] = _conformed(_part_of(proto, spec, symbols[spec]), spec, opset)
+    return exported
+
+
+def _part_of(
+    together: onnx.ModelProto, spec: GraphSpec, symbols: dict[str, str]
+) -> onnx.ModelProto:
+    """Graph `spec`'s part of graphs exported together: the nodes its outputs depend on with
+    their initializers and value infos, its values and dynamic dims (`symbols`) named as its
+    own export names them; ExportError where that renaming would clash with another name."""
+    prefix, weights = f"{spec.stem}.", f"{Together.PARTS}.{spec.stem}."
+    extracted = onnx.utils.Extractor(together).extract_model(
+        [prefix + name for name in spec.input_names],
+        [prefix + name for name in spec.output_names],
+    )
+    part = onnx.ModelProto()
+    part.CopyFrom(together)
+    part.graph.CopyFrom(extracted.graph)
+    part.graph.name = together.graph.name
+    del part.functions[:]
+    part.functions.extend(extracted.functions)
+    graph = part.graph
+    names = {prefix + name: name for name in (*spec.input_names, *spec.output_names)}
+    kept = [v for v in graph.value_info if v.name not in names]  # the inputs' and outputs'
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    names.update({t.name: t.name.removeprefix(weights) for t in graph.initializer})
+    others = {n for node in graph.node for n in (*node.input, *node.output)} - set(names)
+    if others & set(names.values()) or len(set(names.values())) < len(names):
+        raise ExportError(f"{spec.file}: its names clash once the graphs are split")
+    _rename_values(graph, names)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = re.sub(
+                    r"\w+", lambda m: symbols.get(m.group(), m.group()), dim.dim_param
+                )
+    return part
+
+
+class _Graphs:
+    """The graphs of one export, each exported once: the loss graphs `together` in one
+    torch.onnx.export call, the others alone, fused graphs composed from the model and loss
+    graphs."""
+
+    def __init__(self, model: nn.Module, opset: int, together: Sequence[GraphSpec] = ()) -> None:
+        self.model, self.opset, self.together = model, opset, list(together)
+        self.exported: dict[GraphSpec, onnx.ModelProto] = {}
+
+    def proto(self, spec: GraphSpec) -> onnx.ModelProto:
+        """Graph `spec`, exported or composed."""
+        if spec.kind is GraphKind.FUSED:
+            model, loss = self.proto(model_graph()), self.proto(loss_graph(spec.loss))
+            return _fused_proto(spec, model, loss)
+        if spec in self.together:
+            self.exported.update(_exported_together(self.together, self.model, self.opset))
+            self.together = []
+        if spec not in self.exported:
+            module = exported_module(spec, self.model)
+            self.exported[spec] = _exported_proto(spec, module, self.opset)
+        return self.exported[spec]
+
+
+def _fused_proto(spec: GraphSpec, model: onnx.ModelProto, loss: onnx.ModelProto) -> onnx.ModelProto:
+    """Fused graph `spec`, what graph_modules.Fused computes, composed from the exported model
+    and loss graphs: every name of the model under `model.` (which gives its weights the fused
+    module's state_dict names) and of the loss under `loss.`, the logits scored in the form the
+    loss is defined on, and the inputs and outputs named as `spec` names them."""
+    parts = (model_graph(), loss_graph(spec.loss))
+    loss = _on_logits(loss, spec)
+    try:
+        fused = onnx.compose.merge_models(
+            model,
+            loss,
+            io_map=[(parts[0].output_names[0], loss.graph.input[0].name)],
+            outputs=[f"model.{parts[0].output_names[0]}", f"loss.{parts[1].output_names[0]}"],
+            prefix1="model.",
+            prefix2="loss.",
+            name=model.graph.name,
+            doc_string="",
+            domain=model.domain,
+            model_version=model.model_version,
+        )
+    except (ValueError, onnx.checker.ValidationError) as e:
+        raise ExportError(
+            f"{spec.file}: cannot compose it with onnx.compose: {first_line(e)}"
+        ) from None
+    # merge_models lists each opset of both models; one entry per domain is the ONNX form
+    opsets = {o.domain: o.version for o in fused.opset_import}
+    del fused.opset_import[:]
+    fused.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    # (images, target) -> (logits, loss): the model's input, the loss's target, their outputs
+    composed = (
+        f"model.{parts[0].input_names[0]}",
+        f"loss.{parts[1].input_names[1]}",
+        f"model.{parts[0].output_names[0]}",
+        f"loss.{parts[1].output_names[0]}",
+    )
+    renames = dict(zip(composed, (*spec.input_names, *spec.output_names), strict=True))
+    _rename_values(fused.graph, renames)
+    # the loss's symbolic dims that the model's logits fix (its class dim: C or D) are fixed
+    loss_tensors = (*parts[1].inputs, *parts[1].outputs)
+    fused_tensors = (spec.output(parts[0].output_names[0]), *spec.inputs[1:], *spec.outputs[1:])
+    fixed = {
+        symbol: size
+        for a, b in zip(loss_tensors, fused_tensors, strict=True)
+        for symbol, size in zip(a.shape, b.shape, strict=True)
+        if isinstance(symbol, str) and isinstance(size, int)
+    }
+    for value in (*fused.graph.input, *fused.graph.output, *fused.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in fixed:
+                dim.dim_value = fixed[dim.dim_param]
+    _conform_signature(fused, spec)
+    return fused
+
+
+def _on_logits(loss: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
+    """Loss graph `loss` scoring logits, as losses.OnLogits does: a loss defined on
+    log-probabilities gets a LogSoftmax over the class dim in front of it."""
+    if spec.loss.info.input_name != "log_probs":
+        return loss
+    scored = onnx.ModelProto()
+    scored.CopyFrom(loss)
+    graph = scored.graph
+    scores = graph.input[0].name
+    graph.input[0].name = "logits"
+    graph.node.insert(0, onnx.helper.make_node("LogSoftmax", ["logits"], [scores], axis=1))
+    return scored
+
+
+def _rename_values(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Rename values of `graph` (initializers too, and uses in its subgraphs) as `names` maps
+    them."""
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+        for attribute in node.attribute:
+            for subgraph in (
+                *([attribute.g] if attribute.HasField("g") else []),
+                *attribute.graphs,
+            ):
+                _rename_values(subgraph, names)
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        value.name = names.get(value.name, value.name)
+
+
+def _write_graph(
+    proto: onnx.ModelProto, spec: GraphSpec, path: Path, metadata: dict[str, str]
+) -> onnx.ModelProto:
+    """Write graph `proto` to `path` with lossx's producer and `metadata` (on a copy: the
+    exported graphs stay as they are, to be composed), then check the file with onnx.checker."""
+    written = onnx.ModelProto()
+    written.CopyFrom(proto)
+    written.producer_name = "lossx"
+    written.producer_version = lossx.__version__
     for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save_model(proto, path)
+        written.metadata_props.add(key=key, value=value)
+    onnx.save_model(written, path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"{spec.file}: onnx.checker rejected it: {first_line(e)}") from None
-    return proto
+    return written
 
 
 def _check_training_ops(proto: onnx.ModelProto, spec: GraphSpec) -> None:
@@ -377,9 +632,16 @@ def export_graph(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
-    """Export graph `spec` (of `model` for model and fused graphs) to `path`, checked with
-    onnx.checker and verified in ONNX Runtime against the torch.nn reference."""
-    proto = _export_graph(spec, exported_module(spec, model), path, opset, metadata or {})
+    """Export graph `spec` (of `model` for model, fused and training graphs; a fused graph is
+    composed from the model and loss graphs) to `path`, checked with onnx.checker and verified
+    in ONNX Runtime against the torch.nn reference."""
+    return _export_verified(spec, model, path, metadata or {}, _Graphs(model, opset))
+
+
+def _export_verified(
+    spec: GraphSpec, model: nn.Module, path: Path, metadata: dict[str, str], graphs: _Graphs
+) -> onnx.ModelProto:
+    proto = _write_graph(graphs.proto(spec), spec, path, metadata)
     verify_graph(spec, model, path)
     return proto
 
@@ -488,6 +750,8 @@ def _write_artifact(
         **{f"producer.{k}": v for k, v in producer.items()},
     }
     entries = []
+    loss_graphs = [g for g in graphs if g.kind is GraphKind.LOSS]
+    exports = _Graphs(model, opset, loss_graphs if len(loss_graphs) > 1 else ())
     for spec in graphs:
         if progress:
             progress(spec.file)
@@ -499,7 +763,7 @@ def _write_artifact(
         }
         if spec.loss:
             metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
-        proto = export_graph(spec, model, staged / spec.file, opset, metadata)
+        proto = _export_verified(spec, model, staged / spec.file, metadata, exports)
         entries.append(GraphEntry(spec, opset, proto.ir_version))
     if precision != "fp32":
         entries = [

@@ -21,6 +21,26 @@ class Fused(nn.Module):
         return logits, self.loss(logits, target)
 
 
+class Together(nn.Module):
+    """Several graphs' modules as one, to export them in one call: forward takes each graph's
+    inputs in turn and returns each graph's outputs in turn."""
+
+    PARTS = "parts"  # the attribute holding them: their state_dict names start `parts.<stem>.`
+
+    def __init__(self, modules: dict[str, nn.Module], arities: list[int]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+        self.arities = arities  # how many inputs each takes
+
+    def forward(self, *inputs):
+        outputs, start = [], 0
+        for module, arity in zip(self.parts.values(), self.arities, strict=True):
+            result = module(*inputs[start : start + arity])
+            outputs.extend(result if isinstance(result, tuple) else (result,))
+            start += arity
+        return tuple(outputs)
+
+
 def _graph_module(spec: GraphSpec, model: nn.Module, make_loss, make_step) -> nn.Module:
     match spec.kind:
         case GraphKind.MODEL:
@@ -39,5 +59,6 @@ def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
 
 
 def exported_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
-    """The module graph `spec` is exported from."""
+    """The module graph `spec` is exported from (lossx.build.export composes a fused graph from
+    the model's and the loss's graphs instead)."""
     return _graph_module(spec, model, exported_loss, TrainingStep)
