@@ -58,16 +58,12 @@ def _pairs(value) -> tuple[int, int]:
 
 def _conv_weight_grad(dy, x, weight_shape, stride, padding, dilation, groups):
     """The weight gradient in the form ONNX Runtime ran fastest (docs/training.md, Speed): for
-    ungrouped stride-1 convolutions, one Conv of the images with the batch as channels and dy as
-    the kernel where a 5x5 or larger kernel has at most 8x8 outputs, `_shifted_rows_weight_grad`
-    elsewhere; otherwise im2col as one Conv with a one-hot kernel (each input channel alone),
-    then one batched MatMul per group (1.8x faster than k*k shifted slices)."""
+    ungrouped stride-1 convolutions, `_shifted_rows_weight_grad`; otherwise im2col as one Conv
+    with a one-hot kernel (each input channel alone), then one batched MatMul per group (1.8x
+    faster than k*k shifted slices)."""
     out_channels, in_per_group, kh, kw = weight_shape
     height, width = dy.shape[2], dy.shape[3]
     if groups == 1 and stride == (1, 1) and dilation == (1, 1) and (kh, kw) != (1, 1):
-        if kh * kw >= 25 and height * width <= 64:
-            flipped = F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, 1, padding)
-            return flipped.transpose(0, 1)
         return _shifted_rows_weight_grad(dy, x, kh, kw, padding)
     if (kh, kw) == (1, 1) and padding == (0, 0):
         columns = x[:, :, :: stride[0], :: stride[1]]
