@@ -347,12 +347,8 @@ def _part_of(
     if others & set(names.values()) or len(set(names.values())) < len(names):
         raise ExportError(f"{spec.file}: its names clash once the graphs are split")
     _rename_values(graph, names)
-    for value in (*graph.input, *graph.output, *graph.value_info):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param"):
-                dim.dim_param = re.sub(
-                    r"\w+", lambda m: symbols.get(m.group(), m.group()), dim.dim_param
-                )
+    for dim in _symbolic_dims(graph):
+        dim.dim_param = re.sub(r"\w+", lambda m: symbols.get(m.group(), m.group()), dim.dim_param)
     return part
 
 
@@ -425,10 +421,9 @@ def _fused_proto(spec: GraphSpec, model: onnx.ModelProto, loss: onnx.ModelProto)
         for symbol, size in zip(a.shape, b.shape, strict=True)
         if isinstance(symbol, str) and isinstance(size, int)
     }
-    for value in (*fused.graph.input, *fused.graph.output, *fused.graph.value_info):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param in fixed:
-                dim.dim_value = fixed[dim.dim_param]
+    for dim in _symbolic_dims(fused.graph):
+        if dim.dim_param in fixed:
+            dim.dim_value = fixed[dim.dim_param]
     _conform_signature(fused, spec)
     return fused
 
@@ -445,6 +440,12 @@ def _on_logits(loss: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
     graph.input[0].name = "logits"
     graph.node.insert(0, onnx.helper.make_node("LogSoftmax", ["logits"], [scores], axis=1))
     return scored
+
+
+def _symbolic_dims(graph: onnx.GraphProto):
+    """Every symbolic dim of `graph`'s inputs, outputs and value infos."""
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        yield from (d for d in value.type.tensor_type.shape.dim if d.HasField("dim_param"))
 
 
 def _rename_values(graph: onnx.GraphProto, names: dict[str, str]) -> None:
