@@ -209,6 +209,31 @@ def copy_with_eager_weights_changed(artifact_dir: Path, target: Path, change) ->
     return target
 
 
+def rehash(folder: Path, name: str) -> None:
+    """Write file `name`'s present sha256 and size into the artifact's manifest."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name]["sha256"] = sha256_of(folder / name)
+    manifest["files"][name]["bytes"] = (folder / name).stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def copy_with_nan_logits(artifact_dir: Path, target: Path) -> Path:
+    """Copy an artifact whose model.onnx multiplies its logits by NaN (re-hashed, so that only
+    the values are wrong): what a broken model computes."""
+    import onnx
+
+    shutil.copytree(artifact_dir, target)
+    proto = onnx.load(target / "model.onnx")
+    graph = proto.graph
+    for node in graph.node:
+        node.output[:] = ["logits.raw" if name == "logits" else name for name in node.output]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
+    graph.node.append(onnx.helper.make_node("Mul", ["logits.raw", "nan"], ["logits"]))
+    onnx.save(proto, target / "model.onnx")
+    rehash(target, "model.onnx")
+    return target
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where onnxruntime really offers the CUDA provider."""
     import onnxruntime

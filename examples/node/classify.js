@@ -6,8 +6,10 @@
 const path = require('node:path');
 
 const { refuse } = require('./npz');
-const { argmax, modelGraph, toModelInput } = require('./lossx');
-const { loadOnnxRuntime, readChecked, readManifest, readNpzFile, runMain } = require('./files');
+const { argmax, checkFinite, modelGraph, toModelInput } = require('./lossx');
+const {
+  loadOnnxRuntime, openSession, readChecked, readManifest, readNpzFile, runMain,
+} = require('./files');
 
 const DEFAULT_DATA = path.join(__dirname, '../../src/lossx/runtime/data/cifar10_test_subset.npz');
 const BATCH = 256;
@@ -50,10 +52,10 @@ async function main() {
   const args = parseArgs(process.argv.slice(2));
   const { file, manifest } = readManifest(args.dir);
   const graph = modelGraph(manifest, file);
-  const modelBytes = readChecked(args.dir, graph.file, graph.sha256);
+  const modelBytes = readChecked(args.dir, manifest, graph.file);
   const sample = readSample(args.data, graph.classNames.length);
   const ort = loadOnnxRuntime();
-  const session = await ort.InferenceSession.create(modelBytes);
+  const session = await openSession(ort, modelBytes, manifest, graph.file);
   const classes = [];
   const logits = [];
   const k = graph.classNames.length;
@@ -66,6 +68,7 @@ async function main() {
     }
     for (let i = 0; i < count; i++) {
       const row = Array.from(y.data.subarray(i * k, (i + 1) * k));
+      checkFinite(row, graph.file, `the logits of image ${start + i}`);
       logits.push(row);
       classes.push(argmax(row));
     }

@@ -33,8 +33,35 @@
     if (manifest?.format !== 'lossx-artifact' || manifest.format_version !== 3) {
       refuse(`${file} is not a lossx artifact manifest of format_version 3`);
     }
+    checkFiles(manifest, file);
     checkPreprocessing(manifest.preprocessing, file);
     return manifest;
+  }
+
+  // The rules lossx's Python loader applies to the files a manifest lists
+  // (manifest.schema.json): plain names inside the artifact (no path, no "..": a name is all an
+  // app may join to the artifact's folder), a sha256 and a size each, and exactly the graphs'
+  // files and the weights file.
+  const FILE_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$/;
+
+  function checkFiles(manifest, file) {
+    const { files, graphs, weights } = manifest;
+    if (typeof files !== 'object' || files === null || Array.isArray(files)) {
+      refuse(`${file}: no files section`);
+    }
+    for (const [name, info] of Object.entries(files)) {
+      if (!FILE_NAME.test(name)) refuse(`${file}: file name ${JSON.stringify(name)} is not a plain file name`);
+      if (!/^[0-9a-f]{64}$/.test(info?.sha256)) refuse(`${file}: no sha256 for ${name}`);
+      if (!Number.isSafeInteger(info?.bytes) || info.bytes < 0) refuse(`${file}: no size for ${name}`);
+    }
+    if (!Array.isArray(graphs)) refuse(`${file}: no graphs section`);
+    const expected = new Set([...graphs.map((g) => g?.file), weights?.file]);
+    const listed = new Set(Object.keys(files));
+    for (const name of new Set([...expected, ...listed])) {
+      if (!expected.has(name) || !listed.has(name)) {
+        refuse(`${file}: files and graphs disagree about ${JSON.stringify(name)}`);
+      }
+    }
   }
 
   function checkPreprocessing(pre, file) {
@@ -194,6 +221,15 @@
     return out;
   }
 
+  // Refuses NaN or Inf in a graph's logits: a class or an accuracy computed from them would mean
+  // nothing (as lossx's Python runtime refuses them).
+  function checkFinite(values, file, what) {
+    const bad = values.find((v) => !Number.isFinite(v));
+    if (bad !== undefined) {
+      refuse(`${file} computes ${bad} in ${what}, not a number: the model or its weights are broken`);
+    }
+  }
+
   function argmax(row) {
     let best = 0;
     for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
@@ -278,6 +314,7 @@
   return {
     PREPROCESSING,
     argmax,
+    checkFinite,
     fileHash,
     modelGraph,
     parseManifest,

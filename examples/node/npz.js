@@ -102,8 +102,8 @@
   }
 
   // Every array of an .npz's bytes: name (without .npy) -> { descr, shape, typed }.
-  // `inflateRaw(bytes)` decompresses a deflate entry; where it returns a Promise (a browser's
-  // DecompressionStream), so does readNpz.
+  // `inflateRaw(bytes, size)` decompresses a deflate entry of `size` bytes as declared; where it
+  // returns a Promise (a browser's DecompressionStream), so does readNpz.
   function readNpz(bytes, file, inflateRaw) {
     const entries = zipEntries(bytes, file);
     const build = (datas) => {
@@ -116,7 +116,7 @@
       });
       return arrays;
     };
-    const datas = entries.map((e) => (e.method === 0 ? e.raw : inflateRaw(e.raw)));
+    const datas = entries.map((e) => (e.method === 0 ? e.raw : inflateRaw(e.raw, e.size)));
     return datas.some((d) => d instanceof Promise) ? Promise.all(datas).then(build) : build(datas);
   }
 

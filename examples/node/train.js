@@ -7,12 +7,11 @@
 // Usage: node train.js ARTIFACT_DIR --plan PLAN.npz --out WEIGHTS.npz [--threads N] [--json]
 'use strict';
 
-const zlib = require('node:zlib');
-
 const { readNpz, refuse } = require('./npz');
-const { fileHash, readPlan, startingWeights, trainingGraph, Trainer } = require('./lossx');
+const { readPlan, startingWeights, trainingGraph, Trainer } = require('./lossx');
 const {
-  loadOnnxRuntime, readChecked, readManifest, readNpzFile, runMain, writeNpzFile,
+  checkOutputNpz, inflateRaw, loadOnnxRuntime, openSession, readChecked, readManifest,
+  readNpzFile, runMain, writeNpzFile,
 } = require('./files');
 
 function parseArgs(argv) {
@@ -35,12 +34,13 @@ function parseArgs(argv) {
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
+  checkOutputNpz(args.out);
   const { file, manifest } = readManifest(args.dir);
   const { header, steps } = readPlan(readNpzFile(args.plan, 'plan'), args.plan);
   const graph = trainingGraph(manifest, header.loss, file);
   const weightsFile = manifest.weights?.file ?? refuse(`${file}: names no weights file`);
-  const weightsBytes = readChecked(args.dir, weightsFile, fileHash(manifest, weightsFile, file));
-  const arrays = readNpz(weightsBytes, weightsFile, zlib.inflateRawSync);
+  const weightsBytes = readChecked(args.dir, manifest, weightsFile);
+  const arrays = readNpz(weightsBytes, weightsFile, inflateRaw);
   const weights = startingWeights(graph, arrays, weightsFile);
 
   const ort = loadOnnxRuntime();
@@ -48,8 +48,8 @@ async function main() {
   // (lossx's Python runtime turns that transformer off for them too).
   const options = { graphOptimizationLevel: 'extended' };
   if (args.threads) options.intraOpNumThreads = args.threads;
-  const session = await ort.InferenceSession.create(
-    readChecked(args.dir, graph.file, graph.sha256), options);
+  const session = await openSession(
+    ort, readChecked(args.dir, manifest, graph.file), manifest, graph.file, options);
   const trainer = new Trainer(ort, session, graph, weights, header);
 
   const losses = [];

@@ -101,7 +101,9 @@ async function logitsOf(images, count) {
   const x = new ort.Tensor('float32', lossx.toModelInput(images, 0, count), [count, C, H, W]);
   const y = (await state.session.run({ [state.model.input]: x }))[state.model.output];
   const k = state.model.classNames.length;
-  return Array.from({ length: count }, (_, i) => Array.from(y.data.subarray(i * k, (i + 1) * k)));
+  const rows = Array.from({ length: count }, (_, i) => Array.from(y.data.subarray(i * k, (i + 1) * k)));
+  rows.forEach((row, i) => lossx.checkFinite(row, state.model.file, `the logits of image ${i}`));
+  return rows;
 }
 
 async function classifySample() {

@@ -3,11 +3,20 @@
 // 127.0.0.1 with Node's standard library: ONNX Runtime Web's WASM does not load from file://.
 // Usage: node serve.js ARTIFACT_DIR [--plan PLAN.npz] [--port N]   (N = 0: any free port)
 // The first line on stdout is the page's address.
+//
+// The artifact is checked once, at start-up, with the rules lossx's Python loader applies: the
+// manifest parses and passes lossx.js's checks (plain file names, a size and sha256 each), and
+// every file it lists is a regular file of that size and sha256. Those bytes are then served
+// from memory, and nothing else of the artifact's folder: no request can reach another file.
 'use strict';
 
 const fs = require('node:fs');
 const http = require('node:http');
 const path = require('node:path');
+
+const { Refusal } = require('../node/npz');
+const { parseManifest } = require('../node/lossx');
+const { readChecked, readFile } = require('../node/files');
 
 const ROOT = path.join(__dirname, '..', '..');
 const SAMPLE = path.join(ROOT, 'src/lossx/runtime/data/cifar10_test_subset.npz');
@@ -18,6 +27,8 @@ const TYPES = {
   '.mjs': 'text/javascript; charset=utf-8',
   '.wasm': 'application/wasm',
   '.json': 'application/json',
+  '.npz': 'application/octet-stream',
+  '.onnx': 'application/octet-stream',
 };
 
 function fail(message) {
@@ -36,60 +47,109 @@ function parseArgs(argv) {
   }
   if (args.dir === null) fail(usage);
   if (!Number.isInteger(args.port) || args.port < 0 || args.port > 65535) fail('--port: 0..65535');
-  const manifest = path.join(args.dir, 'manifest.json');
-  if (!fs.existsSync(manifest)) fail(`${args.dir} is not a lossx artifact (no manifest.json)`);
-  if (args.plan !== null && !fs.statSync(args.plan, { throwIfNoEntry: false })?.isFile()) {
-    fail(`plan ${args.plan} does not exist`);
-  }
-  if (!fs.existsSync(ORT)) {
-    fail('onnxruntime-web is missing: run (cd examples/web && npm ci --ignore-scripts)');
-  }
   return args;
 }
 
-// What a request path may reach: the page's own files, two shared modules, onnxruntime-web's
-// dist folder, the artifact's manifest and the files it lists, the sample and the plan.
-function resolve(urlPath, args) {
-  const artifactFiles = () => {
-    const { files = {} } = JSON.parse(fs.readFileSync(path.join(args.dir, 'manifest.json')));
-    return ['manifest.json', ...Object.keys(files)];
-  };
-  const [, top, rest] = /^\/([^/]*)\/?(.*)$/.exec(urlPath) ?? [];
-  if (urlPath === '/') return path.join(__dirname, 'index.html');
-  if (top === 'app.js' && !rest) return path.join(__dirname, 'app.js');
-  if (top === 'lib' && ['npz.js', 'lossx.js'].includes(rest)) {
-    return path.join(ROOT, 'examples', 'node', rest);
+// Everything a request may receive, read and checked now: URL path -> { bytes, type } for the
+// artifact's files and the plan, and URL path -> file for the page's own files.
+function servedFiles(args) {
+  const file = path.join(args.dir, 'manifest.json');
+  const manifestBytes = readFile(file, 'manifest');
+  const manifest = parseManifest(manifestBytes.toString('utf8'), file);
+  const artifact = new Map([['/artifact/manifest.json', manifestBytes]]);
+  for (const name of Object.keys(manifest.files)) {
+    artifact.set(`/artifact/${name}`, readChecked(args.dir, manifest, name));
   }
-  if (top === 'ort' && /^ort[\w.-]*\.(m?js|wasm)$/.test(rest)) return path.join(ORT, rest);
-  if (top === 'artifact' && artifactFiles().includes(rest)) return path.join(args.dir, rest);
-  if (top === 'sample.npz' && !rest) return SAMPLE;
-  if (top === 'plan.npz' && !rest && args.plan) return args.plan;
+  if (args.plan !== null) artifact.set('/plan.npz', readFile(args.plan, 'plan'));
+  const fixed = new Map([
+    ['/', path.join(__dirname, 'index.html')],
+    ['/app.js', path.join(__dirname, 'app.js')],
+    ['/lib/npz.js', path.join(ROOT, 'examples', 'node', 'npz.js')],
+    ['/lib/lossx.js', path.join(ROOT, 'examples', 'node', 'lossx.js')],
+    ['/sample.npz', SAMPLE],
+  ]);
+  return { artifact, fixed };
+}
+
+// The file a (decoded) URL path names: an artifact file, a page file, or one of
+// onnxruntime-web's own (a plain name in its dist folder); null for anything else.
+function resolve(urlPath, served) {
+  if (served.artifact.has(urlPath)) return { bytes: served.artifact.get(urlPath) };
+  if (served.fixed.has(urlPath)) return { file: served.fixed.get(urlPath) };
+  const ort = /^\/ort\/(ort[\w-]*(\.[\w-]+)*\.(m?js|wasm))$/.exec(urlPath);
+  if (ort) return { file: path.join(ORT, ort[1]) };
   return null;
+}
+
+function respond(res, status, headers, body) {
+  res.writeHead(status, headers).end(body);
+}
+
+function handle(req, res, served) {
+  // Cross-origin isolation lets onnxruntime-web's WASM use threads (SharedArrayBuffer).
+  const headers = {
+    'Cross-Origin-Opener-Policy': 'same-origin',
+    'Cross-Origin-Embedder-Policy': 'require-corp',
+    'Cache-Control': 'no-store',
+  };
+  const text = { ...headers, 'Content-Type': 'text/plain' };
+  if (req.method !== 'GET' && req.method !== 'HEAD') {
+    respond(res, 405, { ...text, Allow: 'GET, HEAD' }, 'method not allowed\n');
+    return;
+  }
+  let urlPath;
+  try {
+    urlPath = decodeURIComponent(new URL(req.url, 'http://127.0.0.1').pathname);
+  } catch {
+    respond(res, 400, text, 'bad request: the path is not a valid URL\n');
+    return;
+  }
+  const found = urlPath.includes('\0') ? null : resolve(urlPath, served);
+  let bytes = found?.bytes;
+  if (found?.file) {
+    try {
+      bytes = readFile(found.file, 'data file');
+    } catch {
+      bytes = undefined; // e.g. onnxruntime-web has no such file
+    }
+  }
+  if (bytes === undefined) {
+    respond(res, 404, text, 'not found\n');
+    return;
+  }
+  const type = TYPES[path.extname(urlPath === '/' ? 'index.html' : urlPath)];
+  respond(res, 200, { ...headers, 'Content-Type': type ?? 'application/octet-stream' },
+    req.method === 'HEAD' ? undefined : bytes);
 }
 
 function main() {
   const args = parseArgs(process.argv.slice(2));
+  let served;
+  try {
+    served = servedFiles(args);
+  } catch (err) {
+    fail(err instanceof Refusal ? err.message : `cannot read the artifact: ${err.message}`);
+  }
+  if (!readable(ORT)) fail('onnxruntime-web is missing: run (cd examples/web && npm ci --ignore-scripts)');
   const server = http.createServer((req, res) => {
-    const urlPath = decodeURIComponent(new URL(req.url, 'http://127.0.0.1').pathname);
-    const file = req.method === 'GET' ? resolve(urlPath, args) : null;
-    // Cross-origin isolation lets onnxruntime-web's WASM use threads (SharedArrayBuffer).
-    const headers = {
-      'Cross-Origin-Opener-Policy': 'same-origin',
-      'Cross-Origin-Embedder-Policy': 'require-corp',
-      'Cache-Control': 'no-store',
-    };
-    if (file === null || !fs.existsSync(file)) {
-      res.writeHead(404, { ...headers, 'Content-Type': 'text/plain' }).end('not found\n');
-      return;
+    try {
+      handle(req, res, served);
+    } catch (err) {
+      // No request may end the server: answer 500 and say why on stderr, in one line.
+      process.stderr.write(`serve.js: ${req.method} ${JSON.stringify(req.url)}: ${String(err?.message ?? err).split('\n')[0]}\n`);
+      if (!res.headersSent) respond(res, 500, { 'Content-Type': 'text/plain' }, 'server error\n');
+      else res.destroy();
     }
-    const type = TYPES[path.extname(file)] ?? 'application/octet-stream';
-    res.writeHead(200, { ...headers, 'Content-Type': type });
-    fs.createReadStream(file).pipe(res);
   });
+  server.on('clientError', (err, socket) => socket.destroy());
   server.on('error', (err) => fail(`cannot listen on 127.0.0.1:${args.port}: ${err.code}`));
   server.listen(args.port, '127.0.0.1', () => {
     process.stdout.write(`http://127.0.0.1:${server.address().port}/\n`);
   });
+}
+
+function readable(folder) {
+  return fs.statSync(folder, { throwIfNoEntry: false })?.isDirectory() ?? false;
 }
 
 main();

@@ -170,3 +170,103 @@ def test_node_training_refusals(node, training_plan, shipped_artifact, shipped_t
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --- what the examples must not read, load, report or overwrite ----------------------------
+
+
+def _one_line_refusal(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr
+
+
+def _edited_manifest(artifact_dir: Path, target: Path, change) -> Path:
+    shutil.copytree(artifact_dir, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    change(manifest)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def _outside(manifest: dict) -> None:
+    manifest["files"]["../../../../etc/passwd"] = manifest["files"].pop("model.onnx")
+    next(g for g in manifest["graphs"] if g["kind"] == "model")["file"] = "../../../../etc/passwd"
+
+
+def test_node_reads_no_file_outside_the_artifact_nor_a_device(node, shipped_artifact,
+                                                              tmp_path):  # fmt: skip
+    outside = _edited_manifest(shipped_artifact.path, tmp_path / "outside", _outside)
+    _one_line_refusal(classify(node, outside), 'file name "../../../../etc/passwd" is not a plain')
+    linked = tmp_path / "linked"
+    shutil.copytree(shipped_artifact.path, linked)
+    (linked / "manifest.json").unlink()
+    (linked / "manifest.json").symlink_to("/dev/zero")
+    _one_line_refusal(classify(node, linked), "is not a regular file (a FIFO, socket or device)")
+    _one_line_refusal(classify(node, shipped_artifact.path, "--data", "/dev/zero"),
+                      "data file /dev/zero is not a regular file")  # fmt: skip
+    (linked / "manifest.json").unlink()
+    shutil.copy(shipped_artifact.path / "manifest.json", linked / "manifest.json")
+    (linked / "model.onnx").unlink()
+    (linked / "model.onnx").symlink_to(shipped_artifact.path / "model.onnx")
+    _one_line_refusal(classify(node, linked), "refusing a link; artifact files must be regular")
+    huge = tmp_path / "huge"
+    shutil.copytree(shipped_artifact.path, huge)
+    (huge / "manifest.json").write_bytes(b" " * (16 * 1024 * 1024 + 1))
+    _one_line_refusal(classify(node, huge), "over the 16,777,216 an example reads")
+
+
+def test_node_refuses_graphs_onnxruntime_cannot_load_or_the_manifest_does_not_list(
+    node, shipped_artifact, tmp_path
+):
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from tests.conftest import rehash
+
+    external = tmp_path / "external"
+    shutil.copytree(shipped_artifact.path, external)
+    proto = onnx.load(external / "model.onnx")
+    convert_model_to_external_data(proto, location="weights.bin", size_threshold=0)
+    onnx.save(proto, external / "model.onnx")
+    rehash(external, "model.onnx")
+    _one_line_refusal(classify(node, external), "model.onnx: ONNX Runtime cannot load it")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(shipped_artifact.path, swapped)
+    shutil.copy(swapped / "loss_ce.onnx", swapped / "model.onnx")
+    rehash(swapped, "model.onnx")
+    _one_line_refusal(classify(node, swapped), "are not the ones the manifest lists")
+
+
+def test_node_refuses_logits_that_are_not_numbers(node, shipped_artifact, tmp_path):
+    from tests.conftest import copy_with_nan_logits
+
+    broken = copy_with_nan_logits(shipped_artifact.path, tmp_path / "nan")
+    _one_line_refusal(classify(node, broken), "model.onnx computes NaN in the logits of image 0")
+
+
+def test_train_js_overwrites_only_weights_and_reads_no_device(node, training_plan,
+                                                              shipped_train_artifact_dir,
+                                                              tmp_path):  # fmt: skip
+    plan = training_plan["folder"] / "plan4.npz"
+
+    def train(out, plan=plan):
+        command = [node, str(EXAMPLE / "train.js"), str(shipped_train_artifact_dir), "--plan",
+                   str(plan), "--out", str(out)]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+    source = tmp_path / "mine.py"
+    source.write_text("print('my code')\n")
+    _one_line_refusal(train(source), "exists and is not an .npz of weights; refusing to overwrite")
+    assert source.read_text() == "print('my code')\n"
+    _one_line_refusal(train(tmp_path), "it is a folder; give a file name")
+    _one_line_refusal(train(tmp_path / "no" / "w.npz"), "does not exist")
+    _one_line_refusal(
+        train(tmp_path / "w.npz", plan="/dev/zero"), "plan /dev/zero is not a regular"
+    )
+    weights = tmp_path / "w.npz"
+    shutil.copy(shipped_train_artifact_dir / "weights.npz", weights)  # weights: overwritten
+    result = train(weights)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.py", "w.npz"]  # no leftovers

@@ -118,3 +118,100 @@ def test_page_classifies_the_users_image_files(browser, shipped_artifact, tmp_pa
     assert [row["class"] for row in got] == [row["top_k"][0]["class"] for row in want]
     logits = np.array([row["logits"] for row in got], dtype=np.float32)
     assert np.abs(logits - python_logits(shipped_artifact)[:8]).max() <= LOGITS_ATOL
+
+
+# --- the server serves the validated artifact and nothing else, and never falls over --------
+
+
+def _serve(node: str, artifact: Path, *extra: str) -> subprocess.Popen:
+    command = [node, str(EXAMPLE / "serve.js"), str(artifact), "--port", "0", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _get(address: str, path: str, method: str = "GET") -> tuple[int, bytes]:
+    """`path` sent as it is (no client-side normalising or escaping)."""
+    import http.client
+
+    host, port = address.removeprefix("http://").strip("/").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest(method, path, skip_host=False, skip_accept_encoding=True)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_the_server_refuses_an_artifact_python_refuses(browser, shipped_artifact, tmp_path):
+    from tests.examples.test_node import _edited_manifest, _outside
+
+    cases = {
+        "outside": (lambda: _edited_manifest(shipped_artifact.path, tmp_path / "o", _outside),
+                    'file name "../../../../etc/passwd" is not a plain file name'),
+        "malformed": (lambda: _malformed(shipped_artifact.path, tmp_path / "m"),
+                      "manifest.json is not valid JSON"),
+        "grown": (lambda: _changed(shipped_artifact.path, tmp_path / "g", grow=True),
+                  "weights.npz: {size:,} bytes, the manifest says {listed:,}"),
+        "changed": (lambda: _changed(shipped_artifact.path, tmp_path / "c", grow=False),
+                    "weights.npz: sha256"),
+    }  # fmt: skip
+    listed = (shipped_artifact.path / "weights.npz").stat().st_size
+    for make, message in cases.values():
+        server = _serve(browser, make())
+        stdout, stderr = server.communicate(timeout=60)
+        assert server.returncode == 2, stderr
+        assert stdout == "" and len(stderr.strip().splitlines()) == 1
+        assert message.format(size=listed + 1, listed=listed) in stderr
+
+
+def _malformed(artifact: Path, target: Path) -> Path:
+    shutil.copytree(artifact, target)
+    (target / "manifest.json").write_text('{"format": "lossx-artifact", ')
+    return target
+
+
+def _changed(artifact: Path, target: Path, grow: bool) -> Path:
+    shutil.copytree(artifact, target)
+    data = bytearray((target / "weights.npz").read_bytes())
+    data[-100] ^= 0xFF
+    (target / "weights.npz").write_bytes(data + (b"\0" if grow else b""))
+    return target
+
+
+def test_the_server_answers_hostile_paths_and_stays_up(browser, shipped_artifact, tmp_path):
+    served = tmp_path / "served"
+    shutil.copytree(shipped_artifact.path, served)
+    (tmp_path / "secret.txt").write_text("not for the page")
+    server = _serve(browser, served)
+    try:
+        address = server.stdout.readline().strip()
+        assert address.startswith("http://127.0.0.1:"), server.stderr.read()
+        status, body = _get(address, "/artifact/weights.npz")
+        assert status == 200 and body == (served / "weights.npz").read_bytes()
+        for path, expected in [
+            ("/artifact/..%2fsecret.txt", 404),
+            ("/artifact/..%2F..%2F..%2F..%2Fetc%2Fpasswd", 404),
+            ("/artifact/%2e%2e/secret.txt", 404),
+            ("/artifact/../secret.txt", 404),
+            ("/%E0%A4%A", 400),
+            ("/artifact/%ZZ", 400),
+            ("/artifact/model.onnx%00", 404),
+            ("/ort/..%2f..%2fpackage.json", 404),
+            ("/lib/..%2fclassify.js", 404),
+            ("/artifact/", 404),
+        ]:
+            status, body = _get(address, path)
+            assert status == expected, (path, status, body)
+            assert b"not for the page" not in body
+        assert _get(address, "/", "POST")[0] == 405
+        # changes to the folder after start-up reach no one: the checked bytes are served
+        (served / "weights.npz").write_bytes(b"changed")
+        (served / "extra.bin").write_bytes(b"extra")
+        assert _get(address, "/artifact/weights.npz")[1] != b"changed"
+        assert _get(address, "/artifact/extra.bin")[0] == 404
+        assert server.poll() is None  # still serving
+        assert _get(address, "/artifact/manifest.json")[0] == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
