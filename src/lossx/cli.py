@@ -10,12 +10,16 @@ Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment, 4 
 """
 
 import atexit
+import contextlib
 import gc
 import importlib
 import importlib.util
+import io
 import json
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -29,18 +33,22 @@ from lossx.runtime.loss_specs import DEFAULT_LOSSES, LOSSES, catalogue_text
 from lossx.runtime.options import (
     CALIBRATION_METHODS,
     DEFAULT_LR,
+    MAX_EPOCHS,
     MAX_SEED,
     MAX_THREADS,
+    MAX_TRAIN_BATCH,
     OPTIMIZATION_LEVELS,
     PRECISIONS,
     PROVIDER_CHOICES,
     TrainConfig,
     check_precision,
+    check_sha256,
 )
 
 EXPORT_EXTRA = "pip install 'lossx[export]'"
 RECIPE = TrainConfig()  # the defaults of lossx train's options
 INTERRUPTED, TERMINATED = 130, 143  # the shell's codes: 128 + SIGINT, 128 + SIGTERM
+USER_EXIT = 2  # a user's code asked to end the process in the middle of a command
 
 
 class _Path(click.Path):
@@ -57,11 +65,15 @@ def _path(**kwargs) -> _Path:
     return _Path(path_type=Path, **kwargs)
 
 
-def _output(what: str):
-    """A callback checking, as the options are parsed, that an output file can be written."""
+def _output(what: str, text: bool = False):
+    """A callback checking, as the options are parsed, that an output file can be written;
+    a `text` output may be `-`, stdout (a binary one may not)."""
 
     def check(ctx, param, value):
-        if value is not None and str(value) != "-":
+        if value is not None and str(value) == "-":
+            if not text:
+                raise click.BadParameter(f"'-' (stdout) cannot take a {what}; give a file name")
+        elif value is not None:
             try:
                 output_file(Path(value), what)
             except LossxError as e:
@@ -71,11 +83,25 @@ def _output(what: str):
     return check
 
 
+_STDOUT_HELP = " ('-': stdout, the other output then on stderr)"
+
+
 _seed = click.IntRange(0, MAX_SEED)
+
+
+def _sha256(ctx, param, value):
+    if value is not None:
+        try:
+            check_sha256(value)
+        except LossxError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+    return value
+
 
 _require_sha256 = click.option(
     "--require-sha256",
     metavar="HEX",
+    callback=_sha256,
     help="Refuse the artifact unless its manifest.json has this sha256 (lossx export prints it).",
 )
 
@@ -165,14 +191,77 @@ def _exit_with(message: str, exit_code: int) -> click.ClickException:
     return error
 
 
+class _ProcessExit(BaseException):
+    """os._exit called by code lossx runs (a user's model), turned into an exception."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _user_code_contained():
+    """While a command runs, code it imports or calls (a user's model module) can neither end
+    the process nor write into lossx's output: print() and anything else written to stdout go
+    to stderr, stdout carrying lossx's own output alone (`_echo`), and os._exit raises
+    _ProcessExit in this process (a forked child still exits as it asks); SystemExit is caught
+    by `_LossxGroup.invoke`. What no process can intercept (a C library's exit(), a signal
+    that kills) is beyond this (docs/security.md)."""
+    global _stdout
+    pid, real_exit = os.getpid(), os._exit
+
+    def contained_exit(code: int) -> None:
+        if os.getpid() != pid:
+            real_exit(code)
+        raise _ProcessExit(code)
+
+    sys.stdout.flush()
+    saved_fd = None
+    try:
+        saved_fd = os.dup(sys.stdout.fileno())  # a real stdout: redirect the descriptor too
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        _stdout = sys.stdout  # click's CliRunner: no descriptor to redirect
+    if saved_fd is not None:
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        _stdout = io.TextIOWrapper(
+            io.FileIO(saved_fd, "w", closefd=False),
+            encoding=sys.stdout.encoding,
+            errors=sys.stdout.errors,
+            write_through=True,
+        )
+    os._exit = contained_exit
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        os._exit = real_exit
+        _stdout.flush()
+        if saved_fd is not None:
+            sys.stdout.flush()
+            os.dup2(saved_fd, sys.stdout.fileno())
+            os.close(saved_fd)
+        _stdout = None
+
+
+_stdout = None  # where lossx's own output goes while a command runs (_user_code_contained)
+
+
+def _echo(message: str = "", err: bool = False, nl: bool = True) -> None:
+    """click.echo to stdout, which while a command runs carries lossx's output alone (or to
+    stderr with `err`)."""
+    click.echo(message, file=None if err else _stdout or sys.stdout, err=err, nl=nl)
+
+
 class _LossxGroup(click.Group):
     """Every error as one line, `Error: ...` on stderr, with its documented exit code: lossx's
-    own errors, click's usage errors (with a pointer to --help instead of the usage text), and
-    interruptions (130 for Ctrl-C, 143 for SIGTERM)."""
+    own errors, click's usage errors (with a pointer to --help instead of the usage text),
+    interruptions (130 for Ctrl-C, 143 for SIGTERM), and an exit a user's code asked for in
+    the middle of a command (2)."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _user_code_contained():
+                return super().invoke(ctx)
         except BaseException as e:
             if _signals or isinstance(e, KeyboardInterrupt):
                 if signal.SIGTERM in _signals:
@@ -180,6 +269,14 @@ class _LossxGroup(click.Group):
                 raise _exit_with("interrupted", INTERRUPTED) from None
             if isinstance(e, LossxError):
                 raise _exit_with(str(e), e.exit_code) from None
+            if isinstance(e, SystemExit | _ProcessExit):
+                how = "os._exit" if isinstance(e, _ProcessExit) else "sys.exit"
+                raise _exit_with(
+                    f"code lossx {ctx.invoked_subcommand} ran (your model's module) called "
+                    f"{how}({e.code!r}); lossx stopped there, and what it writes appears whole "
+                    "or not at all",
+                    USER_EXIT,
+                ) from None
             raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -216,7 +313,7 @@ def main() -> None:
     """Export a CIFAR-10 model and its losses to ONNX, evaluate them, prove parity."""
 
 
-@main.command()
+@main.command(short_help="Export a model and its losses to ONNX graphs, each verified.")
 @click.argument("out_dir", type=_path())
 @click.option(
     "--model",
@@ -274,7 +371,8 @@ def main() -> None:
 @click.option(
     "--calibration-images",
     type=click.IntRange(min=1),
-    help="int8: how many training images calibrate (drawn with --seed).  [default: 512]",
+    help="int8: how many training images calibrate, at least 256 (drawn with --seed).  "
+    "[default: 512]",
 )
 @click.option(
     "--calibration-method",
@@ -306,25 +404,25 @@ def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
     if options["checkpoint"] is not None:
         _checkpoint_file(options["checkpoint"], ("npz", "torch"))
     check_destination(out_dir, MANIFEST_FILE)
+    if options["precision"] == "int8":  # its images are read and checked before torch loads
+        from lossx.runtime.calibration import load_calibration
+
+        calibration_options["method"] = calibration_options["method"] or "minmax"
+        options["calibration"] = load_calibration(seed=options["seed"], **calibration_options)
     _require_export_extra("lossx export")
     _import_for_good("lossx.build.export")
     from lossx.build.export import export_artifact, export_summary
 
-    if options["precision"] == "int8":
-        from lossx.build.precision import load_calibration
-
-        calibration_options["method"] = calibration_options["method"] or "minmax"
-        options["calibration"] = load_calibration(seed=options["seed"], **calibration_options)
     manifest = export_artifact(
         out_dir,
         losses=specs,
         progress=lambda file: click.echo(f"exporting {file}", err=True),
         **options,
     )
-    click.echo(export_summary(manifest, out_dir))
+    _echo(export_summary(manifest, out_dir))
 
 
-@main.command()
+@main.command(short_help="Classify image files with an artifact's model.")
 @click.argument("artifact_dir", type=_path())
 @click.argument("images", nargs=-1, required=True, type=_path())
 @click.option(
@@ -354,10 +452,10 @@ def predict(
         artifact_dir, manifest_sha256=require_sha256, weights=weights, **session_options
     )
     predictions = runtime.predict_files(list(images), top_k)
-    click.echo(json.dumps(predictions.to_dict(), indent=2) if as_json else predictions.to_text())
+    _echo(json.dumps(predictions.to_dict(), indent=2) if as_json else predictions.to_text())
 
 
-@main.command()
+@main.command(short_help="Check every graph of an artifact against eager PyTorch: a CI gate.")
 @click.argument("artifact_dir", type=_path())
 @click.option(
     "--checkpoint",
@@ -393,13 +491,22 @@ def predict(
 )
 @click.option("--seed", type=_seed, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option(
-    "--report-json", type=_path(), callback=_output("report"), help="Write the JSON report."
+    "--report-json",
+    type=_path(),
+    callback=_output("report", text=True),
+    help="Write the JSON report" + _STDOUT_HELP + ".",
 )
 @click.option(
-    "--junit-xml", type=_path(), callback=_output("report"), help="Write a JUnit XML report."
+    "--junit-xml",
+    type=_path(),
+    callback=_output("report", text=True),
+    help="Write a JUnit XML report" + _STDOUT_HELP + ".",
 )
 @click.option(
-    "--markdown", type=_path(), callback=_output("report"), help="Write a Markdown summary."
+    "--markdown",
+    type=_path(),
+    callback=_output("report", text=True),
+    help="Write a Markdown summary" + _STDOUT_HELP + ".",
 )
 @_require_sha256
 @_weights
@@ -444,6 +551,11 @@ def check(
         raise click.UsageError("--checkpoint and --baseline exclude each other")
     if model_name is not None and baseline is not None:
         raise click.UsageError("--model and --baseline exclude each other")
+    reports = {"json": report_json, "junit": junit_xml, "markdown": markdown}
+    to_stdout = [kind for kind, path in reports.items() if str(path) == "-"]
+    if len(to_stdout) > 1:
+        raise click.UsageError("only one of --report-json, --junit-xml and --markdown can be '-'")
+    files = {kind: path for kind, path in reports.items() if kind not in to_stdout}
     resolve_tolerances(tolerance_profile or "fp32-cpu", atol, rtol, atol_for)  # refused first
     check_batch_size(batch_size)
     _require_export_extra("lossx check")
@@ -455,10 +567,9 @@ def check(
     profile, fp32_profile = _profiles(artifact, session_options, tolerance_profile)
     tolerances = resolve_tolerances(profile, atol, rtol, atol_for, fp32_profile)
     tolerances.check_names([entry.spec for entry in artifact.manifest.graphs])
-    from lossx.compare.render import repro_beside, to_text, write_reports
+    from lossx.compare.render import RENDERERS, repro_beside, to_text, write_reports
     from lossx.parity.check import check_artifact
 
-    reports = {"json": report_json, "junit": junit_xml, "markdown": markdown}
     report = check_artifact(
         artifact,
         data,
@@ -468,26 +579,28 @@ def check(
         batch_size=batch_size,
         seed=seed,
         session_options=session_options,
-        repro=repro or repro_beside(list(reports.values())),
+        repro=repro or repro_beside(list(files.values())),
         progress=lambda inputs: click.echo(f"compared {inputs.label}", err=True),
         model_name=model_name,
     )
-    click.echo(to_text(report))
-    write_reports(report, reports)
+    _echo(to_text(report), err=bool(to_stdout))
+    write_reports(report, files)
+    if to_stdout:
+        _echo(RENDERERS[to_stdout[0]](report), nl=False)
     report.raise_if_failed()
 
 
-@main.command()
+@main.command(short_help="List the losses and their options.")
 @click.option("--json", "as_json", is_flag=True, help="Print the catalogue as JSON.")
 def losses(as_json: bool) -> None:
     """List the losses `lossx export --loss` takes, with their options and defaults."""
     if as_json:
-        click.echo(json.dumps([info.to_dict() for info in LOSSES.values()], indent=2))
+        _echo(json.dumps([info.to_dict() for info in LOSSES.values()], indent=2))
     else:
-        click.echo(catalogue_text())
+        _echo(catalogue_text())
 
 
-@main.command(name="eval")
+@main.command(name="eval", short_help="Evaluate an artifact on CIFAR-10 with ONNX Runtime.")
 @click.argument("artifact_dir", type=_path())
 @_data_options
 @_session_options
@@ -495,7 +608,7 @@ def losses(as_json: bool) -> None:
     "--json",
     "json_path",
     type=_Path(),
-    callback=_output("JSON"),
+    callback=_output("JSON", text=True),
     help="Also write the figures as JSON to this path ('-': stdout, the table then on stderr).",
 )
 @click.option(
@@ -561,7 +674,7 @@ def eval_(
     with _progress(len(data), "evaluating") as bar:
         result = evaluate(artifact, data, batch_size, progress=bar.update, **session_options)
     to_stderr = json_path == "-"  # stdout then carries the JSON alone
-    click.echo(result.to_text(), err=to_stderr)
+    _echo(result.to_text(), err=to_stderr)
     report = None
     if compare_eager:
         from lossx.parity.check import compare_with_eager
@@ -571,7 +684,7 @@ def eval_(
                 artifact, data, tolerances, profile, batch_size, session_options,
                 progress=lambda inputs: bar.update(len(inputs.labels)),
             )  # fmt: skip
-        click.echo("\n" + to_text(report), err=to_stderr)
+        _echo("\n" + to_text(report), err=to_stderr)
     if json_path:
         payload = {"eval": result.to_dict(), "parity": report.to_dict() if report else None}
         _write_text(json_path, strict_json(payload) + "\n")
@@ -579,7 +692,7 @@ def eval_(
         report.raise_if_failed()
 
 
-@main.command()
+@main.command(short_help="Train a model with eager PyTorch or an artifact in ONNX Runtime.")
 @click.argument("artifact_dir", required=False, type=_path())
 @click.option(
     "--engine",
@@ -601,8 +714,10 @@ def eval_(
     metavar="NAME|MODULE:ATTR",
     help="--engine torch: a registry model or your own MODULE:ATTR (as for export).",
 )
-@click.option("--epochs", type=int, default=RECIPE.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=RECIPE.epochs,
+              show_default=True, help="Passes over the training images.")  # fmt: skip
+@click.option("--batch-size", type=click.IntRange(1, MAX_TRAIN_BATCH), default=RECIPE.batch_size,
+              show_default=True, help="Images per step.")  # fmt: skip
 @click.option(
     "--lr",
     type=float,
@@ -646,10 +761,12 @@ def eval_(
     "50..95 (Pillow), before cropping.",
 )
 @click.option("--seed", type=_seed, default=RECIPE.seed, show_default=True)
-@click.option("--limit", type=int, help="Train on the first N training images only.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Train on the first N training images only."
+)
 @click.option(
     "--holdout",
-    type=int,
+    type=click.IntRange(min=0),
     default=RECIPE.holdout,
     show_default=True,
     help="Hold out the last N training images and evaluate on them instead of the test images.",
@@ -664,10 +781,14 @@ def eval_(
 @click.option(
     "--resume",
     type=_path(dir_okay=False),
-    help="Continue the run saved in this checkpoint (its recipe wins).",
+    help="Continue the run saved in this checkpoint, with the recipe it was saved with: a "
+    "recipe option that differs from it is refused.",
 )
 @click.option(
-    "--log-json", type=_path(), callback=_output("log"), help="Write one JSON line per epoch."
+    "--log-json",
+    type=_path(),
+    callback=_output("log", text=True),
+    help="Write one JSON line per epoch" + _STDOUT_HELP + ".",
 )
 @click.option(
     "--write-plan",
@@ -709,6 +830,7 @@ def train(
         raise click.UsageError("--model is for --engine torch; onnxruntime trains ARTIFACT_DIR's")
     config = TrainConfig(**recipe)
     config.validate()
+    given = _given_on_command_line(recipe)  # with --resume, each must agree with the checkpoint
     from lossx.files import input_folder
 
     input_folder(data_dir, "data directory")
@@ -732,15 +854,23 @@ def train(
         run_training = partial(train_onnxruntime, load_artifact(artifact_dir),
                                session_options=options)  # fmt: skip
     with _EpochProgress(log_json) as progress:
-        history = run_training(
-            data_dir, out, config, resume=resume, on_batch=progress.batch, on_epoch=progress.epoch
-        )
+        history = run_training(data_dir, out, None if resume else config, resume=resume,
+                               on_batch=progress.batch, on_epoch=progress.epoch,
+                               given=given)  # fmt: skip
     if history:
         last = history[-1]
-        click.echo(
+        _echo(
             f"wrote {out}: epoch {last.epoch}/{last.epochs}, {last.eval_split} accuracy "
             f"{last.eval_accuracy:.2%}"
         )
+
+
+def _given_on_command_line(options: dict) -> dict:
+    """The options among `options` that the command line set (not left at their defaults)."""
+    ctx = click.get_current_context()
+    source = click.core.ParameterSource.COMMANDLINE
+    return {name: value for name, value in options.items()
+            if ctx.get_parameter_source(name) is source}  # fmt: skip
 
 
 def _write_plan(path: Path, data_dir: Path, config: TrainConfig) -> None:
@@ -752,14 +882,15 @@ def _write_plan(path: Path, data_dir: Path, config: TrainConfig) -> None:
 
     input_folder(data_dir, "data directory")
     steps, images = write_plan(path, data_dir, config)
-    click.echo(
+    _echo(
         f"wrote {path}: {steps} steps, {images:,} images in batches of {config.batch_size} "
         f"({path.stat().st_size:,} bytes)"
     )
 
 
 class _EpochProgress:
-    """A progress bar per epoch on stderr, then one line per epoch on stdout (and JSON lines)."""
+    """Progress per epoch on stderr, then one line per epoch on stdout, and JSON lines to the
+    --log-json file (or to stdout, `-`, the epoch lines then going to stderr)."""
 
     def __init__(self, log_json: Path | None) -> None:
         self.log_json = log_json
@@ -768,7 +899,7 @@ class _EpochProgress:
         self.done = 0
 
     def __enter__(self) -> "_EpochProgress":
-        if self.log_json:
+        if self.log_json and str(self.log_json) != "-":
             try:
                 self.log = self.log_json.open("w", encoding="utf-8")
             except OSError as e:
@@ -782,16 +913,20 @@ class _EpochProgress:
 
     def batch(self, epoch: int, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = _progress(total, f"epoch {epoch}").__enter__()
+            self.bar = _progress(total, f"epoch {epoch}", "images").__enter__()
             self.done = 0
         self.bar.update(done - self.done)
         self.done = done
 
     def epoch(self, result) -> None:
         self._close_bar()
-        click.echo(result.to_line())
-        if self.log:
-            self.log.write(json.dumps(result.to_dict()) + "\n")
+        to_stdout = str(self.log_json) == "-"
+        _echo(result.to_line(), err=to_stdout)
+        line = json.dumps(result.to_dict())
+        if to_stdout:
+            _echo(line)
+        elif self.log:
+            self.log.write(line + "\n")
             self.log.flush()
 
     def _close_bar(self) -> None:
@@ -874,13 +1009,50 @@ def _profiles(artifact, session_options: dict, chosen: str | None = None):
     return (fp32, None) if precision == "fp32" else (precision, fp32)
 
 
-def _progress(total: int, label: str):
-    return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+def _progress(total: int, label: str, unit: str = "images"):
+    """Progress on stderr: a bar on a terminal; elsewhere (a CI log, a file) a line every
+    PROGRESS_SECONDS, so that a long command shows it is alive."""
+    if sys.stderr.isatty():
+        return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+    return _ProgressLines(total, label, unit)
+
+
+PROGRESS_SECONDS = 10.0
+
+
+class _ProgressLines:
+    """click.progressbar's interface, writing `label: done/total unit (percent), rate` lines to
+    stderr at most every PROGRESS_SECONDS, and once at the end."""
+
+    def __init__(self, total: int, label: str, unit: str) -> None:
+        self.total, self.label, self.unit = total, label, unit
+        self.done = 0
+
+    def __enter__(self) -> "_ProgressLines":
+        self.started = self.last = time.monotonic()
+        return self
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            self._line(now)
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None and self.last > self.started:  # it has printed: say it finished
+            self._line(time.monotonic())
+
+    def _line(self, now: float) -> None:
+        rate = self.done / max(now - self.started, 1e-9)
+        share = self.done / self.total if self.total else 1.0
+        click.echo(f"{self.label}: {self.done:,}/{self.total:,} {self.unit} ({share:.0%}), "
+                   f"{rate:,.0f} {self.unit}/s", err=True)  # fmt: skip
 
 
 def _write_text(path: str, text: str) -> None:
     if path == "-":
-        click.echo(text, nl=False)
+        _echo(text, nl=False)
     else:
         write_atomically(Path(path), lambda f: f.write(text.encode()))
 

@@ -27,6 +27,10 @@ class SpecError(LossxError):
     """An unknown model or loss name, or an option value out of range."""
 
 
+class ModelError(LossxError):
+    """The model itself is unusable: it computes NaN or Inf where it must give numbers."""
+
+
 class TrainingDiverged(LossxError):
     """The training loss became NaN or infinite; the checkpoint keeps the last whole epoch."""
 

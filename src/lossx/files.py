@@ -6,12 +6,14 @@ regular file (a FIFO would block the read, a device never end it); an output's f
 and be writable before the work that produces it starts.
 """
 
+import contextlib
+import fcntl
 import glob
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -68,8 +70,9 @@ def regular_file(path: Path, what: str, error: type[LossxError] = LossxError) ->
 
 
 def output_file(path: Path, what: str) -> Path:
-    """`path` if a file can be written there: its folder exists and is writable, and it is not
-    a folder itself. Checked before the work, not after it."""
+    """`path` if a file can be written there: its folder exists and a file can be made in it
+    (made and removed: permission bits do not tell, e.g. /proc to root), and it is not a folder
+    itself. Checked before the work, not after it."""
     path = Path(path)
     folder = path.parent
     if path.is_dir():
@@ -82,6 +85,13 @@ def output_file(path: Path, what: str) -> Path:
         raise LossxError(f"cannot write {what} {path}: folder {folder} is not writable")
     if path.exists() and not stat.S_ISREG(path.stat().st_mode):
         raise LossxError(f"cannot write {what} {path}: it is not a regular file")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.probe."):
+            pass
+    except OSError as e:
+        raise LossxError(
+            f"cannot write {what} {path}: no file can be made in {folder} ({e.strerror or e})"
+        ) from None
     return path
 
 
@@ -192,3 +202,42 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+@contextlib.contextmanager
+def sole_writer(target: Path, error: type[LossxError] = LossxError) -> Iterator[None]:
+    """Hold the right to write `target` (a file or a folder) while the block runs: an advisory
+    lock (flock) on a hidden `.NAME.lock` beside it, which names its holder's pid and is removed
+    when the block ends. Another process that wants to write the same target meanwhile gets
+    `error` at once, instead of both working and the last one silently winning."""
+    target = Path(os.path.abspath(target))
+    lock = target.parent / f".{target.name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise error(f"cannot write {target}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise error(
+                f"{target} is being written by another process right now (pid {holder}); wait "
+                "for it to finish, or write elsewhere"
+            ) from None
+        try:  # its last holder may have removed the file between our open and our lock
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)

@@ -12,9 +12,9 @@ from PIL import Image
 
 import lossx.build.precision as precision
 from lossx.build.graph_modules import reference_module
-from lossx.build.precision import load_calibration
 from lossx.errors import ArtifactError, DataError, SpecError
 from lossx.runtime import evaluate, load_artifact, open_artifact, to_model_input
+from lossx.runtime.calibration import load_calibration
 from lossx.runtime.cifar10 import load_cifar10
 from lossx.runtime.feeds import graph_feed
 from tests.cli.test_cli import assert_one_line_error, run_cli
@@ -100,6 +100,20 @@ def test_check_gates_under_the_precision_profile(lowered, tmp_path, cifar_dir):
     assert rows == 1000 + 8 + (random_rows if name == "fp16" else 0)
 
 
+def test_a_small_sample_is_judged_by_its_confidence_bound(int8_artifact, tmp_path):
+    """64 images (72 rows with the odd batches): three flipped near-ties are 95.83% agreement,
+    yet the 96% limit is well within what such a sample allows (upper bound 98.57%)."""
+    result = run_cli("check", int8_artifact.path, "--limit", "64", "--report-json",
+                     tmp_path / "r.json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    logits = next(o for o in json.loads((tmp_path / "r.json").read_text())["outputs"]
+                  if o["graph"] == "model")  # fmt: skip
+    assert logits["argmax_rows"] == 72 and logits["accuracy_images"] == 64
+    assert logits["argmax_agreement_upper_bound"] >= 0.96
+    if logits["argmax_agreement"] < 0.96:
+        assert "its 95% upper bound is" in result.stdout
+
+
 def test_check_fails_a_lowered_model_that_computes_something_else(int8_artifact, tmp_path):
     def change(weights):
         weights["model1.7.weight"] *= 1.5
@@ -138,7 +152,7 @@ def test_weights_are_refused_for_a_lowered_artifact(int8_artifact, shipped_artif
         (["--precision", "int8", "--calibration-images", "513"], "holds 512 training images"),
         (["--precision", "int8", "--calibration-method", "mse"], "--calibration-method"),
         (["--precision", "int8", "--calibration-data", "{missing}"], "does not exist"),
-        (["--precision", "int8", "--calibration-data", "{empty}"], "no CIFAR-10 batches"),
+        (["--precision", "int8", "--calibration-data", "{empty}"], "no CIFAR-10 train batches"),
         (["--precision", "int8", "--calibration-data", "{test_only}"], "holds only the test"),
     ],
 )
@@ -173,12 +187,12 @@ def test_a_converted_graph_onnx_runtime_cannot_load_is_refused(monkeypatch, tmp_
 
 def test_calibration_draws_training_images_only(cifar_dir):
     require_shared(cifar_dir)
-    calibration = load_calibration(cifar_dir, 100, "entropy", seed=3)
+    calibration = load_calibration(cifar_dir, 300, "entropy", seed=3)
     train = load_cifar10(cifar_dir, "train")
-    index = np.sort(np.random.default_rng(3).choice(len(train), 100, replace=False))
+    index = np.sort(np.random.default_rng(3).choice(len(train), 300, replace=False))
     np.testing.assert_array_equal(calibration.images, train.images[index])
-    assert calibration.record()["images"] == 100 and "(train)" in calibration.source
-    assert load_calibration(cifar_dir, 100, seed=3).images.tobytes() == calibration.images.tobytes()
+    assert calibration.record()["images"] == 300 and "(train)" in calibration.source
+    assert load_calibration(cifar_dir, 300, seed=3).images.tobytes() == calibration.images.tobytes()
     with pytest.raises(SpecError, match="unknown calibration method"):
         load_calibration(None, 8, "kl")
     with pytest.raises(DataError, match="does not exist"):

@@ -135,6 +135,7 @@ def test_resume_from_a_plain_state_dict_is_refused(data_dir, tmp_path):
 def test_resume_from_another_model_is_refused(data_dir, short_run, tmp_path):
     payload = load_training_checkpoint(short_run[0])
     payload["model"] = {"layer.weight": torch.zeros(3, 3)}
+    payload["history"] = payload["history"][:1]  # a run not yet finished
     torch.save(payload, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="does not fit model tudui"):
         train(data_dir, tmp_path / "c.pt", resume=tmp_path / "other.pt")
@@ -157,7 +158,7 @@ def test_cli_train_logs_every_epoch(data_dir, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--epochs", "0"], "epochs must be 1..10000"),
+        (["--epochs", "0"], "'--epochs': 0 is not in the range 1<=x<=10000"),
         (["--lr", "-1"], "lr must be in (0, 10]"),
         (["--out", "/nonexistent-dir/c.pt"], "folder /nonexistent-dir does not exist"),
     ],
@@ -179,6 +180,7 @@ def test_cli_train_needs_a_data_dir():
 def test_resume_from_a_damaged_checkpoint_is_refused(data_dir, short_run, tmp_path):
     payload = load_training_checkpoint(short_run[0])
     del payload["optimizer"]
+    payload["history"] = payload["history"][:1]  # a run not yet finished
     torch.save(payload, tmp_path / "damaged.pt")
     with pytest.raises(CheckpointError, match="does not fit model tudui: 'optimizer'"):
         train(data_dir, tmp_path / "c.pt", resume=tmp_path / "damaged.pt")

@@ -113,6 +113,7 @@ def test_check_refuses_a_model_whose_source_changed(project, tmp_path, monkeypat
     result = run_cli("check", out)
     assert_one_line_error(result, 2, "cannot rebuild the eager model the artifact records")
     assert "cannot import lossx_user_edit: ModuleNotFoundError" in result.stderr
+    assert "run lossx from the folder that holds lossx_user_edit.py" in result.stderr
     # check --model names the eager model when the module moved
     (tmp_path / "lossx_user_moved.py").write_text(RESNET_STYLE)
     result = run_cli("check", out, "--model", "lossx_user_moved:Net", "--limit", "16")
@@ -129,7 +130,7 @@ def test_check_refuses_a_model_whose_source_changed(project, tmp_path, monkeypat
         ("lossx_user_nosuch:Net", "cannot import lossx_user_nosuch: ModuleNotFoundError"),
         ("lossx_user_net:Nope", "lossx_user_net has no attribute 'Nope'"),
         ("lossx_user_net:NOT_A_MODEL", "int is not a model"),
-        ("lossx_user_shape:Wide", "returns [2, 11] for [2, 3, 32, 32] images"),
+        ("lossx_user_shape:Wide", "returns [1, 11] for [1, 3, 32, 32] images"),
         ("lossx_user_net:", "write MODULE:ATTR"),
         ("no/such:Net", "write MODULE:ATTR"),
         ("nosuch", "unknown model 'nosuch'"),

@@ -171,7 +171,7 @@ EVAL_ERRORS = {
     "data dir without batches": (
         lambda a, t: [a, "--data-dir", t],
         2,
-        "no CIFAR-10 batches",
+        "no CIFAR-10 test batches",
     ),
     "pickle payload": (
         lambda a, t: [a, "--data-dir", _pickle_payload_dir(t)],
@@ -420,7 +420,7 @@ def test_train_write_plan_writes_a_plan_and_trains_nothing(tmp_path, cifar_dir):
     [
         (["--optimizer", "adamw"], "--optimizer adamw has no plan"),
         (["--epochs", "3"], "holds 150,000 images, more than 100,000"),
-        (["--limit", "0"], "limit must be at least 1"),
+        (["--limit", "0"], "'--limit': 0 is not in the range x>=1"),
     ],
 )
 def test_train_write_plan_refusals_leave_nothing(tmp_path, cifar_dir, args, message):

@@ -62,3 +62,20 @@ def test_links_between_the_docs_resolve(doc):
         if anchor:
             headings = re.findall(r"^#+ (.*)$", path.read_text(encoding="utf-8"), flags=re.M)
             assert anchor[1:] in {_slug(h) for h in headings}, f"{doc.name}: no {target}{anchor}"
+
+
+def test_the_readmes_own_model_exports_trains_and_checks(tmp_path, monkeypatch):
+    """The README's `mymodels.py`, as a reader copies it, through the commands it shows."""
+    from tests.cli.test_cli import run_cli
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Your own model, by import path") :]
+    source = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    (tmp_path / "mymodels.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("export", "mine", "--model", "mymodels:ResNet", "--init", "random",
+                     "--seed", "0", "--train", "--loss", "ce")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = run_cli("check", "mine", "--limit", "64")
+    assert result.exit_code == 0, result.output
+    assert "train_ce/grad.block.weight" in result.stdout

@@ -1,5 +1,7 @@
 """The parity engine: element rules, accumulation over batches, and the run-and-compare loop."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -8,8 +10,15 @@ from hypothesis.extra import numpy as hnp
 
 from lossx.compare.engine import OutputAccumulator, compare_arrays, compare_runners
 from lossx.compare.inputs import InputSet, random_input_sets, real_input_sets
-from lossx.compare.tolerances import Tolerance, resolve_tolerances
-from lossx.errors import ParityError, SpecError
+from lossx.compare.tolerances import (
+    GRADIENT_TOLERANCE,
+    PROFILES,
+    Tolerance,
+    agreement_upper_bound,
+    drop_lower_bound,
+    resolve_tolerances,
+)
+from lossx.errors import ModelError, ParityError, SpecError
 from lossx.runtime import load_packaged_sample
 from lossx.runtime.graphs import ToleranceRule, loss_graph, model_graph
 from lossx.runtime.loss_specs import parse_loss_spec
@@ -184,3 +193,141 @@ def test_a_comparison_of_no_inputs_is_refused_not_passed():
         compare_runners(
             NumpyRunner(), NumpyRunner(), [], random_input_sets(0), resolve_tolerances()
         )
+
+
+# --- a reference that computes NaN where numbers belong -----------------------------------
+
+
+def test_a_reference_computing_nan_logits_is_a_broken_model_not_a_parity_failure():
+    class NaNRunner(NumpyRunner):
+        def run(self, graph, feed):
+            outputs = super().run(graph, feed)
+            if graph.stem == "model":
+                outputs["logits"][0, 0] = np.nan
+            return outputs
+
+    report = compare_runners(NaNRunner(), NaNRunner(), GRAPHS, random_input_sets(0),
+                             resolve_tolerances())  # fmt: skip
+    logits = next(o for o in report.outputs if o.name == "model/logits")
+    assert logits.invalid_reference == 3 and logits.invalid_reference_inputs == "random N=1 seed 0"
+    assert logits.nonfinite.disagreeing == 0  # both sides agree: it is the model that is broken
+    assert not report.passed and report.exit_code == 2
+    assert "model/logits: the reference (numpy) computes NaN or Inf" in report.failure_line()
+    with pytest.raises(ModelError, match="the model itself is broken"):
+        report.raise_if_failed()
+
+
+# --- gradients that miss the fp32 rule are judged by float64 -------------------------------
+
+
+def _gradient_accumulator():
+    return OutputAccumulator("train", "grad.w", GRADIENT_TOLERANCE, ToleranceRule.GRADIENT)
+
+
+@pytest.mark.parametrize(
+    ("subject_error", "cleared"),
+    [
+        (1e-7, True),  # the subject is right and the fp32 reference is not: cleared
+        (-5e-3, True),  # as far from float64 as the reference, on the other side: cleared
+        (-6e-3, False),  # further from float64 than the reference: stays a mismatch
+    ],
+)
+def test_float64_decides_which_engine_erred_where_fp32_cannot(subject_error, cleared):
+    exact = np.linspace(-0.5, 0.5, 100)  # 0.1% of 100 elements: no mismatch allowed
+    reference = exact.copy()
+    reference[7] += 5e-3  # the fp32 reference's own error (a cancelling batch norm backward)
+    subject = exact.copy()
+    subject[7] += subject_error
+    accumulator = _gradient_accumulator()
+    failed = accumulator.add(InputSet("batch"), subject, reference)
+    assert failed == 1
+    accumulator.judge_by_float64(InputSet("batch"), subject, reference, exact, failed)
+    report = accumulator.report()
+    assert report.mismatches == 1  # the fp32 comparison is reported as it was
+    assert report.float64.inputs == ["batch"]
+    assert report.float64.reference_max_abs_error == pytest.approx(5e-3)
+    assert report.float64.onnx_max_abs_error == pytest.approx(abs(subject_error))
+    assert report.float64.cleared == (1 if cleared else 0)
+    assert report.passed is cleared
+
+
+def test_the_engine_asks_the_reference_for_float64_only_where_a_gradient_fails():
+    spec = _train_spec()
+
+    class Gradients:
+        def __init__(self, name, error=0.0):
+            self.name, self.error, self.float64_calls = name, error, 0
+
+        def run(self, graph, feed):
+            grad = np.linspace(-1, 1, 10, dtype=np.float32)
+            grad[3] += self.error
+            return {"loss": np.float32(1), "logits": feed["logits_in"], "grad.w": grad}
+
+        def run_float64(self, graph, feed):
+            self.float64_calls += 1
+            return {"loss": 1.0, "logits": feed["logits_in"].astype(np.float64),
+                    "grad.w": np.linspace(-1, 1, 10)}  # fmt: skip
+
+    subject, reference = Gradients("onnx"), Gradients("fp32 torch", error=0.01)
+    inputs = [InputSet("a", sizes={"N": 2}, seed=0), InputSet("b", sizes={"N": 3}, seed=1)]
+    report = compare_runners(subject, reference, [spec], inputs, resolve_tolerances())
+    grad = next(o for o in report.outputs if o.output == "grad.w")
+    assert reference.float64_calls == 2 and grad.float64.cleared == 2 and report.passed
+    quiet = Gradients("fp32 torch")
+    compare_runners(subject, quiet, [spec], inputs, resolve_tolerances())
+    assert quiet.float64_calls == 0  # nothing failed: nothing recomputed
+
+
+def _train_spec():
+    from lossx.runtime.graphs import GraphKind, GraphSpec, Role, TensorSpec
+
+    logits_in = TensorSpec("logits_in", "float32", ("N", 10), "real", Role.IMAGES)
+    outputs = (
+        TensorSpec("loss", "float32", (), "real", Role.LOSS),
+        TensorSpec("logits", "float32", ("N", 10), "real", Role.LOGITS),
+        TensorSpec("grad.w", "float32", (10,), "real", Role.GRADIENT, "w"),
+    )
+    return GraphSpec("train", GraphKind.TRAIN, parse_loss_spec("ce"), (logits_in,), outputs)
+
+
+# --- the task-level checks judge a sample by its confidence bounds -------------------------
+
+
+@pytest.mark.parametrize(
+    ("agreeing", "rows", "passed"),
+    [
+        (69, 72, True),  # 95.83% of 72 rows: the 96% limit may well hold (upper bound 98.6%)
+        (955, 1000, True),  # 95.5% of 1,000: upper bound 96.6%, not yet shown to miss 96%
+        (940, 1000, False),  # 94.0% of 1,000: upper bound 95.3%, a miss beyond chance
+        (1000, 1000, True),
+    ],
+)
+def test_argmax_agreement_fails_only_when_its_upper_bound_misses_the_limit(agreeing, rows,
+                                                                           passed):  # fmt: skip
+    bound = agreement_upper_bound(agreeing, rows)
+    assert bound >= agreeing / rows
+    logits = np.zeros((rows, 2), np.float32)
+    logits[:, 0] = 1
+    other = logits.copy()
+    other[agreeing:] = logits[agreeing:, ::-1]
+    tolerance = replace(PROFILES["int8"], atol=10.0, real_images_only=False)
+    report = compare_arrays(other, logits, tolerance, ToleranceRule.TASK)
+    assert report.argmax_rows == rows
+    assert report.argmax_agreement_upper_bound == pytest.approx(bound)
+    assert report.passed is (bound >= tolerance.min_argmax_agreement)
+
+
+def test_the_wilson_bound_matches_its_closed_form():
+    # 69 of 72: centre 0.9351, half-width 0.0507 (z = 1.96), from the formula by hand
+    assert agreement_upper_bound(69, 72) == pytest.approx(0.98575, abs=2e-4)
+    assert agreement_upper_bound(10, 10) == 1.0
+    assert agreement_upper_bound(0, 10) == pytest.approx(0.2775, abs=1e-3)
+
+
+def test_an_accuracy_drop_fails_only_when_its_lower_bound_exceeds_the_limit():
+    # one image of 64 lost: a 1.6-point drop, yet within what chance gives
+    assert drop_lower_bound(1, 0, 64) < 0.01
+    # 40 of 1,000 lost, none gained: a drop of 4 points beyond doubt
+    assert drop_lower_bound(40, 0, 1000) > 0.02
+    # as many gained as lost: no drop
+    assert drop_lower_bound(20, 20, 1000) < 0

@@ -139,7 +139,12 @@ def test_node_trained_weights_feed_lossx(node, training_plan, shipped_train_arti
     result = CliRunner().invoke(main, ["eval", str(shipped_train_artifact_dir), "--weights",
                                        str(out), "--json", str(tmp_path / "e.json")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "e.json").read_text())["eval"]["top1_accuracy"] > 0.7
+    figures = json.loads((tmp_path / "e.json").read_text())["eval"]
+    assert figures["top1_accuracy"] > 0.7
+    from lossx.runtime.artifact import sha256_of
+
+    assert figures["weights"] == f"{out} (sha256 {sha256_of(out)})"  # eval says what it ran
+    assert any(line.split()[:2] == ["weights", str(out)] for line in result.stdout.splitlines())
     result = CliRunner().invoke(main, ["export", str(tmp_path / "art"), "--checkpoint", str(out)])
     assert result.exit_code == 0, result.output
 

@@ -91,8 +91,9 @@ def test_a_corrupted_graph_fails_and_the_layer_is_named(corrupted, cifar_dir, tm
         "--repro", tmp_path / "repro.npz",
     )  # fmt: skip
     assert_one_line_error(result, 1, "parity failed for 1 of 10 outputs, worst model/logits")
-    assert "first failing layer model1.2 (Conv2d)" in result.stderr
+    assert "first failing node model1.2 (Conv2d): aten.conv2d.default;" in result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
+    assert report["first_failing_layer"] == "model1.2 (Conv2d)"
     validate(report)
     rows = {row["layer"]: row["passed"] for row in report["layers"]}
     assert rows["model1.0 (Conv2d)"] and rows["model1.1 (MaxPool2d)"]
@@ -151,7 +152,7 @@ def test_checkpoint_is_the_eager_side(trained_artifact, trained_checkpoint, tmp_
     torch.save(state, tmp_path / "other.pt")
     bad = run_cli("check", trained_artifact.path, "--checkpoint", tmp_path / "other.pt",
                   "--limit", "50", "--repro", tmp_path / "repro.npz")  # fmt: skip
-    assert_one_line_error(bad, 1, "first failing layer model1.8 (Linear)")
+    assert_one_line_error(bad, 1, "first failing node model1.8 (Linear): aten.linear.default")
 
 
 @pytest.mark.parametrize(
@@ -229,3 +230,51 @@ def test_a_failing_case_is_saved_beside_the_reports_never_unasked(corrupted, tmp
     beside = run_cli("check", corrupted, "--limit", "20", "--junit-xml", reports / "check.xml")
     assert_one_line_error(beside, 1, f"failing case saved to {reports / 'lossx-check-failure.npz'}")
     assert sorted(p.name for p in reports.iterdir()) == ["check.xml", "lossx-check-failure.npz"]
+
+
+RESIDUAL = """
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x) + x)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = Block()
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, images):
+        x = self.block(F.relu(self.stem(images)))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+"""
+
+
+def test_the_first_failing_node_is_a_functional_op_where_that_op_changed(tmp_path, monkeypatch):
+    """An eager model whose residual addition changed: no module's own output is the sum, so
+    layers alone name the next module; nodes name the addition and its line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lossx_residual.py").write_text(RESIDUAL)
+    changed = RESIDUAL.replace("F.relu(self.conv(x) + x)", "F.relu(self.conv(x) + 1.01 * x)")
+    (tmp_path / "lossx_residual_changed.py").write_text(changed)
+    out = tmp_path / "art"
+    result = run_cli("export", out, "--model", "lossx_residual:Net", "--init", "random",
+                     "--loss", "ce")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = run_cli("check", out, "--model", "lossx_residual_changed:Net", "--limit", "16")
+    line = changed.splitlines().index("        return F.relu(self.conv(x) + 1.01 * x)") + 1
+    assert_one_line_error(
+        result,
+        1,
+        f"first failing node block (Block): aten.add.Tensor at lossx_residual_changed.py:{line} "
+        "`return F.relu(self.conv(x) + 1.01 * x)`",
+    )

@@ -16,6 +16,8 @@ before it lands.
 
 import copy
 import functools
+import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from lossx.build.losses import OnLogits, reference_loss
-from lossx.errors import SpecError
+from lossx.build.models import user_code_in_traceback
+from lossx.errors import ExportError, SpecError, first_line
 from lossx.runtime.graphs import IMAGE_SHAPE, NUM_CLASSES, Buffer, GraphSpec
 from lossx.runtime.loss_specs import LossSpec
 
@@ -41,6 +44,8 @@ def check_trainable(model: nn.Module, loss: LossSpec) -> None:
     """Refuse, before any tracing, what a training graph cannot hold, naming it."""
     if loss["reduction"] == "none":
         raise SpecError(f"--train: {loss} has no scalar loss to differentiate; use mean or sum")
+    if not any(True for _ in model.parameters()):
+        raise SpecError("--train: the model has no parameters, so there is nothing to train")
     for name, module in model.named_modules():
         if isinstance(module, _DROPOUT) and module.p > 0:
             raise SpecError(
@@ -268,12 +273,12 @@ def updated_buffers(model: nn.Module) -> list[str]:
     return [k for k, v in before.items() if not torch.equal(v, after[k])]
 
 
-def _functional_step(model: nn.Module, spec: GraphSpec):
+def _functional_step(model: nn.Module, spec: GraphSpec, loss_fn: nn.Module):
     """Training graph `spec` as a function: (images, target, *parameters, *buffers) -> (loss,
-    logits, *gradients, *next buffers), the model in train mode on copies of the buffers."""
+    logits, *gradients, *next buffers), the model in train mode on copies of the buffers,
+    scored by `loss_fn` (an OnLogits)."""
     names, buffer_names = spec.parameter_names, spec.buffer_names
     updated, input_grad = list(spec.next_buffers), spec.input_grad
-    loss_fn = OnLogits(reference_loss(spec.loss), spec.loss)
     count = len(names)
 
     def step(images, target, *tensors):
@@ -304,7 +309,8 @@ class ReferenceTrainingStep(nn.Module):
     def __init__(self, model: nn.Module, spec: GraphSpec) -> None:
         super().__init__()
         self.model = model
-        self.step = _functional_step(model, spec)
+        self.loss = OnLogits(reference_loss(spec.loss), spec.loss)  # a submodule: .double() too
+        self.step = _functional_step(model, spec, self.loss)
 
     def forward(self, images, target, *tensors):
         return tuple(t.detach() for t in self.step(images, target, *tensors))
@@ -319,12 +325,51 @@ class TrainingStep(nn.Module):
         check_trainable(model, spec.loss)
         tensors = [p.detach() for p in model.parameters()] + [b.detach() for b in model.buffers()]
         args = _symbolic_batch(_example(spec.loss), tensors)
-        self.traced = make_fx(_functional_step(model, spec), decompositions(),
-                              tracing_mode="symbolic")(*args)  # fmt: skip
+        step = _functional_step(model, spec, OnLogits(reference_loss(spec.loss), spec.loss))
+        try:
+            self.traced = make_fx(step, decompositions(), tracing_mode="symbolic")(*args)
+        except Exception as e:  # the user's model may raise anything while it is traced
+            raise in_place_refusal(e, model) or ExportError(
+                f"{spec.file}: tracing the train-mode step failed: {first_line(e)}"
+            ) from None
         check_traced(self.traced, model)
 
     def forward(self, images, target, *tensors):
         return self.traced(images, target, *tensors)
+
+
+def in_place_refusal(
+    error: Exception, model: nn.Module, context: str = "--train"
+) -> SpecError | None:
+    """A one-line refusal (after `context`) for autograd's "modified by an inplace operation",
+    naming what was changed and, from a rerun under torch's anomaly mode, where the model made
+    it; None for any other error."""
+    text = str(error)
+    if "modified by an inplace operation" not in text:
+        return None
+    made = re.search(r"which is (output \d+ of \w+)", text)
+    where = _forward_site(model)
+    return SpecError(
+        f"{context}: the model changes {made.group(1) if made else 'a tensor'}"
+        f"{f' (made at {where})' if where else ''} in place, but its gradient needs it as it "
+        "was; write that step out of place (y = y * 2, not y.mul_(2); F.relu(y), not y.relu_())"
+    )
+
+
+def _forward_site(model: nn.Module) -> str | None:
+    """Where the model's forward made the tensor that an in-place op then changed: a
+    train-mode step of a copy under torch.autograd.detect_anomaly, which records the forward
+    stack of each op."""
+    probe = copy.deepcopy(model).train()
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly():
+        warnings.simplefilter("always")
+        try:
+            logits = probe(torch.rand(2, *IMAGE_SHAPE))
+            torch.autograd.grad(logits.float().sum(), list(probe.parameters()))
+        except RuntimeError:
+            pass
+    texts = [str(w.message) for w in caught if "forward call that caused" in str(w.message)]
+    return user_code_in_traceback(texts[-1]) if texts else None
 
 
 def _symbolic_batch(batch: tuple[torch.Tensor, ...], weights: list[torch.Tensor]) -> list:

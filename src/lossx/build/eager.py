@@ -1,5 +1,6 @@
 """The eager PyTorch runner: any graph of an artifact, run as the torch module it must equal."""
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ class EagerRunner:
     def __init__(self, model: nn.Module | None, name: str = "eager PyTorch") -> None:
         self.model = model
         self.name = name
+        self._model64: nn.Module | None = None  # made on the first run_float64
 
     @classmethod
     def of_artifact(
@@ -38,21 +40,32 @@ class EagerRunner:
             weights = artifact.parameters()
             check_weights(weights, weights_to_arrays(model))
             model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-            weights = f"the artifact's {manifest.weights['file']}"
+            weights = artifact.weights_used
         else:
             load_checkpoint(model, Path(checkpoint))
             weights = f"checkpoint {checkpoint}"
         return cls(model, f"eager PyTorch {torch.__version__}, model {described} with {weights}")
 
     def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        module = reference_module(graph, self.model)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. KLDivLoss's note on reduction="mean"
-            outputs = module(*(torch.from_numpy(feed[name]) for name in graph.input_names))
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        return {
-            name: value.numpy() for name, value in zip(graph.output_names, outputs, strict=True)
-        }
+        return _run(reference_module(graph, self.model), graph, feed)
+
+    def run_float64(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run` in float64 (a double-precision copy of the model, the loss and the float
+        inputs): the exact values, as near as they can be computed, that fp32 results are
+        judged by where two fp32 engines cannot tell which of them is right."""
+        if self._model64 is None and self.model is not None:
+            self._model64 = copy.deepcopy(self.model).double()
+        module = reference_module(graph, self._model64).double()
+        feed = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feed.items()}
+        return _run(module, graph, feed)
+
+
+def _run(module: nn.Module, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. KLDivLoss's note on reduction="mean"
+        outputs = module(*(torch.from_numpy(feed[name]) for name in graph.input_names))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return {name: value.numpy() for name, value in zip(graph.output_names, outputs, strict=True)}
 
 
 def rebuild_model(manifest: Manifest) -> nn.Module:
@@ -62,9 +75,16 @@ def rebuild_model(manifest: Manifest) -> nn.Module:
         model = build_model(manifest.model)
         source = model_source(manifest.model)
     except SpecError as e:
+        why = str(e).removeprefix(f"--model {manifest.model}: ")
+        module = manifest.model.partition(":")[0]
+        if f"No module named '{module.split('.')[0]}'" in why:
+            file = (manifest.model_source or {}).get("file") or f"{module}.py"
+            why += (
+                f"; run lossx from the folder that holds {file} (it imports from the current "
+                "directory), put that folder on PYTHONPATH, or name the model with --model"
+            )
         raise SpecError(
-            f"cannot rebuild the eager model the artifact records ({manifest.model}): "
-            f"{str(e).removeprefix(f'--model {manifest.model}: ')}"
+            f"cannot rebuild the eager model the artifact records ({manifest.model}): {why}"
         ) from None
     recorded = manifest.model_source
     if recorded and source and recorded.get("sha256") != source.get("sha256"):

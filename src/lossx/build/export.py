@@ -12,6 +12,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import re
 import sys
 import unittest.mock
@@ -44,11 +45,10 @@ from lossx.build.models import (
     model_source,
     packaged_weights,
     source_record,
+    user_code_at,
     weights_to_arrays,
 )
 from lossx.build.precision import (
-    Calibration,
-    load_calibration,
     lower_model,
     precision_record,
     splice_model,
@@ -58,9 +58,10 @@ from lossx.compare.engine import compare_runners
 from lossx.compare.inputs import EXAMPLE_SIZES, random_input_sets, real_input_sets, sample_feed
 from lossx.compare.runners import OnnxRuntimeRunner
 from lossx.compare.tolerances import DEFAULT_PROFILE, resolve_tolerances
-from lossx.errors import ArtifactError, ExportError, SpecError, first_line
-from lossx.files import check_destination, write_folder_atomically
+from lossx.errors import ArtifactError, ExportError, ModelError, SpecError, first_line
+from lossx.files import check_destination, sole_writer, write_folder_atomically
 from lossx.runtime.artifact import MANIFEST_FILE, GraphEntry, Manifest, load_artifact, sha256_of
+from lossx.runtime.calibration import Calibration, load_calibration
 from lossx.runtime.cifar10 import CLASS_NAMES, Cifar10Split, load_packaged_sample
 from lossx.runtime.graphs import (
     DEFAULT_MODEL,
@@ -82,6 +83,7 @@ from lossx.runtime.preprocessing import PREPROCESSING
 WEIGHTS_FILE = "weights.npz"
 INITS = ("trained", "random")
 
+SELF_CHECK_IMAGES = 64  # real images every graph that runs the model is first checked on
 EXPORTER_MIN_OPSET = 18  # torch.onnx (dynamo) writes 18 and newer; older ones are converted
 
 
@@ -226,11 +228,16 @@ def _torch_onnx_export(
     dynamic_shapes: tuple,
     opset: int,
 ) -> onnx.ModelProto:
-    """`module` exported by torch.onnx (dynamo); ExportError naming `file` where it fails."""
+    """`module` exported by torch.onnx (dynamo); ExportError naming `file` where it fails, or
+    ModelError where the model's own code cannot become a graph (it branches on values). What
+    torch prints and logs meanwhile (graphs of dozens of lines on a failure) is kept out of
+    lossx's output."""
     try:
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            _logging_off(),
             _weights_kept_by_name(),
             _torchlib_registry_built_once(),
         ):
@@ -247,8 +254,35 @@ def _torch_onnx_export(
                 verbose=False,
             )
     except Exception as e:
+        if _branches_on_values(e):
+            where = user_code_at(e, module) or "its forward"
+            raise ModelError(
+                f"{file}: the model branches on a tensor's values at {where}; an ONNX graph "
+                "runs the same ops for every input, so compute both results and pick with "
+                "torch.where (or use torch.cond)"
+            ) from None
         raise ExportError(f"{file}: torch.onnx.export failed: {first_line(e)}") from None
     return program.model_proto
+
+
+def _branches_on_values(error: BaseException) -> bool:
+    """Whether torch.export failed because Python control flow depends on a tensor's values."""
+    while error is not None:
+        if type(error).__name__ == "GuardOnDataDependentSymNode" or "data-dependent" in str(error):
+            return True
+        error = error.__cause__
+    return False
+
+
+@contextlib.contextmanager
+def _logging_off():
+    """Python logging off while the block runs (torch.export warns and dumps graphs there)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _exported_proto(spec: GraphSpec, module: nn.Module, opset: int) -> onnx.ModelProto:
@@ -536,14 +570,18 @@ def verify_graph(
     images: Cifar10Split | None = None,
 ) -> None:
     """Run graph file `path` in ONNX Runtime on fresh random inputs of several sizes (after
-    the real `images`, if given) and compare it with eager `model` (a training graph gets the
-    model's weights as its parameters) under tolerance `profile` (its precision's).
+    real images: `images`, else for a graph that runs the model the first SELF_CHECK_IMAGES
+    packaged test images) and compare it with eager `model` (a training graph gets the model's
+    weights as its parameters) under tolerance `profile` (its precision's).
 
-    Raises ParityError naming the graph, the worst output and the inputs it failed on.
+    Raises ParityError naming the graph, the worst output and the inputs it failed on, or
+    ModelError where eager PyTorch itself computes NaN or Inf where numbers belong.
     """
     parameters = None
     if spec.parameter_names or spec.buffer_names:
         parameters = weights_to_arrays(model)
+    if images is None and spec.runs_model:
+        images = load_packaged_sample().head(SELF_CHECK_IMAGES)
     report = compare_runners(
         OnnxRuntimeRunner.of_file(path),
         EagerRunner(model),
@@ -601,6 +639,24 @@ def _load_weights(
         if payload.get("torch"):
             weights["trained"]["torch"] = payload["torch"]
     return weights
+
+
+# protobuf serialises no message over 2 GiB, and an artifact's graphs hold their weights inside
+# (external data would lie outside what the manifest's sha256s cover); the rest of a graph
+# (its nodes, shapes and metadata) needs well under the 64 MiB kept free here.
+MAX_WEIGHT_BYTES = 2**31 - 2**26
+
+
+def check_size(model: nn.Module) -> None:
+    """Refuse, before any export, a model whose weights cannot fit in one ONNX file."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size > MAX_WEIGHT_BYTES:
+        count = sum(p.numel() for p in model.parameters())
+        raise SpecError(
+            f"the model's weights take {size / 2**30:.2f} GiB ({count:,} parameters); an ONNX "
+            f"file holds at most 2 GiB and lossx keeps every weight inside its graphs, so "
+            f"{MAX_WEIGHT_BYTES / 2**30:.2f} GiB is the limit"
+        )
 
 
 def check_opset(opset: int) -> None:
@@ -699,6 +755,7 @@ def export_artifact(
         model = build_model(model_name, seed)
         source = model_source(model_name)
         given = False
+    check_size(model)
     parameters, buffers = None, ()
     if train:
         for spec in specs:
@@ -710,23 +767,24 @@ def export_artifact(
         weights = {"file": WEIGHTS_FILE, "source": "model"}  # the instance's own weights
     else:
         weights = _load_weights(model, model_name, init, checkpoint, seed)
-    return write_folder_atomically(
-        out_dir,
-        lambda staged: _write_artifact(
-            staged,
-            model,
-            model_name,
-            source,
-            specs,
-            graphs,
-            weights,
-            opset,
-            progress,
-            precision,
-            calibration,
-        ),
-        ArtifactError,
-    )
+    with sole_writer(out_dir, ArtifactError):
+        return write_folder_atomically(
+            out_dir,
+            lambda staged: _write_artifact(
+                staged,
+                model,
+                model_name,
+                source,
+                specs,
+                graphs,
+                weights,
+                opset,
+                progress,
+                precision,
+                calibration,
+            ),
+            ArtifactError,
+        )
 
 
 def _write_artifact(

@@ -9,9 +9,11 @@ runs the user's code, by their choice.
 import hashlib
 import importlib
 import inspect
+import linecache
 import os
 import re
 import sys
+import sysconfig
 import warnings
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -25,7 +27,7 @@ from torch import nn
 from lossx.errors import CheckpointError, SpecError, first_line
 from lossx.files import regular_file
 from lossx.runtime.artifact import check_finite, file_kind, read_weights
-from lossx.runtime.graphs import DEFAULT_MODEL, NUM_CLASSES
+from lossx.runtime.graphs import DEFAULT_MODEL, IMAGE_SHAPE, NUM_CLASSES
 from lossx.runtime.ort_engine import checkpoint_state
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
@@ -172,7 +174,7 @@ def build_model(name: str = DEFAULT_MODEL, seed: int = 0) -> nn.Module:
     except Exception as e:
         raise SpecError(f"--model {name}: constructing it failed: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
-        raise SpecError(f"--model {name}: returned a {type(model).__name__}, not an nn.Module")
+        raise SpecError(f"--model {name}: returned {_a(type(model).__name__)}, not an nn.Module")
     if name not in MODELS:  # the registry's models are tested; a user's is checked here
         check_model(model, name)
     return model.eval()
@@ -238,22 +240,89 @@ def source_record(name: str, module) -> dict:
     return {"import": name, "file": Path(path).name if path else None, "sha256": digest}
 
 
+PROBE_BATCHES = (1, 2)  # batch 1 too: a squeeze() that drops the batch dim shows only there
+
+
 def check_model(model: nn.Module, name: str) -> None:
-    """Refuse a model that does not map float32 [N,3,32,32] images to [N,10] logits."""
-    images = torch.zeros(2, 3, 32, 32)
-    try:
-        with torch.no_grad():
-            logits = model.eval()(images)
-    except Exception as e:
-        raise SpecError(
-            f"--model {name}: fails on float32 [2, 3, 32, 32] images: {first_line(e)}"
-        ) from None
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, NUM_CLASSES):
-        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise SpecError(
-            f"--model {name}: returns {got} for [2, 3, 32, 32] images; lossx needs [N, "
-            f"{NUM_CLASSES}] logits"
-        )
+    """Refuse a model that does not map float32 [N,3,32,32] images to float32 [N,10] logits,
+    at batch 1 and 2."""
+    for batch in PROBE_BATCHES:
+        shape = [batch, *IMAGE_SHAPE]
+        try:
+            with torch.no_grad():
+                logits = model.eval()(torch.zeros(shape))
+        except Exception as e:
+            raise SpecError(
+                f"--model {name}: fails on float32 {shape} images: {first_line(e)}"
+            ) from None
+        if not isinstance(logits, torch.Tensor):
+            raise SpecError(
+                f"--model {name}: returns {_a(type(logits).__name__)} for {shape} images; lossx "
+                f"needs a float32 [N, {NUM_CLASSES}] tensor of logits"
+            )
+        if tuple(logits.shape) != (batch, NUM_CLASSES):
+            squeezed = " (a squeeze() drops N at 1)" if logits.dim() < 2 else ""
+            raise SpecError(
+                f"--model {name}: returns {list(logits.shape)} for {shape} images; lossx needs "
+                f"[N, {NUM_CLASSES}] logits{squeezed}"
+            )
+        if logits.dtype != torch.float32:
+            dtype = str(logits.dtype).removeprefix("torch.")
+            raise SpecError(f"--model {name}: logits must be float32, got {dtype}")
+
+
+def _a(noun: str) -> str:
+    """`noun` with its indefinite article."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+_NOT_USER_CODE = tuple(
+    str(Path(path))
+    for path in (*torch.__path__, Path(__file__).parents[1], sysconfig.get_path("stdlib"))
+)
+
+
+def _is_user_code(file: str) -> bool:
+    return not file.startswith(_NOT_USER_CODE) and not file.startswith("<")
+
+
+def user_code_in_traceback(text: str) -> str | None:
+    """The innermost frame of the model's own code in a printed traceback (torch's anomaly
+    mode prints one), as `file.py:LINE `code``."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', text)
+    for file, line, code in reversed(frames):
+        if _is_user_code(file):
+            return f"{Path(file).name}:{line} `{code.strip()}`"
+    return None
+
+
+def user_code_at(error: BaseException, model: nn.Module | None = None) -> str | None:
+    """Where in the model's own code `error` (or an exception it was raised from) arose: the
+    innermost frame outside torch, lossx and Python's standard library, as `file.py:LINE `code``,
+    followed, in a method of one of `model`'s modules, by that module's path and class."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for exception in chain:
+        frames = []
+        tb = exception.__traceback__
+        while tb is not None:
+            frames.append(tb)
+            tb = tb.tb_next
+        for tb in reversed(frames):
+            file = tb.tb_frame.f_code.co_filename
+            if not _is_user_code(file):
+                continue
+            code = linecache.getline(file, tb.tb_lineno).strip()
+            where = f"{Path(file).name}:{tb.tb_lineno} `{code}`"
+            owner = tb.tb_frame.f_locals.get("self")
+            paths = {id(m): p for p, m in model.named_modules()} if model is not None else {}
+            if id(owner) in paths:
+                where += f" in {paths[id(owner)] or 'the model'} ({type(owner).__name__})"
+            return where
+    return None
 
 
 def _state_dict_from(obj: object, path: Path) -> Mapping[str, torch.Tensor]:

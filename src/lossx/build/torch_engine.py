@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from lossx.build.backward import in_place_refusal
 from lossx.build.losses import OnLogits, reference_loss
 from lossx.build.models import build_model
-from lossx.errors import CheckpointError
+from lossx.errors import CheckpointError, ModelError, SpecError, first_line
 from lossx.files import regular_file, write_atomically
 from lossx.runtime import trainer
 from lossx.runtime.artifact import check_finite, file_kind
@@ -95,15 +96,24 @@ class TorchEngine:
         self.loss_spec = config.loss_spec()
         self.loss = OnLogits(reference_loss(self.loss_spec), self.loss_spec)
         self.model = build_model(config.model, config.seed).to(memory_format=memory_format)
+        if not any(True for _ in self.model.parameters()):
+            raise SpecError(
+                f"--model {config.model} has no parameters, so there is nothing to train"
+            )
         self.optimizer = _make_optimizer(config, self.model)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
         _schedule(self.optimizer, lr, momentum)
         self.model.train()
         target = torch.from_numpy(target_form(self.loss_spec, labels))
-        loss = self.loss(self.model(_as_input(images, self.memory_format)), target)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = self.loss(self.model(_as_input(images, self.memory_format)), target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except Exception as e:  # the user's model may raise anything in a train-mode step
+            raise in_place_refusal(e, self.model, f"--model {self.config.model}") or ModelError(
+                f"--model {self.config.model}: a training step failed: {first_line(e)}"
+            ) from None
         if self.config.clip_norm:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
         self.optimizer.step()

@@ -165,6 +165,49 @@ def _worst_line(o: OutputReport) -> str | None:
     )
 
 
+def _float64_line(o: OutputReport) -> str | None:
+    """How a gradient that missed the rule against fp32 fared against float64."""
+    f = o.float64
+    if f is None:
+        return None
+    inputs = ", ".join(f.inputs)
+    return (
+        f"judged by float64 on {inputs}: onnx {_num(f.onnx_max_abs_error)} from it, the fp32 "
+        f"reference {_num(f.reference_max_abs_error)}; {f.cleared} of {o.mismatches} "
+        "mismatches cleared"
+    )
+
+
+def _bound_line(o: OutputReport) -> str | None:
+    """For task-level checks that pass on their confidence bound alone: why."""
+    lines = []
+    bound, limit = o.argmax_agreement_upper_bound, o.tolerance.min_argmax_agreement
+    if bound is not None and o.argmax_agreement < limit <= bound:
+        lines.append(
+            f"argmax agreement {_agreement(o.argmax_agreement)} is below "
+            f"{_agreement(limit)}, but over {o.argmax_rows} rows its 95% upper bound is "
+            f"{_agreement(bound)}: not shown to miss it"
+        )
+    drop, most = o.accuracy_drop_lower_bound, o.tolerance.max_accuracy_drop
+    if drop is not None and o.accuracy_reference - o.accuracy_onnx > most >= drop:
+        lines.append(
+            f"top-1 accuracy drops {(o.accuracy_reference - o.accuracy_onnx) * 100:.2f} pp, "
+            f"more than {most * 100:.2f}, but over {o.accuracy_images} images its 95% lower "
+            f"bound is {drop * 100:.2f} pp: not shown to exceed it"
+        )
+    return "; ".join(lines) or None
+
+
+def _invalid_line(o: OutputReport) -> str | None:
+    """Where the reference itself computed NaN or Inf where numbers belong."""
+    if not o.invalid_reference:
+        return None
+    return (
+        f"the reference computes NaN or Inf, not numbers: {o.invalid_reference} elements, "
+        f"first on {o.invalid_reference_inputs} (the model itself is broken)"
+    )
+
+
 def _nonfinite_line(o: OutputReport) -> str:
     n = o.nonfinite
     return (
@@ -209,9 +252,12 @@ def to_text(report: ParityReport) -> str:
         "",
     ]
     lines += _aligned(*_output_table(report, ("ok", "FAIL")))
-    for o in report.failures:
-        details = [_worst_line(o), _nonfinite_line(o) if _has_nonfinite(o) else None]
-        details += [f"task-level check failed: {failure}" for failure in o.task_failures]
+    for o in report.outputs:
+        details = [_float64_line(o), _bound_line(o)]
+        if not o.passed:
+            details += [_invalid_line(o), _worst_line(o)]
+            details.append(_nonfinite_line(o) if _has_nonfinite(o) else None)
+            details += [f"task-level check failed: {failure}" for failure in o.task_failures]
         for detail in filter(None, details):
             lines.append(f"  {o.name}: {detail}")
     if report.layers:
@@ -219,6 +265,8 @@ def to_text(report: ParityReport) -> str:
         lines += ["  " + line for line in _aligned(*_layer_table(report.layers, ("ok", "FAIL")), 2)]
     if report.first_failing_layer:
         lines += ["", f"first failing layer: {report.first_failing_layer}"]
+    if report.first_failing_node:
+        lines.append(f"first failing node: {report.first_failing_node}")
     if report.repro:
         lines.append(f"failing case saved to {report.repro}")
     lines += [f"not compared: {graph} ({why})" for graph, why in report.not_compared.items()]
@@ -260,6 +308,8 @@ def _failure_message(o: OutputReport) -> str:
     )
     if o.task_failures:
         message += "; " + "; ".join(o.task_failures)
+    if o.invalid_reference:
+        message = f"{_invalid_line(o)}; {message}"
     return " ".join(message.split())
 
 
@@ -278,21 +328,37 @@ def _failure_text(report: ParityReport, o: OutputReport) -> str:
     if worst:
         lines.append(worst)
     lines.append(_nonfinite_line(o))
+    if o.float64 is not None:
+        lines.append(_float64_line(o))
     if o.argmax_agreement is not None:
+        bound = ""
+        if o.argmax_agreement_upper_bound is not None:
+            bound = (
+                f" over {o.argmax_rows} rows, 95% upper bound "
+                f"{_agreement(o.argmax_agreement_upper_bound)}"
+            )
         lines.append(
-            f"argmax agreement: {_agreement(o.argmax_agreement)} "
-            f"(at least {_agreement(o.tolerance.min_argmax_agreement)})"
+            f"argmax agreement: {_agreement(o.argmax_agreement)}{bound} (at least "
+            f"{_agreement(o.tolerance.min_argmax_agreement)})"
         )
     if o.accuracy_onnx is not None and o.accuracy_reference is not None:
+        bound = ""
+        if o.accuracy_drop_lower_bound is not None:
+            bound = (
+                f" over {o.accuracy_images} images, 95% lower bound of the drop "
+                f"{o.accuracy_drop_lower_bound * 100:.2f} pp"
+            )
         lines.append(
             f"accuracy: onnx {o.accuracy_onnx * 100:.2f}%, "
-            f"reference {o.accuracy_reference * 100:.2f}% "
-            f"({_accuracy_delta(o)}, drop at most {o.tolerance.max_accuracy_drop * 100:.2f} pp)"
+            f"reference {o.accuracy_reference * 100:.2f}% ({_accuracy_delta(o)}{bound}, drop at "
+            f"most {o.tolerance.max_accuracy_drop * 100:.2f} pp)"
         )
     lines += [f"task-level check failed: {failure}" for failure in o.task_failures]
     lines += ["abs error histogram:", *("  " + line for line in _histogram_lines(o.histogram))]
     if report.first_failing_layer:
         lines.append(f"first failing layer: {report.first_failing_layer}")
+    if report.first_failing_node:
+        lines.append(f"first failing node: {report.first_failing_node}")
     if report.repro:
         lines.append(f"failing case saved to {report.repro}")
     return "\n".join(lines) + "\n"
@@ -372,15 +438,21 @@ def to_markdown(report: ParityReport) -> str:
     if report.failures:
         lines += ["", "### Failing outputs", ""]
         for o in report.failures:
-            details = [_failure_message(o), _worst_line(o)]
+            details = [_failure_message(o), _worst_line(o), _float64_line(o)]
             if _has_nonfinite(o):
                 details.append(_nonfinite_line(o))
             lines.append(f"- **{_md_cell(o.name)}**: " + "; ".join(filter(None, details)))
+    judged = [o for o in report.outputs if o.float64 is not None and o.passed]
+    if judged:
+        lines += ["", "### Judged by float64", ""]
+        lines += [f"- **{_md_cell(o.name)}**: {_float64_line(o)}" for o in judged]
     if report.layers:
         lines += ["", "### Layer by layer", ""]
         lines += _md_table(*_layer_table(report.layers, ("✅ ok", "❌ FAIL")), 2)
     if report.first_failing_layer:
         lines += ["", f"**First failing layer:** {_code(report.first_failing_layer)}"]
+    if report.first_failing_node:
+        lines += ["", f"**First failing node:** {_code(report.first_failing_node)}"]
     if report.repro:
         lines += ["", f"**Failing case saved to** {_code(report.repro)}"]
     if report.not_compared:

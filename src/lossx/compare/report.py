@@ -8,9 +8,9 @@ here is numpy-free JSON-ready data; `ParityReport.to_dict` is the JSON report, w
 from dataclasses import asdict, dataclass, field
 
 from lossx.compare.tolerances import Tolerance
-from lossx.errors import ParityError
+from lossx.errors import ModelError, ParityError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: confidence bounds, float64 judgement, invalid reference values
 # Decades of absolute error for the histogram: "0", then [1e-12, 1e-11), ..., [1e-1, 1), ">=1".
 HISTOGRAM_BINS = ("0", "<1e-12", *(f"1e-{k}" for k in range(12, 0, -1)), ">=1")
 
@@ -40,6 +40,19 @@ class NonFinite:
 
 
 @dataclass(frozen=True)
+class Float64Check:
+    """A gradient's input sets that missed the gradient rule against the fp32 reference, judged
+    again by the reference computed in float64: there the subject passes when it is within the
+    rule of float64, or no further from float64 than the fp32 reference is (which engine's fp32
+    rounding is further from the truth decides, not which engine is the reference)."""
+
+    inputs: list[str]  # the input sets judged by float64
+    onnx_max_abs_error: float  # the subject against float64, over those input sets
+    reference_max_abs_error: float  # the fp32 reference against float64, over the same
+    cleared: int  # elements out of tolerance against fp32 that float64 showed to be as accurate
+
+
+@dataclass(frozen=True)
 class OutputReport:
     """One output of one graph over every input set."""
 
@@ -59,17 +72,28 @@ class OutputReport:
     nonfinite: NonFinite
     histogram: dict[str, int]  # HISTOGRAM_BINS -> element count
     # Logits only (task-level checks): argmax agreement over every row, and top-1 accuracy of
-    # each side on the real images (None without labels).
+    # each side on the real images (None without labels), with the sample sizes and the 95%
+    # confidence bounds the checks are decided by (lossx.compare.tolerances, CONFIDENCE_Z).
     argmax_agreement: float | None = None
+    argmax_rows: int | None = None
+    argmax_agreement_upper_bound: float | None = None
     accuracy_onnx: float | None = None
     accuracy_reference: float | None = None
+    accuracy_images: int | None = None
+    accuracy_drop_lower_bound: float | None = None
     task_failures: list[str] = field(default_factory=list)  # task-level checks that failed
+    # Elements the reference computed as NaN or Inf where a sound model gives numbers (logits;
+    # gradients and next buffers where the loss is a number): the model itself is broken.
+    invalid_reference: int = 0
+    invalid_reference_inputs: str | None = None  # the first input set where that happened
+    float64: Float64Check | None = None  # gradients: input sets judged by float64
 
     @property
     def passed(self) -> bool:
         allowed = int(self.tolerance.max_mismatch_fraction * self.elements)
-        within = self.mismatches <= allowed and self.nonfinite.disagreeing == 0
-        return within and not self.task_failures
+        cleared = self.float64.cleared if self.float64 else 0
+        within = self.mismatches - cleared <= allowed and self.nonfinite.disagreeing == 0
+        return within and not self.task_failures and not self.invalid_reference
 
     @property
     def fraction_out_of_tolerance(self) -> float:
@@ -114,6 +138,8 @@ class ParityReport:
     seconds: float = 0.0
     layers: list[LayerRow] = field(default_factory=list)  # filled on a model failure
     first_failing_layer: str | None = None
+    # the first op out of tolerance: module path, aten op and line (a residual addition too)
+    first_failing_node: str | None = None
     repro: str | None = None  # .npz with the failing inputs and both outputs
     not_compared: dict[str, str] = field(default_factory=dict)  # graph file -> why not
 
@@ -126,28 +152,49 @@ class ParityReport:
         return [o for o in self.outputs if not o.passed]
 
     @property
+    def invalid(self) -> list[OutputReport]:
+        """Outputs the reference computed NaN or Inf for where they must be numbers: the model
+        is broken, so nothing could be verified (an error of the input, not of parity)."""
+        return [o for o in self.outputs if o.invalid_reference]
+
+    @property
     def exit_code(self) -> int:
-        """0 when every output is within tolerance, else ParityError's (1)."""
+        """0 when every output is within tolerance; ModelError's (2) when the reference computes
+        NaN or Inf where numbers belong; else ParityError's (1)."""
+        if self.invalid:
+            return ModelError.exit_code
         return 0 if self.passed else ParityError.exit_code
 
     def failure_line(self) -> str:
-        """One line: how many outputs failed, the worst, where it failed and what was saved."""
+        """One line: how many outputs failed, the worst, where it failed and what was saved;
+        or, for a broken model, which output the reference computed NaN or Inf for."""
+        if self.invalid:
+            o = self.invalid[0]
+            return (
+                f"{o.name}: the reference ({self.reference}) computes NaN or Inf, not numbers "
+                f"({o.invalid_reference:,} elements, first on {o.invalid_reference_inputs}); "
+                "the model itself is broken, so there is nothing to verify"
+            )
         worst = max(self.failures, key=lambda o: o.max_tolerance_used)
         where = f" on {worst.worst.inputs}" if worst.worst else ""
         line = (
             f"parity failed for {len(self.failures)} of {len(self.outputs)} outputs, worst "
             f"{worst.name} (max abs error {worst.max_abs_error:.3g}{where})"
         )
-        if self.first_failing_layer:
+        if self.first_failing_node:
+            line += f"; first failing node {self.first_failing_node}"
+        elif self.first_failing_layer:
             line += f"; first failing layer {self.first_failing_layer}"
         if self.repro:
             line += f"; failing case saved to {self.repro}"
         return line
 
     def raise_if_failed(self, context: str = "") -> None:
-        """ParityError with `failure_line` (after `context`) unless every output passed."""
+        """ModelError or ParityError (see `exit_code`) with `failure_line` (after `context`)
+        unless every output passed."""
         if not self.passed:
-            raise ParityError(f"{context}{self.failure_line()}")
+            error = ModelError if self.invalid else ParityError
+            raise error(f"{context}{self.failure_line()}")
 
     def to_dict(self) -> dict:
         return {
@@ -161,6 +208,7 @@ class ParityReport:
             "not_compared": dict(self.not_compared),
             "layers": [{**asdict(row), "passed": row.passed} for row in self.layers],
             "first_failing_layer": self.first_failing_layer,
+            "first_failing_node": self.first_failing_node,
             "repro": self.repro,
             "fingerprint": self.fingerprint,
             "seconds": self.seconds,

@@ -26,7 +26,7 @@ from lossx.compare.report import ParityReport
 from lossx.compare.runners import OnnxRuntimeRunner
 from lossx.compare.tolerances import Tolerances
 from lossx.errors import SpecError
-from lossx.parity.layers import layer_diagnosis
+from lossx.parity.layers import first_failing_node, layer_diagnosis
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import check_batch_size, iter_batches
@@ -91,11 +91,11 @@ def check_artifact(
         images = next(iter_batches(data.head(DIAGNOSIS_IMAGES), DIAGNOSIS_IMAGES))[0]
     else:
         images = sample_feed(model, {"N": 8}, seed)["images"]
-    layers = layer_diagnosis(
-        artifact, expected.model, images, tolerances.of(model, "logits"), options["provider"]
-    )
+    tolerance = tolerances.of(model, "logits")
+    layers = layer_diagnosis(artifact, expected.model, images, tolerance, options["provider"])
     first = next((row.layer for row in layers if not row.passed), None)
-    return replace(report, layers=layers, first_failing_layer=first)
+    node = first_failing_node(artifact, expected.model, images, tolerance, options["provider"])
+    return replace(report, layers=layers, first_failing_layer=first, first_failing_node=node)
 
 
 def compare_with_eager(

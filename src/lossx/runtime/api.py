@@ -11,6 +11,7 @@ what was expected. torch is never imported.
 """
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from lossx.errors import DataError, SpecError
 from lossx.runtime.artifact import Artifact, load_artifact
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.evaluation import EvalResult, evaluate
-from lossx.runtime.feeds import check_batch_size, check_feed, softmax
+from lossx.runtime.feeds import check_batch_size, check_feed, check_outputs, softmax
 from lossx.runtime.graphs import IMAGE_SHAPE
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
@@ -61,12 +62,14 @@ class FilePredictions:
                 "predictions": self.predictions}  # fmt: skip
 
     def to_text(self) -> str:
-        """One line per file: its name and each class with its probability, best first."""
-        width = max(len(p["file"]) for p in self.predictions)
+        """One line per file: its name (control characters such as a newline escaped, as
+        `\\n`) and each class with its probability, best first."""
+        names = [_escaped(p["file"]) for p in self.predictions]
+        width = max(len(name) for name in names)
         return "\n".join(
-            f"{p['file']:<{width}}  "
+            f"{name:<{width}}  "
             + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in p["top_k"])
-            for p in self.predictions
+            for name, p in zip(names, self.predictions, strict=True)
         )
 
 
@@ -120,7 +123,9 @@ class Runtime:
         for name in spec.output_names:
             binding.bind_output(name, "cuda")
         session.run_with_iobinding(binding)
-        return dict(zip(spec.output_names, binding.copy_outputs_to_cpu(), strict=True))
+        outputs = dict(zip(spec.output_names, binding.copy_outputs_to_cpu(), strict=True))
+        check_outputs(spec, outputs)
+        return outputs
 
     def predict(self, images: np.ndarray) -> Prediction:
         """Classify `images`: uint8 [N,32,32,3] RGB as decoded (or one [32,32,3] image), or
@@ -172,6 +177,11 @@ class Runtime:
         """Accuracy, every loss and throughput over `split`, as `lossx eval` reports them."""
         batch_size = self.batch_size if batch_size is None else batch_size
         return evaluate(self.artifact, split, batch_size, progress=progress, **self._options)
+
+
+def _escaped(name: str) -> str:
+    """`name` on one line: control characters written as Python writes them in a string."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], name)
 
 
 def _printable(path: Path) -> str:

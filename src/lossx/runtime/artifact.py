@@ -7,6 +7,7 @@ each session's inputs and outputs against the manifest's description of its grap
 import functools
 import hashlib
 import json
+import math
 import zipfile
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -17,7 +18,7 @@ import onnxruntime as ort
 
 from lossx.errors import ArtifactError, CheckpointError, SpecError, first_line
 from lossx.files import input_folder, regular_file
-from lossx.runtime.feeds import check_feed
+from lossx.runtime.feeds import check_feed, check_outputs
 from lossx.runtime.graphs import (
     GraphKind,
     GraphSpec,
@@ -30,6 +31,7 @@ from lossx.runtime.graphs import (
     train_graph,
 )
 from lossx.runtime.loss_specs import LossSpec
+from lossx.runtime.options import check_sha256
 from lossx.runtime.preprocessing import PREPROCESSING
 from lossx.runtime.session import open_session
 
@@ -273,6 +275,8 @@ class Artifact:
     path: Path
     manifest: Manifest
     weights: dict[str, np.ndarray] | None = None
+    # what `weights` are, in words: a file with its sha256, or weights the caller gave
+    weights_source: str | None = None
     _sessions: dict = field(default_factory=dict, repr=False)
     _shipped: dict | None = field(default=None, repr=False)  # the weights file, read once
 
@@ -285,11 +289,19 @@ class Artifact:
                 f"{self.manifest.precision_name}, its weights converted into the graphs (export "
                 "the weights with lossx export --checkpoint --precision instead)"
             )
+        source = "weights given by the caller"
         if not isinstance(weights, dict):
-            weights = read_weights(Path(weights))
+            path = Path(weights)
+            weights = read_weights(path)
+            source = f"{path} (sha256 {sha256_of(path)})"
         check_weights(weights, self.shipped_parameters())
         return replace(self, weights={k: np.ascontiguousarray(v) for k, v in weights.items()},
-                       _sessions={})  # fmt: skip
+                       weights_source=source, _sessions={})  # fmt: skip
+
+    @property
+    def weights_used(self) -> str:
+        """Which weights the graphs run with, in words: the artifact's own or others."""
+        return self.weights_source or f"the artifact's {self.manifest.weights['file']}"
 
     def graph(self, stem: str) -> GraphEntry:
         for entry in self.manifest.graphs:
@@ -355,12 +367,15 @@ class Artifact:
     def run(
         self, stem: str, feed: dict[str, np.ndarray], **session_options
     ) -> dict[str, np.ndarray]:
-        """Graph `stem`'s outputs by name, after checking `feed` (see `check_feed`);
-        `session_options` as for `session`."""
+        """Graph `stem`'s outputs by name, after checking `feed` (see `check_feed`), checked
+        to be numbers where they must be (`check_outputs`); `session_options` as for
+        `session`."""
         spec = self.graph(stem).spec
         check_feed(spec, feed)
         outputs = self.session(stem, **session_options).run(spec.output_names, feed)
-        return dict(zip(spec.output_names, outputs, strict=True))
+        outputs = dict(zip(spec.output_names, outputs, strict=True))
+        check_outputs(spec, outputs)
+        return outputs
 
 
 def check_signature(
@@ -460,6 +475,8 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
     `manifest_sha256` pins the artifact: the manifest's own sha256 (which `lossx export`
     prints) must equal it, so every file is then the one the producer wrote.
     """
+    if manifest_sha256 is not None:
+        check_sha256(manifest_sha256)
     manifest = load_manifest(artifact_dir)
     artifact_dir = Path(artifact_dir)
     if manifest_sha256 is not None:
@@ -508,6 +525,7 @@ def read_weights(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
     if kind != "npz":
         raise CheckpointError(f"{path}: not an .npz weights file ({kind})")
     try:
+        check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as npz:
             return {
                 name.removeprefix(prefix): npz[name]
@@ -516,6 +534,34 @@ def read_weights(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
             }
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not an .npz weights file ({first_line(e)})") from None
+
+
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def check_npz_sizes(path: Path) -> None:
+    """ValueError unless every array of the .npz at `path` holds exactly the bytes its header
+    declares. np.load allocates what the header declares before reading: a shape of 10^15 asks
+    for petabytes, and numpy's MemoryError would be the answer."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in _NPY_HEADERS:
+                    raise ValueError(f"{info.filename}: .npy format {version} is not supported")
+                shape, _, dtype = _NPY_HEADERS[version](f)
+                if dtype.hasobject:
+                    raise ValueError(f"{info.filename}: holds Python objects (a pickle)")
+                declared = math.prod(shape) * dtype.itemsize
+                held = info.file_size - f.tell()
+            if declared != held:
+                raise ValueError(
+                    f"{info.filename}: its header declares {list(shape)} {dtype} ({declared:,} "
+                    f"bytes) but it holds {held:,} bytes"
+                )
 
 
 def file_kind(path: Path) -> str:

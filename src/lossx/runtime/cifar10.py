@@ -198,14 +198,14 @@ def _read_class_names(batches: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _batches_dir(data_dir: Path) -> Path:
+def _batches_dir(data_dir: Path, split: str) -> Path:
     input_folder(data_dir, "data directory", DataError)
     for candidate in (data_dir / BATCHES_DIR, data_dir):
         if any((candidate / f).is_file() for files in SPLIT_FILES.values() for f in files):
             return candidate
+    expected = "test_batch" if split == "test" else "data_batch_1..5"
     raise DataError(
-        f"{data_dir}: no CIFAR-10 batches (expected {data_dir / BATCHES_DIR}/test_batch "
-        "or data_batch_1..5)"
+        f"{data_dir}: no CIFAR-10 {split} batches (expected {data_dir / BATCHES_DIR}/{expected})"
     )
 
 
@@ -231,7 +231,7 @@ def load_cifar10(
                 "the packaged sample holds test images only; pass --data-dir for the train split"
             )
         return load_packaged_sample().head(limit)
-    batches = _batches_dir(Path(data_dir))
+    batches = _batches_dir(Path(data_dir), split)
     images, labels, paths = [], [], []
     loaded = 0
     for name in SPLIT_FILES[split]:

@@ -13,7 +13,7 @@ import numpy as np
 from lossx.errors import DataError
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.feeds import check_batch_size, graph_feed, iter_batches
+from lossx.runtime.feeds import check_batch_size, check_outputs, graph_feed, iter_batches
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.session import provider_names
 
@@ -50,6 +50,7 @@ class EvalResult:
     """What `lossx eval` reports; `to_dict` is its JSON form."""
 
     artifact: str
+    weights: str  # the artifact's own, or the --weights file with its sha256
     precision: str  # of the model graph (the artifact's manifest)
     data: str
     images: int
@@ -68,6 +69,7 @@ class EvalResult:
     def to_text(self) -> str:
         """The table `lossx eval` prints."""
         rows = [
+            ("weights", self.weights),
             ("model precision", self.precision),
             ("data", self.data),
             ("images evaluated", f"{self.images:,}"),
@@ -112,6 +114,7 @@ def evaluate(
     options = {"provider": provider, "threads": threads, "optimization": optimization,
                "tf32": tf32}  # fmt: skip
     model = artifact.session("model", **options)
+    model_spec = artifact.graph("model").spec
     graphs = {loss: artifact.manifest.loss_graph(loss.name) for loss in artifact.manifest.losses}
     losses = {
         loss: (graph, artifact.session(graph.stem, **options)) for loss, graph in graphs.items()
@@ -125,6 +128,7 @@ def evaluate(
         model_started = time.perf_counter()
         (logits,) = model.run(["logits"], {"images": images})
         model_seconds += time.perf_counter() - model_started
+        check_outputs(model_spec, {"logits": logits})
         correct += int((logits.argmax(axis=1) == labels).sum())
         for spec, (graph, session) in losses.items():
             (loss,) = session.run(["loss"], graph_feed(graph, images, labels, logits, None))
@@ -137,6 +141,7 @@ def evaluate(
     count = len(split)
     return EvalResult(
         artifact=str(artifact.path),
+        weights=artifact.weights_used,
         precision=artifact.manifest.precision_name,
         data=split.source,
         images=count,

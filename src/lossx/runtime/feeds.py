@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lossx.errors import DataError
+from lossx.errors import DataError, ModelError
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role, TensorSpec
 from lossx.runtime.loss_specs import LossSpec
@@ -145,6 +145,25 @@ def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
             classes = spec.class_dim()
             classes = classes if isinstance(classes, int) else dims[classes][1]
             check_labels(spec.loss, feed[tensor.name], classes, tensor.name)
+
+
+def check_outputs(spec: GraphSpec, outputs: dict[str, np.ndarray]) -> None:
+    """Refuse outputs holding NaN or Inf where a sound model gives numbers (the logits; the
+    gradients and next buffers where the loss is a number): a class, an accuracy or a step
+    computed from them would mean nothing."""
+    losses = [t.name for t in spec.outputs if t.role is Role.LOSS and t.name in outputs]
+    loss_finite = all(np.isfinite(outputs[name]).all() for name in losses)
+    for tensor in spec.outputs:
+        value = outputs.get(tensor.name)
+        if value is None or not tensor.must_be_finite(loss_finite):
+            continue
+        bad = ~np.isfinite(value)
+        if bad.any():
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            raise ModelError(
+                f"{spec.file} computes {value[tuple(where)]} in {tensor.name} (at index "
+                f"{where}), not a number: the model or its weights are broken"
+            )
 
 
 def _described(value: object) -> str:

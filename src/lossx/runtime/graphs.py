@@ -65,6 +65,7 @@ class ToleranceRule(StrEnum):
 
 
 _RULES = {Role.LOGITS: ToleranceRule.TASK, Role.GRADIENT: ToleranceRule.GRADIENT}
+_FINITE_WITH_LOSS = (Role.GRADIENT, Role.NEXT_BUFFER)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ class TensorSpec:
     @property
     def tolerance_rule(self) -> ToleranceRule:
         return _RULES.get(self.role, ToleranceRule.ELEMENTWISE)
+
+    def must_be_finite(self, loss_finite: bool = True) -> bool:
+        """Whether a sound model gives only numbers here: logits always; gradients and next
+        buffers wherever the loss of the same step is a number (a mean over targets that are
+        all ignored is NaN in torch too, and so is its gradient)."""
+        return self.role is Role.LOGITS or (self.role in _FINITE_WITH_LOSS and loss_finite)
 
     def to_dict(self) -> dict:
         data = {

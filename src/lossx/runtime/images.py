@@ -6,6 +6,7 @@ without keeping the aspect ratio. PREPROCESSING["files"] records this in every m
 """
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +20,34 @@ from lossx.runtime.graphs import IMAGE_SHAPE
 _SIZE = (IMAGE_SHAPE[2], IMAGE_SHAPE[1])  # PIL's (width, height)
 
 
+# The most pixels lossx decodes from one file: Pillow's own decompression-bomb limit (about
+# 9,459 x 9,459), beyond which it warns and then decodes anyway. A larger file is refused from
+# its header, before it is decoded.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
 def load_image(path: Path) -> np.ndarray:
     """The image in `path` as uint8 [32, 32, 3] RGB."""
     path = regular_file(path, "image", DataError)  # a FIFO would block Pillow's read
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.width == 0 or image.height == 0:
-                raise DataError(f"{path}: an empty {image.width}x{image.height} image")
-            rgb = _to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below
+            with Image.open(path) as image:
+                pixels = image.width * image.height
+                if pixels > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"{path}: {image.width:,}x{image.height:,} is {pixels:,} pixels, more "
+                        f"than the {MAX_IMAGE_PIXELS:,} lossx decodes; downscale it first"
+                    )
+                image.load()
+                if image.width == 0 or image.height == 0:
+                    raise DataError(f"{path}: an empty {image.width}x{image.height} image")
+                rgb = _to_rgb(image)
+    except Image.DecompressionBombError:  # over twice the cap: Pillow refuses it on opening
+        raise DataError(
+            f"{path}: more than the {MAX_IMAGE_PIXELS:,} pixels lossx decodes; downscale it first"
+        ) from None
+    except UnidentifiedImageError as e:
         raise DataError(f"{path}: not an image lossx can read ({type(e).__name__})") from None
     except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or corrupt files
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]

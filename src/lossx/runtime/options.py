@@ -4,6 +4,7 @@ module to parse its options quickly): how ONNX Runtime sessions run, and the tra
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 
 from lossx.errors import SpecError
@@ -53,6 +54,14 @@ def check_precision(precision: str, train: bool = False, calibrated: bool = Fals
         raise SpecError("calibration options apply only to --precision int8")
 
 
+def check_sha256(value: object) -> None:
+    """Refuse a pinned sha256 that is not 64 hex digits (it could never match)."""
+    if not (isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value.strip())):
+        raise SpecError(
+            f"a sha256 is 64 hex digits (lossx export prints the manifest's), got {value!r}"
+        )
+
+
 MAX_SEED = 2**63 - 1  # seeds go to numpy's and torch's generators, which take 0..2**63-1
 
 
@@ -62,6 +71,7 @@ def check_seed(seed: int) -> None:
 
 
 OPTIMIZERS = ("sgd", "adamw")
+MAX_EPOCHS, MAX_TRAIN_BATCH = 10_000, 4096
 # Peak one-cycle LR per optimizer (docs/training.md): AdamW at SGD's 0.02 diverges.
 DEFAULT_LR = {"sgd": 0.02, "adamw": 0.003}
 
@@ -114,8 +124,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (1 <= self.epochs <= 10_000, f"epochs must be 1..10000, got {self.epochs}"),
-            (1 <= self.batch_size <= 4096, f"batch size must be 1..4096, got {self.batch_size}"),
+            (
+                1 <= self.epochs <= MAX_EPOCHS,
+                f"epochs must be 1..{MAX_EPOCHS}, got {self.epochs}",
+            ),
+            (
+                1 <= self.batch_size <= MAX_TRAIN_BATCH,
+                f"batch size must be 1..{MAX_TRAIN_BATCH}, got {self.batch_size}",
+            ),
             (
                 isinstance(self.lr, int | float) and 0 < self.lr <= 10 and math.isfinite(self.lr),
                 f"lr must be in (0, 10], got {self.lr}",

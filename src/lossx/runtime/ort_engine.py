@@ -27,6 +27,7 @@ from lossx.runtime import trainer
 from lossx.runtime.artifact import (
     MANIFEST_FILE,
     Artifact,
+    check_npz_sizes,
     check_weights,
     file_kind,
     read_weights,
@@ -162,6 +163,7 @@ def training_graph(artifact: Artifact, config: TrainConfig) -> GraphSpec:
 def checkpoint_state(path: Path) -> dict | None:
     """The recipe and log an .npz checkpoint of this engine carries (None for plain weights)."""
     try:
+        check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as npz:
             if STATE_KEY not in npz.files:
                 return None

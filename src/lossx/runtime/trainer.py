@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from lossx.errors import CheckpointError, SpecError, TrainingDiverged, first_line
-from lossx.files import output_file
+from lossx.files import output_file, sole_writer
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.options import TrainConfig
@@ -55,17 +55,38 @@ class EpochResult:
         )
 
 
-def run_recipe(config: TrainConfig | None, state: dict | None, resume: Path | None) -> TrainConfig:
+def run_recipe(
+    config: TrainConfig | None, state: dict | None, resume: Path | None, given: dict | None = None
+) -> TrainConfig:
     """The recipe a run follows: a resumed checkpoint's own (`state`), else `config`, else the
-    default."""
+    default. With a checkpoint, every recipe field in `given` (what the caller set explicitly)
+    must equal the checkpoint's: a resumed run never silently drops an option."""
     if state is None:
         return config or TrainConfig()
     try:
-        return TrainConfig.from_dict(state["config"])
+        recipe = TrainConfig.from_dict(state["config"])
     except (KeyError, TypeError, SpecError) as e:
         raise CheckpointError(
             f"{resume}: its recipe is not one lossx knows ({first_line(e)})"
         ) from None
+    conflicts = [
+        f"--{name.replace('_', '-')} {value} (it has {getattr(recipe, name)})"
+        for name, value in (given or {}).items()
+        if value != getattr(recipe, name)
+    ]
+    if conflicts:
+        raise SpecError(
+            f"--resume continues {resume} with the recipe it was saved with, which every recipe "
+            f"option would change: {', '.join(conflicts)}; leave them out, or start a new run "
+            "without --resume"
+        )
+    done = len(state.get("history") or [])
+    if done >= recipe.epochs:
+        raise SpecError(
+            f"{resume}: that run already finished (epoch {done} of {recipe.epochs}); nothing to "
+            "resume. Export it with lossx export --checkpoint, or start a new run"
+        )
+    return recipe
 
 
 def checkpoint_path(out: Path, is_checkpoint: Callable[[Path], bool], resume: Path | None) -> Path:
@@ -181,29 +202,32 @@ def train(
     on_batch: Callable[[int, int, int], None] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    given: dict | None = None,
 ) -> list[EpochResult]:
     """Train with the engine `open_engine(recipe, checkpoint path)` makes and checkpoint to
     `out` after every epoch; return the log of every epoch so far.
 
     With `resume`, the run continues from that checkpoint (read by `read_state`, which refuses
-    one the engine cannot resume) with the checkpoint's own recipe. An existing `out` must be a
-    checkpoint of the engine (`is_checkpoint`). `stop_after` ends the run
+    one the engine cannot resume) with the checkpoint's own recipe; a recipe field in `given`
+    that differs from it, or a checkpoint whose run already finished, is refused. An existing
+    `out` must be a checkpoint of the engine (`is_checkpoint`). `stop_after` ends the run
     after that many epochs in all (the checkpoint can resume it). Callbacks as for
     `run_epochs`.
     """
     state = read_state(Path(resume)) if resume else None
-    config = run_recipe(config, state, resume)
+    config = run_recipe(config, state, resume, given)
     config.validate()
     out = checkpoint_path(out, is_checkpoint, Path(resume) if resume else None)
-    engine = open_engine(config, out)
-    config = engine.config  # the engine may complete the recipe (e.g. an artifact's model)
-    data = training_data(data_dir, config)
-    history: list[EpochResult] = []
-    if state is not None:
-        try:
-            history = engine.restore(Path(resume), state)
-        except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
-            raise CheckpointError(
-                f"{resume}: does not fit model {config.model}: {first_line(e)}"
-            ) from None
-    return run_epochs(engine, config, data, history, stop_after, on_batch, on_epoch, on_step)
+    with sole_writer(out, CheckpointError):
+        engine = open_engine(config, out)
+        config = engine.config  # the engine may complete the recipe (e.g. an artifact's model)
+        data = training_data(data_dir, config)
+        history: list[EpochResult] = []
+        if state is not None:
+            try:
+                history = engine.restore(Path(resume), state)
+            except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
+                raise CheckpointError(
+                    f"{resume}: does not fit model {config.model}: {first_line(e)}"
+                ) from None
+        return run_epochs(engine, config, data, history, stop_after, on_batch, on_epoch, on_step)
