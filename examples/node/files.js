@@ -120,6 +120,7 @@ function checkOutputNpz(file) {
   const folder = path.dirname(path.resolve(file));
   const stat = fs.statSync(file, { throwIfNoEntry: false });
   if (stat?.isDirectory()) refuse(`cannot write ${file}: it is a folder; give a file name`);
+  if (stat && !stat.isFile()) refuse(`cannot write ${file}: it is not a regular file`);
   if (stat && !isNpz(file)) {
     refuse(`--out ${file} exists and is not an .npz of weights; refusing to overwrite it (choose another --out)`);
   }

@@ -57,6 +57,11 @@ class ExportError(LossxError):
     exit_code = 4
 
 
+def with_article(noun: str) -> str:
+    """`noun` after "a" or "an", as it is said: an int64 array, a float32 array."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     lines = str(error).strip().splitlines()

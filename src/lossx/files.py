@@ -131,6 +131,12 @@ def check_destination(folder: Path, marker: str, error: type[LossxError] = Lossx
         raise error(f"cannot create {parent}: {e.strerror}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise error(f"cannot write {folder}: folder {parent} is not writable")
+    try:  # made and removed: permission bits do not tell (e.g. /proc to root)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{folder.name}.probe.", dir=parent))
+    except OSError as e:
+        raise error(
+            f"cannot write {folder}: no folder can be made in {parent} ({e.strerror or e})"
+        ) from None
     return folder
 
 

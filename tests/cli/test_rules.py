@@ -635,6 +635,7 @@ def test_outputs_that_cannot_be_created_are_refused_before_the_work(tmp_path, da
     for option, path in (("--write-plan", "/proc/plan.npz"), ("--out", "/proc/c.pt"),
                          ("--log-json", "/proc/log.jsonl")):  # fmt: skip
         _one_line(_cli("train", "--data-dir", data_dir, option, path), 2, "cannot write")
+    _one_line(_cli("export", "/proc/art"), 2, "no folder can be made in /proc")
     assert time.perf_counter() - started < 15
 
 

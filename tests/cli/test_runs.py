@@ -76,6 +76,29 @@ def test_resume_names_the_model_the_user_gave_against_the_checkpoints(data_dir, 
     assert (tmp_path / "x.pt").exists()
 
 
+def test_a_checkpoint_whose_log_is_not_a_list_is_refused(finished, data_dir, tmp_path):
+    engine, checkpoint = finished
+    odd = tmp_path / f"odd{checkpoint.suffix}"
+    if engine:  # the onnxruntime engine's state: JSON inside the .npz
+        import numpy as np
+
+        from lossx.runtime.ort_engine import STATE_KEY
+
+        with np.load(checkpoint) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        state = json.loads(str(arrays[STATE_KEY]))
+        arrays[STATE_KEY] = np.array(json.dumps({**state, "history": 5}))
+        np.savez(odd, **arrays)
+    else:
+        import torch
+
+        payload = torch.load(checkpoint, weights_only=True)
+        torch.save({**payload, "history": 5}, odd)
+    result = run_cli("train", *engine, "--data-dir", data_dir, "--resume", odd,
+                     "--out", tmp_path / f"x{checkpoint.suffix}")  # fmt: skip
+    assert_one_line_error(result, 2, "its log of epochs is not a list")
+
+
 def _train_process(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lossx.cli", "train", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip

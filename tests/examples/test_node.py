@@ -266,6 +266,10 @@ def test_train_js_overwrites_only_weights_and_reads_no_device(node, training_pla
     _one_line_refusal(train(source), "exists and is not an .npz of weights; refusing to overwrite")
     assert source.read_text() == "print('my code')\n"
     _one_line_refusal(train(tmp_path), "it is a folder; give a file name")
+    pipe = tmp_path / "pipe.npz"
+    os.mkfifo(pipe)  # never opened: a FIFO would block the check
+    _one_line_refusal(train(pipe), "it is not a regular file")
+    pipe.unlink()
     _one_line_refusal(train(tmp_path / "no" / "w.npz"), "does not exist")
     _one_line_refusal(
         train(tmp_path / "w.npz", plan="/dev/zero"), "plan /dev/zero is not a regular"

@@ -159,7 +159,7 @@ def test_run_returns_outputs_by_name(artifact):
         ),
         (
             lambda f: f.update(labels=f["labels"].astype(np.int32)),
-            r"labels: expected a int64 array of shape \[N\], got a int32 array",
+            r"labels: expected an int64 array of shape \[N\], got an int32 array",
         ),
         (
             lambda f: f.update(logits=np.zeros((3, 10, 1), np.float32)),

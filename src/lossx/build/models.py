@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossx.errors import CheckpointError, SpecError, first_line
+from lossx.errors import CheckpointError, SpecError, first_line, with_article
 from lossx.files import regular_file
 from lossx.runtime.artifact import check_finite, file_kind, read_weights
 from lossx.runtime.graphs import DEFAULT_MODEL, IMAGE_SHAPE, NUM_CLASSES
@@ -174,7 +174,9 @@ def build_model(name: str = DEFAULT_MODEL, seed: int = 0) -> nn.Module:
     except Exception as e:
         raise SpecError(f"--model {name}: constructing it failed: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
-        raise SpecError(f"--model {name}: returned {_a(type(model).__name__)}, not an nn.Module")
+        raise SpecError(
+            f"--model {name}: returned {with_article(type(model).__name__)}, not an nn.Module"
+        )
     if name not in MODELS:  # the registry's models are tested; a user's is checked here
         check_model(model, name)
     return model.eval()
@@ -256,9 +258,10 @@ def check_model(model: nn.Module, name: str) -> None:
                 f"--model {name}: fails on float32 {shape} images: {first_line(e)}"
             ) from None
         if not isinstance(logits, torch.Tensor):
+            kind = with_article(type(logits).__name__)
             raise SpecError(
-                f"--model {name}: returns {_a(type(logits).__name__)} for {shape} images; lossx "
-                f"needs a float32 [N, {NUM_CLASSES}] tensor of logits"
+                f"--model {name}: returns {kind} for {shape} images; lossx needs a float32 "
+                f"[N, {NUM_CLASSES}] tensor of logits"
             )
         if tuple(logits.shape) != (batch, NUM_CLASSES):
             squeezed = " (a squeeze() drops N at 1)" if logits.dim() < 2 else ""
@@ -269,11 +272,6 @@ def check_model(model: nn.Module, name: str) -> None:
         if logits.dtype != torch.float32:
             dtype = str(logits.dtype).removeprefix("torch.")
             raise SpecError(f"--model {name}: logits must be float32, got {dtype}")
-
-
-def _a(noun: str) -> str:
-    """`noun` with its indefinite article."""
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 _NOT_USER_CODE = tuple(

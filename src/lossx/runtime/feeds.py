@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from lossx.errors import DataError, ModelError
+from lossx.errors import DataError, ModelError, with_article
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role, TensorSpec
 from lossx.runtime.loss_specs import LossSpec
@@ -119,7 +119,7 @@ def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
         value = feed[tensor.name]
         if not isinstance(value, np.ndarray) or value.dtype != np.dtype(tensor.dtype):
             raise DataError(
-                f"{tensor.name}: expected a {tensor.dtype} array of shape "
+                f"{tensor.name}: expected {with_article(tensor.dtype)} array of shape "
                 f"[{', '.join(map(str, tensor.shape))}], got {_described(value)}"
             )
         expected = "[" + ", ".join(map(str, tensor.shape)) + "]"
@@ -168,10 +168,10 @@ def check_outputs(spec: GraphSpec, outputs: dict[str, np.ndarray]) -> None:
 
 def _described(value: object) -> str:
     if isinstance(value, np.ndarray):
-        return f"a {value.dtype} array"
+        return with_article(f"{value.dtype} array")
     if isinstance(value, np.generic):
         return f"a numpy {value.dtype} scalar, not an array"
-    return f"a {type(value).__name__}"
+    return with_article(type(value).__name__)
 
 
 def _check_values(tensor: TensorSpec, value: np.ndarray) -> None:

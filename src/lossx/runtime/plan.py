@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lossx.errors import SpecError
-from lossx.files import write_atomically
+from lossx.files import sole_writer, write_atomically
 from lossx.runtime.options import TrainConfig
 from lossx.runtime.recipe import epoch_pixels, one_cycle, steps_per_epoch, training_data
 
@@ -34,7 +34,17 @@ UPDATE = (
 
 
 def write_plan(path: Path, data_dir: Path, config: TrainConfig) -> tuple[int, int]:
-    """Write the plan of every step `config` takes to `path`; return (steps, images)."""
+    """Write the plan of every step `config` takes to `path`, one process at a time; return
+    (steps, images)."""
+    with sole_writer(Path(path)):
+        arrays = _plan_arrays(data_dir, config)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_atomically(Path(path), lambda f: f.write(buffer.getvalue()))
+    return len(arrays["batch_sizes"]), len(arrays["labels"])
+
+
+def _plan_arrays(data_dir: Path, config: TrainConfig) -> dict[str, np.ndarray]:
     train_split, _ = training_data(data_dir, config)
     steps = steps_per_epoch(len(train_split), config.batch_size)
     total = config.epochs * len(train_split)
@@ -63,7 +73,7 @@ def write_plan(path: Path, data_dir: Path, config: TrainConfig) -> tuple[int, in
         "update": UPDATE,
         "steps": len(sizes),
     }
-    arrays = {
+    return {
         "images": np.concatenate(images),
         "labels": np.concatenate(labels).astype(np.int64),
         "batch_sizes": np.array(sizes, dtype=np.int64),
@@ -71,10 +81,6 @@ def write_plan(path: Path, data_dir: Path, config: TrainConfig) -> tuple[int, in
         "momentum": np.array(momenta, dtype=np.float64),
         "plan": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
     }
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    write_atomically(Path(path), lambda f: f.write(buffer.getvalue()))
-    return len(sizes), len(arrays["labels"])
 
 
 def read_plan(path: Path) -> tuple[dict, list[tuple[np.ndarray, np.ndarray, float, float]]]:

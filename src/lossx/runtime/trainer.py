@@ -80,7 +80,10 @@ def run_recipe(
             f"option would change: {', '.join(conflicts)}; leave them out, or start a new run "
             "without --resume"
         )
-    done = len(state.get("history") or [])
+    history = state.get("history")
+    if not isinstance(history, list):
+        raise CheckpointError(f"{resume}: its log of epochs is not a list; not a lossx checkpoint")
+    done = len(history)
     if done >= recipe.epochs:
         raise SpecError(
             f"{resume}: that run already finished (epoch {done} of {recipe.epochs}); nothing to "
