@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import transforms
 
 from lossx.runtime import load_cifar10, to_model_input
-from lossx.runtime.recipe import augment
+from lossx.training.schedule import augment
 
 BATCH = 64
 

@@ -31,11 +31,11 @@ import onnxruntime
 
 from lossx.build import export_artifact
 from lossx.runtime import load_artifact
-from lossx.runtime.artifact import read_weights
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.ort_engine import OnnxRuntimeEngine
-from lossx.runtime.plan import read_plan, write_plan
 from lossx.runtime.preprocessing import scale
+from lossx.runtime.weights import read_weights
+from lossx.training.ort_engine import OnnxRuntimeEngine
+from lossx.training.plan import read_plan, write_plan
+from lossx.training.recipe import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_TRAIN = REPO / "examples" / "node" / "train.js"

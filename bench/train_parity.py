@@ -20,8 +20,8 @@ import torch
 from lossx.build import export_artifact
 from lossx.build.torch_engine import train as train_torch
 from lossx.runtime import load_artifact
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.ort_engine import train as train_onnxruntime
+from lossx.training.ort_engine import train as train_onnxruntime
+from lossx.training.recipe import TrainConfig
 
 
 def compare(data_dir: Path, loss: str, config: TrainConfig, threads: int, work: Path) -> dict:

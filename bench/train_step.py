@@ -39,9 +39,9 @@ from lossx.build import export_artifact
 from lossx.build.models import build_model
 from lossx.build.torch_engine import TorchEngine
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.ort_engine import OnnxRuntimeEngine
-from lossx.runtime.recipe import epoch_batches, one_cycle
+from lossx.training.ort_engine import OnnxRuntimeEngine
+from lossx.training.recipe import TrainConfig
+from lossx.training.schedule import epoch_batches, one_cycle
 
 
 def timed_round(engine, batches, first_step: int, total_steps: int) -> float:

@@ -23,8 +23,9 @@ from lossx.compare.inputs import sample_feed
 from lossx.compare.report import OutputReport
 from lossx.compare.tolerances import DEFAULT_PROFILE, PROFILES
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample, to_model_input
-from lossx.runtime.artifact import read_weights, sha256_of
-from lossx.runtime.options import TrainConfig
+from lossx.runtime.artifact import sha256_of
+from lossx.runtime.weights import read_weights
+from lossx.training.recipe import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
@@ -142,8 +143,8 @@ def training_plan(tmp_path_factory, shipped_train_artifact_dir, cifar_dir):
     """16 steps of the default recipe on the first 1,024 real training images: the plan
     `lossx train --write-plan` writes, and the weights `lossx train --engine onnxruntime`
     reaches after its first 4 and all 16 steps (the JavaScript examples must reach them too)."""
-    from lossx.runtime.ort_engine import train as train_onnxruntime
-    from lossx.runtime.plan import write_plan
+    from lossx.training.ort_engine import train as train_onnxruntime
+    from lossx.training.plan import write_plan
 
     require_shared(cifar_dir)
     folder = tmp_path_factory.mktemp("plan")

@@ -13,7 +13,7 @@ const { parseManifest } = require('./lossx');
 
 const MiB = 1024 * 1024;
 // The largest file of each kind read whole: a manifest is a few kB; a plan holds at most
-// 100,000 images (lossx.runtime.plan.MAX_PLAN_IMAGES, 307 MB of pixels); artifact files and
+// 100,000 images (lossx.training.plan.MAX_PLAN_IMAGES, 307 MB of pixels); artifact files and
 // data files stop at Node's largest buffer.
 const MAX_BYTES = {
   manifest: 16 * MiB,

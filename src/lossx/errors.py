@@ -1,7 +1,9 @@
 """The errors lossx raises. Each carries the exit code the CLI maps it to.
 
 Exit codes: 0 success, 1 parity failure, 2 bad usage or input, 3 environment
-(e.g. a requested execution provider is not really available), 4 the exporter failed.
+(e.g. a requested execution provider is not really available), 4 export failed: torch.onnx,
+onnx's composition, its opset converter, a precision converter or onnx.checker could not give
+a valid graph of a model lossx accepted.
 """
 
 
@@ -52,7 +54,8 @@ class ProviderError(EnvironmentProblem):
 
 
 class ExportError(LossxError):
-    """torch.onnx failed to export a graph."""
+    """A valid graph could not be made: torch.onnx, onnx.compose, onnx's opset converter, a
+    precision converter or onnx.checker failed on a model lossx accepted."""
 
     exit_code = 4
 

@@ -12,8 +12,8 @@ from lossx.build.torch_engine import TorchEngine, load_training_checkpoint, trai
 from lossx.cli import main
 from lossx.errors import CheckpointError, LossxError, SpecError
 from lossx.runtime import load_artifact
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.recipe import epoch_batches, one_cycle
+from lossx.training.recipe import TrainConfig
+from lossx.training.schedule import epoch_batches, one_cycle
 from tests.conftest import require_shared
 
 SMALL = TrainConfig(epochs=2, batch_size=32, lr=0.02, limit=512)

@@ -14,7 +14,7 @@ from lossx.build import export_artifact
 from lossx.build.models import build_model
 from lossx.errors import SpecError
 from lossx.runtime import load_artifact
-from lossx.runtime.ort_engine import STATE_KEY
+from lossx.training.checkpoints import STATE_KEY
 from tests.cli.test_cli import assert_one_line_error, run_cli
 from tests.conftest import require_shared, shared_cifar10_dir
 

@@ -36,8 +36,9 @@ from lossx.errors import (
 from lossx.runtime import load_artifact, load_packaged_sample, open_artifact
 from lossx.runtime.graphs import fused_graph
 from lossx.runtime.loss_specs import parse_loss_spec
-from lossx.runtime.options import MAX_THREADS, TrainConfig
-from lossx.runtime.trainer import _check_in_range
+from lossx.runtime.options import MAX_THREADS
+from lossx.training.recipe import TrainConfig
+from lossx.training.trainer import _check_in_range
 from tests.cli.test_cli import assert_one_line_error, run_cli
 from tests.conftest import (
     copy_with_eager_weights_changed,

@@ -82,7 +82,7 @@ def test_a_checkpoint_whose_log_is_not_a_list_is_refused(finished, data_dir, tmp
     if engine:  # the onnxruntime engine's state: JSON inside the .npz
         import numpy as np
 
-        from lossx.runtime.ort_engine import STATE_KEY
+        from lossx.training.checkpoints import STATE_KEY
 
         with np.load(checkpoint) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -136,9 +136,9 @@ def test_a_second_writer_of_the_same_output_is_refused(data_dir, tmp_path):
 
 def test_progress_shows_every_ten_seconds_without_a_terminal(data_dir, tmp_path, monkeypatch):
     """Where stderr is a pipe (CI logs), a progress line replaces the bar."""
-    import lossx.cli
+    import lossx.cli.progress
 
-    monkeypatch.setattr(lossx.cli, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(lossx.cli.progress, "PROGRESS_SECONDS", 0.0)
     result = run_cli("train", "--data-dir", data_dir, *SHORT, "--out", tmp_path / "c.pt",
                      "--log-json", "-")  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -98,7 +98,7 @@ def weight_difference(got: dict, want: dict) -> float:
 
 def check_trained(weights_file: Path, plan: dict, steps: int, runtime: str) -> float:
     """The largest difference from Python's weights, asserted within WEIGHTS_ATOL."""
-    from lossx.runtime.artifact import read_weights
+    from lossx.runtime.weights import read_weights
 
     got = read_weights(weights_file)
     want = plan["weights"][steps]

@@ -1,5 +1,5 @@
-"""lossx.runtime, lossx.compare and `lossx eval` work where importing torch or torchvision
-fails."""
+"""lossx.runtime, lossx.training, lossx.compare and `lossx eval` work where importing torch or
+torchvision fails."""
 
 import json
 import subprocess
@@ -51,8 +51,8 @@ def test_torch_is_really_blocked():
 
 IMPORT_ALL = """
 import importlib, pkgutil
-import lossx.compare, lossx.runtime
-for package in (lossx.runtime, lossx.compare):
+import lossx.compare, lossx.runtime, lossx.training
+for package in (lossx.runtime, lossx.training, lossx.compare):
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         importlib.import_module(info.name)
 import lossx.cli
@@ -61,7 +61,7 @@ print("imported")
 """
 
 
-def test_every_runtime_and_compare_module_imports_without_torch():
+def test_every_runtime_training_and_compare_module_imports_without_torch():
     done = _run(IMPORT_ALL)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "imported"

@@ -1,15 +1,31 @@
-"""The torch side of lossx: models, losses and the export to ONNX."""
+"""The torch side of lossx: models, losses and the export to ONNX.
 
-from lossx.build.export import export_artifact, export_loss
-from lossx.build.losses import exported_loss, reference_loss
-from lossx.build.models import MODELS, build_model, load_checkpoint
+The names below load on first use, so that the torch-free modules of this package
+(lossx.build.torch_side, lossx.build.preflight) can be imported without importing torch.
+"""
 
-__all__ = [
-    "MODELS",
-    "build_model",
-    "export_artifact",
-    "export_loss",
-    "exported_loss",
-    "load_checkpoint",
-    "reference_loss",
-]
+import importlib
+
+_EXPORTS = {
+    "MODELS": "models",
+    "build_model": "models",
+    "export_artifact": "export",
+    "export_loss": "export",
+    "exported_loss": "losses",
+    "load_checkpoint": "models",
+    "reference_loss": "losses",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

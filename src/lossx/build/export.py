@@ -53,13 +53,14 @@ from lossx.build.precision import (
     precision_record,
     splice_model,
 )
+from lossx.build.preflight import check_export_request
 from lossx.build.torch_engine import CHECKPOINT_FORMAT as TORCH_CHECKPOINT_FORMAT
 from lossx.compare.engine import compare_runners
 from lossx.compare.inputs import EXAMPLE_SIZES, random_input_sets, real_input_sets, sample_feed
 from lossx.compare.runners import OnnxRuntimeRunner
 from lossx.compare.tolerances import DEFAULT_PROFILE, resolve_tolerances
 from lossx.errors import ArtifactError, ExportError, ModelError, SpecError, first_line
-from lossx.files import check_destination, sole_writer, write_folder_atomically
+from lossx.files import sole_writer, write_folder_atomically
 from lossx.runtime.artifact import MANIFEST_FILE, GraphEntry, Manifest, load_artifact, sha256_of
 from lossx.runtime.calibration import Calibration, load_calibration
 from lossx.runtime.cifar10 import CLASS_NAMES, Cifar10Split, load_packaged_sample
@@ -73,12 +74,10 @@ from lossx.runtime.graphs import (
     artifact_graphs,
     loss_graph,
     model_graph,
-    resolve_losses,
 )
 from lossx.runtime.loss_specs import DEFAULT_LOSSES, LossSpec, parse_loss_spec
-from lossx.runtime.options import check_precision, check_seed
-from lossx.runtime.ort_engine import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT
 from lossx.runtime.preprocessing import PREPROCESSING
+from lossx.training.checkpoints import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT
 
 WEIGHTS_FILE = "weights.npz"
 INITS = ("trained", "random")
@@ -734,15 +733,12 @@ def export_artifact(
     The artifact is written to a hidden sibling directory and renamed into place only after every
     graph passed its self-check; on any failure `out_dir` is left as it was.
     """
-    specs = resolve_losses(losses)
+    out_dir, specs = check_export_request(
+        out_dir, losses, checkpoint, seed, train, input_grad, precision, calibration is not None
+    )
     check_opset(opset)
-    if input_grad and not train:
-        raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")
-    check_precision(precision, train, calibration is not None)
     if precision == "int8" and calibration is None:
         calibration = load_calibration()
-    check_seed(seed)
-    out_dir = check_destination(Path(out_dir), MANIFEST_FILE, ArtifactError)
     if model is not None:
         if not isinstance(model, nn.Module):
             raise SpecError(f"model: expected an nn.Module instance, got {type(model).__name__}")

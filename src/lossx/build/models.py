@@ -26,9 +26,9 @@ from torch import nn
 
 from lossx.errors import CheckpointError, SpecError, first_line, with_article
 from lossx.files import regular_file
-from lossx.runtime.artifact import check_finite, file_kind, read_weights
 from lossx.runtime.graphs import DEFAULT_MODEL, IMAGE_SHAPE, NUM_CLASSES
-from lossx.runtime.ort_engine import checkpoint_state
+from lossx.runtime.weights import check_finite, file_kind, read_weights
+from lossx.training.checkpoints import checkpoint_state
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
 # Trained weights in lossx/build/weights: `lossx train` checkpoints (docs/training.md).

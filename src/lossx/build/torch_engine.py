@@ -1,7 +1,7 @@
 """`lossx train --engine torch`: train a registered model on CIFAR-10, reproducibly and
 resumably, with eager PyTorch and autograd.
 
-The recipe and the loop are lossx.runtime.trainer's, which the ONNX Runtime engine follows too.
+The recipe and the loop are lossx.training.trainer's, which the ONNX Runtime engine follows too.
 The training split is decoded once; every batch is augmented and scaled on the fly.
 """
 
@@ -16,12 +16,12 @@ from lossx.build.losses import OnLogits, reference_loss
 from lossx.build.models import build_model
 from lossx.errors import CheckpointError, ModelError, SpecError, first_line
 from lossx.files import regular_file, write_atomically
-from lossx.runtime import trainer
-from lossx.runtime.artifact import check_finite, file_kind
 from lossx.runtime.feeds import iter_batches, target_form
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.recipe import EVAL_BATCH, eval_scores
-from lossx.runtime.trainer import EpochResult
+from lossx.runtime.weights import check_finite, file_kind
+from lossx.training import trainer
+from lossx.training.recipe import TrainConfig
+from lossx.training.schedule import EVAL_BATCH, eval_scores
+from lossx.training.trainer import EpochResult
 
 CHECKPOINT_FORMAT = "lossx-train-checkpoint"
 # channels-last convolutions train 1.2-1.4x faster on CPU (docs/performance.md)
@@ -147,7 +147,7 @@ def train(
     data_dir: Path | None, out: Path, config: TrainConfig | None = None, **run
 ) -> list[EpochResult]:
     """Train with eager PyTorch and checkpoint to `out` after every epoch; `run` (resume,
-    stop_after and the callbacks) as for lossx.runtime.trainer.train."""
+    stop_after and the callbacks) as for lossx.training.trainer.train."""
     return trainer.train(
         TorchEngine, load_training_checkpoint, is_checkpoint, data_dir, out, config, **run
     )

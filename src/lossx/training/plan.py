@@ -8,7 +8,7 @@ batch_sizes[s] images), the `lr` and `momentum` the schedule gives each step (fl
 `plan` (the JSON below as UTF-8 bytes, uint8): the recipe, the loss in the manifest's form and the
 update rule. examples/node/train.js and the page in examples/web replay it with an artifact's
 training graph and reach the weights `lossx train --engine onnxruntime` reaches with the same
-recipe: the batches come from lossx.runtime.recipe, as the trainer's do.
+recipe: the batches come from lossx.training.schedule, as the trainer's do.
 """
 
 import io
@@ -19,8 +19,8 @@ import numpy as np
 
 from lossx.errors import SpecError
 from lossx.files import sole_writer, write_atomically
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.recipe import epoch_pixels, one_cycle, steps_per_epoch, training_data
+from lossx.training.recipe import TrainConfig
+from lossx.training.schedule import epoch_pixels, one_cycle, steps_per_epoch, training_data
 
 PLAN_FORMAT = "lossx-training-plan"
 PLAN_FORMAT_VERSION = 1

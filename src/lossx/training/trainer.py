@@ -1,7 +1,7 @@
 """The training loop both engines run, and the one driver that starts or resumes a run.
 
-An engine (lossx.build.torch_engine's eager PyTorch, lossx.runtime.ort_engine's ONNX Runtime)
-steps, evaluates, saves and restores; everything else, the recipe (lossx.runtime.recipe)
+An engine (lossx.build.torch_engine's eager PyTorch, lossx.training.ort_engine's ONNX Runtime)
+steps, evaluates, saves and restores; everything else, the recipe (lossx.training.schedule)
 included, is here once.
 """
 
@@ -15,11 +15,12 @@ from typing import Protocol
 import numpy as np
 
 from lossx.errors import CheckpointError, SpecError, TrainingDiverged, first_line
-from lossx.files import output_file, sole_writer
+from lossx.files import sole_writer
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.loss_specs import LossSpec
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.recipe import (
+from lossx.training.checkpoints import checkpoint_path
+from lossx.training.recipe import TrainConfig
+from lossx.training.schedule import (
     epoch_batches,
     one_cycle,
     steps_per_epoch,
@@ -90,19 +91,6 @@ def run_recipe(
             "resume. Export it with lossx export --checkpoint, or start a new run"
         )
     return recipe
-
-
-def checkpoint_path(out: Path, is_checkpoint: Callable[[Path], bool], resume: Path | None) -> Path:
-    """`out`, refused at once (not after the first epoch) if it cannot be written, or if it is
-    a file other than a checkpoint of this engine (or the one being resumed): training never
-    overwrites an unrelated file."""
-    out = output_file(Path(out), "checkpoint")
-    if out.exists() and out != resume and not is_checkpoint(out):
-        raise CheckpointError(
-            f"--out {out} exists and is not a checkpoint of this engine; refusing to overwrite "
-            "it (choose another --out)"
-        )
-    return out
 
 
 class Engine(Protocol):

@@ -4,68 +4,35 @@ and numpy updates, without torch.
 Each step feeds the batch, the current weights and buffers to `train_<loss>.onnx`, takes the
 loss, every parameter's gradient and the buffers' next values (batch-norm statistics) back, and
 applies torch.optim.SGD's Nesterov update in numpy. The recipe (data order, augmentation,
-schedule, clipping) and the loop are lossx.runtime.trainer's, which the torch engine follows
+schedule, clipping) and the loop are lossx.training.trainer's, which the torch engine follows
 too, so both engines take the same steps from the same weights and seed.
 
-The checkpoint is one .npz: the weights and buffers by state_dict name (what `lossx export
---checkpoint`, `lossx eval --weights` and `Artifact.with_weights` read), the momentum buffers
-under "momentum/<name>" and the recipe, log and artifact under "lossx/state" (JSON).
+Its checkpoint is an .npz (lossx.training.checkpoints).
 """
 
-import io
-import json
-import zipfile
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from lossx.errors import CheckpointError, SpecError, first_line
-from lossx.files import write_atomically
-from lossx.runtime import trainer
-from lossx.runtime.artifact import (
-    MANIFEST_FILE,
-    Artifact,
-    check_npz_sizes,
-    check_weights,
-    file_kind,
-    read_weights,
-    sha256_of,
-)
+from lossx.errors import SpecError
+from lossx.runtime.artifact import MANIFEST_FILE, Artifact, sha256_of
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import graph_feed, iter_batches
 from lossx.runtime.graphs import GraphKind, GraphSpec
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.recipe import EVAL_BATCH, clip_factor, eval_scores
-from lossx.runtime.trainer import EpochResult
-
-CHECKPOINT_FORMAT = "lossx-onnxruntime-checkpoint"
-STATE_KEY = "lossx/state"
-MOMENTUM_PREFIX = "momentum/"
-
-
-class NesterovSGD:
-    """torch.optim.SGD(momentum, nesterov=True, weight_decay) in float32 numpy, in place."""
-
-    def __init__(self, parameters: dict[str, np.ndarray], weight_decay: float) -> None:
-        self.parameters = parameters
-        self.weight_decay = np.float32(weight_decay)
-        self.momentum_buffers: dict[str, np.ndarray] = {}
-
-    def step(self, grads: dict[str, np.ndarray], lr: float, momentum: float) -> None:
-        lr, momentum = np.float32(lr), np.float32(momentum)
-        for name, weight in self.parameters.items():
-            grad = grads[name]
-            if self.weight_decay:
-                grad = grad + self.weight_decay * weight
-            buffer = self.momentum_buffers.get(name)
-            if buffer is None:
-                buffer = self.momentum_buffers[name] = grad.copy()
-            else:
-                buffer *= momentum
-                buffer += grad
-            weight -= lr * (grad + momentum * buffer)
+from lossx.runtime.weights import check_weights, read_weights
+from lossx.training import trainer
+from lossx.training.checkpoints import (
+    MOMENTUM_PREFIX,
+    is_checkpoint,
+    resume_state,
+    write_npz_checkpoint,
+)
+from lossx.training.optimizers import NesterovSGD
+from lossx.training.recipe import TrainConfig
+from lossx.training.schedule import EVAL_BATCH, clip_factor, eval_scores
+from lossx.training.trainer import EpochResult
 
 
 class OnnxRuntimeEngine:
@@ -113,18 +80,12 @@ class OnnxRuntimeEngine:
 
     def save(self, history: list[EpochResult]) -> None:
         state = {
-            "format": CHECKPOINT_FORMAT,
             "model_name": self.artifact.manifest.model,
             "artifact_manifest_sha256": sha256_of(self.artifact.path / MANIFEST_FILE),
             "config": self.config.to_dict(),
             "history": [e.to_dict() for e in history],
         }
-        arrays = self.weights()
-        arrays.update({MOMENTUM_PREFIX + k: v for k, v in self.optimizer.momentum_buffers.items()})
-        arrays[STATE_KEY] = np.array(json.dumps(state))
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        write_atomically(self.out, lambda f: f.write(buffer.getvalue()))
+        write_npz_checkpoint(self.out, self.weights(), self.optimizer.momentum_buffers, state)
 
     def weights(self) -> dict[str, np.ndarray]:
         """The model's state by state_dict name: parameters and buffers."""
@@ -160,36 +121,6 @@ def training_graph(artifact: Artifact, config: TrainConfig) -> GraphSpec:
     )
 
 
-def checkpoint_state(path: Path) -> dict | None:
-    """The recipe and log an .npz checkpoint of this engine carries (None for plain weights)."""
-    try:
-        check_npz_sizes(path)
-        with np.load(path, allow_pickle=False) as npz:
-            if STATE_KEY not in npz.files:
-                return None
-            state = json.loads(str(npz[STATE_KEY]))
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not an .npz checkpoint ({first_line(e)})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: {STATE_KEY} is not a lossx training state")
-    return state
-
-
-def resume_state(artifact: Artifact, path: Path) -> dict:
-    """The state of a checkpoint this engine wrote with `artifact`, or a one-line refusal."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    state = checkpoint_state(path)
-    if state is None:
-        raise CheckpointError(
-            f"{path}: weights only, not a checkpoint of lossx train --engine onnxruntime; "
-            "cannot resume from it"
-        )
-    if state.get("artifact_manifest_sha256") != sha256_of(artifact.path / MANIFEST_FILE):
-        raise CheckpointError(f"{path}: was trained with another artifact than {artifact.path}")
-    return state
-
-
 def train(
     artifact: Artifact,
     data_dir: Path | None,
@@ -200,16 +131,8 @@ def train(
 ) -> list[EpochResult]:
     """Train the artifact's model from its shipped weights (or `resume`'s) and checkpoint to
     `out` after every epoch, in sessions opened with `session_options` (provider, threads,
-    ...); `run` (resume, stop_after and the callbacks) as for lossx.runtime.trainer.train."""
+    ...); `run` (resume, stop_after and the callbacks) as for lossx.training.trainer.train."""
     engine = partial(OnnxRuntimeEngine, artifact, session_options=session_options or {})
     return trainer.train(
         engine, partial(resume_state, artifact), is_checkpoint, data_dir, out, config, **run
     )
-
-
-def is_checkpoint(path: Path) -> bool:
-    """Whether `path` holds a checkpoint this engine wrote (of any artifact)."""
-    try:
-        return file_kind(path) == "npz" and checkpoint_state(path) is not None
-    except (CheckpointError, OSError):
-        return False

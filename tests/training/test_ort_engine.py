@@ -18,9 +18,9 @@ from lossx.build.torch_engine import train as train_torch
 from lossx.cli import main
 from lossx.errors import CheckpointError, SpecError, TrainingDiverged
 from lossx.runtime import load_artifact, open_artifact
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.ort_engine import STATE_KEY
-from lossx.runtime.ort_engine import train as train_onnxruntime
+from lossx.training.checkpoints import STATE_KEY
+from lossx.training.ort_engine import train as train_onnxruntime
+from lossx.training.recipe import TrainConfig
 from tests.conftest import require_shared
 from tests.runtime.test_torch_free import BLOCK_TORCH
 

@@ -4,7 +4,7 @@ Everything here is numpy, so `lossx train --engine torch` and `--engine onnxrunt
 same batches and take the same steps from the same seed. Epoch e's randomness (shuffle, then
 crop offsets and flips) comes from a generator seeded with (seed, e): a resumed run needs no
 generator state to continue exactly where it stopped. The loop that follows the recipe is
-lossx.runtime.trainer's.
+lossx.training.trainer's.
 """
 
 import math
@@ -18,8 +18,8 @@ from lossx.errors import SpecError
 from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
 from lossx.runtime.feeds import log_softmax
 from lossx.runtime.images import jpeg_copy
-from lossx.runtime.options import TrainConfig
 from lossx.runtime.preprocessing import scale, to_chw
+from lossx.training.recipe import TrainConfig
 
 PAD = 4
 JPEG_PROBABILITY = 0.5  # of each training image being JPEG-compressed, with --jpeg-augment

@@ -8,9 +8,9 @@ import torch
 from lossx.errors import SpecError
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.images import jpeg_copies
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.ort_engine import NesterovSGD
-from lossx.runtime.recipe import (
+from lossx.training.optimizers import NesterovSGD
+from lossx.training.recipe import TrainConfig
+from lossx.training.schedule import (
     augment,
     clip_factor,
     epoch_batches,

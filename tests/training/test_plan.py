@@ -8,10 +8,10 @@ import pytest
 
 from lossx.errors import SpecError
 from lossx.runtime.cifar10 import load_cifar10
-from lossx.runtime.options import TrainConfig
-from lossx.runtime.plan import PLAN_FORMAT, read_plan, write_plan
 from lossx.runtime.preprocessing import scale
-from lossx.runtime.recipe import epoch_batches, one_cycle
+from lossx.training.plan import PLAN_FORMAT, read_plan, write_plan
+from lossx.training.recipe import TrainConfig
+from lossx.training.schedule import epoch_batches, one_cycle
 from tests.conftest import require_shared
 
 

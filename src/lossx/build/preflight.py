@@ -1,0 +1,37 @@
+"""What an export is asked to do, checked before torch is imported (this module imports no
+torch): `lossx export` calls it while parsing, `export_artifact` calls it for every caller, so
+the two cannot check differently."""
+
+from pathlib import Path
+
+from lossx.errors import ArtifactError, SpecError
+from lossx.files import check_destination
+from lossx.runtime.artifact import MANIFEST_FILE
+from lossx.runtime.graphs import resolve_losses
+from lossx.runtime.loss_specs import LossSpec
+from lossx.runtime.options import check_precision, check_seed
+from lossx.training.checkpoints import check_checkpoint_kind
+
+
+def check_export_request(
+    out_dir: Path,
+    losses: list[LossSpec | str] | tuple[LossSpec | str, ...],
+    checkpoint: Path | None = None,
+    seed: int = 0,
+    train: bool = False,
+    input_grad: bool = False,
+    precision: str = "fp32",
+    calibrated: bool = False,
+) -> tuple[Path, list[LossSpec]]:
+    """The destination as an absolute path and the loss specs, or a one-line refusal of what
+    cannot be exported: a loss spec, --input-grad without --train, a precision with options
+    that do not go with it, a seed, a checkpoint that is neither an .npz nor a torch checkpoint,
+    a destination that cannot be written."""
+    specs = resolve_losses(losses)
+    if input_grad and not train:
+        raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")
+    check_precision(precision, train, calibrated)
+    check_seed(seed)
+    if checkpoint is not None:
+        check_checkpoint_kind(Path(checkpoint), ("npz", "torch"))
+    return check_destination(Path(out_dir), MANIFEST_FILE, ArtifactError), specs

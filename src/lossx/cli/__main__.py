@@ -1,0 +1,3 @@
+from lossx.cli import main
+
+main()

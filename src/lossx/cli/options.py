@@ -1,0 +1,154 @@
+"""Options several commands share, each checked as it is parsed."""
+
+from pathlib import Path
+
+import click
+
+from lossx.errors import LossxError
+from lossx.files import output_file
+from lossx.runtime.options import (
+    MAX_SEED,
+    MAX_THREADS,
+    OPTIMIZATION_LEVELS,
+    PROVIDER_CHOICES,
+    check_sha256,
+)
+
+
+class PathArg(click.Path):
+    """click.Path that refuses an empty string, which pathlib would read as the current
+    directory."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def path_arg(**kwargs) -> PathArg:
+    return PathArg(path_type=Path, **kwargs)
+
+
+def output_check(what: str, text: bool = False):
+    """A callback checking, as the options are parsed, that an output file can be written;
+    a `text` output may be `-`, stdout (a binary one may not)."""
+
+    def check(ctx, param, value):
+        if value is not None and str(value) == "-":
+            if not text:
+                raise click.BadParameter(f"'-' (stdout) cannot take a {what}; give a file name")
+        elif value is not None:
+            try:
+                output_file(Path(value), what)
+            except LossxError as e:
+                raise click.BadParameter(str(e), ctx, param) from None
+        return value
+
+    return check
+
+
+STDOUT_HELP = " ('-': stdout, the other output then on stderr)"
+
+
+SEED = click.IntRange(0, MAX_SEED)
+
+
+def check_sha256_option(ctx, param, value):
+    if value is not None:
+        try:
+            check_sha256(value)
+        except LossxError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+    return value
+
+
+require_sha256_option = click.option(
+    "--require-sha256",
+    metavar="HEX",
+    callback=check_sha256_option,
+    help="Refuse the artifact unless its manifest.json has this sha256 (lossx export prints it).",
+)
+
+
+weights_option = click.option(
+    "--weights",
+    type=path_arg(dir_okay=False),
+    help="Run with these weights instead of the artifact's: an .npz by state_dict name, as "
+    "`lossx train --engine onnxruntime` writes.",
+)
+
+
+def with_options(command, options):
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def with_data_options(command):
+    """--data-dir, --split, --limit and --batch-size: the CIFAR-10 images eval and check read."""
+    return with_options(
+        command,
+        [
+            click.option(
+                "--data-dir",
+                type=path_arg(),
+                help="Folder holding cifar-10-batches-py/; default: the packaged 1,000 test "
+                "images.",
+            ),
+            click.option(
+                "--split", type=click.Choice(["test", "train"]), default="test", show_default=True
+            ),
+            click.option(
+                "--limit", type=click.IntRange(min=1), help="Use only the first N images."
+            ),
+            click.option(
+                "--batch-size", type=click.IntRange(min=1), default=256, show_default=True
+            ),
+        ],
+    )
+
+
+def with_session_options(command):
+    """--provider, --threads, --optimization and --tf32: how ONNX Runtime runs the graphs."""
+    options = [
+        click.option(
+            "--provider",
+            type=click.Choice(PROVIDER_CHOICES),
+            default="cpu",
+            show_default=True,
+            help="Execution provider; cuda fails (exit 3) unless CUDA is really used, auto "
+            "takes CUDA when it works.",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(1, MAX_THREADS),
+            help=f"Intra-op threads, at most 4 per core ({MAX_THREADS} here).  [default: one "
+            "per core]",
+        ),
+        click.option(
+            "--optimization",
+            type=click.Choice(OPTIMIZATION_LEVELS),
+            default="all",
+            show_default=True,
+            help="ONNX Runtime graph optimisation level.",
+        ),
+        click.option(
+            "--tf32", is_flag=True, help="Let CUDA use TF32 (faster, but not fp32 parity)."
+        ),
+    ]
+    return with_options(command, options)
+
+
+def given_on_command_line(options: dict) -> dict:
+    """The options among `options` that the command line set (not left at their defaults)."""
+    ctx = click.get_current_context()
+    source = click.core.ParameterSource.COMMANDLINE
+    return {name: value for name, value in options.items()
+            if ctx.get_parameter_source(name) is source}  # fmt: skip
+
+
+def artifact_with_weights(artifact_dir: Path, require_sha256: str | None, weights: Path | None):
+    from lossx.runtime import load_artifact
+
+    artifact = load_artifact(artifact_dir, require_sha256)
+    return artifact if weights is None else artifact.with_weights(weights)

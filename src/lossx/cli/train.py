@@ -1,0 +1,212 @@
+"""`lossx train`, with either engine, and its --write-plan."""
+
+from pathlib import Path
+
+import click
+
+from lossx.build.torch_side import require_export_extra
+from lossx.cli.app import echo, main
+from lossx.cli.options import (
+    SEED,
+    STDOUT_HELP,
+    given_on_command_line,
+    output_check,
+    path_arg,
+    with_session_options,
+)
+from lossx.cli.progress import EpochProgress
+from lossx.training.recipe import DEFAULT_LR, MAX_EPOCHS, MAX_TRAIN_BATCH, TrainConfig
+
+RECIPE = TrainConfig()  # the defaults of lossx train's options
+
+
+@main.command(short_help="Train a model with eager PyTorch or an artifact in ONNX Runtime.")
+@click.argument("artifact_dir", required=False, type=path_arg())
+@click.option(
+    "--engine",
+    type=click.Choice(["torch", "onnxruntime"]),
+    default="torch",
+    show_default=True,
+    help="torch: eager PyTorch and autograd. onnxruntime: ARTIFACT_DIR's training graph in ONNX "
+    "Runtime with numpy updates, no torch (export it with --train).",
+)
+@click.option(
+    "--data-dir",
+    type=path_arg(),
+    help="Folder holding cifar-10-batches-py/ with the training batches (required).",
+)
+@click.option(
+    "--model",
+    default=RECIPE.model,
+    show_default=True,
+    metavar="NAME|MODULE:ATTR",
+    help="--engine torch: a registry model or your own MODULE:ATTR (as for export).",
+)
+@click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=RECIPE.epochs,
+              show_default=True, help="Passes over the training images.")  # fmt: skip
+@click.option("--batch-size", type=click.IntRange(1, MAX_TRAIN_BATCH), default=RECIPE.batch_size,
+              show_default=True, help="Images per step.")  # fmt: skip
+@click.option(
+    "--lr",
+    type=float,
+    help="Peak one-cycle LR.  [default: "
+    + ", ".join(f"{lr:g} ({name})" for name, lr in DEFAULT_LR.items())
+    + "]",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "adamw"]),
+    default=RECIPE.optimizer,
+    show_default=True,
+)
+@click.option("--weight-decay", type=float, default=RECIPE.weight_decay, show_default=True)
+@click.option(
+    "--loss",
+    default=RECIPE.loss,
+    show_default=True,
+    metavar="SPEC",
+    help='Loss spec, e.g. "ce(label_smoothing=0.1)"; targets are the labels or their one-hot '
+    "vectors.",
+)
+@click.option(
+    "--clip-norm",
+    type=float,
+    default=RECIPE.clip_norm,
+    show_default=True,
+    help="Clip the gradients' global norm to this (0: no clipping).",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=RECIPE.augment,
+    show_default=True,
+    help="Random 4-pixel-padded crops and left-right flips.",
+)
+@click.option(
+    "--jpeg-augment/--no-jpeg-augment",
+    default=RECIPE.jpeg_augment,
+    show_default=True,
+    help="JPEG-compress each training image with probability 0.5, at a quality drawn from "
+    "50..95 (Pillow), before cropping.",
+)
+@click.option("--seed", type=SEED, default=RECIPE.seed, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Train on the first N training images only."
+)
+@click.option(
+    "--holdout",
+    type=click.IntRange(min=0),
+    default=RECIPE.holdout,
+    show_default=True,
+    help="Hold out the last N training images and evaluate on them instead of the test images.",
+)
+@click.option(
+    "--out",
+    type=path_arg(dir_okay=False),
+    callback=output_check("checkpoint"),
+    help="Checkpoint written after every epoch.  [default: checkpoint.pt (torch), trained.npz "
+    "(onnxruntime)]",
+)
+@click.option(
+    "--resume",
+    type=path_arg(dir_okay=False),
+    help="Continue the run saved in this checkpoint, with the recipe it was saved with: a "
+    "recipe option that differs from it is refused.",
+)
+@click.option(
+    "--log-json",
+    type=path_arg(),
+    callback=output_check("log", text=True),
+    help="Write one JSON line per epoch" + STDOUT_HELP + ".",
+)
+@click.option(
+    "--write-plan",
+    type=path_arg(dir_okay=False),
+    callback=output_check("plan"),
+    help="Do not train: write the steps this recipe takes (batches, LR, momentum) to this .npz "
+    "for another runtime to replay (examples/node/train.js, examples/web).",
+)
+@with_session_options
+def train(
+    artifact_dir: Path | None,
+    engine: str,
+    data_dir: Path | None,
+    out: Path | None,
+    resume: Path | None,
+    log_json: Path | None,
+    write_plan: Path | None,
+    provider: str,
+    threads: int | None,
+    optimization: str,
+    tf32: bool,
+    **recipe,
+) -> None:
+    """Train the model on the CIFAR-10 training split: with eager PyTorch, or with ARTIFACT_DIR's
+    training graph in ONNX Runtime (--engine onnxruntime). Both follow the same recipe: from
+    the same weights and seed they take the same steps, to float rounding."""
+    if data_dir is None:
+        raise click.UsageError("--data-dir is required: the training images do not ship with lossx")
+    if write_plan is not None:
+        write_training_plan(write_plan, data_dir, TrainConfig(**recipe))
+        return
+    if engine == "torch" and artifact_dir is not None:
+        raise click.UsageError(
+            "ARTIFACT_DIR is for --engine onnxruntime; --engine torch needs none"
+        )
+    if engine == "onnxruntime" and artifact_dir is None:
+        raise click.UsageError("--engine onnxruntime needs ARTIFACT_DIR (exported with --train)")
+    if engine == "onnxruntime" and recipe["model"] != RECIPE.model:
+        raise click.UsageError("--model is for --engine torch; onnxruntime trains ARTIFACT_DIR's")
+    config = TrainConfig(**recipe)
+    config.validate()
+    given = given_on_command_line(recipe)  # with --resume, each must agree with the checkpoint
+    from lossx.files import input_folder
+
+    input_folder(data_dir, "data directory")
+    kinds = ("torch",) if engine == "torch" else ("npz",)
+    if resume is not None:
+        from lossx.training.checkpoints import check_checkpoint_kind
+
+        check_checkpoint_kind(resume, kinds)
+    out = out or Path("checkpoint.pt" if engine == "torch" else "trained.npz")
+    if out.exists() and out != resume:  # by kind here; the engine then reads it whole
+        from lossx.training.checkpoints import check_checkpoint_kind
+
+        check_checkpoint_kind(out, kinds, overwrite=True)
+    if engine == "torch":
+        require_export_extra("lossx train --engine torch", ("torch",))
+        from lossx.build.torch_engine import train as run_training
+    else:
+        from functools import partial
+
+        from lossx.runtime import load_artifact
+        from lossx.training.ort_engine import train as train_onnxruntime
+
+        options = {"provider": provider, "threads": threads, "optimization": optimization,
+                   "tf32": tf32}  # fmt: skip
+        run_training = partial(train_onnxruntime, load_artifact(artifact_dir),
+                               session_options=options)  # fmt: skip
+    with EpochProgress(log_json) as progress:
+        history = run_training(data_dir, out, None if resume else config, resume=resume,
+                               on_batch=progress.batch, on_epoch=progress.epoch,
+                               given=given)  # fmt: skip
+    if history:
+        last = history[-1]
+        echo(
+            f"wrote {out}: epoch {last.epoch}/{last.epochs}, {last.eval_split} accuracy "
+            f"{last.eval_accuracy:.2%}"
+        )
+
+
+def write_training_plan(path: Path, data_dir: Path, config: TrainConfig) -> None:
+    if config.optimizer != "sgd":
+        raise click.UsageError("--write-plan records SGD steps; --optimizer adamw has no plan")
+    config.validate()
+    from lossx.files import input_folder
+    from lossx.training.plan import write_plan
+
+    input_folder(data_dir, "data directory")
+    steps, images = write_plan(path, data_dir, config)
+    echo(
+        f"wrote {path}: {steps} steps, {images:,} images in batches of {config.batch_size} "
+        f"({path.stat().st_size:,} bytes)"
+    )

@@ -1,0 +1,21 @@
+"""Which tolerance profile a comparison of an artifact follows: its precision's, and for the graphs
+it keeps fp32 the fp32 profile of the provider ONNX Runtime really uses. Torch-free."""
+
+from lossx.compare.tolerances import default_profile
+
+
+def fp32_profile(artifact, session_options: dict) -> str:
+    """The fp32 profile of the provider ONNX Runtime really uses (exit 3 when it cannot)."""
+    from lossx.runtime.session import provider_names
+
+    return default_profile(provider_names(artifact.session("model", **session_options))[0])
+
+
+def tolerance_profiles(artifact, session_options: dict, chosen: str | None = None):
+    """The tolerance profile of the artifact's precision (`chosen` if given), and the fp32
+    profile of the graphs it keeps fp32 (None where that is the same profile)."""
+    fp32 = fp32_profile(artifact, session_options)
+    precision = artifact.manifest.precision_name
+    if chosen is not None:
+        return chosen, None
+    return (fp32, None) if precision == "fp32" else (precision, fp32)

@@ -1,0 +1,99 @@
+"""The training recipe as data: what `lossx train` runs, checked without numpy (the command line
+builds one while parsing). Its steps in numpy are lossx.training.schedule's.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from lossx.errors import SpecError
+from lossx.runtime.graphs import DEFAULT_MODEL
+from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
+from lossx.runtime.options import check_seed
+
+OPTIMIZERS = ("sgd", "adamw")
+MAX_EPOCHS, MAX_TRAIN_BATCH = 10_000, 4096
+# Peak one-cycle LR per optimizer (docs/training.md): AdamW at SGD's 0.02 diverges.
+DEFAULT_LR = {"sgd": 0.02, "adamw": 0.003}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe. `holdout` keeps the last N training images out, for choosing recipes."""
+
+    model: str = DEFAULT_MODEL
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float | None = None  # peak of the one-cycle schedule; None: the optimizer's DEFAULT_LR
+    optimizer: str = "sgd"  # sgd: Nesterov momentum, cycled by the schedule
+    weight_decay: float = 5e-4
+    loss: str = "ce"  # a loss spec; targets are the labels or their one-hot vectors
+    clip_norm: float = 5.0  # 0: no clipping
+    augment: bool = True
+    jpeg_augment: bool = False  # JPEG-compress half the training images (recipe.jpeg_augment)
+    seed: int = 0
+    limit: int | None = None  # train on the first N training images only
+    holdout: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """A recipe saved in a checkpoint, including those of lossx versions that stored the
+        loss as `label_smoothing` and a `momentum` the schedule always overrode."""
+        data = dict(data)
+        data.pop("momentum", None)
+        smoothing = data.pop("label_smoothing", None)
+        if smoothing:
+            data.setdefault("loss", f"ce(label_smoothing={smoothing!r})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(data.keys() - known)
+        if unknown:
+            raise SpecError(f"unknown recipe keys {', '.join(unknown)}")
+        return cls(**data)
+
+    def __post_init__(self) -> None:
+        if self.lr is None and self.optimizer in DEFAULT_LR:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def loss_spec(self) -> LossSpec:
+        spec = parse_loss_spec(self.loss)
+        if spec["reduction"] == "none":
+            raise SpecError(f"cannot train on {spec}: it has no scalar loss; use mean or sum")
+        return spec
+
+    def validate(self) -> None:
+        checks = [
+            (
+                1 <= self.epochs <= MAX_EPOCHS,
+                f"epochs must be 1..{MAX_EPOCHS}, got {self.epochs}",
+            ),
+            (
+                1 <= self.batch_size <= MAX_TRAIN_BATCH,
+                f"batch size must be 1..{MAX_TRAIN_BATCH}, got {self.batch_size}",
+            ),
+            (
+                isinstance(self.lr, int | float) and 0 < self.lr <= 10 and math.isfinite(self.lr),
+                f"lr must be in (0, 10], got {self.lr}",
+            ),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (
+                0 <= self.weight_decay < 1,
+                f"weight decay must be in [0, 1), got {self.weight_decay}",
+            ),
+            (
+                self.clip_norm >= 0 and math.isfinite(self.clip_norm),
+                f"clip norm must be at least 0, got {self.clip_norm}",
+            ),
+            (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
+            (self.holdout >= 0, f"holdout must be at least 0, got {self.holdout}"),
+            (
+                self.limit is None or self.holdout < self.limit,
+                f"holdout {self.holdout} leaves none of the {self.limit} images to train on",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SpecError(message)
+        check_seed(self.seed)
+        self.loss_spec()
