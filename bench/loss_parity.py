@@ -6,8 +6,8 @@ For every loss and a set of option variants, exports the loss graph at ranks 2 a
 second as [N, C, H, W]), runs it in ONNX Runtime on random inputs at three value scales (1, 30,
 1e4) and several sizes, and compares with torch.nn. Prints, per loss, the worst absolute and
 relative error and the share of the tolerance used: |onnx - eager| / (atol + rtol * |eager|)
-with atol = rtol = 1e-5 (above 100% would fail). The loss tolerance figures of docs/losses.md
-come from this table.
+under the fp32-cpu profile's atol and rtol (above 100% would fail). The loss tolerance
+figures of docs/losses.md come from this table.
 """
 
 import argparse

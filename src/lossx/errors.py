@@ -54,8 +54,10 @@ class ProviderError(EnvironmentProblem):
 
 
 class ExportError(LossxError):
-    """A valid graph could not be made: torch.onnx, onnx.compose, onnx's opset converter, a
-    precision converter or onnx.checker failed on a model lossx accepted."""
+    """A valid graph could not be made of a model lossx accepted: torch.onnx or make_fx tracing
+    failed, the graph's signature or ops are not what lossx declares (an op ONNX Runtime runs in
+    inference mode in a training graph), or onnx.compose, onnx's opset converter, a precision
+    converter or onnx.checker failed."""
 
     exit_code = 4
 

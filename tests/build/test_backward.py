@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lossx.build import backward, export_artifact
-from lossx.build.backward import INFERENCE_MODE_OPS, ReferenceTrainingStep, model_buffers
+from lossx.build.backward import ReferenceTrainingStep, model_buffers
 from lossx.build.eager import EagerRunner
-from lossx.build.export import batch_norm_fusions, export_graph
+from lossx.build.graph_export import export_graph
 from lossx.build.models import build_model
+from lossx.build.surgery import INFERENCE_MODE_OPS
+from lossx.build.torch_onnx import batch_norm_fusions
 from lossx.compare.elementwise import element_errors
 from lossx.compare.tolerances import PROFILES, resolve_tolerances, rule_tolerance
 from lossx.errors import DataError, ExportError, SpecError
@@ -52,7 +54,7 @@ def resnet20_artifact(resnet20_train_artifact_dir):
 def assert_matches_autograd(spec, run, model, images, labels, parameters) -> dict[str, float]:
     """Every output of training graph `spec` (run by `run(feed)`) against torch.autograd on
     `model` in train mode, under the rules lossx check applies: loss, logits and next buffers
-    within the fp32 default (1e-5 + 1e-5 relative), gradients under the gradient rule (2e-3 of
+    within the fp32-cpu profile (2e-5 + 1e-5 relative), gradients under the gradient rule (2e-3 of
     the batch's largest value + 1e-3 relative, a few outliers allowed). Returns each output's
     largest absolute error."""
     feed = graph_feed(spec, images, labels, None, parameters)
@@ -364,7 +366,7 @@ def test_the_shipped_resnet20_exports_its_training_graphs(tmp_path):
     0.0027 in a batch-norm weight's gradient (more than the fp32 rule allows), and float64
     autograd shows ONNX Runtime is the one that is right (6.6e-7 from it, torch 2.7e-3). A loss
     of class indices, one of the logits themselves and one of probabilities here (each graph
-    takes 20 s); all eight losses exported so when this was written."""
+    takes 20 s); all eight losses export so (docs/training.md)."""
     losses = ["ce", "bce_logits", "mse"]
     manifest = export_artifact(tmp_path / "r20", "resnet20", losses=losses, train=True)
     trains = [e.spec for e in manifest.graphs if e.spec.stem.startswith("train_")]

@@ -10,10 +10,11 @@ from torch import nn
 
 import lossx
 from lossx import files as files_module
-from lossx.build import export as export_module
-from lossx.build.export import export_artifact, export_loss, verify_graph
+from lossx.build import artifact_writer, graph_export, torch_onnx
+from lossx.build.export import export_artifact, export_loss
 from lossx.build.graph_modules import Together
 from lossx.build.losses import reference_loss
+from lossx.build.self_check import verify_graph
 from lossx.compare.inputs import sample_feed
 from lossx.errors import ArtifactError, ExportError, ParityError, SpecError
 from lossx.runtime import load_artifact
@@ -208,7 +209,7 @@ def test_torch_onnx_builds_its_function_table_once(tmp_path, monkeypatch):
         return build(*args, **kwargs)
 
     monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counted))
-    monkeypatch.setattr(export_module, "_torchlib_registries", {})
+    monkeypatch.setattr(torch_onnx, "_torchlib_registries", {})
     export_loss("ce", tmp_path / "ce.onnx")
     export_loss("mse", tmp_path / "mse.onnx")
     assert len(builds) == 1
@@ -296,7 +297,7 @@ def test_failed_export_leaves_the_previous_artifact_intact(tmp_path, monkeypatch
         if len(calls) == 2:
             raise ParityError(f"export self-check failed: {spec.file}")
 
-    monkeypatch.setattr(export_module, "verify_graph", failing_verify)
+    monkeypatch.setattr(graph_export, "verify_graph", failing_verify)
     with pytest.raises(ParityError):
         export_artifact(out, init="random", losses=["ce"], seed=1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -328,7 +329,7 @@ def test_disk_full_during_export_leaves_the_previous_artifact(tmp_path, monkeypa
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export_module.np, "savez", full_disk)
+    monkeypatch.setattr(artifact_writer.np, "savez", full_disk)
     with pytest.raises(ArtifactError, match=r"cannot write the artifact to .*No space left"):
         export_artifact(out, init="random", losses=["ce"], seed=3)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

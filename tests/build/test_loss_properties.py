@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lossx.build.export import export_graph
+from lossx.build.graph_export import export_graph
 from lossx.build.graph_modules import reference_module
 from lossx.build.models import build_model
 from lossx.runtime.graphs import CLASS_DIM_LOSSES, NUM_CLASSES, fused_graph, loss_graph

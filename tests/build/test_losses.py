@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from lossx.build.export import export_loss, max_opset
+from lossx.build.export import export_loss
 from lossx.build.losses import exported_loss, reference_loss
+from lossx.build.torch_onnx import max_opset
 from lossx.errors import SpecError
 from lossx.runtime.graphs import MIN_OPSET, loss_graph, resolve_losses
 from lossx.runtime.loss_specs import LOSSES, parse_loss_spec

@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 
 import lossx.build.precision as precision
+from lossx.build.calibration import load_calibration
 from lossx.build.graph_modules import reference_module
 from lossx.errors import ArtifactError, DataError, SpecError
 from lossx.runtime import evaluate, load_artifact, open_artifact, to_model_input
-from lossx.runtime.calibration import load_calibration
 from lossx.runtime.cifar10 import load_cifar10
 from lossx.runtime.feeds import graph_feed
 from tests.cli.test_cli import assert_one_line_error, run_cli
 from tests.conftest import copy_with_eager_weights_changed, eager_model, require_shared
 
-# The goals: int8 at most 0.3x the fp32 model file and within 1 point of its top-1;
+# The goals: int8 at most 0.3x the fp32 model file and within 1 point of its top-1;
 # fp16 within 0.1 point (measured on the official test images 0-999: docs/precision.md).
 GOALS = {"int8": (0.30, 0.010), "fp16": (0.55, 0.001)}
 

@@ -110,7 +110,7 @@ CASES = {
     "absolute path": (_list_file("/tmp/model.onnx"), "is not a plain file name"),
     "symlink leading out": (_symlink_out, "refusing a link"),
     "external data": (_external_data, "keeps its data in external file 'w.bin'"),
-    # The manifest is validated against its schema and against the graphs (issue 18, rule 5).
+    # The manifest is validated against its schema and against the graphs (test_rules.py's rule 5).
     "nine class names": (
         _edit_manifest(lambda m: m.update(class_names=m["class_names"][:9])),
         "9 class_names for a model of 10 classes",

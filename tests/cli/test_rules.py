@@ -1,6 +1,6 @@
 """The rules behind the hostile-input cases, each walked over every command and API entry it
-applies to (issue 18). A rule's test fails on the next variant of the same mistake, not only on
-the case that was reported. Damaged manifests are walked in test_bad_input_matrix.py.
+applies to. A rule's test fails on the next variant of the same mistake, not only on one known
+case. Damaged manifests are walked in test_bad_input_matrix.py.
 """
 
 import io

@@ -1,7 +1,7 @@
 """ONNX Runtime against eager PyTorch for every graph, on 1,000 real CIFAR-10 test images.
 
 Tolerances are the fp32-cpu profile's (atol 2e-5, rtol 1e-5). Measured worst case with the
-shipped weights under the earlier atol 1e-5: 34% of the tolerance on logits over these images,
+shipped weights, measured against atol 1e-5: 34% of the tolerance on logits over these images,
 48% over all 50,000 training images (docs/parity.md).
 """
 
@@ -101,7 +101,8 @@ def test_every_loss_matches_eager_on_real_data(every_loss_artifact, test_split, 
 
 def test_eval_losses_are_torch_on_the_same_inputs(every_loss_artifact, test_split):
     """lossx eval's figure for each loss: the torch.nn loss of the eval feed, aggregated as
-    describe_loss says (batch values weighted by batch size, sums summed, elements averaged)."""
+    LossSpec.eval_description says (batch values weighted by batch size, sums summed, elements
+    averaged)."""
     eager = EagerRunner.of_artifact(every_loss_artifact)
     with torch.no_grad():
         logits = eager.model(torch.from_numpy(to_model_input(test_split.images))).numpy()

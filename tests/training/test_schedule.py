@@ -137,7 +137,7 @@ def test_eval_scores():
     assert loss == pytest.approx(float(expected), rel=1e-6) and accuracy == 0.5
 
 
-def test_recipes_saved_by_older_lossx_still_load():
+def test_recipes_without_loss_clip_norm_or_augment_load_with_defaults():
     old = {**TrainConfig().to_dict(), "momentum": 0.9, "label_smoothing": 0.1}
     del old["loss"], old["clip_norm"], old["augment"]
     config = TrainConfig.from_dict(old)

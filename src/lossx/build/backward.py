@@ -35,8 +35,6 @@ from lossx.runtime.graphs import IMAGE_SHAPE, NUM_CLASSES, Buffer, GraphSpec
 from lossx.runtime.loss_specs import LossSpec
 
 aten = torch.ops.aten
-# Ops whose ONNX translation runs in inference mode in ONNX Runtime: never in a training graph.
-INFERENCE_MODE_OPS = ("BatchNormalization", "Dropout")
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 

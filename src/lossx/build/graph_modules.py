@@ -1,5 +1,8 @@
 """The torch module each graph of an artifact is exported from, and the one it must equal."""
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import nn
 
 from lossx.build.backward import ReferenceTrainingStep, TrainingStep
@@ -41,24 +44,43 @@ class Together(nn.Module):
         return tuple(outputs)
 
 
-def _graph_module(spec: GraphSpec, model: nn.Module, make_loss, make_step) -> nn.Module:
-    match spec.kind:
-        case GraphKind.MODEL:
-            return model
-        case GraphKind.LOSS:
-            return make_loss(spec.loss)
-        case GraphKind.FUSED:
-            return Fused(model, OnLogits(make_loss(spec.loss), spec.loss))
-        case GraphKind.TRAIN:
-            return make_step(model, spec)
+@dataclass(frozen=True)
+class KindModules:
+    """The eager modules of a graph kind, given a graph spec and the model: the one its graph
+    must equal and the one torch.onnx exports it from (each forward takes the spec's inputs in
+    order). A composed kind is not traced: lossx.build.surgery composes it from the model's and
+    the loss's graphs."""
+
+    reference: Callable[[GraphSpec, nn.Module], nn.Module]
+    exported: Callable[[GraphSpec, nn.Module], nn.Module]
+    composed: bool = False
+
+
+MODULES: dict[GraphKind, KindModules] = {
+    GraphKind.MODEL: KindModules(lambda spec, model: model, lambda spec, model: model),
+    GraphKind.LOSS: KindModules(
+        lambda spec, model: reference_loss(spec.loss),
+        lambda spec, model: exported_loss(spec.loss),
+    ),
+    GraphKind.FUSED: KindModules(
+        lambda spec, model: Fused(model, OnLogits(reference_loss(spec.loss), spec.loss)),
+        lambda spec, model: Fused(model, OnLogits(exported_loss(spec.loss), spec.loss)),
+        composed=True,
+    ),
+    GraphKind.TRAIN: KindModules(
+        lambda spec, model: ReferenceTrainingStep(model, spec),
+        lambda spec, model: TrainingStep(model, spec),
+    ),
+}
+if MODULES.keys() != set(GraphKind):
+    raise ImportError(f"graph kinds without modules: {set(GraphKind) - MODULES.keys()}")
 
 
 def reference_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
     """The eager module graph `spec` must equal; its forward takes the spec's inputs in order."""
-    return _graph_module(spec, model, reference_loss, ReferenceTrainingStep)
+    return MODULES[spec.kind].reference(spec, model)
 
 
 def exported_module(spec: GraphSpec, model: nn.Module) -> nn.Module:
-    """The module graph `spec` is exported from (lossx.build.export composes a fused graph from
-    the model's and the loss's graphs instead)."""
-    return _graph_module(spec, model, exported_loss, TrainingStep)
+    """The module graph `spec` is exported from (a composed kind's is only what it computes)."""
+    return MODULES[spec.kind].exported(spec, model)

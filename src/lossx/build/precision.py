@@ -11,14 +11,17 @@ import io
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import onnxruntime
 
+from lossx.build.calibration import Calibration
 from lossx.errors import ArtifactError, ExportError, SpecError, first_line
-from lossx.runtime.calibration import Calibration
 from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.precisions import PRECISIONS
 from lossx.runtime.preprocessing import to_model_input
 
 CALIBRATION_BATCH = 64
@@ -56,12 +59,7 @@ def lower_model(
     converter fails or ONNX Runtime cannot load what it wrote."""
     try:
         with _quiet():
-            if precision == "int8":
-                _quantize(path, calibration)
-            elif precision == "fp16":
-                _to_fp16(path)
-            else:
-                raise SpecError(f"unknown precision {precision!r}; choose fp32, int8 or fp16")
+            CONVERTERS[precision].convert(path, calibration)
     except (SpecError, ExportError, ArtifactError):
         raise
     except Exception as e:
@@ -178,7 +176,7 @@ def _quantize(path: Path, calibration: Calibration) -> None:
         )
 
 
-def _to_fp16(path: Path) -> None:
+def _to_fp16(path: Path, calibration: None = None) -> None:
     from onnxconverter_common import float16
 
     converted = float16.convert_float_to_float16(onnx.load(path), keep_io_types=True)
@@ -212,21 +210,40 @@ def has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def precision_record(precision: str, calibration: Calibration | None) -> dict:
-    """The manifest's account of how the artifact's precision was made."""
-    if precision == "fp32":
-        return {"name": "fp32"}
-    if precision == "int8":
-        return {
-            "name": "int8",
-            "converter": f"onnxruntime.quantization {onnxruntime.__version__} (quantize_static)",
-            **INT8_SETTINGS,
-            "calibration": calibration.record(),
-            "exported_on_vnni_cpu": has_vnni(),
-        }
+def _int8_record(calibration: Calibration) -> dict:
+    return {
+        "converter": f"onnxruntime.quantization {onnxruntime.__version__} (quantize_static)",
+        **INT8_SETTINGS,
+        "calibration": calibration.record(),
+        "exported_on_vnni_cpu": has_vnni(),
+    }
+
+
+def _fp16_record(calibration: None = None) -> dict:
     version = importlib.metadata.version("onnxconverter-common")
     return {
-        "name": "fp16",
         "converter": f"onnxconverter-common {version} (float16.convert_float_to_float16)",
         "keep_io_types": True,
     }
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How a converted precision is made: `convert` rewrites an fp32 model graph file in place
+    (given the calibration images where the precision is calibrated); `record` gives the
+    manifest's account of its settings."""
+
+    convert: Callable[[Path, Calibration | None], None]
+    record: Callable[[Calibration | None], dict]
+
+
+CONVERTERS = {"int8": Converter(_quantize, _int8_record), "fp16": Converter(_to_fp16, _fp16_record)}
+if CONVERTERS.keys() != {p.name for p in PRECISIONS.values() if p.converted}:
+    raise ImportError("every converted precision of lossx.runtime.precisions needs a converter")
+
+
+def precision_record(precision: str, calibration: Calibration | None) -> dict:
+    """The manifest's account of how the artifact's precision was made."""
+    if not PRECISIONS[precision].converted:
+        return {"name": precision}
+    return {"name": precision, **CONVERTERS[precision].record(calibration)}

@@ -9,7 +9,8 @@ from lossx.files import check_destination
 from lossx.runtime.artifact import MANIFEST_FILE
 from lossx.runtime.graphs import resolve_losses
 from lossx.runtime.loss_specs import LossSpec
-from lossx.runtime.options import check_precision, check_seed
+from lossx.runtime.options import check_seed
+from lossx.runtime.precisions import check_precision
 from lossx.training.checkpoints import check_checkpoint_kind
 
 

@@ -45,7 +45,8 @@ from lossx.parity.profiles import tolerance_profiles
 @click.option(
     "--tolerance-profile",
     type=click.Choice(list(PROFILES)),
-    help="Default tolerances.  [default: fp32-cuda on CUDA, else fp32-cpu]",
+    help="Default tolerances of every graph.  [default: the artifact's precision's profile for "
+    "its model graphs (int8, fp16), else fp32-cuda on CUDA, else fp32-cpu]",
 )
 @click.option("--atol", type=float, help="Absolute tolerance for every output.")
 @click.option("--rtol", type=float, help="Relative tolerance for every output.")

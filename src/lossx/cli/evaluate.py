@@ -90,7 +90,12 @@ def losses(as_json: bool) -> None:
     help="Score JPEG copies of the images instead: each saved by Pillow at this quality (4:2:0 "
     "chroma) and decoded, as a JPEG photo reaches the model.",
 )
-@click.option("--compare-eager", is_flag=True, help="Also run eager PyTorch and check parity.")
+@click.option(
+    "--compare-eager",
+    is_flag=True,
+    help="Also run eager PyTorch and check parity, under the artifact's precision's tolerance "
+    "profile (fp32: fp32-cuda on CUDA, else fp32-cpu).",
+)
 @click.option("--atol", type=float, help="Absolute tolerance for --compare-eager.")
 @click.option("--rtol", type=float, help="Relative tolerance for --compare-eager.")
 def eval_(

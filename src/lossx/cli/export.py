@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 
+from lossx.build.calibration import CALIBRATION_METHODS
 from lossx.build.torch_side import import_for_good, require_export_extra
 from lossx.cli.app import echo, main
 from lossx.cli.options import (
@@ -12,10 +13,7 @@ from lossx.cli.options import (
 )
 from lossx.runtime.graphs import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET
 from lossx.runtime.loss_specs import DEFAULT_LOSSES
-from lossx.runtime.options import (
-    CALIBRATION_METHODS,
-    PRECISIONS,
-)
+from lossx.runtime.precisions import PRECISIONS
 
 
 @main.command(short_help="Export a model and its losses to ONNX graphs, each verified.")
@@ -60,7 +58,7 @@ from lossx.runtime.options import (
 @click.option("--input-grad", is_flag=True, help="Training graphs also output grad.images.")
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
+    type=click.Choice(list(PRECISIONS)),
     default="fp32",
     show_default=True,
     help="The model's precision in model.onnx and the model+loss graphs (losses stay fp32).",
@@ -103,14 +101,15 @@ def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
         out_dir, losses, options["checkpoint"], options["seed"], options["train"],
         options["input_grad"], options["precision"], calibrated,
     )  # fmt: skip
-    if options["precision"] == "int8":  # its images are read and checked before torch loads
-        from lossx.runtime.calibration import load_calibration
+    if PRECISIONS[options["precision"]].calibrated:  # images read and checked before torch
+        from lossx.build.calibration import load_calibration
 
         calibration_options["method"] = calibration_options["method"] or "minmax"
         options["calibration"] = load_calibration(seed=options["seed"], **calibration_options)
     require_export_extra("lossx export")
     import_for_good("lossx.build.export")
-    from lossx.build.export import export_artifact, export_summary
+    from lossx.build.artifact_writer import export_summary
+    from lossx.build.export import export_artifact
 
     manifest = export_artifact(
         out_dir,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from lossx.errors import SpecError
 from lossx.runtime.graphs import GraphSpec, ToleranceRule
+from lossx.runtime.precisions import PRECISIONS
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -50,8 +51,8 @@ class Tolerance:
         return self.atol * max(1.0, peak if peak != float("inf") else 1.0)
 
 
-# Defaults per profile. fp32-cpu: atol was 1e-5, under which the shipped weights used 48% over
-# all 50,000 training images on AVX-512 CPUs; on an AVX2-only AMD EPYC the gate's random images
+# Defaults per profile. fp32-cpu: at atol 1e-5 the shipped weights use 48% of it over all
+# 50,000 training images on AVX-512 CPUs, but on an AVX2-only AMD EPYC the gate's random images
 # (uniform in [0,1], N=7 seed 1) reached 1.43e-5 on a logit of 0.221, torch's own fp32 being
 # 1.08e-5 from float64 there (ONNX Runtime 5.4e-6), so atol is 2e-5 (docs/parity.md).
 # fp32-cuda (TF32 off): an H100 gave logits 1.05e-5 from the CPU's at most, a third of it.
@@ -75,6 +76,8 @@ PROFILES = {
         real_images_only=True,
     ),
 }
+if not {p.tolerance_profile for p in PRECISIONS.values()} - {None} <= PROFILES.keys():
+    raise ImportError("a precision of lossx.runtime.precisions names no profile of PROFILES")
 DEFAULT_PROFILE = "fp32-cpu"
 
 

@@ -2,6 +2,7 @@
 it keeps fp32 the fp32 profile of the provider ONNX Runtime really uses. Torch-free."""
 
 from lossx.compare.tolerances import default_profile
+from lossx.runtime.precisions import PRECISIONS
 
 
 def fp32_profile(artifact, session_options: dict) -> str:
@@ -15,7 +16,7 @@ def tolerance_profiles(artifact, session_options: dict, chosen: str | None = Non
     """The tolerance profile of the artifact's precision (`chosen` if given), and the fp32
     profile of the graphs it keeps fp32 (None where that is the same profile)."""
     fp32 = fp32_profile(artifact, session_options)
-    precision = artifact.manifest.precision_name
     if chosen is not None:
         return chosen, None
-    return (fp32, None) if precision == "fp32" else (precision, fp32)
+    profile = PRECISIONS[artifact.manifest.precision_name].tolerance_profile
+    return (fp32, None) if profile is None else (profile, fp32)

@@ -20,16 +20,13 @@ from lossx.runtime.feeds import check_feed, check_outputs
 from lossx.runtime.graphs import (
     GraphKind,
     GraphSpec,
-    Role,
     TensorSpec,
-    fused_graph,
-    graph_buffers,
-    loss_graph,
+    expected_spec,
     model_graph,
-    train_graph,
 )
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.options import check_sha256
+from lossx.runtime.precisions import PRECISIONS, Precision
 from lossx.runtime.preprocessing import PREPROCESSING
 from lossx.runtime.session import open_session
 from lossx.runtime.weights import check_finite, check_weights, read_weights
@@ -167,7 +164,7 @@ class Manifest:
             _check_graph_spec(entry.spec, self.losses)
         if "model" not in stems:
             raise ValueError("no model.onnx graph")
-        if self.precision_name != "fp32" and any(
+        if not self.precision_record.trains and any(
             e.spec.kind is GraphKind.TRAIN for e in self.graphs
         ):
             raise ValueError(f"a {self.precision_name} artifact holds a training graph")
@@ -184,6 +181,10 @@ class Manifest:
     @property
     def precision_name(self) -> str:
         return self.precision["name"]
+
+    @property
+    def precision_record(self) -> Precision:
+        return PRECISIONS[self.precision_name]
 
     @property
     def loss_names(self) -> list[str]:
@@ -229,18 +230,9 @@ def _plain_name(name: object) -> bool:
 
 def _check_graph_spec(spec: GraphSpec, losses: tuple[LossSpec, ...]) -> None:
     """Refuse a graph entry that is not exactly the graph lossx builds for its kind and loss."""
-    if spec.kind is not GraphKind.MODEL and spec.loss not in losses:
+    if spec.loss is not None and spec.loss not in losses:
         raise ValueError(f"{spec.file}: its loss {spec.loss} is not among the manifest's losses")
-    match spec.kind:
-        case GraphKind.MODEL:
-            expected = model_graph()
-        case GraphKind.LOSS:
-            expected = loss_graph(spec.loss, max(0, len(spec.inputs[0].shape) - 2))
-        case GraphKind.FUSED:
-            expected = fused_graph(spec.loss)
-        case GraphKind.TRAIN:
-            parameters = [(t.name, t.shape) for t in spec.inputs if t.role is Role.PARAMETER]
-            expected = train_graph(spec.loss, parameters, spec.input_grad, graph_buffers(spec))
+    expected = expected_spec(spec)
     if spec != expected:
         for side in ("inputs", "outputs"):
             for got, want in zip(getattr(spec, side), getattr(expected, side), strict=False):
@@ -282,7 +274,7 @@ class Artifact:
     def with_weights(self, weights: dict[str, np.ndarray] | Path | str) -> "Artifact":
         """This artifact with other weights: a dict by state_dict name or a weights file
         (.npz, as `lossx train --engine onnxruntime` writes), checked against the shipped ones."""
-        if self.manifest.precision_name != "fp32":
+        if self.manifest.precision_record.converted:
             raise ArtifactError(
                 f"{self.path}: --weights needs an fp32 artifact; this one's model is "
                 f"{self.manifest.precision_name}, its weights converted into the graphs (export "

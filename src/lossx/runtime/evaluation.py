@@ -17,33 +17,6 @@ from lossx.runtime.feeds import check_batch_size, check_outputs, graph_feed, ite
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.session import provider_names
 
-_EVAL_INPUTS = {
-    "logits": "the logits",
-    "softmax": "the softmax probabilities",
-    "log_softmax": "the log-softmax of the logits",
-}
-_EVAL_TARGETS = {
-    "class_index": "the labels",
-    "probabilities": "one-hot labels",
-    "unit": "one-hot labels",
-    "real": "one-hot labels",
-    "log_probabilities": "the log of one-hot labels (log 0 taken as log of float32's tiny)",
-}
-_AGGREGATES = {
-    "mean": "batch values averaged with batch-size weights",
-    "batchmean": "batch values averaged with batch-size weights",
-    "sum": "summed over all images",
-    "none": "per-element losses averaged over all elements",
-}
-
-
-def describe_loss(loss: LossSpec) -> str:
-    """What `lossx eval` reports for `loss`, in words."""
-    return (
-        f"{loss.info.torch_class} {loss} of {_EVAL_INPUTS[loss.info.eval_input]} against "
-        f"{_EVAL_TARGETS[loss.target]}; {_AGGREGATES[loss['reduction']]}"
-    )
-
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -57,7 +30,7 @@ class EvalResult:
     batch_size: int
     top1_accuracy: float
     losses: dict[str, float]  # loss name -> value over all images, see loss_definitions
-    loss_definitions: dict[str, str]  # loss name -> describe_loss(spec)
+    loss_definitions: dict[str, str]  # loss name -> LossSpec.eval_description
     seconds: float  # wall time of the whole evaluation: data preparation, model and losses
     images_per_second: float
     model_images_per_second: float  # model graph alone
@@ -148,7 +121,7 @@ def evaluate(
         batch_size=batch_size,
         top1_accuracy=correct / count,
         losses={spec.name: _aggregate(spec, totals[spec], elements[spec]) for spec in losses},
-        loss_definitions={spec.name: describe_loss(spec) for spec in losses},
+        loss_definitions={spec.name: spec.eval_description for spec in losses},
         seconds=seconds,
         images_per_second=count / seconds,
         model_images_per_second=count / model_seconds,

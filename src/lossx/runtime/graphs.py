@@ -6,6 +6,7 @@ and comparisons ask them which tolerance rule each output follows, so none of th
 disagree. A shape entry is an int (fixed) or a str (a symbolic, dynamic dimension).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -15,7 +16,6 @@ from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
 DEFAULT_MODEL = "tudui"
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
-CLASS_DIM_LOSSES = ("ce", "nll")  # losses over a class dim (dim 1); the others are elementwise
 MIN_OPSET = 17  # every graph exports from this opset on (up to what the installed tools support)
 DEFAULT_OPSET = 20
 
@@ -31,15 +31,14 @@ class GraphKind(StrEnum):
 
     @property
     def weights_prefix(self) -> str | None:
-        """The prefix of the model's weights among the graph's initializers (the fused module
-        holds the model as `.model`); None where the weights are not initializers."""
-        return {GraphKind.MODEL: "", GraphKind.FUSED: "model."}.get(self)
+        """The prefix of the model's weights among the graph's initializers; None where the
+        weights are not initializers."""
+        return KINDS[self].weights_prefix
 
     @property
     def follows_precision(self) -> bool:
-        """Whether the graph is at the artifact's precision (its model part); loss graphs and
-        training graphs are fp32 in every artifact."""
-        return self in (GraphKind.MODEL, GraphKind.FUSED)
+        """Whether the graph is at the artifact's precision (its model part)."""
+        return KINDS[self].follows_precision
 
 
 class Role(StrEnum):
@@ -64,6 +63,17 @@ class ToleranceRule(StrEnum):
     GRADIENT = "gradient"  # atol scaled by each batch's largest value, a few outliers allowed
 
 
+# What a tensor's values are (TensorSpec.values), in words.
+VALUES = {
+    "real": "any real number",
+    "image": "pixels in [0, 1]",
+    "class_index": "a class index (or a loss's ignore_index)",
+    "probabilities": "probabilities that sum to 1 over the class dim",
+    "log_probabilities": "the logs of such probabilities",
+    "unit": "each in [0, 1]",
+    "count": "an integer >= 0 (batch norm's num_batches_tracked)",
+}
+
 _RULES = {Role.LOGITS: ToleranceRule.TASK, Role.GRADIENT: ToleranceRule.GRADIENT}
 _FINITE_WITH_LOSS = (Role.GRADIENT, Role.NEXT_BUFFER)
 
@@ -73,10 +83,7 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32" or "int64"
     shape: tuple[int | str, ...]
-    # What the values are: "real", "image" (in [0, 1]), "class_index", "probabilities" (sum to
-    # 1 over the class dim), "log_probabilities", "unit" (each in [0, 1]) or "count" (an
-    # integer >= 0, e.g. batch-norm's num_batches_tracked).
-    values: str
+    values: str  # what the values are: a key of VALUES
     role: Role
     gradient_of: str | None = None  # for a gradient: the input it differentiates by
 
@@ -217,7 +224,7 @@ def loss_graph(loss: LossSpec, extra_dims: int = 0) -> GraphSpec:
     """
     spatial = tuple(f"d{i}" for i in range(1, extra_dims + 1))
     fixed = loss.class_weight_length
-    if loss.name in CLASS_DIM_LOSSES:
+    if loss.info.class_dim:
         shape = ("N", fixed or "C", *spatial)
         per_element = ("N", *spatial)
     else:
@@ -235,7 +242,7 @@ def fused_graph(loss: LossSpec) -> GraphSpec:
     """`model_<name>.onnx`: model and loss in one graph, `loss(model(images), target)`."""
     shape = ("N", NUM_CLASSES)
     target = _target(loss, "targets", shape, ("N",))
-    per_element = ("N",) if loss.name in CLASS_DIM_LOSSES else shape
+    per_element = ("N",) if loss.info.class_dim else shape
     outputs = (_LOGITS, _loss_output(loss, per_element))
     return GraphSpec(f"model_{loss.name}", GraphKind.FUSED, loss, (_IMAGES, target), outputs)
 
@@ -307,6 +314,40 @@ def artifact_graphs(
     return graphs
 
 
+def _expected_train_graph(spec: GraphSpec) -> GraphSpec:
+    parameters = [(t.name, t.shape) for t in spec.inputs if t.role is Role.PARAMETER]
+    return train_graph(spec.loss, parameters, spec.input_grad, graph_buffers(spec))
+
+
+@dataclass(frozen=True)
+class KindRecord:
+    """What a graph kind is to the runtime: the spec lossx writes for a manifest entry of this
+    kind (its loss, and the shapes that vary between artifacts, read off the entry), where the
+    model's weights sit among its initializers, and whether it is at the artifact's precision.
+    The modules it is exported from and checked against are lossx.build.graph_modules's."""
+
+    expected_spec: Callable[[GraphSpec], GraphSpec]
+    weights_prefix: str | None  # None: the weights are inputs (or absent), not initializers
+    follows_precision: bool  # loss and training graphs are fp32 in every artifact
+
+
+KINDS: dict[GraphKind, KindRecord] = {
+    GraphKind.MODEL: KindRecord(lambda spec: model_graph(), "", True),
+    GraphKind.LOSS: KindRecord(
+        lambda spec: loss_graph(spec.loss, max(0, len(spec.inputs[0].shape) - 2)), None, False
+    ),
+    GraphKind.FUSED: KindRecord(lambda spec: fused_graph(spec.loss), "model.", True),
+    GraphKind.TRAIN: KindRecord(_expected_train_graph, None, False),
+}
+if KINDS.keys() != set(GraphKind):
+    raise ImportError(f"graph kinds without a record: {set(GraphKind) - KINDS.keys()}")
+
+
+def expected_spec(spec: GraphSpec) -> GraphSpec:
+    """The spec lossx writes for a graph of `spec`'s kind, loss and varying shapes."""
+    return KINDS[spec.kind].expected_spec(spec)
+
+
 def resolve_losses(losses: list[LossSpec | str] | tuple[LossSpec | str, ...]) -> list[LossSpec]:
     """Loss specs for an artifact: parsed, each loss at most once, weights sized for the model."""
     specs = [parse_loss_spec(s) if isinstance(s, str) else s for s in losses]
@@ -319,6 +360,6 @@ def resolve_losses(losses: list[LossSpec | str] | tuple[LossSpec | str, ...]) ->
     for spec in specs:
         length = spec.class_weight_length
         if length is not None and length != NUM_CLASSES:
-            dim = "classes" if spec.name in CLASS_DIM_LOSSES else "logits per image"
+            dim = "classes" if spec.info.class_dim else "logits per image"
             raise SpecError(f"{spec}: weights for {length} {dim}; the model has {NUM_CLASSES}")
     return specs

@@ -8,6 +8,7 @@ means exactly `torch.nn.CrossEntropyLoss()`.
 
 import ast
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from lossx.errors import SpecError
@@ -103,16 +104,51 @@ _WEIGHT = Option("weight", "floats", None, "a weight per class (one number per c
 _IGNORE = Option("ignore_index", "int", -100, "a label value that contributes nothing")
 
 
+# What `lossx eval` feeds a loss (LossInfo.eval_input), the targets it builds from the labels
+# (by the target's values) and how it combines batches (by reduction), in words.
+EVAL_INPUTS = {
+    "logits": "the logits",
+    "softmax": "the softmax probabilities",
+    "log_softmax": "the log-softmax of the logits",
+}
+EVAL_TARGETS = {
+    "class_index": "the labels",
+    "probabilities": "one-hot labels",
+    "unit": "one-hot labels",
+    "real": "one-hot labels",
+    "log_probabilities": "the log of one-hot labels (log 0 taken as log of float32's tiny)",
+}
+EVAL_AGGREGATES = {
+    "mean": "batch values averaged with batch-size weights",
+    "batchmean": "batch values averaged with batch-size weights",
+    "sum": "summed over all images",
+    "none": "per-element losses averaged over all elements",
+}
+
+
+def _real(options: Mapping[str, object]) -> str:
+    return "real"
+
+
 @dataclass(frozen=True)
 class LossInfo:
-    """A loss lossx exports: its torch.nn module, its options and the values its graph takes."""
+    """A loss lossx exports, everything about it that is not torch: its torch.nn module's name,
+    its options, the inputs its graph takes and what `lossx eval` feeds it. The module it is
+    exported from is lossx.build.losses.FORMULATIONS[name]."""
 
     name: str
-    torch_class: str
+    torch_class: str  # the reference: torch.nn.<torch_class>(**options)
     summary: str
     options: tuple[Option, ...]
-    input_name: str  # the loss graph's first input
-    eval_input: str  # what `lossx eval` feeds it: "logits", "softmax" or "log_softmax"
+    input_name: str  # the loss graph's first input: "logits", "log_probs" or "input"
+    eval_input: str  # what `lossx eval` feeds it, a key of EVAL_INPUTS
+    # Over a class dim (dim 1): inputs [N, C, d1, ...], class-index targets [N, d1, ...];
+    # otherwise elementwise: input and target both [N, d1, ..., D].
+    class_dim: bool = False
+    # What the target holds given the options, in TensorSpec.values's words.
+    target_values: Callable[[Mapping[str, object]], str] = _real
+    # Refusals of option combinations beyond each option's own range (a SpecError).
+    check: Callable[["LossSpec"], None] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -131,6 +167,14 @@ class LossInfo:
                 return option
         known = ", ".join(o.name for o in self.options)
         raise SpecError(f"{self.name}: unknown option {name!r}; {self.name} takes {known}")
+
+
+def _check_cross_entropy(spec: "LossSpec") -> None:
+    if spec.target == "probabilities" and spec["ignore_index"] != -100:
+        raise SpecError(
+            "ce: option ignore_index applies to class-index targets only; torch ignores it "
+            "with target=probs, so lossx refuses it rather than export an option with no effect"
+        )
 
 
 LOSSES: dict[str, LossInfo] = {
@@ -162,6 +206,9 @@ LOSSES: dict[str, LossInfo] = {
             ),
             input_name="logits",
             eval_input="logits",
+            class_dim=True,
+            target_values=lambda o: "class_index" if o["target"] == "index" else "probabilities",
+            check=_check_cross_entropy,
         ),
         LossInfo(
             "nll",
@@ -170,6 +217,8 @@ LOSSES: dict[str, LossInfo] = {
             (_WEIGHT, _IGNORE, _reduction()),
             input_name="log_probs",
             eval_input="log_softmax",
+            class_dim=True,
+            target_values=lambda o: "class_index",
         ),
         LossInfo(
             "mse",
@@ -238,6 +287,7 @@ LOSSES: dict[str, LossInfo] = {
             ),
             input_name="logits",
             eval_input="logits",
+            target_values=lambda o: "unit",
         ),
         LossInfo(
             "kl_div",
@@ -249,10 +299,19 @@ LOSSES: dict[str, LossInfo] = {
             ),
             input_name="log_probs",
             eval_input="log_softmax",
+            target_values=lambda o: "log_probabilities" if o["log_target"] else "probabilities",
         ),
     )
 }
 
+
+for _info in LOSSES.values():  # each record's words are in the tables above
+    if (
+        _info.eval_input not in EVAL_INPUTS
+        or not {c for o in _info.options if o.name == "reduction" for c in o.choices}
+        <= EVAL_AGGREGATES.keys()
+    ):
+        raise ImportError(f"loss {_info.name}: its eval input or a reduction has no description")
 
 DEFAULT_LOSSES = ("ce", "mse", "l1")  # what an artifact holds unless told otherwise
 
@@ -291,15 +350,15 @@ class LossSpec:
     @property
     def target(self) -> str:
         """What the target holds, in TensorSpec.values's words."""
-        if self.name == "nll" or (self.name == "ce" and self["target"] == "index"):
-            return "class_index"
-        if self.name == "ce":
-            return "probabilities"
-        if self.name == "kl_div":
-            return "log_probabilities" if self["log_target"] else "probabilities"
-        if self.name == "bce_logits":
-            return "unit"
-        return "real"
+        return self.info.target_values(dict(self.options))
+
+    @property
+    def eval_description(self) -> str:
+        """What `lossx eval` reports for this loss, in words."""
+        return (
+            f"{self.info.torch_class} {self} of {EVAL_INPUTS[self.info.eval_input]} against "
+            f"{EVAL_TARGETS[self.target]}; {EVAL_AGGREGATES[self['reduction']]}"
+        )
 
     @property
     def class_weight_length(self) -> int | None:
@@ -356,11 +415,8 @@ def make_loss_spec(name: str, **options: object) -> LossSpec:
         for o in info.options
     )
     spec = LossSpec(name, values)
-    if spec.target == "probabilities" and name == "ce" and spec["ignore_index"] != -100:
-        raise SpecError(
-            "ce: option ignore_index applies to class-index targets only; torch ignores it "
-            "with target=probs, so lossx refuses it rather than export an option with no effect"
-        )
+    if info.check is not None:
+        info.check(spec)
     if len({len(v) for k, v in values if k in ("weight", "pos_weight") and v}) > 1:
         raise SpecError(f"{name}: weight and pos_weight must have the same length")
     return spec

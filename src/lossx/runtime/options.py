@@ -1,5 +1,5 @@
 """Options checked before any work, without numpy or onnxruntime (the command line imports this
-module to parse its options quickly): how ONNX Runtime sessions run, precisions, sha256s, seeds.
+module to parse its options quickly): how ONNX Runtime sessions run, sha256s, seeds.
 """
 
 import os
@@ -31,23 +31,6 @@ def check_session_options(
         raise SpecError(
             f"threads must be 1..{MAX_THREADS} (4 per core on this machine), got {threads}"
         )
-
-
-PRECISIONS = ("fp32", "int8", "fp16")  # of an artifact's model part (docs/precision.md)
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # int8 activation ranges
-
-
-def check_precision(precision: str, train: bool = False, calibrated: bool = False) -> None:
-    """Refuse a precision lossx cannot export, or options that do not go with it."""
-    if precision not in PRECISIONS:
-        raise SpecError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
-    if train and precision != "fp32":
-        raise SpecError(
-            f"--train needs --precision fp32: training graphs compute fp32 gradients of fp32 "
-            f"weights, not of a {precision} model"
-        )
-    if calibrated and precision != "int8":
-        raise SpecError("calibration options apply only to --precision int8")
 
 
 def check_sha256(value: object) -> None:
