@@ -23,6 +23,7 @@ from lossx.compare.engine import compare_arrays
 from lossx.compare.inputs import sample_feed
 from lossx.compare.tolerances import DEFAULT_PROFILE, PROFILES
 from lossx.runtime.loss_specs import parse_loss_spec
+from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 
 WEIGHTS = "[0.5, 2, 1, 3, 0.1]"
@@ -57,7 +58,7 @@ def measure(text: str, extra_dims: int, seeds: int, directory: Path) -> list:
     """Comparisons of one loss graph with torch.nn over every scale, size and seed."""
     path = directory / "loss.onnx"
     graph = export_loss(parse_loss_spec(text), path, extra_dims=extra_dims)
-    session = open_session(path, "cpu")
+    session = open_session(path, SessionOptions("cpu"))
     module = reference_loss(graph.loss)
     results = []
     for scale in SCALES:

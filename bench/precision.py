@@ -24,8 +24,10 @@ import numpy as np
 from lossx.build import export_artifact
 from lossx.build.precision import has_vnni
 from lossx.runtime import load_artifact, load_cifar10, to_model_input
+from lossx.runtime.options import SessionOptions
+from lossx.runtime.precisions import PRECISIONS as PRECISION_RECORDS
 
-PRECISIONS = ("fp32", "int8", "fp16")
+PRECISIONS = tuple(PRECISION_RECORDS)
 BATCH_SIZES = (1, 64, 256)
 
 
@@ -66,8 +68,8 @@ def main() -> None:
             export_artifact(Path(scratch) / precision, precision=precision)
             seconds[precision] = time.perf_counter() - started
             artifacts[precision] = load_artifact(Path(scratch) / precision)
-        options = {"provider": args.provider, "threads": args.threads}
-        sessions = {p: a.session("model", **options) for p, a in artifacts.items()}
+        options = SessionOptions(args.provider, args.threads)
+        sessions = {p: a.session("model", options) for p, a in artifacts.items()}
         logits = {
             p: np.concatenate([s.run(None, {"images": images[i : i + 256]})[0]
                                for i in range(0, len(images), 256)])

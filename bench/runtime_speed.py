@@ -57,6 +57,7 @@ from lossx.runtime import (
     load_packaged_sample,
     to_model_input,
 )
+from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 
 BATCH_SIZES = (1, 64, 256)
@@ -133,7 +134,7 @@ def model_only(
     """Per batch size and engine: best and median images/s, and every call's latency; and
     torch.compile's compile times (`compile_model`)."""
     spec = artifact.graph("model").spec
-    session = open_session(artifact.path / spec.file, "cpu", threads)
+    session = open_session(artifact.path / spec.file, SessionOptions(threads=threads))
     (input_name,), outputs = spec.input_names, spec.output_names
     model = EagerRunner.of_artifact(artifact).model.eval()
     batches = {batch: model_batches(split.images, batch) for batch in BATCH_SIZES}
@@ -375,8 +376,9 @@ def main() -> None:
     )
 
     workload = eval_workload(args.data_dir)
-    evaluate(artifact, workload.head(2 * EVAL_BATCH), EVAL_BATCH, "cpu", threads)  # warm-up
-    runs = [evaluate(artifact, workload, EVAL_BATCH, "cpu", threads) for _ in range(repeats)]
+    options = SessionOptions(threads=threads)
+    evaluate(artifact, workload.head(2 * EVAL_BATCH), EVAL_BATCH, options)  # warm-up
+    runs = [evaluate(artifact, workload, EVAL_BATCH, options) for _ in range(repeats)]
     best = max(runs, key=lambda r: r.images_per_second)
     eval_share = best.images_per_second / ort_rate[EVAL_BATCH]
     print(f"\n2. lossx eval end to end, {len(workload):,} images of {workload.source}")

@@ -31,6 +31,7 @@ import onnxruntime
 
 from lossx.build import export_artifact
 from lossx.runtime import load_artifact
+from lossx.runtime.options import SessionOptions
 from lossx.runtime.preprocessing import scale
 from lossx.runtime.weights import read_weights
 from lossx.training.ort_engine import OnnxRuntimeEngine
@@ -52,7 +53,7 @@ def python_run(artifact_dir: Path, plan: Path, config: TrainConfig, threads: int
     """Replays the plan with lossx's onnxruntime engine: (seconds, weights, version)."""
     _, steps = read_plan(plan)
     artifact = load_artifact(artifact_dir)
-    engine = OnnxRuntimeEngine(artifact, config, out, {"threads": threads})
+    engine = OnnxRuntimeEngine(artifact, config, out, SessionOptions(threads=threads))
     started = time.perf_counter()
     for pixels, labels, lr, momentum in steps:
         engine.step(scale(pixels), labels, lr, momentum)

@@ -20,6 +20,7 @@ import torch
 from lossx.build import export_artifact
 from lossx.build.torch_engine import train as train_torch
 from lossx.runtime import load_artifact
+from lossx.runtime.options import SessionOptions
 from lossx.training.ort_engine import train as train_onnxruntime
 from lossx.training.recipe import TrainConfig
 
@@ -36,7 +37,7 @@ def compare(data_dir: Path, loss: str, config: TrainConfig, threads: int, work: 
         work / f"{loss}.npz",
         config,
         on_step=lambda _, v: curves["onnxruntime"].append(v),
-        session_options={"threads": threads},
+        options=SessionOptions(threads=threads),
     )
     torch_weights = torch.load(work / f"{loss}.pt", weights_only=True)["model"]
     with np.load(work / f"{loss}.npz") as npz:

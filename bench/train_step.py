@@ -39,6 +39,7 @@ from lossx.build import export_artifact
 from lossx.build.models import build_model
 from lossx.build.torch_engine import TorchEngine
 from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample
+from lossx.runtime.options import SessionOptions
 from lossx.training.ort_engine import OnnxRuntimeEngine
 from lossx.training.recipe import TrainConfig
 from lossx.training.schedule import epoch_batches, one_cycle
@@ -99,7 +100,7 @@ def measure(model_name: str, split, args, peak: float) -> None:
             config = TrainConfig(model=model_name, batch_size=batch, seed=0)
             batches = list(itertools.islice(epoch_batches(split, config, 1), steps))
             onnx = OnnxRuntimeEngine(
-                artifact, config, Path(tmp) / "o.npz", {"threads": args.threads}
+                artifact, config, Path(tmp) / "o.npz", SessionOptions(threads=args.threads)
             )
             eager = TorchEngine(config, Path(tmp) / "t.pt")
             nchw = TorchEngine(config, Path(tmp) / "n.pt", torch.contiguous_format)

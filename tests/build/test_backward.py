@@ -27,6 +27,7 @@ from lossx.runtime import load_artifact, to_model_input
 from lossx.runtime.feeds import graph_feed
 from lossx.runtime.graphs import train_graph
 from lossx.runtime.loss_specs import parse_loss_spec
+from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 from tests.build.random_cnns import RandomCNN
 from tests.cli.test_cli import run_cli
@@ -160,7 +161,7 @@ def _shapes(model):
 def _export_step(model, loss, tmp_path, input_grad=False):
     spec = train_graph(parse_loss_spec(loss), _shapes(model), input_grad, model_buffers(model))
     export_graph(spec, model.eval(), tmp_path / spec.file)  # verified on random inputs too
-    session = open_session(tmp_path / spec.file, threads=2)
+    session = open_session(tmp_path / spec.file, SessionOptions(threads=2))
     return spec, lambda feed: session.run(spec.output_names, feed)
 
 

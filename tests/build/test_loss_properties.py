@@ -21,6 +21,7 @@ from lossx.build.graph_modules import reference_module
 from lossx.build.models import build_model
 from lossx.runtime.graphs import CLASS_DIM_LOSSES, NUM_CLASSES, fused_graph, loss_graph
 from lossx.runtime.loss_specs import LOSSES, LossSpec, make_loss_spec, parse_loss_spec
+from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 from tests.conftest import compare_fp32, sample_tensors
 
@@ -69,7 +70,7 @@ class GraphCache:
             graph = fused_graph(spec) if fused else loss_graph(spec, extra_dims)
             path = self.directory / f"{len(self.graphs)}.onnx"
             export_graph(graph, self.model, path)
-            self.graphs[key] = (graph, open_session(path, "cpu"))
+            self.graphs[key] = (graph, open_session(path, SessionOptions("cpu")))
         return self.graphs[key]
 
 

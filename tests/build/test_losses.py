@@ -18,6 +18,7 @@ from lossx.build.torch_onnx import max_opset
 from lossx.errors import SpecError
 from lossx.runtime.graphs import MIN_OPSET, loss_graph, resolve_losses
 from lossx.runtime.loss_specs import LOSSES, parse_loss_spec
+from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 from tests.conftest import compare_fp32, sample_tensors
 
@@ -48,7 +49,7 @@ def stock_export(module: nn.Module, spec, path) -> None:
 def onnx_and_eager(spec, path, seed: int = 7, sizes=None):
     inputs = sample_tensors(spec, sizes or {"N": 9, "C": 10, "D": 10}, seed=seed)
     feed = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs, strict=True)}
-    (got,) = open_session(path, "cpu").run(None, feed)
+    (got,) = open_session(path, SessionOptions("cpu")).run(None, feed)
     with torch.no_grad():
         want = reference_loss(spec.loss)(*inputs).numpy()
     return got, want
@@ -101,7 +102,7 @@ def test_bce_with_large_logits_stays_finite(tmp_path):
     spec = export_loss("bce_logits(pos_weight=[2, 1, 1, 1, 1, 1, 1, 1, 1, 3])", tmp_path / "l.onnx")
     logits = torch.tensor([[-1e4, 1e4, -30.0, 0.0, 5, -5, 80, -80, 1e-3, 1e4]])
     target = torch.tensor([[1.0, 0.0, 1.0, 0.5, 0, 1, 0, 1, 0.3, 1]])
-    (got,) = open_session(tmp_path / "l.onnx", "cpu").run(
+    (got,) = open_session(tmp_path / "l.onnx", SessionOptions("cpu")).run(
         None, {"logits": logits.numpy(), "target": target.numpy()}
     )
     want = reference_loss(spec.loss)(logits, target).numpy()
@@ -113,7 +114,7 @@ def test_stock_bce_overflows_at_large_logits(tmp_path):
     spec = loss_graph(parse_loss_spec("bce_logits"))
     stock_export(reference_loss(spec.loss), spec, tmp_path / "stock.onnx")
     feed = {"logits": np.full((1, 10), -1e4, np.float32), "target": np.ones((1, 10), np.float32)}
-    (got,) = open_session(tmp_path / "stock.onnx", "cpu").run(None, feed)
+    (got,) = open_session(tmp_path / "stock.onnx", SessionOptions("cpu")).run(None, feed)
     assert np.isinf(got)
 
 

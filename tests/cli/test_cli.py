@@ -428,3 +428,17 @@ def test_train_write_plan_refusals_leave_nothing(tmp_path, cifar_dir, args, mess
     result = run_cli("train", "--write-plan", tmp_path / "p.npz", "--data-dir", cifar_dir, *args)
     assert_one_line_error(result, 2, message)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parsing_options_imports_neither_numpy_nor_onnxruntime_nor_torch():
+    """`--help` and bad usage answer at once: the command line imports its heavy libraries only
+    in the commands that run."""
+    code = (
+        "import sys, lossx.cli\n"
+        "heavy = {m.split('.')[0] for m in sys.modules}\n"
+        "heavy &= {'numpy', 'onnxruntime', 'onnx', 'torch'}\n"
+        "print(sorted(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

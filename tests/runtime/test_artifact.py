@@ -7,7 +7,8 @@ import pytest
 
 from lossx.errors import ArtifactError, DataError
 from lossx.runtime import load_artifact
-from lossx.runtime.artifact import FORMAT_VERSION, sha256_of
+from lossx.runtime.artifact import sha256_of
+from lossx.runtime.manifest import FORMAT_VERSION
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from lossx.errors import ArtifactError
-from lossx.runtime.artifact import load_manifest
 from lossx.runtime.graphs import (
     GraphKind,
     Role,
@@ -18,6 +17,7 @@ from lossx.runtime.graphs import (
     train_graph,
 )
 from lossx.runtime.loss_specs import parse_loss_spec
+from lossx.runtime.manifest import load_manifest
 
 PARAMETERS = [("conv.weight", (4, 3, 3, 3)), ("conv.bias", (4,)), ("fc.weight", (10, 1024))]
 

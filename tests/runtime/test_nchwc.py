@@ -13,6 +13,7 @@ from lossx.build.eager import EagerRunner
 from lossx.runtime import load_artifact, to_model_input
 from lossx.runtime.feeds import graph_feed
 from lossx.runtime.nchwc import DOMAIN, block_size, with_nchwc_convs
+from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 
 
@@ -118,8 +119,8 @@ def test_the_training_engine_runs_the_rewritten_graph(resnet20_train_artifact_di
     images = to_model_input(test_split.images[:32])
     feed = graph_feed(spec, images, test_split.labels[:32], None, artifact.parameters())
     want = EagerRunner.of_artifact(artifact).run(spec, feed)
-    standard = open_session(path, threads=2).run(None, feed)
-    engine = artifact.session(spec.stem, threads=2).run(None, feed)
+    standard = open_session(path, SessionOptions(threads=2)).run(None, feed)
+    engine = artifact.session(spec.stem, SessionOptions(threads=2)).run(None, feed)
     outputs = zip(spec.output_names, standard, engine, run(rewritten, feed), strict=True)
     for name, plain, got, fast in outputs:
         np.testing.assert_array_equal(got, fast, err_msg=name)  # the engine's session is it

@@ -18,6 +18,7 @@ from lossx.build.torch_engine import train as train_torch
 from lossx.cli import main
 from lossx.errors import CheckpointError, SpecError, TrainingDiverged
 from lossx.runtime import load_artifact, open_artifact
+from lossx.runtime.options import SessionOptions
 from lossx.training.checkpoints import STATE_KEY
 from lossx.training.ort_engine import train as train_onnxruntime
 from lossx.training.recipe import TrainConfig
@@ -48,7 +49,7 @@ def _both_engines(data_dir, artifact_dir, config, tmp_path):
         tmp_path / "o.npz",
         config,
         on_step=lambda _, v: curves["onnxruntime"].append(v),
-        session_options={"threads": 2},
+        options=SessionOptions(threads=2),
     )
     return curves, torch_log, ort_log
 
@@ -114,7 +115,7 @@ def test_resnet20_weights_and_statistics_after_two_steps_equal_torch_s(
 def ort_run(data_dir, train_artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("ort-run") / "trained.npz"
     return out, train_onnxruntime(
-        load_artifact(train_artifact), data_dir, out, SMALL, {"threads": 2}
+        load_artifact(train_artifact), data_dir, out, SMALL, SessionOptions(threads=2)
     )
 
 
@@ -124,9 +125,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     straight, straight_log = ort_run
     artifact = load_artifact(train_artifact)
     partial = tmp_path / "partial.npz"
-    train_onnxruntime(artifact, data_dir, partial, SMALL, {"threads": 2}, stop_after=1)
+    train_onnxruntime(artifact, data_dir, partial, SMALL, SessionOptions(threads=2), stop_after=1)
     resumed = train_onnxruntime(
-        artifact, data_dir, tmp_path / "r.npz", session_options={"threads": 2}, resume=partial
+        artifact, data_dir, tmp_path / "r.npz", options=SessionOptions(threads=2), resume=partial
     )
     assert [e.eval_loss for e in resumed] == [e.eval_loss for e in straight_log]
     with np.load(straight) as a, np.load(tmp_path / "r.npz") as b:
@@ -308,7 +309,11 @@ def test_onnxruntime_training_on_cuda_takes_the_cpu_steps(
     """The same 16 steps on CUDA (TF32 off) as on the CPU, within the engines' tolerance."""
     cpu_weights, cpu_log = ort_run
     log = train_onnxruntime(
-        load_artifact(train_artifact), data_dir, tmp_path / "cuda.npz", SMALL, {"provider": "cuda"}
+        load_artifact(train_artifact),
+        data_dir,
+        tmp_path / "cuda.npz",
+        SMALL,
+        SessionOptions("cuda"),
     )
     for mine, theirs in zip(log, cpu_log, strict=True):
         assert abs(mine.eval_loss - theirs.eval_loss) < 1e-5

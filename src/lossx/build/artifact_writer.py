@@ -29,7 +29,7 @@ from lossx.build.self_check import verify_graph
 from lossx.build.surgery import default_opset
 from lossx.build.torch_engine import CHECKPOINT_FORMAT as TORCH_CHECKPOINT_FORMAT
 from lossx.errors import ExportError, SpecError
-from lossx.runtime.artifact import MANIFEST_FILE, GraphEntry, Manifest, load_artifact, sha256_of
+from lossx.runtime.artifact import load_artifact, sha256_of
 from lossx.runtime.cifar10 import CLASS_NAMES, load_packaged_sample
 from lossx.runtime.graphs import (
     GraphKind,
@@ -38,6 +38,7 @@ from lossx.runtime.graphs import (
     model_graph,
 )
 from lossx.runtime.loss_specs import LossSpec
+from lossx.runtime.manifest import MANIFEST_FILE, GraphEntry, Manifest
 from lossx.runtime.precisions import PRECISIONS
 from lossx.runtime.preprocessing import PREPROCESSING
 from lossx.training.checkpoints import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT

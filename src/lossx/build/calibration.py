@@ -10,8 +10,8 @@ import numpy as np
 
 from lossx.errors import DataError, SpecError
 from lossx.runtime.cifar10 import CLASS_NAMES, Cifar10Split, load_cifar10, validated_batch
+from lossx.runtime.precisions import CALIBRATION_METHODS
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # int8 activation ranges
 CALIBRATION_RESOURCE = "cifar10_train_calibration.npz"
 DEFAULT_CALIBRATION_IMAGES = 512  # the packaged sample: 512 seeded picks of the 50,000
 # Fewer images give activation ranges too narrow for the int8 gate: with minmax on the packaged

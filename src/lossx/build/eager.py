@@ -11,8 +11,9 @@ from torch import nn
 from lossx.build.graph_modules import reference_module
 from lossx.build.models import build_model, load_checkpoint, model_source, weights_to_arrays
 from lossx.errors import SpecError
-from lossx.runtime.artifact import Artifact, Manifest
+from lossx.runtime.artifact import Artifact
 from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.manifest import Manifest
 from lossx.runtime.weights import check_weights
 
 

@@ -29,7 +29,6 @@ from lossx.build.preflight import check_export_request
 from lossx.build.torch_onnx import max_opset
 from lossx.errors import ArtifactError, SpecError
 from lossx.files import sole_writer, write_folder_atomically
-from lossx.runtime.artifact import Manifest
 from lossx.runtime.graphs import (
     DEFAULT_MODEL,
     DEFAULT_OPSET,
@@ -39,6 +38,7 @@ from lossx.runtime.graphs import (
     loss_graph,
 )
 from lossx.runtime.loss_specs import DEFAULT_LOSSES, LossSpec, parse_loss_spec
+from lossx.runtime.manifest import Manifest
 from lossx.runtime.precisions import PRECISIONS
 
 # protobuf serialises no message over 2 GiB, and an artifact's graphs hold their weights inside

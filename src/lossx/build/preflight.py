@@ -6,9 +6,9 @@ from pathlib import Path
 
 from lossx.errors import ArtifactError, SpecError
 from lossx.files import check_destination
-from lossx.runtime.artifact import MANIFEST_FILE
 from lossx.runtime.graphs import resolve_losses
 from lossx.runtime.loss_specs import LossSpec
+from lossx.runtime.manifest import MANIFEST_FILE
 from lossx.runtime.options import check_seed
 from lossx.runtime.precisions import check_precision
 from lossx.training.checkpoints import check_checkpoint_kind

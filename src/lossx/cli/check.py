@@ -19,6 +19,7 @@ from lossx.cli.options import (
 )
 from lossx.compare.tolerances import PROFILES, resolve_tolerances
 from lossx.parity.profiles import tolerance_profiles
+from lossx.runtime.options import SessionOptions
 
 
 @main.command(short_help="Check every graph of an artifact against eager PyTorch: a CI gate.")
@@ -104,7 +105,7 @@ def check(
     require_sha256: str | None,
     weights: Path | None,
     repro: Path | None,
-    **session_options,
+    session: SessionOptions,
 ) -> None:
     """Check every graph in ARTIFACT_DIR against eager PyTorch (or --baseline): a CI gate.
 
@@ -133,7 +134,7 @@ def check(
         check_checkpoint_kind(checkpoint, ("npz", "torch"))
     reference = load_artifact(baseline) if baseline is not None else checkpoint
     data = load_cifar10(data_dir, split, limit, stream=True)
-    profile, fp32_profile = tolerance_profiles(artifact, session_options, tolerance_profile)
+    profile, fp32_profile = tolerance_profiles(artifact, session, tolerance_profile)
     tolerances = resolve_tolerances(profile, atol, rtol, atol_for, fp32_profile)
     tolerances.check_names([entry.spec for entry in artifact.manifest.graphs])
     from lossx.compare.render import RENDERERS, repro_beside, to_text, write_reports
@@ -147,7 +148,7 @@ def check(
         reference=reference,
         batch_size=batch_size,
         seed=seed,
-        session_options=session_options,
+        options=session,
         repro=repro or repro_beside(list(files.values())),
         progress=lambda inputs: click.echo(f"compared {inputs.label}", err=True),
         model_name=model_name,

@@ -21,6 +21,7 @@ from lossx.cli.progress import progress_bar
 from lossx.compare.tolerances import resolve_tolerances
 from lossx.parity.profiles import tolerance_profiles
 from lossx.runtime.loss_specs import LOSSES, catalogue_text
+from lossx.runtime.options import SessionOptions
 
 
 @main.command(short_help="Classify image files with an artifact's model.")
@@ -44,14 +45,12 @@ def predict(
     as_json: bool,
     require_sha256: str | None,
     weights: Path | None,
-    **session_options,
+    session: SessionOptions,
 ) -> None:
     """Classify IMAGES (PNG, JPEG, ...) with the model in ARTIFACT_DIR."""
-    from lossx.runtime import open_artifact
+    from lossx.runtime import Runtime
 
-    runtime = open_artifact(
-        artifact_dir, manifest_sha256=require_sha256, weights=weights, **session_options
-    )
+    runtime = Runtime(artifact_with_weights(artifact_dir, require_sha256, weights), session)
     predictions = runtime.predict_files(list(images), top_k)
     echo(json.dumps(predictions.to_dict(), indent=2) if as_json else predictions.to_text())
 
@@ -112,7 +111,7 @@ def eval_(
     compare_eager: bool,
     atol: float | None,
     rtol: float | None,
-    **session_options,
+    session: SessionOptions,
 ) -> None:
     """Evaluate the artifact in ARTIFACT_DIR on CIFAR-10 with ONNX Runtime."""
     from lossx.compare.render import strict_json, to_text
@@ -139,12 +138,12 @@ def eval_(
         data = as_jpeg(data, jpeg_quality)
     check_batch_size(batch_size)
     # a provider problem stops here, before any image is run
-    profile, fp32_profile = tolerance_profiles(artifact, session_options)
+    profile, fp32_profile = tolerance_profiles(artifact, session)
     tolerances = None
     if compare_eager:
         tolerances = resolve_tolerances(profile, atol, rtol, fp32_profile=fp32_profile)
     with progress_bar(len(data), "evaluating") as bar:
-        result = evaluate(artifact, data, batch_size, progress=bar.update, **session_options)
+        result = evaluate(artifact, data, batch_size, session, bar.update)
     to_stderr = json_path == "-"  # stdout then carries the JSON alone
     echo(result.to_text(), err=to_stderr)
     report = None
@@ -153,7 +152,7 @@ def eval_(
 
         with progress_bar(len(data), "comparing with eager PyTorch") as bar:
             report = compare_with_eager(
-                artifact, data, tolerances, profile, batch_size, session_options,
+                artifact, data, tolerances, profile, batch_size, session,
                 progress=lambda inputs: bar.update(len(inputs.labels)),
             )  # fmt: skip
         echo("\n" + to_text(report), err=to_stderr)

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import click
 
-from lossx.build.calibration import CALIBRATION_METHODS
 from lossx.build.torch_side import import_for_good, require_export_extra
 from lossx.cli.app import echo, main
 from lossx.cli.options import (
@@ -13,7 +12,7 @@ from lossx.cli.options import (
 )
 from lossx.runtime.graphs import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET
 from lossx.runtime.loss_specs import DEFAULT_LOSSES
-from lossx.runtime.precisions import PRECISIONS
+from lossx.runtime.precisions import CALIBRATION_METHODS, PRECISIONS
 
 
 @main.command(short_help="Export a model and its losses to ONNX graphs, each verified.")

@@ -1,5 +1,6 @@
 """Options several commands share, each checked as it is parsed."""
 
+import functools
 from pathlib import Path
 
 import click
@@ -11,6 +12,7 @@ from lossx.runtime.options import (
     MAX_THREADS,
     OPTIMIZATION_LEVELS,
     PROVIDER_CHOICES,
+    SessionOptions,
     check_sha256,
 )
 
@@ -109,7 +111,14 @@ def with_data_options(command):
 
 
 def with_session_options(command):
-    """--provider, --threads, --optimization and --tf32: how ONNX Runtime runs the graphs."""
+    """--provider, --threads, --optimization and --tf32: how ONNX Runtime runs the graphs,
+    given to the command as one value, `session` (a SessionOptions)."""
+
+    @functools.wraps(command)
+    def with_session(*args, provider, threads, optimization, tf32, **kwargs):
+        session = SessionOptions(provider, threads, optimization, tf32)
+        return command(*args, session=session, **kwargs)
+
     options = [
         click.option(
             "--provider",
@@ -136,7 +145,7 @@ def with_session_options(command):
             "--tf32", is_flag=True, help="Let CUDA use TF32 (faster, but not fp32 parity)."
         ),
     ]
-    return with_options(command, options)
+    return with_options(with_session, options)
 
 
 def given_on_command_line(options: dict) -> dict:

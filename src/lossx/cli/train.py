@@ -15,6 +15,7 @@ from lossx.cli.options import (
     with_session_options,
 )
 from lossx.cli.progress import EpochProgress
+from lossx.runtime.options import SessionOptions
 from lossx.training.recipe import DEFAULT_LR, MAX_EPOCHS, MAX_TRAIN_BATCH, TrainConfig
 
 RECIPE = TrainConfig()  # the defaults of lossx train's options
@@ -134,10 +135,7 @@ def train(
     resume: Path | None,
     log_json: Path | None,
     write_plan: Path | None,
-    provider: str,
-    threads: int | None,
-    optimization: str,
-    tf32: bool,
+    session: SessionOptions,
     **recipe,
 ) -> None:
     """Train the model on the CIFAR-10 training split: with eager PyTorch, or with ARTIFACT_DIR's
@@ -181,10 +179,8 @@ def train(
         from lossx.runtime import load_artifact
         from lossx.training.ort_engine import train as train_onnxruntime
 
-        options = {"provider": provider, "threads": threads, "optimization": optimization,
-                   "tf32": tf32}  # fmt: skip
         run_training = partial(train_onnxruntime, load_artifact(artifact_dir),
-                               session_options=options)  # fmt: skip
+                               options=session)  # fmt: skip
     with EpochProgress(log_json) as progress:
         history = run_training(data_dir, out, None if resume else config, resume=resume,
                                on_batch=progress.batch, on_epoch=progress.epoch,

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from lossx.runtime.artifact import Artifact, check_signature
 from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.session import open_session
 
 
@@ -41,12 +42,12 @@ class OnnxRuntimeRunner:
 
     @classmethod
     def of_artifact(
-        cls, artifact: Artifact, role: str = "artifact", **session_options
+        cls, artifact: Artifact, role: str = "artifact", options: SessionOptions = DEFAULT_SESSION
     ) -> "OnnxRuntimeRunner":
-        """The artifact's graphs, in sessions opened with `session_options` (provider, ...);
+        """The artifact's graphs, in sessions opened with `options`;
         `role` names the artifact in reports (e.g. "baseline artifact")."""
         return cls(
-            lambda graph: artifact.session(graph.stem, **session_options),
+            lambda graph: artifact.session(graph.stem, options),
             f"{role} {artifact.path} (ONNX Runtime)",
             artifact.path,
         )
@@ -59,7 +60,7 @@ class OnnxRuntimeRunner:
 
         def session_for(graph: GraphSpec) -> ort.InferenceSession:
             if graph not in sessions:
-                session = open_session(Path(path), "cpu")
+                session = open_session(Path(path))
                 check_signature(session, graph)
                 sessions[graph] = session
             return sessions[graph]

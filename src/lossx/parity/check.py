@@ -31,6 +31,7 @@ from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import check_batch_size, iter_batches
 from lossx.runtime.graphs import GraphSpec, model_graph
+from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.session import provider_names
 
 DIAGNOSIS_IMAGES = 64
@@ -44,7 +45,7 @@ def check_artifact(
     reference: Artifact | Path | None = None,
     batch_size: int = 256,
     seed: int = 0,
-    session_options: dict | None = None,
+    options: SessionOptions = DEFAULT_SESSION,
     repro: Path | None = None,
     progress: Callable[[InputSet], None] | None = None,
     model_name: str | None = None,
@@ -53,17 +54,16 @@ def check_artifact(
     weights, on a checkpoint's (`reference` a path), or with a baseline artifact's outputs
     (`reference` an Artifact). The eager model is the manifest's, or `model_name`."""
     check_batch_size(batch_size)
-    options = {"provider": "cpu", **(session_options or {})}
     baseline = reference if isinstance(reference, Artifact) else None
     if baseline is not None:
-        expected = OnnxRuntimeRunner.of_artifact(baseline, "baseline artifact", **options)
+        expected = OnnxRuntimeRunner.of_artifact(baseline, "baseline artifact", options)
     else:
         expected = EagerRunner.of_artifact(artifact, reference, model_name)
     inputs = random_input_sets(seed)
     if data is not None:
         inputs = chain(real_input_sets(data, batch_size, odd_batches=True), inputs)
     report = compare_runners(
-        OnnxRuntimeRunner.of_artifact(artifact, **options),
+        OnnxRuntimeRunner.of_artifact(artifact, options=options),
         expected,
         _graphs_to_compare(artifact, baseline),
         inputs,
@@ -92,9 +92,9 @@ def check_artifact(
     else:
         images = sample_feed(model, {"N": 8}, seed)["images"]
     tolerance = tolerances.of(model, "logits")
-    layers = layer_diagnosis(artifact, expected.model, images, tolerance, options["provider"])
+    layers = layer_diagnosis(artifact, expected.model, images, tolerance, options.provider)
     first = next((row.layer for row in layers if not row.passed), None)
-    node = first_failing_node(artifact, expected.model, images, tolerance, options["provider"])
+    node = first_failing_node(artifact, expected.model, images, tolerance, options.provider)
     return replace(report, layers=layers, first_failing_layer=first, first_failing_node=node)
 
 
@@ -104,14 +104,13 @@ def compare_with_eager(
     tolerances: Tolerances,
     profile: str,
     batch_size: int = 256,
-    session_options: dict | None = None,
+    options: SessionOptions = DEFAULT_SESSION,
     progress: Callable[[InputSet], None] | None = None,
 ) -> ParityReport:
     """`lossx eval --compare-eager`: every graph of `artifact` against eager PyTorch on the
     batches of `data` alone."""
-    options = {"provider": "cpu", **(session_options or {})}
     report = compare_runners(
-        OnnxRuntimeRunner.of_artifact(artifact, **options),
+        OnnxRuntimeRunner.of_artifact(artifact, options=options),
         EagerRunner.of_artifact(artifact),
         [entry.spec for entry in artifact.manifest.graphs],
         real_input_sets(data, batch_size),
@@ -139,9 +138,9 @@ def _graphs_to_compare(artifact: Artifact, baseline: Artifact | None) -> list[Gr
     return shared
 
 
-def fingerprint(artifact: Artifact, session_options: dict) -> dict:
+def fingerprint(artifact: Artifact, options: SessionOptions) -> dict:
     """What produced and ran the comparison: enough to reproduce it or explain a difference."""
-    session = artifact.session("model", **session_options)
+    session = artifact.session("model", options)
     return {
         "lossx": lossx.__version__,
         "torch": torch.__version__,

@@ -27,6 +27,7 @@ from lossx.compare.elementwise import element_errors
 from lossx.compare.report import LayerRow
 from lossx.compare.tolerances import Tolerance
 from lossx.runtime.artifact import Artifact
+from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
@@ -142,7 +143,7 @@ def _run_values(
     with tempfile.TemporaryDirectory() as scratch:
         probe = Path(scratch) / "model_values.onnx"
         onnx.save_model(proto, probe)
-        session = open_session(probe, provider)
+        session = open_session(probe, SessionOptions(provider))
     return dict(zip(names, session.run(names, {"images": images}), strict=True))
 
 

@@ -25,6 +25,7 @@ from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.evaluation import EvalResult, evaluate
 from lossx.runtime.feeds import check_batch_size, check_feed, check_outputs, softmax
 from lossx.runtime.graphs import IMAGE_SHAPE
+from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
 
@@ -79,21 +80,13 @@ class Runtime:
     def __init__(
         self,
         artifact: Artifact,
-        provider: str = "cpu",
-        threads: int | None = None,
-        optimization: str = "all",
-        tf32: bool = False,
+        options: SessionOptions = DEFAULT_SESSION,
         batch_size: int = 256,
     ) -> None:
         check_batch_size(batch_size)
         self.artifact = artifact
         self.batch_size = batch_size
-        self._options = {
-            "provider": provider,
-            "threads": threads,
-            "optimization": optimization,
-            "tf32": tf32,
-        }
+        self.options = options
         self.session("model")  # a provider that cannot really be used is refused here
 
     @property
@@ -106,12 +99,12 @@ class Runtime:
         return provider_names(self.session("model"))
 
     def session(self, stem: str) -> ort.InferenceSession:
-        return self.artifact.session(stem, **self._options)
+        return self.artifact.session(stem, self.options)
 
     def run(self, stem: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Graph `stem`'s outputs by name, after checking `feed` against the manifest."""
         if self.providers[0] != "cuda":
-            return self.artifact.run(stem, feed, **self._options)
+            return self.artifact.run(stem, feed, self.options)
         spec = self.artifact.graph(stem).spec
         check_feed(spec, feed)
         session = self.session(stem)
@@ -176,7 +169,7 @@ class Runtime:
     ) -> EvalResult:
         """Accuracy, every loss and throughput over `split`, as `lossx eval` reports them."""
         batch_size = self.batch_size if batch_size is None else batch_size
-        return evaluate(self.artifact, split, batch_size, progress=progress, **self._options)
+        return evaluate(self.artifact, split, batch_size, self.options, progress)
 
 
 def _escaped(name: str) -> str:
@@ -241,4 +234,4 @@ def open_artifact(
     artifact = load_artifact(path, manifest_sha256)
     if weights is not None:
         artifact = artifact.with_weights(weights)
-    return Runtime(artifact, provider, threads, optimization, tf32, batch_size)
+    return Runtime(artifact, SessionOptions(provider, threads, optimization, tf32), batch_size)

@@ -15,6 +15,7 @@ from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import check_batch_size, check_outputs, graph_feed, iter_batches
 from lossx.runtime.loss_specs import LossSpec
+from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.session import provider_names
 
 
@@ -68,14 +69,11 @@ def evaluate(
     artifact: Artifact,
     split: Cifar10Split,
     batch_size: int = 256,
-    provider: str = "cpu",
-    threads: int | None = None,
+    options: SessionOptions = DEFAULT_SESSION,
     progress: Callable[[int], None] | None = None,
-    optimization: str = "all",
-    tf32: bool = False,
 ) -> EvalResult:
-    """Run the model and every loss graph of `artifact` over `split` (session options as in
-    `open_session`)."""
+    """Run the model and every loss graph of `artifact` over `split` in sessions opened with
+    `options`."""
     if not isinstance(split, Cifar10Split):
         raise DataError(
             f"split: expected a Cifar10Split (lossx.runtime.load_cifar10), got "
@@ -84,13 +82,11 @@ def evaluate(
     if len(split) == 0:
         raise DataError("no images to evaluate")
     check_batch_size(batch_size)
-    options = {"provider": provider, "threads": threads, "optimization": optimization,
-               "tf32": tf32}  # fmt: skip
-    model = artifact.session("model", **options)
+    model = artifact.session("model", options)
     model_spec = artifact.graph("model").spec
     graphs = {loss: artifact.manifest.loss_graph(loss.name) for loss in artifact.manifest.losses}
     losses = {
-        loss: (graph, artifact.session(graph.stem, **options)) for loss, graph in graphs.items()
+        loss: (graph, artifact.session(graph.stem, options)) for loss, graph in graphs.items()
     }
     correct = 0
     totals = dict.fromkeys(losses, 0.0)

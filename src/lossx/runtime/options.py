@@ -4,6 +4,7 @@ module to parse its options quickly): how ONNX Runtime sessions run, sha256s, se
 
 import os
 import re
+from dataclasses import dataclass
 
 from lossx.errors import SpecError
 
@@ -31,6 +32,25 @@ def check_session_options(
         raise SpecError(
             f"threads must be 1..{MAX_THREADS} (4 per core on this machine), got {threads}"
         )
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How ONNX Runtime runs graphs, checked when made: the provider ("cpu", "cuda", or "auto":
+    CUDA where it works), intra-op threads (None: one per core), the graph optimisation level,
+    and whether CUDA may use TF32 (off: it rounds fp32 inputs to 10-bit mantissas, which breaks
+    parity)."""
+
+    provider: str = "cpu"
+    threads: int | None = None
+    optimization: str = "all"
+    tf32: bool = False
+
+    def __post_init__(self) -> None:
+        check_session_options(self.provider, self.threads, self.optimization)
+
+
+DEFAULT_SESSION = SessionOptions()  # the CPU, a thread per core, every optimisation
 
 
 def check_sha256(value: object) -> None:

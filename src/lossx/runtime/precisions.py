@@ -19,8 +19,15 @@ class Precision:
     # provider that runs them (fp32-cpu or fp32-cuda).
     tolerance_profile: str | None
     converted: bool  # written in fp32, then converted by a maintained converter
-    calibrated: bool = False  # the converter needs calibration images
+    # How the converter may choose activation ranges from calibration images; empty: it needs
+    # no calibration.
+    calibration_methods: tuple[str, ...] = ()
     trains: bool = False  # training graphs may be exported beside it
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the converter needs calibration images."""
+        return bool(self.calibration_methods)
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -28,12 +35,18 @@ PRECISIONS: dict[str, Precision] = {
     for p in (
         Precision("fp32", "as exported", None, converted=False, trains=True),
         Precision(
-            "int8", "ONNX Runtime's static quantizer", "int8", converted=True, calibrated=True
+            "int8",
+            "ONNX Runtime's static quantizer",
+            "int8",
+            converted=True,
+            calibration_methods=("minmax", "entropy", "percentile"),
         ),
         Precision("fp16", "onnxconverter-common's float16", "fp16", converted=True),
     )
 }
-FP32 = PRECISIONS["fp32"]
+CALIBRATION_METHODS = tuple(
+    dict.fromkeys(m for p in PRECISIONS.values() for m in p.calibration_methods)
+)
 
 
 def check_precision(precision: str, train: bool = False, calibrated: bool = False) -> Precision:

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lossx.errors import ArtifactError, ProviderError, first_line
-from lossx.runtime.options import check_session_options
+from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -38,36 +38,31 @@ def _requested_providers(provider: str) -> list[str]:
 
 def open_session(
     path: Path,
-    provider: str = "cpu",
-    threads: int | None = None,
-    optimization: str = "all",
-    tf32: bool = False,
+    options: SessionOptions = DEFAULT_SESSION,
     initializers: dict[str, np.ndarray] | None = None,
     weights_as_inputs: bool = False,
 ) -> ort.InferenceSession:
-    """An InferenceSession for `path` that really runs on `provider` ("cpu", "cuda" or "auto").
+    """An InferenceSession for `path` that really runs on `options.provider` ("cpu", "cuda" or
+    "auto"), with `options`' threads, optimisation level and TF32 setting.
 
-    `threads`: intra-op threads (None: one per core). `optimization`: ONNX Runtime's graph
-    optimisation level (lossx.runtime.options.OPTIMIZATION_LEVELS). `tf32`: let CUDA use TF32;
-    off by default because TF32 rounds fp32 inputs to 10-bit mantissas, which breaks parity.
     `initializers`: values that replace the graph's initializers of the same names.
     `weights_as_inputs`: the graph takes its Conv weights as inputs (a training graph). ONNX
     Runtime's NCHWc layout transformer (optimisation level all) would then reorder only its
     constant im2col Convs, which slows it down, so it is off; on the CPU provider at level all,
     lossx.runtime.nchwc gives the Convs with weight inputs the NCHWc kernels instead.
     """
-    check_session_options(provider, threads, optimization)
+    provider, optimization = options.provider, options.optimization
     providers = _requested_providers(provider)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: lossx reports problems itself
-    options.graph_optimization_level = _LEVELS[optimization]
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3  # errors only: lossx reports problems itself
+    session_options.graph_optimization_level = _LEVELS[optimization]
     # Idle pool threads would spin between runs; with several sessions (and eager torch beside
     # them in parity checks) spinning threads starve the work on a small machine.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if options.threads:
+        session_options.intra_op_num_threads = options.threads
     cuda_options = {
-        "use_tf32": "1" if tf32 else "0",
+        "use_tf32": "1" if options.tf32 else "0",
         # cuDNN's exhaustive search reruns for every new batch size (a dataset's last batch);
         # on an H100 the heuristic choice gave 1.4x the throughput of predict over 10,000 images.
         "cudnn_conv_algo_search": "HEURISTIC",
@@ -80,7 +75,7 @@ def open_session(
             nchwc_convs = weights_as_inputs and optimization == "all" and cpu_only
             session = ort.InferenceSession(
                 _model(path, initializers, nchwc_convs),
-                sess_options=options,
+                sess_options=session_options,
                 providers=providers,
                 disabled_optimizers=["NchwcTransformer"] if weights_as_inputs else None,
             )

@@ -16,7 +16,8 @@ import numpy as np
 
 from lossx.errors import CheckpointError, first_line
 from lossx.files import output_file, regular_file, write_atomically
-from lossx.runtime.artifact import MANIFEST_FILE, Artifact, sha256_of
+from lossx.runtime.artifact import Artifact, sha256_of
+from lossx.runtime.manifest import MANIFEST_FILE
 from lossx.runtime.weights import check_npz_sizes, file_kind
 
 CHECKPOINT_FORMAT = "lossx-onnxruntime-checkpoint"

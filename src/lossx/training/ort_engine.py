@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from lossx.errors import SpecError
-from lossx.runtime.artifact import MANIFEST_FILE, Artifact, sha256_of
+from lossx.runtime.artifact import Artifact, sha256_of
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import graph_feed, iter_batches
 from lossx.runtime.graphs import GraphKind, GraphSpec
+from lossx.runtime.manifest import MANIFEST_FILE
+from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.weights import check_weights, read_weights
 from lossx.training import trainer
 from lossx.training.checkpoints import (
@@ -39,7 +41,7 @@ class OnnxRuntimeEngine:
     """One run's weights and optimizer, stepped by an artifact's training graph."""
 
     def __init__(
-        self, artifact: Artifact, config: TrainConfig, out: Path, session_options: dict
+        self, artifact: Artifact, config: TrainConfig, out: Path, options: SessionOptions
     ) -> None:
         if config.optimizer != "sgd":
             raise SpecError(
@@ -48,9 +50,9 @@ class OnnxRuntimeEngine:
         self.artifact = artifact
         self.config = replace(config, model=artifact.manifest.model)
         self.out = out
-        self.session_options = session_options
+        self.options = options
         self.graph = training_graph(artifact, config)
-        self.session = artifact.session(self.graph.stem, **session_options)
+        self.session = artifact.session(self.graph.stem, options)
         names = self.graph.parameter_names
         self.grad_names = [self.graph.gradients[name] for name in names]
         weights = {name: value.copy() for name, value in artifact.parameters().items()}
@@ -74,7 +76,7 @@ class OnnxRuntimeEngine:
 
     def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
         model = self.artifact.with_weights(self.weights())
-        logits = [model.run("model", {"images": x}, **self.session_options)["logits"]
+        logits = [model.run("model", {"images": x}, self.options)["logits"]
                   for x, _ in iter_batches(split, EVAL_BATCH)]  # fmt: skip
         return eval_scores(np.concatenate(logits), split.labels)
 
@@ -126,13 +128,13 @@ def train(
     data_dir: Path | None,
     out: Path,
     config: TrainConfig | None = None,
-    session_options: dict | None = None,
+    options: SessionOptions = DEFAULT_SESSION,
     **run,
 ) -> list[EpochResult]:
     """Train the artifact's model from its shipped weights (or `resume`'s) and checkpoint to
-    `out` after every epoch, in sessions opened with `session_options` (provider, threads,
-    ...); `run` (resume, stop_after and the callbacks) as for lossx.training.trainer.train."""
-    engine = partial(OnnxRuntimeEngine, artifact, session_options=session_options or {})
+    `out` after every epoch, in sessions opened with `options`; `run` (resume, stop_after and
+    the callbacks) as for lossx.training.trainer.train."""
+    engine = partial(OnnxRuntimeEngine, artifact, options=options)
     return trainer.train(
         engine, partial(resume_state, artifact), is_checkpoint, data_dir, out, config, **run
     )
