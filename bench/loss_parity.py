@@ -19,7 +19,7 @@ import torch
 
 from lossx.build.export import export_loss
 from lossx.build.losses import reference_loss
-from lossx.compare.engine import compare_arrays
+from lossx.compare.comparator import compare_arrays
 from lossx.compare.inputs import sample_feed
 from lossx.compare.tolerances import DEFAULT_PROFILE, PROFILES
 from lossx.runtime.loss_specs import parse_loss_spec

@@ -57,7 +57,11 @@ def python_run(artifact_dir: Path, plan: Path, config: TrainConfig, threads: int
     started = time.perf_counter()
     for pixels, labels, lr, momentum in steps:
         engine.step(scale(pixels), labels, lr, momentum)
-    return time.perf_counter() - started, engine.weights(), f"onnxruntime {onnxruntime.__version__}"
+    return (
+        time.perf_counter() - started,
+        engine.state_dict(),
+        f"onnxruntime {onnxruntime.__version__}",
+    )
 
 
 def node_run(node: str, artifact_dir: Path, plan: Path, threads: int, out: Path):

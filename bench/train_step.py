@@ -61,7 +61,7 @@ def profile(artifact, batches, threads: int, folder: Path) -> None:
     session = ort.InferenceSession(
         str(artifact.path / spec.file), options, disabled_optimizers=["NchwcTransformer"]
     )
-    parameters = artifact.parameters()
+    parameters = artifact.state_dict()
     for images, labels in batches:
         session.run(None, {"images": images, "labels": labels, **parameters})
     with open(session.end_profiling()) as f:

@@ -18,7 +18,7 @@ from torch import nn
 
 from lossx.build import build_model, export_artifact
 from lossx.build.eager import EagerRunner
-from lossx.compare.engine import compare_arrays
+from lossx.compare.comparator import compare_arrays
 from lossx.compare.inputs import sample_feed
 from lossx.compare.report import OutputReport
 from lossx.compare.tolerances import DEFAULT_PROFILE, PROFILES

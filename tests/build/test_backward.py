@@ -100,7 +100,7 @@ def test_seed_cnn_gradients_match_autograd_on_real_images(train_artifact, test_s
     for loss in train_artifact.manifest.losses:
         spec = train_artifact.graph(f"train_{loss.name}").spec
         run = lambda feed, s=spec: list(train_artifact.run(s.stem, feed).values())  # noqa: E731
-        assert_matches_autograd(spec, run, model, images, labels, train_artifact.parameters())
+        assert_matches_autograd(spec, run, model, images, labels, train_artifact.state_dict())
 
 
 @pytest.mark.parametrize("batch_size", BATCHES)
@@ -115,7 +115,7 @@ def test_resnet20_gradients_and_statistics_match_autograd(
     run = lambda feed: list(resnet20_artifact.run(spec.stem, feed).values())  # noqa: E731
     worst = assert_matches_autograd(
         spec, run, model, images, test_split.labels[100 : 100 + batch_size],
-        resnet20_artifact.parameters(),
+        resnet20_artifact.state_dict(),
     )  # fmt: skip
     assert worst["next.bn.num_batches_tracked"] == 0
 
@@ -126,7 +126,7 @@ def test_train_mode_batch_norm_is_not_the_eval_mode_one(resnet20_artifact, test_
     and its statistics must move."""
     spec = resnet20_artifact.graph("train_ce").spec
     images, labels = to_model_input(test_split.images[:32]), test_split.labels[:32]
-    parameters = resnet20_artifact.parameters()
+    parameters = resnet20_artifact.state_dict()
     out = resnet20_artifact.run(spec.stem, graph_feed(spec, images, labels, None, parameters))
     model = EagerRunner.of_artifact(resnet20_artifact).model.eval()
     with torch.no_grad():
@@ -238,7 +238,7 @@ def test_gradients_match_autograd_on_flat_images(train_artifact):
     images[3, 0] = np.linspace(0, 1, 32, dtype=np.float32)[None, :]
     labels = np.array([0, 1, 2, 3])
     spec = train_artifact.graph("train_mse").spec
-    feed = graph_feed(spec, images, labels, None, train_artifact.parameters())
+    feed = graph_feed(spec, images, labels, None, train_artifact.state_dict())
     got = train_artifact.run(spec.stem, feed)
     want = EagerRunner.of_artifact(train_artifact).run(spec, feed)
     for name in spec.output_names:
@@ -265,7 +265,7 @@ def test_lossx_check_gates_training_graphs(train_artifact, resnet20_artifact, te
 def test_wrong_parameters_are_refused(train_artifact, test_split):
     spec = train_artifact.graph("train_ce").spec
     feed = graph_feed(spec, to_model_input(test_split.images[:2]), test_split.labels[:2], None,
-                      train_artifact.parameters())  # fmt: skip
+                      train_artifact.state_dict())  # fmt: skip
     feed["model1.7.weight"] = feed["model1.7.weight"][:, :10]
     with pytest.raises(
         DataError, match=r"model1.7.weight: expected shape \[64, 1024\], got \[64, 10\]"
@@ -324,7 +324,7 @@ def test_a_fresh_batch_norm_model_keeps_every_weight_by_name(resnet20_artifact, 
     so other weights replace every one of them (and change the logits)."""
     graph = onnx.load(resnet20_artifact.path / "model.onnx")
     names = {t.name for t in graph.graph.initializer}
-    state = resnet20_artifact.parameters()
+    state = resnet20_artifact.state_dict()
     assert {k for k, v in state.items() if v.dtype == np.float32} <= names
     changed = {k: v * 1.5 if k.endswith("bn.weight") else v for k, v in state.items()}
     images = to_model_input(test_split.images[:8])

@@ -117,7 +117,7 @@ def test_the_training_engine_runs_the_rewritten_graph(resnet20_train_artifact_di
     rewritten = with_nchwc_convs(onnx.load(path))
     assert nchwc_convs(rewritten) == 18 + 16
     images = to_model_input(test_split.images[:32])
-    feed = graph_feed(spec, images, test_split.labels[:32], None, artifact.parameters())
+    feed = graph_feed(spec, images, test_split.labels[:32], None, artifact.state_dict())
     want = EagerRunner.of_artifact(artifact).run(spec, feed)
     standard = open_session(path, SessionOptions(threads=2)).run(None, feed)
     engine = artifact.session(spec.stem, SessionOptions(threads=2)).run(None, feed)

@@ -169,7 +169,7 @@ def test_every_graph_with_weights_runs_on_them(train_artifact, ort_run, test_spl
     logits = eager.run(artifact.graph("model").spec, {"images": images})["logits"]
     for entry in artifact.manifest.graphs:
         spec = entry.spec
-        feed = graph_feed(spec, images, labels, logits, artifact.parameters())
+        feed = graph_feed(spec, images, labels, logits, artifact.state_dict())
         got = artifact.run(spec.stem, feed)
         for name, want in eager.run(spec, feed).items():
             if name not in spec.gradients.values():
@@ -188,7 +188,7 @@ def test_every_graph_with_weights_runs_on_them(train_artifact, ort_run, test_spl
 )
 def test_weights_that_do_not_fit_are_refused(train_artifact, tmp_path, change, message):
     artifact = load_artifact(train_artifact)
-    weights = artifact.parameters()
+    weights = artifact.state_dict()
     change(weights)
     np.savez(tmp_path / "w.npz", **weights)
     with pytest.raises(CheckpointError, match=re.escape(message)):
@@ -227,7 +227,7 @@ def test_resume_needs_a_checkpoint_of_this_engine_and_artifact(
 ):
     artifact = load_artifact(train_artifact)
     weights_only = tmp_path / "weights.npz"
-    np.savez(weights_only, **artifact.parameters())
+    np.savez(weights_only, **artifact.state_dict())
     with pytest.raises(CheckpointError, match="weights only, not a checkpoint"):
         train_onnxruntime(artifact, data_dir, tmp_path / "o.npz", resume=weights_only)
     export_artifact(tmp_path / "other", losses=["ce"], init="random", seed=1, train=True)
@@ -267,8 +267,8 @@ def test_cli_trains_in_onnxruntime_without_torch(data_dir, train_artifact, tmp_p
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith(f"wrote {out}: epoch 1/1")
     assert json.loads(log.read_text())["epoch"] == 1
-    assert sorted(load_artifact(train_artifact).with_weights(out).parameters()) == sorted(
-        load_artifact(train_artifact).parameters()
+    assert sorted(load_artifact(train_artifact).with_weights(out).state_dict()) == sorted(
+        load_artifact(train_artifact).state_dict()
     )
 
 

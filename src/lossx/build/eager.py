@@ -32,14 +32,14 @@ class EagerRunner:
     ) -> "EagerRunner":
         """The artifact's model rebuilt as its manifest records it (or as `model_name`, a
         registry name or MODULE:ATTR, says) with the artifact's weights
-        (`artifact.parameters()`), or with a checkpoint's."""
+        (`artifact.state_dict()`), or with a checkpoint's."""
         manifest = artifact.manifest
         if model_name is None:
             model, described = rebuild_model(manifest), manifest.model
         else:
             model, described = build_model(model_name), f"{model_name} (--model)"
         if checkpoint is None:
-            weights = artifact.parameters()
+            weights = artifact.state_dict()
             check_weights(weights, weights_to_arrays(model))
             model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
             weights = artifact.weights_used

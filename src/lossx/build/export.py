@@ -4,7 +4,7 @@ The model and each training step are exported with torch.onnx (dynamo) alone, th
 one call and split apart; a model+loss graph is composed from the model's and its loss's graphs
 with `onnx.compose` instead of being traced again. Every graph is checked with `onnx.checker`
 (full check), run in ONNX Runtime on fresh inputs of other sizes and compared with eager
-PyTorch by the parity engine (lossx.compare). The artifact is written to a temporary sibling
+PyTorch by the comparator (lossx.compare). The artifact is written to a temporary sibling
 directory and renamed into place only when all of that passed.
 """
 

@@ -1,5 +1,5 @@
 """The export self-check: each written graph run in ONNX Runtime and compared with eager PyTorch
-by the parity engine (lossx.compare), on real images and random inputs of several sizes."""
+by the comparator (lossx.compare), on real images and random inputs of several sizes."""
 
 from itertools import chain
 from pathlib import Path
@@ -10,7 +10,7 @@ from lossx.build.eager import EagerRunner
 from lossx.build.models import (
     weights_to_arrays,
 )
-from lossx.compare.engine import compare_runners
+from lossx.compare.comparator import compare_runners
 from lossx.compare.inputs import random_input_sets, real_input_sets
 from lossx.compare.runners import OnnxRuntimeRunner
 from lossx.compare.tolerances import DEFAULT_PROFILE, resolve_tolerances

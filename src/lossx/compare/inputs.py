@@ -6,14 +6,15 @@ batch and a large one, with other class and feature counts than the export examp
 standalone losses (and extra dims d1.. for loss graphs exported with extra_dims > 0).
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from lossx.compare.runners import Runner
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import graph_feed, iter_batches, log_softmax, softmax
-from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role
+from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role, model_graph
 
 EXAMPLE_SIZES = {"N": 4, "C": NUM_CLASSES, "D": NUM_CLASSES, "d1": 3, "d2": 5, "d3": 2}
 RANDOM_SIZES = (
@@ -124,3 +125,12 @@ def random_input_sets(seed: int) -> Iterator[InputSet]:
     """Random feeds of each size of RANDOM_SIZES, seeds `seed`, `seed` + 1, ..."""
     for index, sizes in enumerate(RANDOM_SIZES):
         yield InputSet(f"random N={sizes['N']} seed {seed + index}", sizes=sizes, seed=seed + index)
+
+
+def reference_logits(reference: Runner) -> Callable[[InputSet], np.ndarray]:
+    """What standalone loss graphs score in a comparison with `reference` (compare_runners's
+    `loss_inputs`): the reference model's logits of each real batch, so that a loss graph is
+    measured alone, on the logits a model gives. Wrap `reference` in RunOnce to share that run
+    with the model graph's comparison."""
+    model = model_graph()
+    return lambda inputs: reference.run(model, {"images": inputs.images})["logits"]

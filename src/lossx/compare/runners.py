@@ -70,3 +70,26 @@ class OnnxRuntimeRunner:
     def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session_for(graph).run(graph.output_names, feed)
         return dict(zip(graph.output_names, outputs, strict=True))
+
+
+class RunOnce:
+    """`runner`, each graph run once per feed: a caller that needs a reference's outputs before
+    the comparison (its model's logits, for standalone losses) and the comparison itself share
+    one run. The last feed and outputs of each graph are kept, and a feed of the very same
+    arrays gets them back."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self._last: dict[str, tuple[dict, dict]] = {}
+
+    def __getattr__(self, name: str):  # name, folder, model, run_float64: the runner's own
+        return getattr(self.runner, name)
+
+    def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        last = self._last.get(graph.stem)
+        same = last is not None and last[0].keys() == feed.keys()
+        if same and all(last[0][name] is value for name, value in feed.items()):
+            return last[1]
+        outputs = self.runner.run(graph, feed)
+        self._last[graph.stem] = (dict(feed), outputs)
+        return outputs

@@ -1,5 +1,5 @@
 """`lossx check` and `lossx eval --compare-eager`: an artifact against eager PyTorch (or, for
-drift between exports, another artifact) through the parity engine (lossx.compare.engine).
+drift between exports, another artifact) through the comparator (lossx.compare.comparator).
 
 `lossx check` compares every graph on the real CIFAR-10 batches, a batch of 1 and an odd batch
 of 7, and seeded random inputs of several sizes; on a failure of a graph that runs the model
@@ -20,10 +20,16 @@ import torch
 
 import lossx
 from lossx.build.eager import EagerRunner
-from lossx.compare.engine import compare_runners
-from lossx.compare.inputs import InputSet, random_input_sets, real_input_sets, sample_feed
+from lossx.compare.comparator import compare_runners
+from lossx.compare.inputs import (
+    InputSet,
+    random_input_sets,
+    real_input_sets,
+    reference_logits,
+    sample_feed,
+)
 from lossx.compare.report import ParityReport
-from lossx.compare.runners import OnnxRuntimeRunner
+from lossx.compare.runners import OnnxRuntimeRunner, RunOnce
 from lossx.compare.tolerances import Tolerances
 from lossx.errors import SpecError
 from lossx.parity.layers import first_failing_node, layer_diagnosis
@@ -56,9 +62,9 @@ def check_artifact(
     check_batch_size(batch_size)
     baseline = reference if isinstance(reference, Artifact) else None
     if baseline is not None:
-        expected = OnnxRuntimeRunner.of_artifact(baseline, "baseline artifact", options)
+        expected = RunOnce(OnnxRuntimeRunner.of_artifact(baseline, "baseline artifact", options))
     else:
-        expected = EagerRunner.of_artifact(artifact, reference, model_name)
+        expected = RunOnce(EagerRunner.of_artifact(artifact, reference, model_name))
     inputs = random_input_sets(seed)
     if data is not None:
         inputs = chain(real_input_sets(data, batch_size, odd_batches=True), inputs)
@@ -69,7 +75,8 @@ def check_artifact(
         inputs,
         tolerances,
         profile=profile,
-        parameters=artifact.parameters(),
+        parameters=artifact.state_dict(),
+        loss_inputs=reference_logits(expected),
         repro=repro,
         progress=progress,
     )
@@ -109,14 +116,16 @@ def compare_with_eager(
 ) -> ParityReport:
     """`lossx eval --compare-eager`: every graph of `artifact` against eager PyTorch on the
     batches of `data` alone."""
+    reference = RunOnce(EagerRunner.of_artifact(artifact))
     report = compare_runners(
         OnnxRuntimeRunner.of_artifact(artifact, options=options),
-        EagerRunner.of_artifact(artifact),
+        reference,
         [entry.spec for entry in artifact.manifest.graphs],
         real_input_sets(data, batch_size),
         tolerances,
         profile=profile,
-        parameters=artifact.parameters(),
+        parameters=artifact.state_dict(),
+        loss_inputs=reference_logits(reference),
         progress=progress,
     )
     return replace(report, artifact=str(artifact.path), fingerprint=fingerprint(artifact, options))

@@ -62,7 +62,7 @@ class Artifact:
             path = Path(weights)
             weights = read_weights(path)
             source = f"{path} (sha256 {sha256_of(path)})"
-        check_weights(weights, self.shipped_parameters())
+        check_weights(weights, self.shipped_state_dict())
         return replace(self, weights={k: np.ascontiguousarray(v) for k, v in weights.items()},
                        weights_source=source, _sessions={})  # fmt: skip
 
@@ -77,13 +77,14 @@ class Artifact:
                 return entry
         raise ArtifactError(f"{self.path}: the artifact has no graph {stem}.onnx")
 
-    def parameters(self) -> dict[str, np.ndarray]:
-        """The model's weights by state_dict name: `weights` if set, else the shipped ones."""
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The model's parameters and buffers by state_dict name: `weights` if set, else the
+        shipped ones."""
         if self.weights is not None:
             return dict(self.weights)
-        return self.shipped_parameters()
+        return self.shipped_state_dict()
 
-    def shipped_parameters(self) -> dict[str, np.ndarray]:
+    def shipped_state_dict(self) -> dict[str, np.ndarray]:
         """The weights in the artifact's weights file (never a pickle), read and checked once;
         each call returns fresh copies, which callers (training) may change in place."""
         if self._shipped is None:
@@ -239,7 +240,7 @@ def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Art
         if graph is not None:
             _refuse_external_data(path, graph)
     artifact = Artifact(artifact_dir, manifest)
-    artifact.shipped_parameters()  # read now, while the sha256 just checked holds; refuses NaN
+    artifact.shipped_state_dict()  # read now, while the sha256 just checked holds; refuses NaN
     return artifact
 
 

@@ -55,7 +55,7 @@ class OnnxRuntimeEngine:
         self.session = artifact.session(self.graph.stem, options)
         names = self.graph.parameter_names
         self.grad_names = [self.graph.gradients[name] for name in names]
-        weights = {name: value.copy() for name, value in artifact.parameters().items()}
+        weights = {name: value.copy() for name, value in artifact.state_dict().items()}
         self.parameters = {name: weights[name] for name in names}
         self.buffers = {name: weights[name] for name in self.graph.buffer_names}
         self.next_buffers = self.graph.next_buffers
@@ -75,7 +75,7 @@ class OnnxRuntimeEngine:
         return float(loss)
 
     def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
-        model = self.artifact.with_weights(self.weights())
+        model = self.artifact.with_weights(self.state_dict())
         logits = [model.run("model", {"images": x}, self.options)["logits"]
                   for x, _ in iter_batches(split, EVAL_BATCH)]  # fmt: skip
         return eval_scores(np.concatenate(logits), split.labels)
@@ -87,20 +87,20 @@ class OnnxRuntimeEngine:
             "config": self.config.to_dict(),
             "history": [e.to_dict() for e in history],
         }
-        write_npz_checkpoint(self.out, self.weights(), self.optimizer.momentum_buffers, state)
+        write_npz_checkpoint(self.out, self.state_dict(), self.optimizer.momentum_buffers, state)
 
-    def weights(self) -> dict[str, np.ndarray]:
-        """The model's state by state_dict name: parameters and buffers."""
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The model's parameters and buffers by state_dict name."""
         return {**self.parameters, **self.buffers}
 
     def restore(self, path: Path, state: dict) -> list[EpochResult]:
         weights = read_weights(path)
         momentum = read_weights(path, MOMENTUM_PREFIX)
-        check_weights(weights, self.weights())
+        check_weights(weights, self.state_dict())
         if momentum:
             check_weights(momentum, self.parameters)
         for name, value in weights.items():
-            self.weights()[name][...] = value
+            self.state_dict()[name][...] = value
         self.optimizer.momentum_buffers = {k: v.copy() for k, v in momentum.items()}
         return [EpochResult(**e) for e in state["history"]]
 

@@ -1,4 +1,4 @@
-"""The parity engine: element rules, accumulation over batches, and the run-and-compare loop."""
+"""The comparator: element rules, accumulation over batches, and the run-and-compare loop."""
 
 from dataclasses import replace
 
@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lossx.compare.engine import OutputAccumulator, compare_arrays, compare_runners
-from lossx.compare.inputs import InputSet, random_input_sets, real_input_sets
+from lossx.compare.comparator import OutputAccumulator, compare_arrays, compare_runners
+from lossx.compare.inputs import InputSet, random_input_sets, real_input_sets, reference_logits
+from lossx.compare.runners import RunOnce
 from lossx.compare.tolerances import (
     GRADIENT_TOLERANCE,
     PROFILES,
@@ -128,8 +129,11 @@ GRAPHS = [model_graph(), loss_graph(parse_loss_spec("mse"))]
 def test_two_runners_that_agree_pass_on_real_and_random_inputs():
     data = load_packaged_sample().head(20)
     inputs = [*real_input_sets(data, 8, odd_batches=True), *random_input_sets(0)]
-    subject, reference = NumpyRunner("a"), NumpyRunner("b")
-    report = compare_runners(subject, reference, GRAPHS, inputs, resolve_tolerances())
+    subject, reference = NumpyRunner("a"), RunOnce(NumpyRunner("b"))
+    report = compare_runners(
+        subject, reference, GRAPHS, inputs, resolve_tolerances(),
+        loss_inputs=reference_logits(reference),
+    )  # fmt: skip
     assert report.passed and report.exit_code == 0
     assert (report.artifact, report.reference) == ("a", "b")
     assert report.inputs[:3] == ["images 0-7", "images 8-15", "images 16-19"]
@@ -141,12 +145,14 @@ def test_two_runners_that_agree_pass_on_real_and_random_inputs():
 
 def test_a_difference_fails_names_the_worst_output_and_saves_the_case(tmp_path):
     data = load_packaged_sample().head(16)
+    reference = NumpyRunner()
     report = compare_runners(
         NumpyRunner(shift=1e-3),
-        NumpyRunner(),
+        reference,
         GRAPHS,
         real_input_sets(data, 16),
         resolve_tolerances(),
+        loss_inputs=reference_logits(reference),
         repro=tmp_path / "case.npz",
     )
     assert report.exit_code == 1
@@ -193,6 +199,39 @@ def test_a_comparison_of_no_inputs_is_refused_not_passed():
         compare_runners(
             NumpyRunner(), NumpyRunner(), [], random_input_sets(0), resolve_tolerances()
         )
+
+
+def test_loss_graphs_on_real_batches_score_what_the_caller_gives():
+    """The comparator knows no model: what a standalone loss scores on a real batch is the
+    caller's (loss_inputs), and without it a comparison of loss graphs on real batches is
+    refused rather than fed something made up."""
+    data = load_packaged_sample().head(8)
+    with pytest.raises(SpecError, match=r"loss_mse\.onnx on real batches needs loss_inputs"):
+        compare_runners(
+            NumpyRunner(), NumpyRunner(), GRAPHS, real_input_sets(data, 8), resolve_tolerances()
+        )
+    given = np.full((8, 10), 0.1, np.float32)
+    seen = []
+
+    class Recording(NumpyRunner):
+        def run(self, graph, feed):
+            if graph.stem == "loss_mse":
+                seen.append(feed["input"])
+            return super().run(graph, feed)
+
+    compare_runners(Recording(), NumpyRunner(), GRAPHS, real_input_sets(data, 8),
+                    resolve_tolerances(), loss_inputs=lambda inputs: given)  # fmt: skip
+    assert len(seen) == 1 and np.allclose(seen[0], np.full((8, 10), 0.1))
+
+
+def test_run_once_reruns_only_for_other_arrays():
+    runner = RunOnce(NumpyRunner())
+    images = np.zeros((2, 3, 32, 32), np.float32)
+    first = runner.run(model_graph(), {"images": images})
+    assert runner.run(model_graph(), {"images": images}) is first
+    assert runner.run(model_graph(), {"images": images.copy()}) is not first
+    assert runner.calls == ["model", "model"] and runner.name == "numpy"
+    assert not hasattr(runner, "run_float64")
 
 
 # --- a reference that computes NaN where numbers belong -----------------------------------

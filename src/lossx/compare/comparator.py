@@ -1,4 +1,4 @@
-"""The parity engine: two runners, the same feeds, every output compared into one ParityReport.
+"""The comparator: two runners, the same feeds, every output compared into one ParityReport.
 
 The export self-check, `lossx eval --compare-eager` and `lossx check` all call
 `compare_runners`; what differs between them is only the runners, the input sets and the
@@ -9,7 +9,9 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,7 +33,9 @@ from lossx.compare.tolerances import (
 )
 from lossx.errors import LossxError, ParityError, SpecError, first_line
 from lossx.files import write_atomically
-from lossx.runtime.graphs import GraphSpec, Role, ToleranceRule, model_graph
+from lossx.runtime.graphs import GraphSpec, Role, ToleranceRule
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -239,34 +243,37 @@ def compare_runners(
     *,
     profile: str = "custom",
     parameters: dict[str, np.ndarray] | None = None,
+    loss_inputs: Callable[[InputSet], np.ndarray] | None = None,
     repro: Path | None = None,
     progress: Callable[[InputSet], None] | None = None,
 ) -> ParityReport:
     """Run every graph on both runners for every input set and compare every output.
 
-    Standalone losses get the reference's logits of a real batch (so they measure the loss
-    graph alone); graphs that take parameters get `parameters` on both sides. With `repro`,
-    the worst failing case is saved there. `progress(input set)` follows each input set.
+    On a real batch, standalone losses score `loss_inputs(input set)` (the caller's: e.g. the
+    reference model's logits, lossx.compare.inputs.reference_logits), so that they measure the
+    loss graph alone; on random inputs they draw their own. Graphs that take parameters get
+    `parameters` on both sides. With `repro`, the worst failing case is saved there.
+    `progress(input set)` follows each input set.
     """
     started = time.perf_counter()
     tolerances.check_names(list(graphs))
-    model = model_graph()
-    wants_logits = any(t.role is Role.LOSS_INPUT for graph in graphs for t in graph.inputs)
+    scored = [g.file for g in graphs if any(t.role is Role.LOSS_INPUT for t in g.inputs)]
     accumulators: dict[tuple[str, str], OutputAccumulator] = {}
     labels = []
     for inputs in input_sets:
         labels.append(inputs.label)
-        reference_model = None  # run once: for the losses' logits and for the model graph
-        if inputs.real and wants_logits:
-            reference_model = _run(reference, model, {"images": inputs.images}, inputs)
-        logits = reference_model["logits"] if reference_model else None
+        scores = None
+        if inputs.real and scored:
+            if loss_inputs is None:
+                raise SpecError(f"{scored[0]} on real batches needs loss_inputs to score")
+            what = f"compute what {scored[0]} scores"
+            scores = _guarded(reference, what, inputs, partial(loss_inputs, inputs))
         for graph in graphs:
             if not inputs.real and _real_images_only(graph, tolerances):
                 continue
-            feed = inputs.feed(graph, logits, parameters)
+            feed = inputs.feed(graph, scores, parameters)
             got = _run(subject, graph, feed, inputs)
-            reused = reference_model is not None and graph == model
-            want = reference_model if reused else _run(reference, graph, feed, inputs)
+            want = _run(reference, graph, feed, inputs)
             losses = [t.name for t in graph.outputs if t.role is Role.LOSS]
             loss_finite = all(np.isfinite(want[name]).all() for name in losses)
             exact = None  # the reference in float64, run once where a gradient needs it
@@ -312,14 +319,20 @@ def _real_images_only(graph: GraphSpec, tolerances: Tolerances) -> bool:
 def _run(
     runner: Runner, graph: GraphSpec, feed: dict, inputs: InputSet, float64: bool = False
 ) -> dict:
-    """`runner.run` (or its `run_float64`), its failure (other than lossx's own errors) a
-    one-line ParityError: a graph that cannot run on inputs its spec admits does not compute
-    what it should."""
+    """`runner.run` (or its `run_float64`), guarded (`_guarded`)."""
+    run = runner.run_float64 if float64 else runner.run
+    return _guarded(runner, f"run {graph.file}", inputs, lambda: run(graph, feed))
+
+
+def _guarded(runner: Runner, what: str, inputs: InputSet, call: Callable[[], T]) -> T:
+    """`call()`, its failure (other than lossx's own errors) a one-line ParityError saying
+    `what` failed: a graph that cannot run on inputs its spec admits does not compute what it
+    should."""
     try:
-        return runner.run_float64(graph, feed) if float64 else runner.run(graph, feed)
+        return call()
     except LossxError:
         raise
     except Exception as e:
         raise ParityError(
-            f"{runner.name} failed to run {graph.file} on {inputs.label}: {first_line(e)}"
+            f"{runner.name} failed to {what} on {inputs.label}: {first_line(e)}"
         ) from None
