@@ -20,7 +20,7 @@ import onnxruntime
 
 from lossx.build.calibration import Calibration
 from lossx.errors import ArtifactError, ExportError, SpecError, first_line
-from lossx.runtime.graphs import GraphSpec
+from lossx.runtime.graphs import GraphSpec, Role, model_graph
 from lossx.runtime.precisions import PRECISIONS
 from lossx.runtime.preprocessing import to_model_input
 
@@ -43,7 +43,7 @@ INT8_SETTINGS = {
 def loss_part(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The nodes of fused graph `graph` that its `logits` output does not depend on."""
     producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
-    model, stack = set(), ["logits"]
+    model, stack = set(), [model_graph().named(Role.LOGITS)]
     while stack:
         index = producer.get(stack.pop())
         if index is not None and index not in model:
@@ -79,7 +79,8 @@ def splice_model(fused_path: Path, model_path: Path, spec: GraphSpec, precision:
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for node in loss_nodes for a in node.attribute):  # fmt: skip
         raise ExportError(f"{spec.file}: its loss holds subgraphs, which lossx cannot splice")
-    fixed = {"logits", *(t.name for t in graph.input), *(t.name for t in graph.output)}
+    logits = model_graph().named(Role.LOGITS)
+    fixed = {logits, *(t.name for t in graph.input), *(t.name for t in graph.output)}
 
     def renamed(name: str) -> str:
         return name if not name or name in fixed else f"loss.{name}"
@@ -153,7 +154,11 @@ def _quantize(path: Path, calibration: Calibration) -> None:
         def __init__(self) -> None:
             images = calibration.images
             self.batches = iter(
-                {"images": to_model_input(images[i : i + CALIBRATION_BATCH])}
+                {
+                    model_graph().named(Role.IMAGES): to_model_input(
+                        images[i : i + CALIBRATION_BATCH]
+                    )
+                }
                 for i in range(0, len(images), CALIBRATION_BATCH)
             )
 

@@ -10,7 +10,7 @@ import onnx.utils
 import onnx.version_converter
 
 from lossx.errors import ExportError, first_line
-from lossx.runtime.graphs import GraphKind, GraphSpec, loss_graph, model_graph
+from lossx.runtime.graphs import GraphKind, GraphSpec, Role, loss_graph, model_graph
 
 # Ops whose ONNX translation runs in inference mode in ONNX Runtime: never in a training graph.
 INFERENCE_MODE_OPS = ("BatchNormalization", "Dropout")
@@ -143,8 +143,9 @@ def on_logits(loss: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
     scored.CopyFrom(loss)
     graph = scored.graph
     scores = graph.input[0].name
-    graph.input[0].name = "logits"
-    graph.node.insert(0, onnx.helper.make_node("LogSoftmax", ["logits"], [scores], axis=1))
+    logits = model_graph().named(Role.LOGITS)
+    graph.input[0].name = logits
+    graph.node.insert(0, onnx.helper.make_node("LogSoftmax", [logits], [scores], axis=1))
     return scored
 
 

@@ -133,4 +133,5 @@ def reference_logits(reference: Runner) -> Callable[[InputSet], np.ndarray]:
     measured alone, on the logits a model gives. Wrap `reference` in RunOnce to share that run
     with the model graph's comparison."""
     model = model_graph()
-    return lambda inputs: reference.run(model, {"images": inputs.images})["logits"]
+    images, logits = model.named(Role.IMAGES), model.named(Role.LOGITS)
+    return lambda inputs: reference.run(model, {images: inputs.images})[logits]

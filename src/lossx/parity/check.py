@@ -36,7 +36,7 @@ from lossx.parity.layers import first_failing_node, layer_diagnosis
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import check_batch_size, iter_batches
-from lossx.runtime.graphs import GraphSpec, model_graph
+from lossx.runtime.graphs import GraphSpec, Role, model_graph
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.session import provider_names
 
@@ -97,8 +97,8 @@ def check_artifact(
     if data is not None:
         images = next(iter_batches(data.head(DIAGNOSIS_IMAGES), DIAGNOSIS_IMAGES))[0]
     else:
-        images = sample_feed(model, {"N": 8}, seed)["images"]
-    tolerance = tolerances.of(model, "logits")
+        images = sample_feed(model, {"N": 8}, seed)[model.named(Role.IMAGES)]
+    tolerance = tolerances.of(model, model.named(Role.LOGITS))
     layers = layer_diagnosis(artifact, expected.model, images, tolerance, options.provider)
     first = next((row.layer for row in layers if not row.passed), None)
     node = first_failing_node(artifact, expected.model, images, tolerance, options.provider)

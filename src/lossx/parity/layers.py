@@ -27,6 +27,7 @@ from lossx.compare.elementwise import element_errors
 from lossx.compare.report import LayerRow
 from lossx.compare.tolerances import Tolerance
 from lossx.runtime.artifact import Artifact
+from lossx.runtime.graphs import Role, model_graph
 from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 
@@ -144,7 +145,8 @@ def _run_values(
         probe = Path(scratch) / "model_values.onnx"
         onnx.save_model(proto, probe)
         session = open_session(probe, SessionOptions(provider))
-    return dict(zip(names, session.run(names, {"images": images}), strict=True))
+    feed = {model_graph().named(Role.IMAGES): images}
+    return dict(zip(names, session.run(names, feed), strict=True))
 
 
 def _eager_values(program, images: np.ndarray) -> list[tuple[tuple, tuple]]:

@@ -24,7 +24,7 @@ from lossx.runtime.artifact import Artifact, load_artifact
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.evaluation import EvalResult, evaluate
 from lossx.runtime.feeds import check_batch_size, check_feed, check_outputs, softmax
-from lossx.runtime.graphs import IMAGE_SHAPE
+from lossx.runtime.graphs import IMAGE_SHAPE, Role
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
@@ -124,9 +124,11 @@ class Runtime:
         """Classify `images`: uint8 [N,32,32,3] RGB as decoded (or one [32,32,3] image), or
         float32 [N,3,32,32] already scaled to [0, 1] as the manifest's preprocessing says."""
         batch = model_input(images)
+        spec = self.artifact.graph("model").spec
+        name, output = spec.named(Role.IMAGES), spec.named(Role.LOGITS)
         logits = np.concatenate(
             [
-                self.run("model", {"images": batch[start : start + self.batch_size]})["logits"]
+                self.run("model", {name: batch[start : start + self.batch_size]})[output]
                 for start in range(0, len(batch), self.batch_size)
             ]
         )
@@ -159,7 +161,8 @@ class Runtime:
         if name not in self.artifact.manifest.loss_names:
             known = ", ".join(self.artifact.manifest.loss_names)
             raise DataError(f"the artifact has no loss {name!r}; it has {known}")
-        return self.run(self.artifact.manifest.loss_graph(name).stem, inputs)["loss"]
+        graph = self.artifact.manifest.loss_graph(name)
+        return self.run(graph.stem, inputs)[graph.named(Role.LOSS)]
 
     def evaluate(
         self,

@@ -14,6 +14,7 @@ from lossx.errors import DataError
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import check_batch_size, check_outputs, graph_feed, iter_batches
+from lossx.runtime.graphs import Role
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.session import provider_names
@@ -95,12 +96,15 @@ def evaluate(
     started = time.perf_counter()
     for images, labels in iter_batches(split, batch_size):
         model_started = time.perf_counter()
-        (logits,) = model.run(["logits"], {"images": images})
+        (logits,) = model.run(
+            [model_spec.named(Role.LOGITS)], {model_spec.named(Role.IMAGES): images}
+        )
         model_seconds += time.perf_counter() - model_started
-        check_outputs(model_spec, {"logits": logits})
+        check_outputs(model_spec, {model_spec.named(Role.LOGITS): logits})
         correct += int((logits.argmax(axis=1) == labels).sum())
         for spec, (graph, session) in losses.items():
-            (loss,) = session.run(["loss"], graph_feed(graph, images, labels, logits, None))
+            feed = graph_feed(graph, images, labels, logits, None)
+            (loss,) = session.run([graph.named(Role.LOSS)], feed)
             weight = len(labels) if spec["reduction"] in ("mean", "batchmean") else 1
             totals[spec] += float(loss.sum(dtype=np.float64)) * weight
             elements[spec] += loss.size if spec["reduction"] == "none" else len(labels)

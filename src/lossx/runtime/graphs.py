@@ -144,6 +144,10 @@ class GraphSpec:
     def output(self, name: str) -> TensorSpec:
         return next(t for t in self.outputs if t.name == name)
 
+    def named(self, role: Role) -> str:
+        """The name of the graph's (first) input or output of `role`, e.g. its logits'."""
+        return next(t.name for t in (*self.inputs, *self.outputs) if t.role is role)
+
     def _named(self, role: Role) -> tuple[str, ...]:
         return tuple(t.name for t in self.inputs if t.role is role)
 

@@ -20,7 +20,7 @@ from lossx.errors import SpecError
 from lossx.runtime.artifact import Artifact, sha256_of
 from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import graph_feed, iter_batches
-from lossx.runtime.graphs import GraphKind, GraphSpec
+from lossx.runtime.graphs import GraphKind, GraphSpec, Role
 from lossx.runtime.manifest import MANIFEST_FILE
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.weights import check_weights, read_weights
@@ -63,7 +63,7 @@ class OnnxRuntimeEngine:
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
         feed = graph_feed(self.graph, images, labels, None, {**self.parameters, **self.buffers})
-        wanted = ["loss", *self.grad_names, *self.next_buffers.values()]
+        wanted = [self.graph.named(Role.LOSS), *self.grad_names, *self.next_buffers.values()]
         loss, *outputs = self.session.run(wanted, feed)
         grads = outputs[: len(self.grad_names)]
         self.buffers.update(zip(self.next_buffers, outputs[len(self.grad_names) :], strict=True))
@@ -76,7 +76,9 @@ class OnnxRuntimeEngine:
 
     def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
         model = self.artifact.with_weights(self.state_dict())
-        logits = [model.run("model", {"images": x}, self.options)["logits"]
+        spec = model.graph("model").spec
+        name, output = spec.named(Role.IMAGES), spec.named(Role.LOGITS)
+        logits = [model.run("model", {name: x}, self.options)[output]
                   for x, _ in iter_batches(split, EVAL_BATCH)]  # fmt: skip
         return eval_scores(np.concatenate(logits), split.labels)
 
