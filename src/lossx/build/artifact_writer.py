@@ -109,6 +109,9 @@ def write_artifact(
     precision: str = "fp32",
     calibration: Calibration | None = None,
 ) -> Manifest:
+    """Write the artifact into folder `staged`: every graph, each verified, converted to
+    `precision` where it follows it, the weights file and the manifest, which the runtime then
+    loads as it would any artifact."""
     producer = producer_versions()
     common = {
         "lossx.model": model_name,
@@ -117,22 +120,7 @@ def write_artifact(
         "lossx.weights": json.dumps(weights),
         **{f"producer.{k}": v for k, v in producer.items()},
     }
-    entries = []
-    loss_graphs = [g for g in graphs if g.kind is GraphKind.LOSS]
-    exports = Graphs(model, opset, loss_graphs if len(loss_graphs) > 1 else ())
-    for spec in graphs:
-        if progress:
-            progress(spec.file)
-        metadata = {
-            **common,
-            "lossx.graph": str(spec.kind),
-            "lossx.inputs": tensor_facts(spec.inputs),
-            "lossx.outputs": tensor_facts(spec.outputs),
-        }
-        if spec.loss:
-            metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
-        proto = export_verified(spec, model, staged / spec.file, metadata, exports)
-        entries.append(GraphEntry(spec, opset, proto.ir_version))
+    entries = _exported_graphs(staged, model, graphs, opset, common, progress)
     if PRECISIONS[precision].converted:
         entries = [
             lowered(e, model, staged, precision, calibration, progress)
@@ -161,6 +149,35 @@ def write_artifact(
     (staged / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     load_artifact(staged)  # the runtime must accept exactly what was written
     return manifest
+
+
+def _exported_graphs(
+    staged: Path,
+    model: nn.Module,
+    graphs: list[GraphSpec],
+    opset: int,
+    common: dict[str, str],
+    progress: Callable[[str], None] | None,
+) -> list[GraphEntry]:
+    """Every graph exported into `staged` and verified, with the `common` metadata and its
+    own; the loss graphs exported in one torch.onnx call where there are several."""
+    entries = []
+    loss_graphs = [g for g in graphs if g.kind is GraphKind.LOSS]
+    exports = Graphs(model, opset, loss_graphs if len(loss_graphs) > 1 else ())
+    for spec in graphs:
+        if progress:
+            progress(spec.file)
+        metadata = {
+            **common,
+            "lossx.graph": str(spec.kind),
+            "lossx.inputs": tensor_facts(spec.inputs),
+            "lossx.outputs": tensor_facts(spec.outputs),
+        }
+        if spec.loss:
+            metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
+        proto = export_verified(spec, model, staged / spec.file, metadata, exports)
+        entries.append(GraphEntry(spec, opset, proto.ir_version))
+    return entries
 
 
 def lowered(

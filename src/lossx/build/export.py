@@ -119,26 +119,9 @@ def export_artifact(
     check_opset(opset)
     if PRECISIONS[precision].calibrated and calibration is None:
         calibration = load_calibration()
-    if model is not None:
-        if not isinstance(model, nn.Module):
-            raise SpecError(f"model: expected an nn.Module instance, got {type(model).__name__}")
-        model_name = f"{type(model).__module__}:{type(model).__qualname__}"
-        check_model(model, model_name)
-        model = model.eval()
-        source = source_record(model_name, sys.modules.get(type(model).__module__))
-        given = checkpoint is None
-    else:
-        model = build_model(model_name, seed)
-        source = model_source(model_name)
-        given = False
+    model, model_name, source, given = _model_to_export(model, model_name, seed, checkpoint)
     check_size(model)
-    parameters, buffers = None, ()
-    if train:
-        for spec in specs:
-            check_trainable(model, spec)
-        parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-        buffers = model_buffers(model)
-    graphs = artifact_graphs(specs, parameters, input_grad, buffers)
+    graphs = _graphs_of(model, specs, train, input_grad)
     if given:
         weights = {"file": WEIGHTS_FILE, "source": "model"}  # the instance's own weights
     else:
@@ -161,3 +144,31 @@ def export_artifact(
             ),
             ArtifactError,
         )
+
+
+def _model_to_export(
+    model: nn.Module | None, model_name: str, seed: int, checkpoint: Path | None
+) -> tuple[nn.Module, str, dict | None, bool]:
+    """The model in eval mode, its name and source record, and whether its own weights are
+    the ones to export (an instance given without a checkpoint)."""
+    if model is None:
+        return build_model(model_name, seed), model_name, model_source(model_name), False
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model: expected an nn.Module instance, got {type(model).__name__}")
+    model_name = f"{type(model).__module__}:{type(model).__qualname__}"
+    check_model(model, model_name)
+    source = source_record(model_name, sys.modules.get(type(model).__module__))
+    return model.eval(), model_name, source, checkpoint is None
+
+
+def _graphs_of(
+    model: nn.Module, specs: list[LossSpec], train: bool, input_grad: bool
+) -> list[GraphSpec]:
+    """Every graph the artifact holds; with `train`, each loss's training graph, whose
+    parameters and buffers are the model's."""
+    if not train:
+        return artifact_graphs(specs)
+    for spec in specs:
+        check_trainable(model, spec)
+    parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    return artifact_graphs(specs, parameters, input_grad, model_buffers(model))

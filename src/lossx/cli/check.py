@@ -17,7 +17,7 @@ from lossx.cli.options import (
     with_data_options,
     with_session_options,
 )
-from lossx.compare.tolerances import PROFILES, resolve_tolerances
+from lossx.compare.tolerances import PROFILES, check_overrides, resolve_tolerances
 from lossx.parity.profiles import tolerance_profiles
 from lossx.runtime.options import SessionOptions
 
@@ -119,12 +119,8 @@ def check(
         raise click.UsageError("--checkpoint and --baseline exclude each other")
     if model_name is not None and baseline is not None:
         raise click.UsageError("--model and --baseline exclude each other")
-    reports = {"json": report_json, "junit": junit_xml, "markdown": markdown}
-    to_stdout = [kind for kind, path in reports.items() if str(path) == "-"]
-    if len(to_stdout) > 1:
-        raise click.UsageError("only one of --report-json, --junit-xml and --markdown can be '-'")
-    files = {kind: path for kind, path in reports.items() if kind not in to_stdout}
-    resolve_tolerances(tolerance_profile or "fp32-cpu", atol, rtol, atol_for)  # refused first
+    files, to_stdout = _report_targets(report_json, junit_xml, markdown)
+    check_overrides(atol, rtol, atol_for)
     check_batch_size(batch_size)
     require_export_extra("lossx check")
     artifact = artifact_with_weights(artifact_dir, require_sha256, weights)
@@ -158,3 +154,15 @@ def check(
     if to_stdout:
         echo(RENDERERS[to_stdout[0]](report), nl=False)
     report.raise_if_failed()
+
+
+def _report_targets(
+    report_json: Path | None, junit_xml: Path | None, markdown: Path | None
+) -> tuple[dict[str, Path], list[str]]:
+    """The report files by kind, and the kind written to stdout (`-`), if one is."""
+    reports = {"json": report_json, "junit": junit_xml, "markdown": markdown}
+    to_stdout = [kind for kind, path in reports.items() if str(path) == "-"]
+    if len(to_stdout) > 1:
+        raise click.UsageError("only one of --report-json, --junit-xml and --markdown can be '-'")
+    files = {kind: path for kind, path in reports.items() if path and kind not in to_stdout}
+    return files, to_stdout

@@ -18,7 +18,7 @@ from lossx.cli.options import (
     with_session_options,
 )
 from lossx.cli.progress import progress_bar
-from lossx.compare.tolerances import resolve_tolerances
+from lossx.compare.tolerances import check_overrides, resolve_tolerances
 from lossx.parity.profiles import tolerance_profiles
 from lossx.runtime.loss_specs import LOSSES, catalogue_text
 from lossx.runtime.options import SessionOptions
@@ -120,7 +120,7 @@ def eval_(
 
     if (atol is not None or rtol is not None) and not compare_eager:
         raise click.UsageError("--atol and --rtol apply only with --compare-eager")
-    resolve_tolerances("fp32-cpu", atol, rtol)  # a meaningless tolerance is refused first
+    check_overrides(atol, rtol)  # a meaningless tolerance is refused first
     if compare_eager:
         require_export_extra("--compare-eager", ("torch",))
     if download:

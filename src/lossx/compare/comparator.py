@@ -272,25 +272,7 @@ def compare_runners(
             if not inputs.real and _real_images_only(graph, tolerances):
                 continue
             feed = inputs.feed(graph, scores, parameters)
-            got = _run(subject, graph, feed, inputs)
-            want = _run(reference, graph, feed, inputs)
-            losses = [t.name for t in graph.outputs if t.role is Role.LOSS]
-            loss_finite = all(np.isfinite(want[name]).all() for name in losses)
-            exact = None  # the reference in float64, run once where a gradient needs it
-            for name in graph.output_names:
-                key = (graph.stem, name)
-                rule = graph.output(name).tolerance_rule
-                if key not in accumulators:
-                    accumulators[key] = OutputAccumulator(
-                        graph.stem, name, tolerances.of(graph, name), rule
-                    )
-                finite = graph.output(name).must_be_finite(loss_finite)
-                failed = accumulators[key].add(inputs, got[name], want[name], feed, got, finite)
-                if failed and rule is ToleranceRule.GRADIENT and hasattr(reference, "run_float64"):
-                    exact = exact or _run(reference, graph, feed, inputs, float64=True)
-                    accumulators[key].judge_by_float64(
-                        inputs, got[name], want[name], exact[name], failed
-                    )
+            _compare_graph(subject, reference, graph, inputs, feed, tolerances, accumulators)
         if progress:
             progress(inputs)
     if not labels or not graphs:
@@ -308,6 +290,36 @@ def compare_runners(
         case = accumulators[(worst.graph, worst.output)].worst_case
         saved = str(case.save(repro, getattr(subject, "folder", None)))
     return replace(report, seconds=time.perf_counter() - started, repro=saved)
+
+
+def _compare_graph(
+    subject: Runner,
+    reference: Runner,
+    graph: GraphSpec,
+    inputs: InputSet,
+    feed: dict[str, np.ndarray],
+    tolerances: Tolerances,
+    accumulators: dict[tuple[str, str], OutputAccumulator],
+) -> None:
+    """Run `graph` on both runners for `feed` and add every output to its accumulator; a
+    gradient that misses its rule is judged against the reference run in float64 (once)."""
+    got = _run(subject, graph, feed, inputs)
+    want = _run(reference, graph, feed, inputs)
+    losses = [t.name for t in graph.outputs if t.role is Role.LOSS]
+    loss_finite = all(np.isfinite(want[name]).all() for name in losses)
+    exact = None  # the reference in float64, run once where a gradient needs it
+    for name in graph.output_names:
+        key = (graph.stem, name)
+        rule = graph.output(name).tolerance_rule
+        if key not in accumulators:
+            accumulators[key] = OutputAccumulator(
+                graph.stem, name, tolerances.of(graph, name), rule
+            )
+        finite = graph.output(name).must_be_finite(loss_finite)
+        failed = accumulators[key].add(inputs, got[name], want[name], feed, got, finite)
+        if failed and rule is ToleranceRule.GRADIENT and hasattr(reference, "run_float64"):
+            exact = exact or _run(reference, graph, feed, inputs, float64=True)
+            accumulators[key].judge_by_float64(inputs, got[name], want[name], exact[name], failed)
 
 
 def _real_images_only(graph: GraphSpec, tolerances: Tolerances) -> bool:

@@ -166,6 +166,28 @@ class Tolerances:
         return explicit or rule_tolerance(graph.output(output).tolerance_rule, base)
 
 
+def check_overrides(
+    atol: float | None = None, rtol: float | None = None, atol_for: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Refuse an --atol or --rtol that is not a finite number >= 0, or an --atol-for item that
+    is not OUTPUT=X; return the --atol-for items by output. Torch-free and quick: the command
+    line checks them before any work."""
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None:
+            _check_finite(name, value)
+    per_output = {}
+    for item in atol_for:
+        key, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not sep or not key or not (number >= 0 and math.isfinite(number)):
+            raise SpecError(f"--atol-for {item!r}: write OUTPUT=X or GRAPH/OUTPUT=X, X >= 0")
+        per_output[key] = number
+    return per_output
+
+
 def resolve_tolerances(
     profile: str = DEFAULT_PROFILE,
     atol: float | None = None,
@@ -178,9 +200,7 @@ def resolve_tolerances(
     for name in (profile, fp32_profile or profile):
         if name not in PROFILES:
             raise SpecError(f"unknown tolerance profile {name!r}; choose {', '.join(PROFILES)}")
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if value is not None:
-            _check_finite(name, value)
+    per_output = check_overrides(atol, rtol, atol_for)
 
     def overridden(base: Tolerance) -> Tolerance:
         return replace(
@@ -191,14 +211,5 @@ def resolve_tolerances(
 
     default = overridden(PROFILES[profile])
     fp32 = overridden(PROFILES[fp32_profile]) if fp32_profile else None
-    per_output = {}
-    for item in atol_for:
-        key, sep, value = item.partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            number = float("nan")
-        if not sep or not key or not (number >= 0 and math.isfinite(number)):
-            raise SpecError(f"--atol-for {item!r}: write OUTPUT=X or GRAPH/OUTPUT=X, X >= 0")
-        per_output[key] = replace(default, atol=number)
+    per_output = {key: replace(default, atol=number) for key, number in per_output.items()}
     return Tolerances(default, per_output, fp32)
