@@ -4,7 +4,7 @@ The names below load on first use, so that the torch-free modules of this packag
 (lossx.build.torch_side, lossx.build.preflight) can be imported without importing torch.
 """
 
-import importlib
+from lossx import lazy_exports
 
 _EXPORTS = {
     "MODELS": "models",
@@ -18,14 +18,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
