@@ -14,9 +14,10 @@ from torch import nn
 
 from lossx.build.export import export_loss
 from lossx.build.losses import exported_loss, reference_loss
+from lossx.build.preflight import MIN_OPSET
 from lossx.build.torch_onnx import max_opset
 from lossx.errors import SpecError
-from lossx.runtime.graphs import MIN_OPSET, loss_graph, resolve_losses
+from lossx.runtime.graphs import loss_graph, resolve_losses
 from lossx.runtime.loss_specs import LOSSES, parse_loss_spec
 from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session

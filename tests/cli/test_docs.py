@@ -79,3 +79,14 @@ def test_the_readmes_own_model_exports_trains_and_checks(tmp_path, monkeypatch):
     result = run_cli("check", "mine", "--limit", "64")
     assert result.exit_code == 0, result.output
     assert "train_ce/grad.block.weight" in result.stdout
+
+
+def test_the_architecture_names_every_module_under_its_package():
+    """docs/architecture.md's tree lists every module of src/lossx under its own package."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    tree = text[text.index("```\nsrc/lossx/") : text.index("```", text.index("src/lossx/"))]
+    sections = re.split(r"\n  (?=\w+/ )", tree)
+    listed = {s.split("/", 1)[0]: set(re.findall(r"\b(\w+)\.py\b", s)) for s in sections[1:]}
+    for path in sorted((REPO / "src" / "lossx").glob("*/*.py")):
+        if path.stem not in ("__init__", "__main__"):
+            assert path.stem in listed.get(path.parent.name, set()), f"{path} is not in the tree"

@@ -25,18 +25,11 @@ from lossx.build.models import (
     model_source,
     source_record,
 )
-from lossx.build.preflight import check_export_request
+from lossx.build.preflight import DEFAULT_OPSET, MIN_OPSET, check_export_request
 from lossx.build.torch_onnx import max_opset
 from lossx.errors import ArtifactError, SpecError
 from lossx.files import sole_writer, write_folder_atomically
-from lossx.runtime.graphs import (
-    DEFAULT_MODEL,
-    DEFAULT_OPSET,
-    MIN_OPSET,
-    GraphSpec,
-    artifact_graphs,
-    loss_graph,
-)
+from lossx.runtime.graphs import DEFAULT_MODEL, GraphSpec, artifact_graphs, loss_graph
 from lossx.runtime.loss_specs import DEFAULT_LOSSES, LossSpec, parse_loss_spec
 from lossx.runtime.manifest import Manifest
 from lossx.runtime.precisions import PRECISIONS

@@ -9,16 +9,12 @@ from torch import nn
 
 import lossx
 from lossx.build.graph_modules import MODULES, exported_module
+from lossx.build.preflight import DEFAULT_OPSET
 from lossx.build.self_check import verify_graph
 from lossx.build.surgery import fused_proto
 from lossx.build.torch_onnx import exported_proto, exported_together
 from lossx.errors import ExportError, first_line
-from lossx.runtime.graphs import (
-    DEFAULT_OPSET,
-    GraphSpec,
-    loss_graph,
-    model_graph,
-)
+from lossx.runtime.graphs import GraphSpec, loss_graph, model_graph
 
 
 class Graphs:

@@ -1,6 +1,6 @@
 """What an export is asked to do, checked before torch is imported (this module imports no
-torch): `lossx export` calls it while parsing, `export_artifact` calls it for every caller, so
-the two cannot check differently."""
+torch, nor numpy until it checks): `lossx export` calls it while parsing, `export_artifact`
+calls it for every caller, so the two cannot check differently. The opsets lossx exports at."""
 
 from pathlib import Path
 
@@ -8,10 +8,11 @@ from lossx.errors import ArtifactError, SpecError
 from lossx.files import check_destination
 from lossx.runtime.graphs import resolve_losses
 from lossx.runtime.loss_specs import LossSpec
-from lossx.runtime.manifest import MANIFEST_FILE
 from lossx.runtime.options import check_seed
 from lossx.runtime.precisions import check_precision
-from lossx.training.checkpoints import check_checkpoint_kind
+
+MIN_OPSET = 17  # every graph exports from this opset on (up to what the installed tools support)
+DEFAULT_OPSET = 20
 
 
 def check_export_request(
@@ -28,6 +29,9 @@ def check_export_request(
     cannot be exported: a loss spec, --input-grad without --train, a precision with options
     that do not go with it, a seed, a checkpoint that is neither an .npz nor a torch checkpoint,
     a destination that cannot be written."""
+    from lossx.runtime.manifest import MANIFEST_FILE
+    from lossx.training.checkpoints import check_checkpoint_kind
+
     specs = resolve_losses(losses)
     if input_grad and not train:
         raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")

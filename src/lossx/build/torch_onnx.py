@@ -22,13 +22,11 @@ from lossx.build.graph_modules import Together, exported_module
 from lossx.build.models import (
     user_code_at,
 )
+from lossx.build.preflight import MIN_OPSET
 from lossx.build.surgery import conformed, part_of
 from lossx.compare.inputs import EXAMPLE_SIZES, sample_feed
 from lossx.errors import ExportError, ModelError, first_line
-from lossx.runtime.graphs import (
-    MIN_OPSET,
-    GraphSpec,
-)
+from lossx.runtime.graphs import GraphSpec
 
 EXPORTER_MIN_OPSET = 18  # torch.onnx (dynamo) writes 18 and newer; older ones are converted
 

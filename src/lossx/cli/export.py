@@ -4,13 +4,14 @@ from pathlib import Path
 
 import click
 
+from lossx.build.preflight import DEFAULT_OPSET, MIN_OPSET
 from lossx.build.torch_side import import_for_good, require_export_extra
 from lossx.cli.app import echo, main
 from lossx.cli.options import (
     SEED,
     path_arg,
 )
-from lossx.runtime.graphs import DEFAULT_MODEL, DEFAULT_OPSET, MIN_OPSET
+from lossx.runtime.graphs import DEFAULT_MODEL
 from lossx.runtime.loss_specs import DEFAULT_LOSSES
 from lossx.runtime.precisions import CALIBRATION_METHODS, PRECISIONS
 

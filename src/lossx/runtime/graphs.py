@@ -16,8 +16,6 @@ from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
 DEFAULT_MODEL = "tudui"
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
-MIN_OPSET = 17  # every graph exports from this opset on (up to what the installed tools support)
-DEFAULT_OPSET = 20
 
 
 class GraphKind(StrEnum):

@@ -1,4 +1,4 @@
-"""The training recipe both engines follow: data order, augmentation, LR schedule, clipping.
+"""The recipe's steps, which both engines take: data order, augmentation, LR schedule, clipping.
 
 Everything here is numpy, so `lossx train --engine torch` and `--engine onnxruntime` draw the
 same batches and take the same steps from the same seed. Epoch e's randomness (shuffle, then
