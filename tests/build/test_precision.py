@@ -1,6 +1,7 @@
 """int8 and fp16 artifacts: the size and accuracy goals on the real test images, the model part
 spliced into the fused graphs with the loss kept fp32, the gate, and every refusal."""
 
+import dataclasses
 import json
 import pickle
 
@@ -178,7 +179,8 @@ def test_a_converted_graph_onnx_runtime_cannot_load_is_refused(monkeypatch, tmp_
         model.graph.node[0].op_type = "NoSuchOp"
         onnx.save(model, path)
 
-    monkeypatch.setattr(precision, "_quantize", broken)
+    converter = dataclasses.replace(precision.CONVERTERS["int8"], convert=broken)
+    monkeypatch.setitem(precision.CONVERTERS, "int8", converter)
     out = tmp_path / "out"
     result = run_cli("export", out, "--precision", "int8")
     assert_one_line_error(result, 2, "ONNX Runtime cannot load the int8 graph")
