@@ -73,6 +73,21 @@ def test_eval_session_options(cli_artifact, test_split):
     assert bad.exit_code == 2 and "Invalid value for '--optimization'" in bad.stderr
 
 
+def test_eval_draws_the_confusion_matrix_it_reports(cli_artifact, tmp_path):
+    picture = tmp_path / "confusion.png"
+    result = run_cli("eval", cli_artifact, "--limit", "100", "--confusion-png", picture,
+                     "--json", tmp_path / "eval.json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"wrote {picture}: the confusion matrix" in result.stderr
+    confusion = json.loads((tmp_path / "eval.json").read_text())["eval"]["confusion"]
+    assert sum(map(sum, confusion)) == 100
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.width > 10 * 40
+    for bad in ("-", tmp_path / "missing" / "c.png"):
+        refused = run_cli("eval", cli_artifact, "--confusion-png", bad)
+        assert refused.exit_code == 2 and "--confusion-png" in refused.stderr
+
+
 def test_eval_without_data_dir_uses_the_packaged_sample(cli_artifact):
     result = run_cli("eval", cli_artifact, "--limit", "50", "--batch-size", "16")
     assert result.exit_code == 0, result.output

@@ -1,5 +1,7 @@
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,6 +21,7 @@ def eager_figures(trained_artifact, test_split):
     probabilities = logits.softmax(dim=1)
     one_hot = nn.functional.one_hot(labels, 10).double()
     return {
+        "predicted": logits.argmax(dim=1).numpy(),
         "accuracy": (logits.argmax(dim=1) == labels).double().mean().item(),
         "ce": nn.functional.cross_entropy(logits, labels).item(),
         "mse": nn.functional.mse_loss(probabilities, one_hot).item(),
@@ -66,3 +69,32 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_early(artifact, test_split
     with pytest.raises(DataError, match=r"batch size 10,000 needs about 2.2 GB of memory; 1.0 GB"):
         evaluate(artifact, test_split, batch_size=10_000)
     evaluate(artifact, test_split.head(10), batch_size=4_000)  # 0.9 GB fits
+
+
+def test_per_class_accuracy_and_confusion_count_what_eager_torch_predicts(
+    trained_artifact, test_split, eager_figures
+):
+    result = evaluate(trained_artifact, test_split, batch_size=64)
+    predicted, labels = eager_figures["predicted"], test_split.labels
+    expected = np.zeros((10, 10), np.int64)
+    np.add.at(expected, (labels, predicted), 1)
+    assert result.confusion == expected.tolist()
+    assert result.class_names == list(trained_artifact.manifest.class_names)
+    data = json.loads(json.dumps(result.to_dict()))
+    for index, name in enumerate(result.class_names):
+        mine = labels == index
+        assert data["per_class_accuracy"][name] == pytest.approx((predicted[mine] == index).mean())
+    assert sum(map(sum, data["confusion"])) == 1000
+    text = result.to_text()
+    assert "most often taken for" in text and "airplane" in text.split("most often taken for")[1]
+
+
+def test_a_class_without_images_has_no_accuracy(artifact, test_split):
+    cats = test_split.labels == 3
+    only_cats = replace(test_split, images=test_split.images[cats], labels=test_split.labels[cats])
+    result = evaluate(artifact, only_cats)
+    shares = {name: share for name, _, share in result.per_class}
+    assert shares["cat"] is not None and shares["dog"] is None
+    assert result.to_dict()["per_class_accuracy"]["dog"] is None
+    dog_row = next(line for line in result.per_class_text().splitlines() if line.startswith("dog"))
+    assert dog_row.split()[1:] == ["0", "-", "-"]

@@ -19,6 +19,7 @@ from lossx.cli.options import (
 )
 from lossx.cli.progress import progress_bar
 from lossx.compare.tolerances import check_overrides, resolve_tolerances
+from lossx.files import write_atomically
 from lossx.parity.profiles import tolerance_profiles
 from lossx.runtime.loss_specs import LOSSES, catalogue_text
 from lossx.runtime.options import SessionOptions
@@ -95,6 +96,12 @@ def losses(as_json: bool) -> None:
     help="Also run eager PyTorch and check parity, under the artifact's precision's tolerance "
     "profile (fp32: fp32-cuda on CUDA, else fp32-cpu).",
 )
+@click.option(
+    "--confusion-png",
+    type=path_arg(dir_okay=False),
+    callback=output_check("picture"),
+    help="Also draw the confusion matrix (rows: true class, columns: predicted) to this PNG.",
+)
 @click.option("--atol", type=float, help="Absolute tolerance for --compare-eager.")
 @click.option("--rtol", type=float, help="Relative tolerance for --compare-eager.")
 def eval_(
@@ -111,6 +118,7 @@ def eval_(
     compare_eager: bool,
     atol: float | None,
     rtol: float | None,
+    confusion_png: Path | None,
     session: SessionOptions,
 ) -> None:
     """Evaluate the artifact in ARTIFACT_DIR on CIFAR-10 with ONNX Runtime."""
@@ -146,6 +154,12 @@ def eval_(
         result = evaluate(artifact, data, batch_size, session, bar.update)
     to_stderr = json_path == "-"  # stdout then carries the JSON alone
     echo(result.to_text(), err=to_stderr)
+    if confusion_png is not None:
+        from lossx.runtime.pictures import confusion_png as draw
+
+        picture = draw(result)
+        write_atomically(confusion_png, lambda f: f.write(picture))
+        click.echo(f"wrote {confusion_png}: the confusion matrix", err=True)
     report = None
     if compare_eager:
         from lossx.parity.check import compare_with_eager

@@ -37,9 +37,23 @@ class EvalResult:
     images_per_second: float
     model_images_per_second: float  # model graph alone
     providers: list[str]  # execution providers ONNX Runtime really used, in order
+    class_names: list[str]  # the artifact's, in class-index order
+    # confusion[true][predicted]: how many images of class `true` the model took for `predicted`
+    confusion: list[list[int]]
+
+    @property
+    def per_class(self) -> list[tuple[str, int, float | None]]:
+        """(class name, images of it, share the model got right: None where there are none)."""
+        rows = []
+        for index, name in enumerate(self.class_names):
+            count = sum(self.confusion[index])
+            rows.append((name, count, self.confusion[index][index] / count if count else None))
+        return rows
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["per_class_accuracy"] = {name: share for name, _, share in self.per_class}
+        return data
 
     def to_text(self) -> str:
         """The table `lossx eval` prints."""
@@ -63,7 +77,21 @@ class EvalResult:
             ("providers", ", ".join(self.providers)),
         ]
         width = max(len(label) for label, _ in rows)
-        return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+        table = "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+        return table + "\n\n" + self.per_class_text()
+
+    def per_class_text(self) -> str:
+        """Each class's images and accuracy, and what the model most often took it for."""
+        width = max(len("class"), *(len(name) for name in self.class_names))
+        lines = [f"{'class':<{width}}  {'images':>7}  {'accuracy':>8}  most often taken for"]
+        for index, (name, count, share) in enumerate(self.per_class):
+            row = self.confusion[index]
+            wrong = [(n, other) for other, n in enumerate(row) if other != index and n]
+            worst = max(wrong, default=None)
+            taken = f"{self.class_names[worst[1]]} ({worst[0]:,})" if worst else "-"
+            accuracy = f"{share:.2%}" if share is not None else "-"
+            lines.append(f"{name:<{width}}  {count:>7,}  {accuracy:>8}  {taken}")
+        return "\n".join(lines)
 
 
 def evaluate(
@@ -89,7 +117,8 @@ def evaluate(
     losses = {
         loss: (graph, artifact.session(graph.stem, options)) for loss, graph in graphs.items()
     }
-    correct = 0
+    classes = len(artifact.manifest.class_names)
+    confusion = np.zeros((classes, classes), np.int64)
     totals = dict.fromkeys(losses, 0.0)
     elements = dict.fromkeys(losses, 0)
     model_seconds = 0.0
@@ -101,7 +130,8 @@ def evaluate(
         )
         model_seconds += time.perf_counter() - model_started
         check_outputs(model_spec, {model_spec.named(Role.LOGITS): logits})
-        correct += int((logits.argmax(axis=1) == labels).sum())
+        pairs = labels.astype(np.int64) * classes + logits.argmax(axis=1)
+        confusion += np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
         for spec, (graph, session) in losses.items():
             feed = graph_feed(graph, images, labels, logits, None)
             (loss,) = session.run([graph.named(Role.LOSS)], feed)
@@ -119,13 +149,15 @@ def evaluate(
         data=split.source,
         images=count,
         batch_size=batch_size,
-        top1_accuracy=correct / count,
+        top1_accuracy=int(np.trace(confusion)) / count,
         losses={spec.name: _aggregate(spec, totals[spec], elements[spec]) for spec in losses},
         loss_definitions={spec.name: spec.eval_description for spec in losses},
         seconds=seconds,
         images_per_second=count / seconds,
         model_images_per_second=count / model_seconds,
         providers=provider_names(model),
+        class_names=list(artifact.manifest.class_names),
+        confusion=confusion.tolist(),
     )
 
 
