@@ -49,11 +49,30 @@ NOT_A_MODEL = 3
 '''
 
 
+SIZED = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    """A model whose constructor takes arguments: its width and how it pools."""
+
+    def __init__(self, width=8, pool="max"):
+        super().__init__()
+        pooling = nn.AdaptiveAvgPool2d(1) if pool == "avg" else nn.AdaptiveMaxPool2d(1)
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), pooling,
+                                  nn.Flatten(), nn.Linear(width, 10))
+
+    def forward(self, images):
+        return self.body(images)
+'''
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     folder = tmp_path_factory.mktemp("project")
     (folder / "lossx_user_net.py").write_text(RESNET_STYLE)
     (folder / "lossx_user_broken.py").write_text("import nosuchpackage_xyz\n")
+    (folder / "lossx_user_sized.py").write_text(SIZED)
     (folder / "lossx_user_shape.py").write_text(
         "from torch import nn\nclass Wide(nn.Module):\n    def __init__(self):\n"
         "        super().__init__()\n        self.fc = nn.Linear(3 * 32 * 32, 11)\n"
@@ -159,3 +178,51 @@ def test_export_takes_a_model_instance(project, tmp_path, monkeypatch):
     assert (shipped == 0.25).all()
     with pytest.raises(SpecError, match=r"expected an nn\.Module instance"):
         export_artifact(tmp_path / "other", model=nn.Linear)
+
+
+def test_constructor_arguments_are_recorded_and_rebuilt(project, tmp_path, monkeypatch):
+    """--model-arg KEY=VALUE: Python literals given to the constructor, recorded in the
+    manifest, and used again by check to rebuild the same model."""
+    require_shared(shared_cifar10_dir())
+    monkeypatch.chdir(project)
+    out, model = tmp_path / "art", ["--model", "lossx_user_sized:Net"]
+    result = run_cli("export", out, *model, "--model-arg", "width=4", "--model-arg",
+                     "pool='avg'", "--init", "random", "--loss", "ce", "--train")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_args"] == {"width": 4, "pool": "avg"}
+    assert load_artifact(out).state_dict()["body.0.weight"].shape == (4, 3, 3, 3)
+    result = run_cli("check", out, "--limit", "64")
+    assert result.exit_code == 0, result.output
+    narrower = run_cli("check", out, *model, "--model-arg", "width=2", "--limit", "8")
+    assert_one_line_error(narrower, 2, "body.0.weight")
+    assert_one_line_error(run_cli("check", out, "--model-arg", "width=4"), 2, "goes with --model")
+    checkpoint = tmp_path / "c.pt"
+    train = ["train", "--data-dir", shared_cifar10_dir(), *model, "--limit", "64",
+             "--batch-size", "32", "--epochs", "1", "--out", checkpoint]  # fmt: skip
+    result = run_cli(*train, "--model-arg", "width=4")
+    assert result.exit_code == 0, result.output
+    assert torch.load(checkpoint, weights_only=True)["config"]["model_args"] == {"width": 4}
+    resumed = run_cli(*train[:-4], "--epochs", "2", "--model-arg", "width=6",
+                      "--resume", checkpoint, "--out", checkpoint)  # fmt: skip
+    assert_one_line_error(resumed, 2, "--model-arg {'width': 6} (it has {'width': 4})")
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("width", "write KEY=VALUE"),
+        ("2width=3", "write KEY=VALUE"),
+        ("width=wide", "is not a Python literal (quote a string: width='wide')"),
+        ("width=__import__('os')", "is not a Python literal"),
+        ("width=1j", "a complex cannot be recorded in the manifest"),
+        ("width=float('nan')", "is not a Python literal"),
+        ("depth=3", "unexpected keyword argument 'depth'"),
+    ],
+)
+def test_a_bad_constructor_argument_is_one_line(project, tmp_path, monkeypatch, item, message):
+    monkeypatch.chdir(project)
+    result = run_cli("export", tmp_path / "art", "--model", "lossx_user_sized:Net",
+                     "--model-arg", item, "--init", "random")  # fmt: skip
+    assert_one_line_error(result, 2, message)
+    assert not (tmp_path / "art").exists()

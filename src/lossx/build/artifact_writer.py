@@ -101,6 +101,7 @@ def write_artifact(
     model: nn.Module,
     model_name: str,
     source: dict | None,
+    model_args: dict,
     losses: list[LossSpec],
     graphs: list[GraphSpec],
     weights: dict,
@@ -133,6 +134,7 @@ def write_artifact(
     manifest = Manifest(
         model=model_name,
         model_source=source,
+        model_args=model_args,
         opset=opset,
         class_names=CLASS_NAMES,
         preprocessing=PREPROCESSING,

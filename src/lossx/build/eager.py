@@ -28,16 +28,22 @@ class EagerRunner:
 
     @classmethod
     def of_artifact(
-        cls, artifact: Artifact, checkpoint: Path | None = None, model_name: str | None = None
+        cls,
+        artifact: Artifact,
+        checkpoint: Path | None = None,
+        model_name: str | None = None,
+        model_args: dict[str, object] | None = None,
     ) -> "EagerRunner":
         """The artifact's model rebuilt as its manifest records it (or as `model_name`, a
-        registry name or MODULE:ATTR, says) with the artifact's weights
-        (`artifact.state_dict()`), or with a checkpoint's."""
+        registry name or MODULE:ATTR, says, constructed with `model_args` or else the
+        manifest's) with the artifact's weights (`artifact.state_dict()`), or with a
+        checkpoint's."""
         manifest = artifact.manifest
         if model_name is None:
             model, described = rebuild_model(manifest), manifest.model
         else:
-            model, described = build_model(model_name), f"{model_name} (--model)"
+            args = manifest.model_args if model_args is None else model_args
+            model, described = build_model(model_name, args=args), f"{model_name} (--model)"
         if checkpoint is None:
             weights = artifact.state_dict()
             check_weights(weights, weights_to_arrays(model))
@@ -74,7 +80,7 @@ def rebuild_model(manifest: Manifest) -> nn.Module:
     """The eager model an artifact was exported from: from the registry, or imported again from
     the manifest's MODULE:ATTR, refused when that source changed since the export."""
     try:
-        model = build_model(manifest.model)
+        model = build_model(manifest.model, args=manifest.model_args)
         source = model_source(manifest.model)
     except SpecError as e:
         why = str(e).removeprefix(f"--model {manifest.model}: ")

@@ -89,13 +89,15 @@ def export_artifact(
     input_grad: bool = False,
     precision: str = "fp32",
     calibration: Calibration | None = None,
+    model_args: dict[str, object] | None = None,
 ) -> Manifest:
     """Export the model, each loss alone and each model+loss pair into `out_dir`; with
     `train`, also a training graph per loss (loss, logits and every parameter's gradient,
     plus the images' gradient with `input_grad`).
 
-    The model is `model_name` (a registry name or a `MODULE:ATTR` import path), or `model`, an
-    nn.Module instance (recorded as its class's import path). The weights come from
+    The model is `model_name` (a registry name or a `MODULE:ATTR` import path) constructed with
+    keyword `model_args`, or `model`, an nn.Module instance (recorded as its class's import
+    path). The weights come from
     `checkpoint` if given, else from an instance's own weights, else from the trained weights
     lossx ships (`init="trained"`) or from `seed` (`init="random"`).
 
@@ -112,7 +114,12 @@ def export_artifact(
     check_opset(opset)
     if PRECISIONS[precision].calibrated and calibration is None:
         calibration = load_calibration()
-    model, model_name, source, given = _model_to_export(model, model_name, seed, checkpoint)
+    if model is not None and model_args:
+        raise SpecError("model_args construct a model by name; an instance is already built")
+    model_args = dict(model_args or {})
+    model, model_name, source, given = _model_to_export(
+        model, model_name, seed, checkpoint, model_args
+    )
     check_size(model)
     graphs = _graphs_of(model, specs, train, input_grad)
     if given:
@@ -127,6 +134,7 @@ def export_artifact(
                 model,
                 model_name,
                 source,
+                model_args,
                 specs,
                 graphs,
                 weights,
@@ -140,12 +148,13 @@ def export_artifact(
 
 
 def _model_to_export(
-    model: nn.Module | None, model_name: str, seed: int, checkpoint: Path | None
+    model: nn.Module | None, model_name: str, seed: int, checkpoint: Path | None, args: dict
 ) -> tuple[nn.Module, str, dict | None, bool]:
     """The model in eval mode, its name and source record, and whether its own weights are
     the ones to export (an instance given without a checkpoint)."""
     if model is None:
-        return build_model(model_name, seed), model_name, model_source(model_name), False
+        built = build_model(model_name, seed, args)
+        return built, model_name, model_source(model_name), False
     if not isinstance(model, nn.Module):
         raise SpecError(f"model: expected an nn.Module instance, got {type(model).__name__}")
     model_name = f"{type(model).__module__}:{type(model).__qualname__}"

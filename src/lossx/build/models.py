@@ -164,13 +164,16 @@ def packaged_weights(name: str) -> Path:
     return Path(str(resources.files("lossx.build").joinpath("weights", PACKAGED_WEIGHTS[name])))
 
 
-def build_model(name: str = DEFAULT_MODEL, seed: int = 0) -> nn.Module:
-    """A model from the registry or a `MODULE:ATTR` import path, its initial weights drawn from
-    `seed`, in eval mode, checked to map [N,3,32,32] images to [N,10] logits."""
+def build_model(
+    name: str = DEFAULT_MODEL, seed: int = 0, args: dict[str, object] | None = None
+) -> nn.Module:
+    """A model from the registry or a `MODULE:ATTR` import path, constructed with keyword
+    `args`, its initial weights drawn from `seed`, in eval mode, checked to map [N,3,32,32]
+    images to [N,10] logits."""
     constructor = model_constructor(name)
     torch.manual_seed(seed)
     try:
-        model = constructor()
+        model = constructor(**(args or {}))
     except Exception as e:
         raise SpecError(f"--model {name}: constructing it failed: {first_line(e)}") from None
     if not isinstance(model, nn.Module):

@@ -95,7 +95,9 @@ class TorchEngine:
         self.out = out
         self.loss_spec = config.loss_spec()
         self.loss = OnLogits(reference_loss(self.loss_spec), self.loss_spec)
-        self.model = build_model(config.model, config.seed).to(memory_format=memory_format)
+        self.model = build_model(config.model, config.seed, config.model_args).to(
+            memory_format=memory_format
+        )
         if not any(True for _ in self.model.parameters()):
             raise SpecError(
                 f"--model {config.model} has no parameters, so there is nothing to train"

@@ -10,6 +10,7 @@ from lossx.cli.options import (
     SEED,
     STDOUT_HELP,
     artifact_with_weights,
+    model_arg_option,
     output_check,
     path_arg,
     require_sha256_option,
@@ -41,6 +42,7 @@ from lossx.runtime.options import SessionOptions
     help="The eager model, a registry name or MODULE:ATTR, instead of the one the manifest "
     "records (e.g. after its module moved); it must take the artifact's weights.",
 )
+@model_arg_option
 @with_data_options
 @with_session_options
 @click.option(
@@ -90,6 +92,7 @@ def check(
     checkpoint: Path | None,
     baseline: Path | None,
     model_name: str | None,
+    model_args: dict[str, object],
     data_dir: Path | None,
     split: str,
     limit: int | None,
@@ -119,6 +122,8 @@ def check(
         raise click.UsageError("--checkpoint and --baseline exclude each other")
     if model_name is not None and baseline is not None:
         raise click.UsageError("--model and --baseline exclude each other")
+    if model_args and model_name is None:
+        raise click.UsageError("--model-arg goes with --model; the artifact records its own")
     files, to_stdout = _report_targets(report_json, junit_xml, markdown)
     check_overrides(atol, rtol, atol_for)
     check_batch_size(batch_size)
@@ -148,6 +153,7 @@ def check(
         repro=repro or repro_beside(list(files.values())),
         progress=lambda inputs: click.echo(f"compared {inputs.label}", err=True),
         model_name=model_name,
+        model_args=model_args or None,
     )
     echo(to_text(report), err=bool(to_stdout))
     write_reports(report, files)

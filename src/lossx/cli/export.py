@@ -9,6 +9,7 @@ from lossx.build.torch_side import import_for_good, require_export_extra
 from lossx.cli.app import echo, main
 from lossx.cli.options import (
     SEED,
+    model_arg_option,
     path_arg,
 )
 from lossx.runtime.graphs import DEFAULT_MODEL
@@ -27,6 +28,7 @@ from lossx.runtime.precisions import CALIBRATION_METHODS, PRECISIONS
     help="A registry model, or your own: MODULE:ATTR, an nn.Module subclass or a function "
     "returning one (imported with the current directory first on sys.path).",
 )
+@model_arg_option
 @click.option(
     "--loss",
     "losses",

@@ -14,6 +14,7 @@ from lossx.runtime.options import (
     PROVIDER_CHOICES,
     SessionOptions,
     check_sha256,
+    parse_model_args,
 )
 
 
@@ -146,6 +147,24 @@ def with_session_options(command):
         ),
     ]
     return with_options(with_session, options)
+
+
+def _model_args(ctx, param, value: tuple[str, ...]) -> dict[str, object]:
+    try:
+        return parse_model_args(value)
+    except LossxError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
+model_arg_option = click.option(
+    "--model-arg",
+    "model_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_model_args,
+    help="A keyword argument of the model's constructor, VALUE a Python literal (e.g. "
+    "num_classes=10, dropout=0.0, name='s'); repeatable.",
+)
 
 
 def given_on_command_line(options: dict) -> dict:

@@ -10,6 +10,7 @@ from lossx.cli.options import (
     SEED,
     STDOUT_HELP,
     given_on_command_line,
+    model_arg_option,
     output_check,
     path_arg,
     with_session_options,
@@ -43,6 +44,7 @@ RECIPE = TrainConfig()  # the defaults of lossx train's options
     metavar="NAME|MODULE:ATTR",
     help="--engine torch: a registry model or your own MODULE:ATTR (as for export).",
 )
+@model_arg_option
 @click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=RECIPE.epochs,
               show_default=True, help="Passes over the training images.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(1, MAX_TRAIN_BATCH), default=RECIPE.batch_size,
@@ -152,8 +154,10 @@ def train(
         )
     if engine == "onnxruntime" and artifact_dir is None:
         raise click.UsageError("--engine onnxruntime needs ARTIFACT_DIR (exported with --train)")
-    if engine == "onnxruntime" and recipe["model"] != RECIPE.model:
-        raise click.UsageError("--model is for --engine torch; onnxruntime trains ARTIFACT_DIR's")
+    if engine == "onnxruntime" and (recipe["model"] != RECIPE.model or recipe["model_args"]):
+        raise click.UsageError(
+            "--model and --model-arg are for --engine torch; onnxruntime trains ARTIFACT_DIR's"
+        )
     config = TrainConfig(**recipe)
     config.validate()
     given = given_on_command_line(recipe)  # with --resume, each must agree with the checkpoint

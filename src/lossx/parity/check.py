@@ -55,6 +55,7 @@ def check_artifact(
     repro: Path | None = None,
     progress: Callable[[InputSet], None] | None = None,
     model_name: str | None = None,
+    model_args: dict[str, object] | None = None,
 ) -> ParityReport:
     """Compare every output of every graph of `artifact` with eager PyTorch on the artifact's
     weights, on a checkpoint's (`reference` a path), or with a baseline artifact's outputs
@@ -64,7 +65,7 @@ def check_artifact(
     if baseline is not None:
         expected = RunOnce(OnnxRuntimeRunner.of_artifact(baseline, "baseline artifact", options))
     else:
-        expected = RunOnce(EagerRunner.of_artifact(artifact, reference, model_name))
+        expected = RunOnce(EagerRunner.of_artifact(artifact, reference, model_name, model_args))
     inputs = random_input_sets(seed)
     if data is not None:
         inputs = chain(real_input_sets(data, batch_size, odd_batches=True), inputs)

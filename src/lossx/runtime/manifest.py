@@ -79,6 +79,8 @@ class Manifest:
     producer: dict[str, str]  # package versions that produced the artifact
     # For a MODULE:ATTR model: {"import", "file", "sha256"} of its module's source
     model_source: dict | None = None
+    # the keyword arguments the model was constructed with (--model-arg), if any
+    model_args: dict = field(default_factory=dict)
     # {"name": "fp32" | "int8" | "fp16", ...how it was made}; the model and fused graphs are
     # at this precision, the loss graphs fp32 (GraphKind.follows_precision)
     precision: dict = field(default_factory=lambda: {"name": "fp32"})
@@ -98,7 +100,7 @@ class Manifest:
             "files": self.files,
             "producer": self.producer,
             "precision": self.precision,
-        }
+        } | ({"model_args": self.model_args} if self.model_args else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
@@ -122,6 +124,7 @@ class Manifest:
         manifest = cls(
             model=data["model"],
             model_source=data.get("model_source"),
+            model_args=dict(data.get("model_args") or {}),
             opset=int(data["opset"]),
             class_names=tuple(data["class_names"]),
             preprocessing=dict(data["preprocessing"]),

@@ -2,6 +2,8 @@
 module to parse its options quickly): how ONNX Runtime sessions run, sha256s, seeds.
 """
 
+import ast
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -51,6 +53,42 @@ class SessionOptions:
 
 
 DEFAULT_SESSION = SessionOptions()  # the CPU, a thread per core, every optimisation
+
+
+def parse_model_args(items: tuple[str, ...]) -> dict[str, object]:
+    """`--model-arg KEY=VALUE` items as constructor keyword arguments: each VALUE a Python
+    literal (a number, a quoted string, True/False/None, a list or tuple of them), read with
+    ast.literal_eval (nothing is run), and recordable in a manifest as JSON."""
+    args = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SpecError(f"--model-arg {item!r}: write KEY=VALUE, e.g. num_classes=10")
+        if key in args:
+            raise SpecError(f"--model-arg {key} given twice")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise SpecError(
+                f"--model-arg {item!r}: {text.strip()!r} is not a Python literal (quote a "
+                f"string: {key}='{text.strip()}')"
+            ) from None
+        if not _json_like(value):
+            raise SpecError(
+                f"--model-arg {item!r}: a {type(value).__name__} cannot be recorded in the "
+                "manifest; give numbers, strings, True/False/None or lists of them"
+            )
+        args[key] = list(value) if isinstance(value, tuple) else value
+    return args
+
+
+def _json_like(value: object) -> bool:
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, list | tuple) and all(map(_json_like, value))
 
 
 def check_sha256(value: object) -> None:

@@ -3,7 +3,7 @@ builds one while parsing). Its steps in numpy are lossx.training.schedule's.
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from lossx.errors import SpecError
 from lossx.runtime.graphs import DEFAULT_MODEL
@@ -21,6 +21,7 @@ class TrainConfig:
     """A training recipe. `holdout` keeps the last N training images out, for choosing recipes."""
 
     model: str = DEFAULT_MODEL
+    model_args: dict = field(default_factory=dict)  # the model's constructor's keywords
     epochs: int = 30
     batch_size: int = 64
     lr: float | None = None  # peak of the one-cycle schedule; None: the optimizer's DEFAULT_LR

@@ -71,7 +71,7 @@ def run_recipe(
             f"{resume}: its recipe is not one lossx knows ({first_line(e)})"
         ) from None
     conflicts = [
-        f"--{name.replace('_', '-')} {value} (it has {getattr(recipe, name)})"
+        f"{_option(name)} {value} (it has {getattr(recipe, name)})"
         for name, value in (given or {}).items()
         if value != getattr(recipe, name)
     ]
@@ -91,6 +91,11 @@ def run_recipe(
             "resume. Export it with lossx export --checkpoint, or start a new run"
         )
     return recipe
+
+
+def _option(field_name: str) -> str:
+    """The command-line option that sets recipe field `field_name`."""
+    return {"model_args": "--model-arg"}.get(field_name, f"--{field_name.replace('_', '-')}")
 
 
 class Engine(Protocol):
