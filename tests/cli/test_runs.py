@@ -149,3 +149,15 @@ def test_progress_shows_every_ten_seconds_without_a_terminal(data_dir, tmp_path,
     log = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [e["epoch"] for e in log] == [1]
     assert "epoch   1/1" in result.stderr and "epoch   1/1" not in result.stdout
+
+
+def test_train_draws_its_curve_when_the_run_ends(tmp_path):
+    require_shared(shared_cifar10_dir())
+    picture = tmp_path / "curve.png"
+    result = run_cli("train", "--data-dir", shared_cifar10_dir(), *SHORT, "--out",
+                     tmp_path / "c.pt", "--curve-png", picture)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"wrote {picture}: the training curve" in result.stderr
+    assert picture.read_bytes().startswith(b"\x89PNG")
+    refused = run_cli("train", "--data-dir", shared_cifar10_dir(), *SHORT, "--curve-png", "-")
+    assert_one_line_error(refused, 2, "'-' (stdout) cannot take a picture")

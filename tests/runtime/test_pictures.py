@@ -6,7 +6,15 @@ import io
 from PIL import Image
 
 from lossx.runtime.evaluation import EvalResult
-from lossx.runtime.pictures import cell_box, confusion_png
+from lossx.runtime.pictures import (
+    MARGIN,
+    PAD,
+    PANEL,
+    WIDTH,
+    cell_box,
+    confusion_png,
+    line_chart_png,
+)
 
 
 def _result(confusion: list[list[int]]) -> EvalResult:
@@ -40,3 +48,25 @@ def test_the_picture_grows_with_the_classes():
     assert large.width > small.width and large.height > small.height
     box = cell_box(_result([[1] * 12 for _ in range(12)]), 11, 11)
     assert box[2] <= large.width and box[3] <= large.height
+
+
+def test_a_line_chart_puts_each_point_where_its_value_is():
+    """Two panels; in each the first line runs from its lowest value at the first epoch to its
+    highest at the last, so those points sit at the panel's corners."""
+    image = Image.open(io.BytesIO(line_chart_png(
+        "curve", [1, 2, 3],
+        [("loss", {"train": [2.0, 1.5, 1.0], "eval": [1.9, 1.6, 1.4]}, "{:.2f}"),
+         ("accuracy", {"eval": [10.0, 20.0, 40.0]}, "{:.1f}")],
+    )))  # fmt: skip
+    blue, orange = (31, 119, 180), (255, 127, 14)
+    for panel in range(2):
+        top = PAD * 6 + panel * (PANEL + MARGIN)
+        left, right, bottom = MARGIN, WIDTH - PAD * 2, top + PANEL
+        first, last = (left, bottom), (right, top)
+        if panel == 0:  # the train loss falls: highest at the first epoch
+            first, last = (left, top), (right, bottom)
+        assert image.getpixel(first) == image.getpixel(last) == blue
+    top = PAD * 6
+    eval_last = (WIDTH - PAD * 2, round(top + PANEL - (1.4 - 1.0) / 1.0 * PANEL))
+    assert image.getpixel(eval_last) == orange
+    assert image.height == PAD * 6 + 2 * (PANEL + MARGIN)

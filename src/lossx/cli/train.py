@@ -122,6 +122,13 @@ RECIPE = TrainConfig()  # the defaults of lossx train's options
     help="Write one JSON line per epoch" + STDOUT_HELP + ".",
 )
 @click.option(
+    "--curve-png",
+    type=path_arg(dir_okay=False),
+    callback=output_check("picture"),
+    help="When the run ends, draw its losses and accuracy per epoch (the whole log, resumed "
+    "epochs included) to this PNG.",
+)
+@click.option(
     "--write-plan",
     type=path_arg(dir_okay=False),
     callback=output_check("plan"),
@@ -136,6 +143,7 @@ def train(
     out: Path | None,
     resume: Path | None,
     log_json: Path | None,
+    curve_png: Path | None,
     write_plan: Path | None,
     session: SessionOptions,
     **recipe,
@@ -195,6 +203,26 @@ def train(
             f"wrote {out}: epoch {last.epoch}/{last.epochs}, {last.eval_split} accuracy "
             f"{last.eval_accuracy:.2%}"
         )
+        if curve_png is not None:
+            write_training_curve(curve_png, history, out)
+
+
+def write_training_curve(path: Path, history: list, checkpoint: Path) -> None:
+    """The run's log as two panels: the train and eval losses, and the eval accuracy."""
+    from lossx.files import write_atomically
+    from lossx.runtime.pictures import line_chart_png
+
+    split = history[-1].eval_split
+    losses = {"train loss": [e.train_loss for e in history],
+              f"{split} cross-entropy": [e.eval_loss for e in history]}  # fmt: skip
+    accuracy = {f"{split} accuracy": [100 * e.eval_accuracy for e in history]}
+    picture = line_chart_png(
+        f"training of {checkpoint}: {len(history)} epochs",
+        [e.epoch for e in history],
+        [("loss", losses, "{:.3f}"), ("accuracy, %", accuracy, "{:.1f}")],
+    )
+    write_atomically(path, lambda f: f.write(picture))
+    click.echo(f"wrote {path}: the training curve", err=True)
 
 
 def write_training_plan(path: Path, data_dir: Path, config: TrainConfig) -> None:

@@ -1,6 +1,7 @@
 """Pictures of results, for people who would rather look than read: the confusion matrix of an
-evaluation as a PNG. Drawn with Pillow, which the plain install already has (a plotting
-library would add tens of megabytes for a grid of coloured cells)."""
+evaluation and the curves of a training run, as PNG. Drawn with Pillow, which the plain install
+already has (a plotting library would add tens of megabytes for a grid of cells and a few
+lines)."""
 
 import io
 
@@ -66,3 +67,59 @@ def confusion_png(result: EvalResult) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+WIDTH, PANEL, MARGIN = 560, 200, 56  # a line chart's width, each panel's height, its margins
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+
+
+def line_chart_png(
+    title: str, x: list[int], panels: list[tuple[str, dict[str, list[float]], str]]
+) -> bytes:
+    """Lines over `x` as PNG bytes, one panel under another: each panel (its axis label, its
+    lines by name, a format for its tick labels such as "{:.2f}"), its y axis spanning what its
+    lines hold, the first and last x labelled."""
+    font = ImageFont.load_default()
+    height = PAD * 6 + len(panels) * (PANEL + MARGIN)
+    image = Image.new("RGB", (WIDTH, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((PAD, PAD), title, fill="black", font=font)
+    for index, (label, lines, ticks) in enumerate(panels):
+        top = PAD * 6 + index * (PANEL + MARGIN)
+        box = (MARGIN, top, WIDTH - PAD * 2, top + PANEL)
+        _panel(draw, font, box, x, label, lines, ticks)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _panel(draw, font, box, x, label, lines, ticks) -> None:
+    left, top, right, bottom = box
+    values = [v for series in lines.values() for v in series]
+    low, high = min(values), max(values)
+    if high == low:
+        low, high = low - 0.5, high + 0.5
+    span = max(x[-1] - x[0], 1)
+
+    def point(epoch: int, value: float) -> tuple[float, float]:
+        return (
+            left + (epoch - x[0]) / span * (right - left),
+            bottom - (value - low) / (high - low) * (bottom - top),
+        )
+
+    draw.rectangle(box, outline=(160, 160, 160))
+    draw.text((left, top - 2), label, fill="black", font=font, anchor="lb")
+    draw.text((left - 4, top), ticks.format(high), fill="black", font=font, anchor="ra")
+    draw.text((left - 4, bottom), ticks.format(low), fill="black", font=font, anchor="rs")
+    draw.text((left, bottom + 4), f"epoch {x[0]}", fill="black", font=font, anchor="la")
+    draw.text((right, bottom + 4), f"epoch {x[-1]}", fill="black", font=font, anchor="ra")
+    for number, (name, series) in enumerate(lines.items()):
+        colour = _COLOURS[number % len(_COLOURS)]
+        points = [point(epoch, value) for epoch, value in zip(x, series, strict=True)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for px, py in points:
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+        legend = (right - 150, top + 6 + number * 14)
+        draw.line((legend[0], legend[1] + 5, legend[0] + 16, legend[1] + 5), fill=colour, width=2)
+        draw.text((legend[0] + 20, legend[1]), name, fill="black", font=font)
