@@ -67,12 +67,33 @@ class Net(nn.Module):
 '''
 
 
+FOLDED = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    """GroupNorm's initial affine (ones and zeros) and a zero conv bias: values torch.onnx's
+    optimizer folds into constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 10)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, images):
+        return self.head(self.norm(self.conv(images)).mean((2, 3)))
+'''
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     folder = tmp_path_factory.mktemp("project")
     (folder / "lossx_user_net.py").write_text(RESNET_STYLE)
     (folder / "lossx_user_broken.py").write_text("import nosuchpackage_xyz\n")
     (folder / "lossx_user_sized.py").write_text(SIZED)
+    (folder / "lossx_user_folded.py").write_text(FOLDED)
     (folder / "lossx_user_shape.py").write_text(
         "from torch import nn\nclass Wide(nn.Module):\n    def __init__(self):\n"
         "        super().__init__()\n        self.fc = nn.Linear(3 * 32 * 32, 11)\n"
@@ -226,3 +247,19 @@ def test_a_bad_constructor_argument_is_one_line(project, tmp_path, monkeypatch, 
                      "--model-arg", item, "--init", "random")  # fmt: skip
     assert_one_line_error(result, 2, message)
     assert not (tmp_path / "art").exists()
+
+
+def test_weights_folded_into_constants_are_named_when_other_weights_are_given(
+    project, tmp_path, monkeypatch
+):
+    """A weight torch.onnx folded into a constant cannot be replaced: running the artifact with
+    other weights is refused in one line naming the weight and what to do instead."""
+    monkeypatch.chdir(project)
+    out = tmp_path / "art"
+    result = run_cli("export", out, "--model", "lossx_user_folded:Net", "--init", "random",
+                     "--loss", "ce")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    weights = {k: v + np.float32(0.01) for k, v in load_artifact(out).state_dict().items()}
+    np.savez(tmp_path / "other.npz", **weights)
+    refused = run_cli("eval", out, "--weights", tmp_path / "other.npz", "--limit", "8")
+    assert_one_line_error(refused, 2, "is no weight of the graph (the exporter folded it")

@@ -79,6 +79,8 @@ def open_session(
                 providers=providers,
                 disabled_optimizers=["NchwcTransformer"] if weights_as_inputs else None,
             )
+    except ArtifactError:
+        raise
     except Exception as e:  # ORT raises several unrelated types for unreadable models
         raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line(e)}") from None
     if provider == "cuda" and session.get_providers()[0] != _ORT_NAMES["cuda"]:
@@ -114,7 +116,11 @@ def _replace_initializers(model, values: dict[str, np.ndarray], path: Path) -> N
     present = {tensor.name: tensor for tensor in model.graph.initializer}
     for name, value in values.items():
         if name not in present:
-            raise ArtifactError(f"{path.name}: the graph has no initializer {name!r} to replace")
+            raise ArtifactError(
+                f"{path.name}: cannot run it with other weights: {name!r} is no weight of the "
+                "graph (the exporter folded it into a constant); export those weights into an "
+                "artifact with lossx export --checkpoint instead"
+            )
         present[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
