@@ -158,6 +158,12 @@ def main() -> None:
     """Export a CIFAR-10 model and its losses to ONNX, evaluate them, prove parity."""
 
 
+def write_picture(path: Path, png: bytes, what: str) -> None:
+    """Write a picture atomically and say so on stderr (stdout carries lossx's results)."""
+    write_atomically(path, lambda f: f.write(png))
+    click.echo(f"wrote {path}: {what}", err=True)
+
+
 def write_text(path: str, text: str) -> None:
     if path == "-":
         echo(text, nl=False)

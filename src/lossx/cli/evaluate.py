@@ -6,12 +6,13 @@ from pathlib import Path
 import click
 
 from lossx.build.torch_side import require_export_extra
-from lossx.cli.app import echo, main, write_text
+from lossx.cli.app import echo, main, write_picture, write_text
 from lossx.cli.options import (
     PathArg,
     artifact_with_weights,
     output_check,
     path_arg,
+    picture_option,
     require_sha256_option,
     weights_option,
     with_data_options,
@@ -19,7 +20,6 @@ from lossx.cli.options import (
 )
 from lossx.cli.progress import progress_bar
 from lossx.compare.tolerances import check_overrides, resolve_tolerances
-from lossx.files import write_atomically
 from lossx.parity.profiles import tolerance_profiles
 from lossx.runtime.loss_specs import LOSSES, catalogue_text
 from lossx.runtime.options import SessionOptions
@@ -96,11 +96,9 @@ def losses(as_json: bool) -> None:
     help="Also run eager PyTorch and check parity, under the artifact's precision's tolerance "
     "profile (fp32: fp32-cuda on CUDA, else fp32-cpu).",
 )
-@click.option(
+@picture_option(
     "--confusion-png",
-    type=path_arg(dir_okay=False),
-    callback=output_check("picture"),
-    help="Also draw the confusion matrix (rows: true class, columns: predicted) to this PNG.",
+    "Also draw the confusion matrix (rows: true class, columns: predicted) to this PNG.",
 )
 @click.option("--atol", type=float, help="Absolute tolerance for --compare-eager.")
 @click.option("--rtol", type=float, help="Relative tolerance for --compare-eager.")
@@ -157,9 +155,7 @@ def eval_(
     if confusion_png is not None:
         from lossx.runtime.pictures import confusion_png as draw
 
-        picture = draw(result)
-        write_atomically(confusion_png, lambda f: f.write(picture))
-        click.echo(f"wrote {confusion_png}: the confusion matrix", err=True)
+        write_picture(confusion_png, draw(result), "the confusion matrix")
     report = None
     if compare_eager:
         from lossx.parity.check import compare_with_eager

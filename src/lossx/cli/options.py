@@ -167,6 +167,13 @@ model_arg_option = click.option(
 )
 
 
+def picture_option(name: str, help: str):
+    """An option naming a PNG file to draw to, checked as it is parsed (not `-`)."""
+    return click.option(
+        name, type=path_arg(dir_okay=False), callback=output_check("picture"), help=help
+    )
+
+
 def given_on_command_line(options: dict) -> dict:
     """The options among `options` that the command line set (not left at their defaults)."""
     ctx = click.get_current_context()

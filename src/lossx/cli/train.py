@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from lossx.build.torch_side import require_export_extra
-from lossx.cli.app import echo, main
+from lossx.cli.app import echo, main, write_picture
 from lossx.cli.options import (
     SEED,
     STDOUT_HELP,
@@ -13,11 +13,18 @@ from lossx.cli.options import (
     model_arg_option,
     output_check,
     path_arg,
+    picture_option,
     with_session_options,
 )
 from lossx.cli.progress import EpochProgress
 from lossx.runtime.options import SessionOptions
-from lossx.training.recipe import DEFAULT_LR, MAX_EPOCHS, MAX_TRAIN_BATCH, TrainConfig
+from lossx.training.recipe import (
+    DEFAULT_LR,
+    MAX_EPOCHS,
+    MAX_TRAIN_BATCH,
+    OPTIMIZERS,
+    TrainConfig,
+)
 
 RECIPE = TrainConfig()  # the defaults of lossx train's options
 
@@ -58,7 +65,7 @@ RECIPE = TrainConfig()  # the defaults of lossx train's options
 )
 @click.option(
     "--optimizer",
-    type=click.Choice(["sgd", "adamw"]),
+    type=click.Choice(OPTIMIZERS),
     default=RECIPE.optimizer,
     show_default=True,
 )
@@ -121,12 +128,10 @@ RECIPE = TrainConfig()  # the defaults of lossx train's options
     callback=output_check("log", text=True),
     help="Write one JSON line per epoch" + STDOUT_HELP + ".",
 )
-@click.option(
+@picture_option(
     "--curve-png",
-    type=path_arg(dir_okay=False),
-    callback=output_check("picture"),
-    help="When the run ends, draw its losses and accuracy per epoch (the whole log, resumed "
-    "epochs included) to this PNG.",
+    "When the run ends, draw its losses and accuracy per epoch (the whole log, resumed epochs "
+    "included) to this PNG.",
 )
 @click.option(
     "--write-plan",
@@ -209,7 +214,6 @@ def train(
 
 def write_training_curve(path: Path, history: list, checkpoint: Path) -> None:
     """The run's log as two panels: the train and eval losses, and the eval accuracy."""
-    from lossx.files import write_atomically
     from lossx.runtime.pictures import line_chart_png
 
     split = history[-1].eval_split
@@ -221,8 +225,7 @@ def write_training_curve(path: Path, history: list, checkpoint: Path) -> None:
         [e.epoch for e in history],
         [("loss", losses, "{:.3f}"), ("accuracy, %", accuracy, "{:.1f}")],
     )
-    write_atomically(path, lambda f: f.write(picture))
-    click.echo(f"wrote {path}: the training curve", err=True)
+    write_picture(path, picture, "the training curve")
 
 
 def write_training_plan(path: Path, data_dir: Path, config: TrainConfig) -> None:

@@ -14,7 +14,6 @@ from lossx.errors import SpecError
 @dataclass(frozen=True)
 class Precision:
     name: str
-    summary: str
     # The tolerance profile its model graphs are checked under; None: the fp32 profile of the
     # provider that runs them (fp32-cpu or fp32-cuda).
     tolerance_profile: str | None
@@ -33,15 +32,14 @@ class Precision:
 PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
-        Precision("fp32", "as exported", None, converted=False, trains=True),
+        Precision("fp32", None, converted=False, trains=True),
         Precision(
             "int8",
-            "ONNX Runtime's static quantizer",
             "int8",
             converted=True,
             calibration_methods=("minmax", "entropy", "percentile"),
         ),
-        Precision("fp16", "onnxconverter-common's float16", "fp16", converted=True),
+        Precision("fp16", "fp16", converted=True),
     )
 }
 CALIBRATION_METHODS = tuple(
