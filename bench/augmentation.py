@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from lossx.runtime import load_cifar10, to_model_input
+from lossx.runtime import load_cifar10
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.training.schedule import augment
 
 BATCH = 64
@@ -31,7 +32,7 @@ def main() -> None:
 
     started = time.perf_counter()
     for start in range(0, len(split), BATCH):
-        torch.from_numpy(to_model_input(augment(split.images[start : start + BATCH], rng)))
+        torch.from_numpy(CONTRACT.to_model_input(augment(split.images[start : start + BATCH], rng)))
     vectorised = len(split) / (time.perf_counter() - started)
 
     per_image = transforms.Compose(

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from lossx.runtime import Cifar10Split, load_packaged_sample, open_artifact, to_model_input
+from lossx.runtime import ImageSet, load_packaged_sample, open_artifact
+from lossx.runtime.cifar10 import CONTRACT
 
 BATCHES = (1, 256, 2048)
 
@@ -46,7 +47,7 @@ def eager_cuda(artifact_dir: Path):
 
     def predict(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(to_model_input(batch)).cuda()).cpu().numpy()
+            return model(torch.from_numpy(CONTRACT.to_model_input(batch)).cuda()).cpu().numpy()
 
     return predict
 
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     sample = load_packaged_sample()
     images = np.concatenate([sample.images] * 10)
-    workload = Cifar10Split(images, np.concatenate([sample.labels] * 10), sample.class_names, "x10")
+    workload = ImageSet(images, np.concatenate([sample.labels] * 10), sample.class_names, "x10")
     cpu = open_artifact(args.artifact, "cpu")
     reference = cpu.predict(sample.images).logits
     runners = {

@@ -23,7 +23,8 @@ import numpy as np
 
 from lossx.build import export_artifact
 from lossx.build.precision import has_vnni
-from lossx.runtime import load_artifact, load_cifar10, to_model_input
+from lossx.runtime import load_artifact, load_cifar10
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.options import SessionOptions
 from lossx.runtime.precisions import PRECISIONS as PRECISION_RECORDS
 
@@ -60,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     test = load_cifar10(args.data_dir, "test")
-    images = to_model_input(test.images)
+    images = CONTRACT.to_model_input(test.images)
     with tempfile.TemporaryDirectory(prefix="lossx-bench-precision-") as scratch:
         artifacts, seconds = {}, {}
         for precision in PRECISIONS:

@@ -50,13 +50,13 @@ from torch import nn
 
 from lossx.build.eager import EagerRunner
 from lossx.runtime import (
-    Cifar10Split,
+    ImageSet,
     evaluate,
     load_artifact,
     load_cifar10,
     load_packaged_sample,
-    to_model_input,
 )
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 
@@ -108,7 +108,10 @@ def timed_calls(step: Callable[[], object], seconds: float) -> list[float]:
 
 def model_batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
     """Float32 NCHW batches of `batch` real images, as many full ones as `images` holds."""
-    return [to_model_input(images[s : s + batch]) for s in range(0, len(images) - batch + 1, batch)]
+    return [
+        CONTRACT.to_model_input(images[s : s + batch])
+        for s in range(0, len(images) - batch + 1, batch)
+    ]
 
 
 def compile_model(model: nn.Module, examples: dict[int, torch.Tensor]) -> tuple[nn.Module, dict]:
@@ -129,7 +132,7 @@ def compile_model(model: nn.Module, examples: dict[int, torch.Tensor]) -> tuple[
 
 
 def model_only(
-    artifact, split: Cifar10Split, threads: int, repeats: int, seconds: float
+    artifact, split: ImageSet, threads: int, repeats: int, seconds: float
 ) -> tuple[dict, dict]:
     """Per batch size and engine: best and median images/s, and every call's latency; and
     torch.compile's compile times (`compile_model`)."""
@@ -161,13 +164,13 @@ def model_only(
     return results, compile_report
 
 
-def eval_workload(data_dir: Path | None) -> Cifar10Split:
+def eval_workload(data_dir: Path | None) -> ImageSet:
     """10,000 images: training images 0-9999 with --data-dir, else the sample repeated."""
     if data_dir is not None:
         return load_cifar10(data_dir, "train", EVAL_IMAGES)
     sample = load_packaged_sample()
     copies = -(-EVAL_IMAGES // len(sample))
-    return Cifar10Split(
+    return ImageSet(
         np.tile(sample.images, (copies, 1, 1, 1))[:EVAL_IMAGES],
         np.tile(sample.labels, copies)[:EVAL_IMAGES],
         sample.class_names,

@@ -31,8 +31,8 @@ import onnxruntime
 
 from lossx.build import export_artifact
 from lossx.runtime import load_artifact
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.options import SessionOptions
-from lossx.runtime.preprocessing import scale
 from lossx.runtime.weights import read_weights
 from lossx.training.ort_engine import OnnxRuntimeEngine
 from lossx.training.plan import read_plan, write_plan
@@ -56,7 +56,7 @@ def python_run(artifact_dir: Path, plan: Path, config: TrainConfig, threads: int
     engine = OnnxRuntimeEngine(artifact, config, out, SessionOptions(threads=threads))
     started = time.perf_counter()
     for pixels, labels, lr, momentum in steps:
-        engine.step(scale(pixels), labels, lr, momentum)
+        engine.step(CONTRACT.scale(pixels), labels, lr, momentum)
     return (
         time.perf_counter() - started,
         engine.state_dict(),

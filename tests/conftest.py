@@ -22,8 +22,9 @@ from lossx.compare.comparator import compare_arrays
 from lossx.compare.inputs import sample_feed
 from lossx.compare.report import OutputReport
 from lossx.compare.tolerances import DEFAULT_PROFILE, PROFILES
-from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample, to_model_input
+from lossx.runtime import load_artifact, load_cifar10, load_packaged_sample
 from lossx.runtime.artifact import sha256_of
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.weights import read_weights
 from lossx.training.recipe import TrainConfig
 
@@ -101,7 +102,7 @@ def trained_checkpoint(tmp_path_factory, train_subset) -> Path:
     """A state_dict after one epoch of SGD on real training images: logits of realistic size."""
     torch.manual_seed(0)
     model = build_model().train()
-    images = torch.from_numpy(to_model_input(train_subset.images))
+    images = torch.from_numpy(CONTRACT.to_model_input(train_subset.images))
     labels = torch.from_numpy(train_subset.labels)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for start in range(0, len(labels), 64):

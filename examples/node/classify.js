@@ -1,6 +1,8 @@
 #!/usr/bin/env node
-// Classify CIFAR-10 images with a lossx artifact, using onnxruntime-node and Node's standard
+// Classify labelled images with a lossx artifact, using onnxruntime-node and Node's standard
 // library only: no Python, no numpy. Usage: node classify.js ARTIFACT_DIR [--data NPZ] [--json]
+// NPZ holds `images` (uint8 [N,H,W,C] at the artifact's size) and `labels`; default: the packaged
+// CIFAR-10 sample.
 'use strict';
 
 const path = require('node:path');
@@ -13,7 +15,6 @@ const {
 
 const DEFAULT_DATA = path.join(__dirname, '../../src/lossx/runtime/data/cifar10_test_subset.npz');
 const BATCH = 256;
-const [H, W, C] = [32, 32, 3];
 
 function parseArgs(argv) {
   const usage = 'usage: node classify.js ARTIFACT_DIR [--data NPZ] [--json]';
@@ -28,7 +29,9 @@ function parseArgs(argv) {
   return args;
 }
 
-function readSample(file, numClasses) {
+function readSample(file, contract) {
+  const { C, H, W } = contract;
+  const numClasses = contract.classNames.length;
   const arrays = readNpzFile(file, 'data file');
   for (const key of ['images', 'labels']) {
     if (!(key in arrays)) refuse(`${file} has no ${key}.npy`);
@@ -36,7 +39,8 @@ function readSample(file, numClasses) {
   const { images, labels } = arrays;
   const n = images.shape[0];
   if (images.descr !== '|u1' || JSON.stringify(images.shape) !== JSON.stringify([n, H, W, C])) {
-    refuse(`${file}: images must be uint8 [N,32,32,3], got ${images.descr} [${images.shape}]`);
+    refuse(`${file}: images must be uint8 [N,${H},${W},${C}] (the artifact's), got ` +
+      `${images.descr} [${images.shape}]`);
   }
   if (labels.shape.length !== 1 || labels.shape[0] !== n) {
     refuse(`${file}: labels must have shape [${n}], got [${labels.shape}]`);
@@ -53,7 +57,9 @@ async function main() {
   const { file, manifest } = readManifest(args.dir);
   const graph = modelGraph(manifest, file);
   const modelBytes = readChecked(args.dir, manifest, graph.file);
-  const sample = readSample(args.data, graph.classNames.length);
+  const { contract } = graph;
+  const { C, H, W } = contract;
+  const sample = readSample(args.data, contract);
   const ort = loadOnnxRuntime();
   const session = await openSession(ort, modelBytes, manifest, graph.file);
   const classes = [];
@@ -61,7 +67,8 @@ async function main() {
   const k = graph.classNames.length;
   for (let start = 0; start < sample.n; start += BATCH) {
     const count = Math.min(BATCH, sample.n - start);
-    const x = new ort.Tensor('float32', toModelInput(sample.images, start, count), [count, C, H, W]);
+    const pixels = toModelInput(sample.images, start, count, contract);
+    const x = new ort.Tensor('float32', pixels, [count, C, H, W]);
     const y = (await session.run({ [graph.input]: x }))[graph.output];
     if (JSON.stringify(y.dims) !== JSON.stringify([count, k])) {
       throw new Error(`model output has shape [${y.dims}], expected [${count},${k}]`);

@@ -1,4 +1,5 @@
-// What a JavaScript app needs of a lossx artifact: its manifest's graphs, the preprocessing, and
+// What a JavaScript app needs of a lossx artifact: its manifest's graphs, its image contract (the
+// image size, channels, classes and preprocessing), and
 // training with its training graph (an SGD with Nesterov momentum and weight decay, written here,
 // carrying the graph's next.* buffers from step to step). Plain JavaScript over typed arrays and
 // an onnxruntime module passed in, so it runs in Node (require('./lossx'), onnxruntime-node) and
@@ -9,18 +10,7 @@
   if (typeof module === 'object' && module.exports) module.exports = factory(require('./npz'));
   else root.lossx = factory(root.lossxNpz);
 })(typeof self !== 'undefined' ? self : this, ({ refuse }) => {
-  const [H, W, C] = [32, 32, 3];
-
-  // The preprocessing implemented here, word for word as lossx writes it in the manifest. The
-  // fields are prose, so anything else (a mean/std, another layout) is refused, not guessed.
-  const PREPROCESSING = {
-    input: 'uint8 RGB images, HWC layout, shape [N,32,32,3]',
-    output: 'float32 NCHW tensor, shape [N,3,32,32]',
-    scale: 'x / 255 (float32), no mean or std normalisation',
-  };
-  // Fields that ask nothing of this code: `equivalent` restates the steps above, and `files` says
-  // how lossx decodes image files (apps decode theirs to uint8 RGB 32x32 themselves).
-  const PREPROCESSING_NOTES = new Set(['equivalent', 'files']);
+  const FORMAT_VERSION = 4;
   const PLAN_FORMAT = 'lossx-training-plan';
 
   function parseManifest(text, file) {
@@ -30,11 +20,11 @@
     } catch (err) {
       refuse(`${file} is not valid JSON: ${err.message}`);
     }
-    if (manifest?.format !== 'lossx-artifact' || manifest.format_version !== 3) {
-      refuse(`${file} is not a lossx artifact manifest of format_version 3`);
+    if (manifest?.format !== 'lossx-artifact' || manifest.format_version !== FORMAT_VERSION) {
+      refuse(`${file} is not a lossx artifact manifest of format_version ${FORMAT_VERSION}`);
     }
     checkFiles(manifest, file);
-    checkPreprocessing(manifest.preprocessing, file);
+    manifest.contract = imageContract(manifest, file);
     return manifest;
   }
 
@@ -64,15 +54,31 @@
     }
   }
 
-  function checkPreprocessing(pre, file) {
+  // The image contract (lossx.runtime.contract), checked step by step against what this code
+  // implements: uint8 HWC pixels divided by 255, then (x - mean) / std per channel, as float32
+  // NCHW. Anything else is refused, not guessed. { C, H, W, mean, std, resize, classNames }.
+  function imageContract(manifest, file) {
+    const pre = manifest.preprocessing;
     if (typeof pre !== 'object' || pre === null) refuse(`${file}: no preprocessing section`);
-    for (const key of new Set([...Object.keys(pre), ...Object.keys(PREPROCESSING)])) {
-      if (PREPROCESSING_NOTES.has(key) || pre[key] === PREPROCESSING[key]) continue;
-      const found = key in pre ? JSON.stringify(pre[key]) : 'missing';
-      const want = PREPROCESSING[key];
-      const known = want === undefined ? 'no such step' : `only ${JSON.stringify(want)}`;
-      refuse(`${file}: preprocessing.${key} is ${found}; this example implements ${known}`);
+    const input = pre.input ?? {};
+    const { channels: C, height: H, width: W } = input;
+    const steps = [
+      [input.dtype === 'uint8' && input.layout === 'HWC', 'input uint8 HWC'],
+      [[C, H, W].every((v) => Number.isSafeInteger(v) && v > 0), 'channels, height and width'],
+      [pre.scale === 255, 'scale 255'],
+      [pre.output?.dtype === 'float32' && pre.output?.layout === 'NCHW', 'output float32 NCHW'],
+      [[pre.mean, pre.std].every((v) => Array.isArray(v) && v.length === C &&
+        v.every(Number.isFinite)), 'a mean and a std per channel'],
+      [pre.std?.every?.((v) => v > 0), 'positive std'],
+      [['stretch', 'crop'].includes(pre.resize), 'resize stretch or crop'],
+    ];
+    for (const [ok, what] of steps) {
+      if (!ok) refuse(`${file}: preprocessing is not ${what}; this example implements that only`);
     }
+    const classNames = manifest.class_names;
+    if (!Array.isArray(classNames) || classNames.length === 0) refuse(`${file}: no class_names`);
+    const f = Math.fround;
+    return { C, H, W, mean: pre.mean.map(f), std: pre.std.map(f), resize: pre.resize, classNames };
   }
 
   function fileHash(manifest, name, file) {
@@ -81,23 +87,27 @@
     return sha256;
   }
 
-  // The model graph: { file, sha256, input, output, classNames, precision }.
+  // The model graph: { file, sha256, input, output, classNames, precision, contract }.
   function modelGraph(manifest, file) {
     const graph = (manifest.graphs || []).find((g) => g.kind === 'model');
     const [input, output] = [graph?.inputs?.[0], graph?.outputs?.[0]];
     if (graph?.inputs?.length !== 1 || graph.outputs?.length !== 1) {
       refuse(`${file}: expected one model graph with one input and one output`);
     }
-    if (input.dtype !== 'float32' || JSON.stringify(input.shape?.slice(1)) !== '[3,32,32]') {
-      refuse(`${file}: model input ${JSON.stringify(input)} is not float32 [N,3,32,32]`);
+    const { contract } = manifest;
+    const chw = [contract.C, contract.H, contract.W];
+    if (input.dtype !== 'float32' || JSON.stringify(input.shape?.slice(1)) !== JSON.stringify(chw)) {
+      refuse(`${file}: model input ${JSON.stringify(input)} is not float32 [N,${chw}]`);
     }
-    const classNames = manifest.class_names;
+    const { classNames } = contract;
     if (!Array.isArray(classNames) || output.shape?.[1] !== classNames.length) {
       refuse(`${file}: model output shape ${JSON.stringify(output.shape)} does not fit class_names`);
     }
     const precision = manifest.precision?.name ?? 'fp32'; // fp32, int8 or fp16: same inputs
     const sha256 = fileHash(manifest, graph.file, file);
-    return { file: graph.file, sha256, input: input.name, output: output.name, classNames, precision };
+    return {
+      file: graph.file, sha256, input: input.name, output: output.name, classNames, precision, contract,
+    };
   }
 
   // The training graph for `loss` ({ name, options } as the manifest writes it): its file, and
@@ -127,6 +137,7 @@
     return {
       file: graph.file,
       sha256: fileHash(manifest, graph.file, file),
+      contract: manifest.contract,
       classes: manifest.class_names.length,
       images: images.name,
       target,
@@ -158,9 +169,10 @@
     return weights;
   }
 
-  // A plan written by `lossx train --write-plan` (its .npz arrays): { header, steps }, each step
-  // { pixels (uint8 [B,3,32,32]), labels (BigInt64Array), lr, momentum }.
-  function readPlan(arrays, file) {
+  // A plan written by `lossx train --write-plan` (its .npz arrays) for images of `contract`:
+  // { header, steps }, each step { pixels (uint8 [B,C,H,W]), labels (BigInt64Array), lr, momentum }.
+  function readPlan(arrays, file, contract) {
+    const { C, H, W } = contract;
     for (const key of ['plan', 'images', 'labels', 'batch_sizes', 'lr', 'momentum']) {
       if (!(key in arrays)) refuse(`${file} is not a lossx training plan: no ${key}`);
     }
@@ -177,7 +189,8 @@
     const { images, labels } = arrays;
     const total = labels.typed.length;
     if (images.descr !== '|u1' || JSON.stringify(images.shape) !== JSON.stringify([total, C, H, W])) {
-      refuse(`${file}: images must be uint8 [${total},3,32,32], got ${images.descr} [${images.shape}]`);
+      refuse(`${file}: images must be uint8 [${total},${C},${H},${W}] (the artifact's), got ` +
+        `${images.descr} [${images.shape}]`);
     }
     const sizes = Array.from(arrays.batch_sizes.typed, Number);
     if (sizes.reduce((a, b) => a + b, 0) !== total || sizes.length !== arrays.lr.typed.length) {
@@ -197,27 +210,40 @@
     return { header, steps };
   }
 
-  // uint8 HWC RGB images [N,32,32,3] -> the model's float32 NCHW, x / 255. The division runs in
-  // float64 and rounds to float32: the same value as numpy's float32 division (53 >= 2*24 + 2
-  // bits, so rounding twice is exact).
-  function toModelInput(images, start, count) {
+  // One pixel as the model takes it: x / 255, then (x - mean) / std, each rounded to float32 as
+  // numpy's float32 arithmetic rounds it. Each operation runs in float64 and rounds to float32:
+  // the same value as the float32 operation (53 >= 2*24 + 2 bits, so rounding twice is exact).
+  function pixelValue(x, mean, std) {
+    const f = Math.fround;
+    const scaled = f(x / 255);
+    return mean === 0 && std === 1 ? scaled : f(f(scaled - mean) / std);
+  }
+
+  // uint8 HWC images [N,H,W,C] -> the model's float32 NCHW, preprocessed as `contract` says.
+  function toModelInput(images, start, count, contract) {
+    const { C, H, W, mean, std } = contract;
     const out = new Float32Array(count * C * H * W);
     for (let n = 0; n < count; n++) {
       const src = (start + n) * H * W * C;
       for (let c = 0; c < C; c++) {
         for (let hw = 0; hw < H * W; hw++) {
-          out[(n * C + c) * H * W + hw] = images[src + hw * C + c] / 255;
+          out[(n * C + c) * H * W + hw] = pixelValue(images[src + hw * C + c], mean[c], std[c]);
         }
       }
     }
     return out;
   }
 
-  // uint8 CHW pixels (a plan's) -> float32, x / 255. A plain loop: Float32Array.from with a
-  // mapping function took 30 ms a batch of 64 in Node 20, a quarter of a training step.
-  function scale(pixels) {
+  // uint8 CHW pixels (a plan's) -> float32, preprocessed as `contract` says. A plain loop:
+  // Float32Array.from with a mapping function took 30 ms a batch of 64 in Node 20, a quarter of
+  // a training step.
+  function scale(pixels, contract) {
+    const { C, H, W, mean, std } = contract;
     const out = new Float32Array(pixels.length);
-    for (let i = 0; i < pixels.length; i++) out[i] = pixels[i] / 255;
+    for (let i = 0; i < pixels.length; i++) {
+      const c = Math.floor(i / (H * W)) % C;
+      out[i] = pixelValue(pixels[i], mean[c], std[c]);
+    }
     return out;
   }
 
@@ -295,8 +321,9 @@
     async step({ pixels, labels, lr, momentum }) {
       const { ort, graph, weights } = this;
       const tensor = (t) => new ort.Tensor(t.dtype, weights[t.name].typed, weights[t.name].shape);
+      const { C, H, W } = graph.contract;
       const feeds = {
-        [graph.images]: new ort.Tensor('float32', scale(pixels), [labels.length, C, H, W]),
+        [graph.images]: new ort.Tensor('float32', scale(pixels, graph.contract), [labels.length, C, H, W]),
         [graph.target.name]: targetTensor(ort, graph, labels),
       };
       for (const t of [...graph.parameters, ...graph.buffers]) feeds[t.name] = tensor(t);
@@ -312,7 +339,6 @@
   }
 
   return {
-    PREPROCESSING,
     argmax,
     checkFinite,
     fileHash,

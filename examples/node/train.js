@@ -36,7 +36,7 @@ async function main() {
   const args = parseArgs(process.argv.slice(2));
   checkOutputNpz(args.out);
   const { file, manifest } = readManifest(args.dir);
-  const { header, steps } = readPlan(readNpzFile(args.plan, 'plan'), args.plan);
+  const { header, steps } = readPlan(readNpzFile(args.plan, 'plan'), args.plan, manifest.contract);
   const graph = trainingGraph(manifest, header.loss, file);
   const weightsFile = manifest.weights?.file ?? refuse(`${file}: names no weights file`);
   const weightsBytes = readChecked(args.dir, manifest, weightsFile);

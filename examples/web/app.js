@@ -6,7 +6,6 @@
 
 const { npzBytes, readNpz } = lossxNpz;
 const BATCH = 100;
-const [H, W, C] = [32, 32, 3];
 const results = { ready: false, error: null };
 window.lossxResults = results;
 const $ = (id) => document.getElementById(id);
@@ -56,11 +55,19 @@ async function init() {
   state.session = await ort.InferenceSession.create(
     await artifactFile(model.file, model.sha256), { executionProviders: ['wasm'] });
   const sample = await readNpz(await fetchBytes('/sample.npz'), 'sample.npz', inflateRaw);
+  const { C, H, W } = manifest.contract;
+  if (JSON.stringify(sample.images.shape.slice(1)) !== JSON.stringify([H, W, C])) {
+    throw new Error(`sample.npz holds images [${sample.images.shape}], not the artifact's ` +
+      `[N,${H},${W},${C}]: start serve.js with --sample NPZ`);
+  }
   state.sample = { images: sample.images.typed, labels: Array.from(sample.labels.typed, Number) };
   fact('model', `${manifest.model} (${model.file})`);
+  fact('images', `${C === 1 ? 'greyscale' : C === 3 ? 'RGB' : `${C}-channel`} ${H}x${W}, ` +
+    `${manifest.contract.classNames.length} classes, mean ${manifest.contract.mean}, ` +
+    `std ${manifest.contract.std}`);
   fact('precision', model.precision);
   fact('onnxruntime-web', `${ort.env.versions.web}, WASM, ${ort.env.wasm.numThreads} threads`);
-  fact('sample', `${state.sample.labels.length} CIFAR-10 test images`);
+  fact('sample', `${state.sample.labels.length} labelled images`);
   Object.assign(results, {
     precision: model.precision, model: manifest.model,
     onnxruntime_web: ort.env.versions.web, threads: ort.env.wasm.numThreads,
@@ -80,7 +87,8 @@ async function initTraining(manifest) {
     return;
   }
   const bytes = new Uint8Array(await response.arrayBuffer());
-  const plan = lossx.readPlan(await readNpz(bytes, 'plan.npz', inflateRaw), 'plan.npz');
+  const arrays = await readNpz(bytes, 'plan.npz', inflateRaw);
+  const plan = lossx.readPlan(arrays, 'plan.npz', manifest.contract);
   try {
     state.graph = lossx.trainingGraph(manifest, plan.header.loss, 'manifest.json');
   } catch (err) {
@@ -98,7 +106,9 @@ async function initTraining(manifest) {
 }
 
 async function logitsOf(images, count) {
-  const x = new ort.Tensor('float32', lossx.toModelInput(images, 0, count), [count, C, H, W]);
+  const { contract } = state.model;
+  const { C, H, W } = contract;
+  const x = new ort.Tensor('float32', lossx.toModelInput(images, 0, count, contract), [count, C, H, W]);
   const y = (await state.session.run({ [state.model.input]: x }))[state.model.output];
   const k = state.model.classNames.length;
   const rows = Array.from({ length: count }, (_, i) => Array.from(y.data.subarray(i * k, (i + 1) * k)));
@@ -109,6 +119,7 @@ async function logitsOf(images, count) {
 async function classifySample() {
   $('classify').disabled = true;
   const { images, labels } = state.sample;
+  const { C, H, W } = state.model.contract;
   const started = performance.now();
   const logits = [];
   for (let start = 0; start < labels.length; start += BATCH) {
@@ -130,11 +141,13 @@ async function classifySample() {
 }
 
 function imageCanvas(pixels) {
+  const { C, H, W } = state.model.contract;
   const canvas = document.createElement('canvas');
   [canvas.width, canvas.height] = [W, H];
   const rgba = new ImageData(W, H);
   for (let i = 0; i < H * W; i++) {
-    rgba.data.set([pixels[3 * i], pixels[3 * i + 1], pixels[3 * i + 2], 255], 4 * i);
+    const [r, g, b] = C >= 3 ? pixels.subarray(C * i, C * i + 3) : [0, 0, 0].fill(pixels[C * i]);
+    rgba.data.set([r, g, b, 255], 4 * i);
   }
   canvas.getContext('2d').putImageData(rgba, 0, 0);
   return canvas;
@@ -151,25 +164,45 @@ function figure(canvas, caption, wrong) {
 
 function showGrid(images, classes, labels) {
   const names = state.model.classNames;
-  $('grid').replaceChildren(...Array.from({ length: 24 }, (_, i) => figure(
+  const { C, H, W } = state.model.contract;
+  $('grid').replaceChildren(...Array.from({ length: Math.min(24, labels.length) }, (_, i) => figure(
     imageCanvas(images.subarray(i * H * W * C, (i + 1) * H * W * C)),
     names[classes[i]], classes[i] !== labels[i])));
 }
 
-// The user's image files, decoded by the browser and resized to 32x32 on a canvas (the
-// browser's smoothing, not Pillow's bilinear: predictions may differ a little from lossx predict).
+// The user's image files, decoded by the browser and fitted to the artifact's size on a canvas by
+// its resize policy (the browser's smoothing, not Pillow's bilinear: files of another size may
+// give predictions a little different from lossx predict; files of the artifact's size give the
+// same pixels), greyscale as Pillow's "L" computes it.
+function filePixels(bitmap, contract) {
+  const { C, H, W, resize } = contract;
+  if (C !== 1 && C !== 3) throw new Error(`image files give 1 or 3 channels; this model takes ${C}`);
+  const canvas = document.createElement('canvas');
+  [canvas.width, canvas.height] = [W, H];
+  const context = canvas.getContext('2d');
+  context.imageSmoothingQuality = 'high';
+  if (resize === 'crop') {
+    const factor = Math.max(W / bitmap.width, H / bitmap.height);
+    const [w, h] = [W / factor, H / factor]; // the centre of the file that fills the canvas
+    context.drawImage(bitmap, (bitmap.width - w) / 2, (bitmap.height - h) / 2, w, h, 0, 0, W, H);
+  } else {
+    context.drawImage(bitmap, 0, 0, W, H);
+  }
+  const rgba = context.getImageData(0, 0, W, H).data;
+  const pixels = new Uint8Array(H * W * C);
+  for (let i = 0; i < H * W; i++) {
+    const [r, g, b] = rgba.subarray(4 * i, 4 * i + 3);
+    if (C === 1) pixels[i] = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+    else pixels.set([r, g, b], 3 * i);
+  }
+  return { canvas, pixels };
+}
+
 async function classifyFiles(files) {
   const out = [];
   const found = [];
   for (const file of files) {
-    const bitmap = await createImageBitmap(file);
-    const canvas = document.createElement('canvas');
-    [canvas.width, canvas.height] = [W, H];
-    const context = canvas.getContext('2d');
-    context.imageSmoothingQuality = 'high';
-    context.drawImage(bitmap, 0, 0, W, H);
-    const rgba = context.getImageData(0, 0, W, H).data;
-    const pixels = Uint8Array.from({ length: H * W * C }, (_, i) => rgba[4 * Math.floor(i / 3) + (i % 3)]);
+    const { canvas, pixels } = filePixels(await createImageBitmap(file), state.model.contract);
     const [row] = await logitsOf(pixels, 1);
     const cls = lossx.argmax(row);
     const probability = 1 / row.reduce((sum, v) => sum + Math.exp(v - row[cls]), 0);

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Serves the page, onnxruntime-web, a lossx artifact and (optionally) a training plan from
 // 127.0.0.1 with Node's standard library: ONNX Runtime Web's WASM does not load from file://.
-// Usage: node serve.js ARTIFACT_DIR [--plan PLAN.npz] [--port N]   (N = 0: any free port)
+// Usage: node serve.js ARTIFACT_DIR [--plan PLAN.npz] [--sample NPZ] [--port N]
+// (N = 0: any free port; NPZ: labelled images at the artifact's size, default CIFAR-10's sample)
 // The first line on stdout is the page's address.
 //
 // The artifact is checked once, at start-up, with the rules lossx's Python loader applies: the
@@ -37,10 +38,11 @@ function fail(message) {
 }
 
 function parseArgs(argv) {
-  const usage = 'usage: node serve.js ARTIFACT_DIR [--plan PLAN.npz] [--port N]';
-  const args = { dir: null, plan: null, port: 8000 };
+  const usage = 'usage: node serve.js ARTIFACT_DIR [--plan PLAN.npz] [--sample NPZ] [--port N]';
+  const args = { dir: null, plan: null, sample: null, port: 8000 };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === '--plan' && i + 1 < argv.length) args.plan = argv[++i];
+    else if (argv[i] === '--sample' && i + 1 < argv.length) args.sample = argv[++i];
     else if (argv[i] === '--port' && i + 1 < argv.length) args.port = Number(argv[++i]);
     else if (argv[i].startsWith('-') || args.dir !== null) fail(usage);
     else args.dir = argv[i];
@@ -61,12 +63,12 @@ function servedFiles(args) {
     artifact.set(`/artifact/${name}`, readChecked(args.dir, manifest, name));
   }
   if (args.plan !== null) artifact.set('/plan.npz', readFile(args.plan, 'plan'));
+  artifact.set('/sample.npz', readFile(args.sample ?? SAMPLE, 'sample'));
   const fixed = new Map([
     ['/', path.join(__dirname, 'index.html')],
     ['/app.js', path.join(__dirname, 'app.js')],
     ['/lib/npz.js', path.join(ROOT, 'examples', 'node', 'npz.js')],
     ['/lib/lossx.js', path.join(ROOT, 'examples', 'node', 'lossx.js')],
-    ['/sample.npz', SAMPLE],
   ]);
   return { artifact, fixed };
 }

@@ -23,14 +23,17 @@ from lossx.compare.elementwise import element_errors
 from lossx.compare.tolerances import PROFILES, resolve_tolerances, rule_tolerance
 from lossx.errors import DataError, ExportError, SpecError
 from lossx.parity.check import check_artifact
-from lossx.runtime import load_artifact, to_model_input
+from lossx.runtime import load_artifact
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.feeds import graph_feed
-from lossx.runtime.graphs import train_graph
+from lossx.runtime.graphs import model_graph, train_graph
 from lossx.runtime.loss_specs import parse_loss_spec
 from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 from tests.build.random_cnns import RandomCNN
 from tests.cli.test_cli import run_cli
+
+MODEL = model_graph(CONTRACT.shape, CONTRACT.num_classes)
 
 LOSSES = [
     "ce(label_smoothing=0.1, weight=[1, 2, 1, 1, 0.5, 1, 1, 3, 1, 1], ignore_index=3)",
@@ -95,7 +98,7 @@ def test_training_graphs_follow_the_contract(train_artifact, resnet20_artifact):
 @pytest.mark.parametrize("batch_size", [*BATCHES, 256])
 def test_seed_cnn_gradients_match_autograd_on_real_images(train_artifact, test_split, batch_size):
     model = EagerRunner.of_artifact(train_artifact).model
-    images = to_model_input(test_split.images[:batch_size])
+    images = CONTRACT.to_model_input(test_split.images[:batch_size])
     labels = test_split.labels[:batch_size]
     for loss in train_artifact.manifest.losses:
         spec = train_artifact.graph(f"train_{loss.name}").spec
@@ -111,7 +114,7 @@ def test_resnet20_gradients_and_statistics_match_autograd(
     and num_batches_tracked as torch leaves them after the step."""
     model = EagerRunner.of_artifact(resnet20_artifact).model
     spec = resnet20_artifact.graph("train_ce").spec
-    images = to_model_input(test_split.images[100 : 100 + batch_size])
+    images = CONTRACT.to_model_input(test_split.images[100 : 100 + batch_size])
     run = lambda feed: list(resnet20_artifact.run(spec.stem, feed).values())  # noqa: E731
     worst = assert_matches_autograd(
         spec, run, model, images, test_split.labels[100 : 100 + batch_size],
@@ -125,7 +128,7 @@ def test_train_mode_batch_norm_is_not_the_eval_mode_one(resnet20_artifact, test_
     mode in ONNX Runtime. The step's loss must be the train-mode loss, not the eval-mode one,
     and its statistics must move."""
     spec = resnet20_artifact.graph("train_ce").spec
-    images, labels = to_model_input(test_split.images[:32]), test_split.labels[:32]
+    images, labels = CONTRACT.to_model_input(test_split.images[:32]), test_split.labels[:32]
     parameters = resnet20_artifact.state_dict()
     out = resnet20_artifact.run(spec.stem, graph_feed(spec, images, labels, None, parameters))
     model = EagerRunner.of_artifact(resnet20_artifact).model.eval()
@@ -149,7 +152,9 @@ def test_a_batch_norm_that_reaches_the_exporter_is_refused(monkeypatch, tmp_path
             table.pop(op)
     monkeypatch.setattr(backward, "decompositions", lambda: table)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(3600, 10))
-    spec = train_graph(parse_loss_spec("ce"), _shapes(model), False, model_buffers(model))
+    spec = train_graph(
+        parse_loss_spec("ce"), MODEL, _shapes(model), False, model_buffers(model, CONTRACT.shape)
+    )
     with pytest.raises(ExportError, match="holds BatchNormalization, which ONNX Runtime runs"):
         export_graph(spec, model.eval(), tmp_path / "t.onnx")
 
@@ -159,7 +164,13 @@ def _shapes(model):
 
 
 def _export_step(model, loss, tmp_path, input_grad=False):
-    spec = train_graph(parse_loss_spec(loss), _shapes(model), input_grad, model_buffers(model))
+    spec = train_graph(
+        parse_loss_spec(loss),
+        MODEL,
+        _shapes(model),
+        input_grad,
+        model_buffers(model, CONTRACT.shape),
+    )
     export_graph(spec, model.eval(), tmp_path / spec.file)  # verified on random inputs too
     session = open_session(tmp_path / spec.file, SessionOptions(threads=2))
     return spec, lambda feed: session.run(spec.output_names, feed)
@@ -196,7 +207,7 @@ def test_every_loss_trains(loss, tmp_path, test_split):
     spec, run = _export_step(model, loss, tmp_path)
     parameters = {k: v.numpy() for k, v in model.state_dict().items()}
     for batch in (1, 7):
-        images = to_model_input(test_split.images[:batch])
+        images = CONTRACT.to_model_input(test_split.images[:batch])
         assert_matches_autograd(spec, run, model, images, test_split.labels[:batch], parameters)
 
 
@@ -211,7 +222,7 @@ def test_random_cnns_match_autograd(seed, tmp_path, test_split):
     spec, run = _export_step(model, "ce", tmp_path, input_grad=True)
     parameters = {k: v.numpy() for k, v in model.state_dict().items()}
     for batch in BATCHES:
-        images = to_model_input(test_split.images[seed * 64 : seed * 64 + batch])
+        images = CONTRACT.to_model_input(test_split.images[seed * 64 : seed * 64 + batch])
         labels = test_split.labels[seed * 64 : seed * 64 + batch]
         assert_matches_autograd(spec, run, model, images, labels, parameters)
 
@@ -225,7 +236,7 @@ def test_dsnet_trains_without_its_dropout(tmp_path, test_split):
     spec, run = _export_step(model, "ce", tmp_path)
     parameters = {k: v.numpy() for k, v in model.state_dict().items()}
     for batch in BATCHES:
-        images = to_model_input(test_split.images[:batch])
+        images = CONTRACT.to_model_input(test_split.images[:batch])
         assert_matches_autograd(spec, run, model, images, test_split.labels[:batch], parameters)
 
 
@@ -264,8 +275,8 @@ def test_lossx_check_gates_training_graphs(train_artifact, resnet20_artifact, te
 
 def test_wrong_parameters_are_refused(train_artifact, test_split):
     spec = train_artifact.graph("train_ce").spec
-    feed = graph_feed(spec, to_model_input(test_split.images[:2]), test_split.labels[:2], None,
-                      train_artifact.state_dict())  # fmt: skip
+    images = CONTRACT.to_model_input(test_split.images[:2])
+    feed = graph_feed(spec, images, test_split.labels[:2], None, train_artifact.state_dict())
     feed["model1.7.weight"] = feed["model1.7.weight"][:, :10]
     with pytest.raises(
         DataError, match=r"model1.7.weight: expected shape \[64, 1024\], got \[64, 10\]"
@@ -327,7 +338,7 @@ def test_a_fresh_batch_norm_model_keeps_every_weight_by_name(resnet20_artifact, 
     state = resnet20_artifact.state_dict()
     assert {k for k, v in state.items() if v.dtype == np.float32} <= names
     changed = {k: v * 1.5 if k.endswith("bn.weight") else v for k, v in state.items()}
-    images = to_model_input(test_split.images[:8])
+    images = CONTRACT.to_model_input(test_split.images[:8])
     before = resnet20_artifact.run("model", {"images": images})["logits"]
     after = resnet20_artifact.with_weights(changed).run("model", {"images": images})["logits"]
     model = EagerRunner.of_artifact(resnet20_artifact).model
@@ -353,7 +364,9 @@ def test_reference_step_leaves_the_model_as_it_was():
     model = build_model("resnet20")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tensors = [p.detach() for p in model.parameters()] + list(model.buffers())
-    spec = train_graph(parse_loss_spec("ce"), _shapes(model), False, model_buffers(model))
+    spec = train_graph(
+        parse_loss_spec("ce"), MODEL, _shapes(model), False, model_buffers(model, CONTRACT.shape)
+    )
     ReferenceTrainingStep(model, spec)(torch.rand(3, 3, 32, 32), torch.tensor([1, 2, 3]), *tensors)
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from lossx.runtime import to_model_input
+from lossx.runtime.cifar10 import CONTRACT
 from tests.build.layer_cases import LAYERS
 from tests.build.test_backward import _export_step, assert_matches_autograd
 from tests.conftest import REPO
@@ -23,7 +23,7 @@ def test_the_layer_trains_as_autograd_does(layer, tmp_path, test_split):
     spec, run = _export_step(model, "ce", tmp_path, input_grad=True)
     parameters = {k: v.numpy() for k, v in model.state_dict().items()}
     for batch in (1, 7):
-        images = to_model_input(test_split.images[:batch])
+        images = CONTRACT.to_model_input(test_split.images[:batch])
         assert_matches_autograd(spec, run, model, images, test_split.labels[:batch], parameters)
 
 

@@ -19,11 +19,14 @@ from hypothesis import strategies as st
 from lossx.build.graph_export import export_graph
 from lossx.build.graph_modules import reference_module
 from lossx.build.models import build_model
-from lossx.runtime.graphs import NUM_CLASSES, fused_graph, loss_graph
+from lossx.runtime.cifar10 import CONTRACT
+from lossx.runtime.graphs import fused_graph, loss_graph, model_graph
 from lossx.runtime.loss_specs import LOSSES, LossSpec, make_loss_spec, parse_loss_spec
 from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 from tests.conftest import compare_fp32, sample_tensors
+
+MODEL = model_graph(CONTRACT.shape, CONTRACT.num_classes)
 
 SCALE = int(os.environ.get("LOSSX_PROPERTY_SCALE", "1"))
 VALUE_SCALES = (1.0, 30.0, 1e4)
@@ -67,7 +70,7 @@ class GraphCache:
     def get(self, spec, extra_dims: int = 0, fused: bool = False):
         key = (spec, extra_dims, fused)
         if key not in self.graphs:
-            graph = fused_graph(spec) if fused else loss_graph(spec, extra_dims)
+            graph = fused_graph(spec, MODEL) if fused else loss_graph(spec, extra_dims)
             path = self.directory / f"{len(self.graphs)}.onnx"
             export_graph(graph, self.model, path)
             self.graphs[key] = (graph, open_session(path, SessionOptions("cpu")))
@@ -125,7 +128,7 @@ def test_loss_graph_matches_torch(graphs, spec, extra_dims, data):
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(spec=loss_specs(weight_length=NUM_CLASSES), data=st.data())
+@given(spec=loss_specs(weight_length=CONTRACT.num_classes), data=st.data())
 def test_fused_graph_matches_torch(graphs, spec, data):
     graph, session = graphs.get(spec, fused=True)
     inputs = sample_tensors(

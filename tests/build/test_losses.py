@@ -17,7 +17,7 @@ from lossx.build.losses import exported_loss, reference_loss
 from lossx.build.preflight import MIN_OPSET
 from lossx.build.torch_onnx import max_opset
 from lossx.errors import SpecError
-from lossx.runtime.graphs import loss_graph, resolve_losses
+from lossx.runtime.graphs import check_loss_classes, loss_graph, resolve_losses
 from lossx.runtime.loss_specs import LOSSES, parse_loss_spec
 from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
@@ -183,4 +183,4 @@ def test_stock_losses_are_exported_from_torch_nn():
 )
 def test_artifact_loss_lists_are_checked(losses, message):
     with pytest.raises(SpecError, match=message):
-        resolve_losses(losses)
+        check_loss_classes(resolve_losses(losses), 10)  # the model's 10 logits

@@ -15,8 +15,8 @@ import lossx.build.precision as precision
 from lossx.build.calibration import load_calibration
 from lossx.build.graph_modules import reference_module
 from lossx.errors import ArtifactError, DataError, SpecError
-from lossx.runtime import evaluate, load_artifact, open_artifact, to_model_input
-from lossx.runtime.cifar10 import load_cifar10
+from lossx.runtime import evaluate, load_artifact, open_artifact
+from lossx.runtime.cifar10 import CONTRACT, load_cifar10
 from lossx.runtime.feeds import graph_feed
 from tests.cli.test_cli import assert_one_line_error, run_cli
 from tests.conftest import copy_with_eager_weights_changed, eager_model, require_shared
@@ -69,7 +69,7 @@ def test_losses_stay_fp32_and_fused_graphs_hold_model_onnx(lowered, shipped_arti
     for loss in lowered.manifest.loss_names:
         stem = f"loss_{loss}.onnx"
         assert lowered.manifest.files[stem] == shipped_artifact.manifest.files[stem]
-    images, labels = to_model_input(test_split.images[:64]), test_split.labels[:64]
+    images, labels = CONTRACT.to_model_input(test_split.images[:64]), test_split.labels[:64]
     eager = eager_model(shipped_artifact)
     logits = lowered.run("model", {"images": images})["logits"]
     for loss in lowered.manifest.loss_names:
@@ -153,7 +153,7 @@ def test_weights_are_refused_for_a_lowered_artifact(int8_artifact, shipped_artif
         (["--precision", "int8", "--calibration-images", "513"], "holds 512 training images"),
         (["--precision", "int8", "--calibration-method", "mse"], "--calibration-method"),
         (["--precision", "int8", "--calibration-data", "{missing}"], "does not exist"),
-        (["--precision", "int8", "--calibration-data", "{empty}"], "no CIFAR-10 train batches"),
+        (["--precision", "int8", "--calibration-data", "{empty}"], "not a dataset lossx reads"),
         (["--precision", "int8", "--calibration-data", "{test_only}"], "holds only the test"),
     ],
 )

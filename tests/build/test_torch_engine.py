@@ -12,6 +12,7 @@ from lossx.build.torch_engine import TorchEngine, load_training_checkpoint, trai
 from lossx.cli import main
 from lossx.errors import CheckpointError, LossxError, SpecError
 from lossx.runtime import load_artifact
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.training.recipe import TrainConfig
 from lossx.training.schedule import epoch_batches, one_cycle
 from tests.conftest import require_shared
@@ -72,7 +73,7 @@ def test_channels_last_takes_the_steps_of_the_default_memory_format(
         .model.state_dict()[next(iter(engines[0].model.state_dict()))]
         .is_contiguous(memory_format=torch.channels_last)
     )
-    batches = list(itertools.islice(epoch_batches(test_split, config, 1), steps))
+    batches = list(itertools.islice(epoch_batches(test_split, config, 1, CONTRACT), steps))
     for engine in engines:
         for step, (images, labels) in enumerate(batches):
             engine.step(images, labels, *one_cycle(step, steps, config.lr))

@@ -113,7 +113,7 @@ CASES = {
     # The manifest is validated against its schema and against the graphs (test_rules.py's rule 5).
     "nine class names": (
         _edit_manifest(lambda m: m.update(class_names=m["class_names"][:9])),
-        "9 class_names for a model of 10 classes",
+        "9 class_names for a model of logits [N, 10]",
     ),
     "integer class names": (
         _edit_manifest(lambda m: m.update(class_names=list(range(10)))),
@@ -126,11 +126,11 @@ CASES = {
     "NUL in a file name": (_list_file("model\x00.onnx"), "is not a plain file name"),
     "output shape [N, 11]": (
         _edit_manifest(lambda m: m["graphs"][0]["outputs"][0].update(shape=["N", 11])),
-        "model.onnx: output logits is declared logits float32 [N, 11]",
+        "10 class_names for a model of logits [N, 11]",
     ),
     "no losses": (_edit_manifest(lambda m: m.update(losses=[])), "losses must contain at least 1"),
     "preprocessing edited": (
-        _edit_manifest(lambda m: m["preprocessing"].update(scale="x / 127.5 - 1")),
+        _edit_manifest(lambda m: m["preprocessing"].update(equivalent="ToTensor()")),
         "preprocessing differs from what this lossx applies",
     ),
     "bytes edited": (

@@ -186,7 +186,7 @@ EVAL_ERRORS = {
     "data dir without batches": (
         lambda a, t: [a, "--data-dir", t],
         2,
-        "no CIFAR-10 test batches",
+        "not a dataset lossx reads; give CIFAR-10 batches, an image folder",
     ),
     "pickle payload": (
         lambda a, t: [a, "--data-dir", _pickle_payload_dir(t)],

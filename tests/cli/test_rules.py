@@ -34,7 +34,8 @@ from lossx.errors import (
     TrainingDiverged,
 )
 from lossx.runtime import load_artifact, load_packaged_sample, open_artifact
-from lossx.runtime.graphs import fused_graph
+from lossx.runtime.cifar10 import CONTRACT
+from lossx.runtime.graphs import fused_graph, model_graph
 from lossx.runtime.loss_specs import parse_loss_spec
 from lossx.runtime.options import MAX_THREADS
 from lossx.training.recipe import TrainConfig
@@ -47,6 +48,8 @@ from tests.conftest import (
     require_shared,
     shared_cifar10_dir,
 )
+
+MODEL = model_graph(CONTRACT.shape, CONTRACT.num_classes)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -258,7 +261,7 @@ def test_losses_of_log_probabilities_train_on_log_probabilities(loss, tmp_path, 
     target = torch.tensor([1, 2, 3, 4])
     if spec.name == "kl_div":
         target = torch.nn.functional.one_hot(target, 10).float()
-    _, value = reference_module(fused_graph(spec), model)(images, target)
+    _, value = reference_module(fused_graph(spec, MODEL), model)(images, target)
     log_probs = torch.log_softmax(model(images), 1)
     if spec.name == "nll":
         expected = torch.nn.functional.nll_loss(log_probs, target)
@@ -446,7 +449,7 @@ def test_messages_name_the_real_problem(tmp_path, artifact_dir, data_dir, monkey
         runtime.loss("ce", logits=np.float32(1), labels=np.zeros(1, np.int64))
     with pytest.raises(LossxError, match="expected a path, got NoneType"):
         open_artifact(None)
-    with pytest.raises(DataError, match="expected a Cifar10Split"):
+    with pytest.raises(DataError, match="expected an ImageSet"):
         runtime.evaluate(None)
     result = run_cli("eval", artifact_dir, "--limit", "1")
     assert "packaged sample: CIFAR-10 test images 0-0\n" in result.stdout
@@ -657,7 +660,7 @@ def test_calibration_data_is_checked_before_torch_is_imported(tmp_path):
              "labels": sample.labels[:3].tolist()}  # fmt: skip
     for name in [f"data_batch_{i}" for i in range(1, 6)]:
         (few / name).write_bytes(pickle.dumps(batch, protocol=2))
-    for folder, message in ((empty, "no CIFAR-10 train batches (expected"),
+    for folder, message in ((empty, "not a dataset lossx reads"),
                             (not_cifar.parent, "not a CIFAR-10 batch"),
                             (few.parent, "holds 15 training images; int8 calibration reads 15 of "
                                          "them, at least 256")):  # fmt: skip

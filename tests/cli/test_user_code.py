@@ -281,7 +281,10 @@ def test_a_model_that_computes_nan_is_refused_not_verified(project, artifact, tm
         ("lossx_models:Doubles", "logits must be float32, got float64"),
         ("lossx_models:Halves", "logits must be float32, got float16"),
         ("lossx_models:Indices", "logits must be float32, got int64"),
-        ("lossx_models:Squeezes", "returns [10] for [1, 3, 32, 32] images; lossx needs [N, 10]"),
+        (
+            "lossx_models:Squeezes",
+            "returns [10] for [1, 3, 32, 32] images; lossx needs [N, classes]",
+        ),
         ("lossx_models:make_int", "returned an int, not an nn.Module"),
     ],
 )

@@ -21,8 +21,11 @@ from lossx.compare.tolerances import (
 )
 from lossx.errors import ModelError, ParityError, SpecError
 from lossx.runtime import load_packaged_sample
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.graphs import ToleranceRule, loss_graph, model_graph
 from lossx.runtime.loss_specs import parse_loss_spec
+
+MODEL = model_graph(CONTRACT.shape, CONTRACT.num_classes)
 
 
 def compare(onnx, eager, atol, rtol, rule=ToleranceRule.ELEMENTWISE):
@@ -123,16 +126,16 @@ class NumpyRunner:
         return {"loss": np.float32((diff * diff).mean())}
 
 
-GRAPHS = [model_graph(), loss_graph(parse_loss_spec("mse"))]
+GRAPHS = [MODEL, loss_graph(parse_loss_spec("mse"))]
 
 
 def test_two_runners_that_agree_pass_on_real_and_random_inputs():
     data = load_packaged_sample().head(20)
-    inputs = [*real_input_sets(data, 8, odd_batches=True), *random_input_sets(0)]
+    inputs = [*real_input_sets(data, 8, CONTRACT, odd_batches=True), *random_input_sets(0)]
     subject, reference = NumpyRunner("a"), RunOnce(NumpyRunner("b"))
     report = compare_runners(
         subject, reference, GRAPHS, inputs, resolve_tolerances(),
-        loss_inputs=reference_logits(reference),
+        loss_inputs=reference_logits(reference, MODEL),
     )  # fmt: skip
     assert report.passed and report.exit_code == 0
     assert (report.artifact, report.reference) == ("a", "b")
@@ -150,9 +153,9 @@ def test_a_difference_fails_names_the_worst_output_and_saves_the_case(tmp_path):
         NumpyRunner(shift=1e-3),
         reference,
         GRAPHS,
-        real_input_sets(data, 16),
+        real_input_sets(data, 16, CONTRACT),
         resolve_tolerances(),
-        loss_inputs=reference_logits(reference),
+        loss_inputs=reference_logits(reference, MODEL),
         repro=tmp_path / "case.npz",
     )
     assert report.exit_code == 1
@@ -208,7 +211,11 @@ def test_loss_graphs_on_real_batches_score_what_the_caller_gives():
     data = load_packaged_sample().head(8)
     with pytest.raises(SpecError, match=r"loss_mse\.onnx on real batches needs loss_inputs"):
         compare_runners(
-            NumpyRunner(), NumpyRunner(), GRAPHS, real_input_sets(data, 8), resolve_tolerances()
+            NumpyRunner(),
+            NumpyRunner(),
+            GRAPHS,
+            real_input_sets(data, 8, CONTRACT),
+            resolve_tolerances(),
         )
     given = np.full((8, 10), 0.1, np.float32)
     seen = []
@@ -219,7 +226,7 @@ def test_loss_graphs_on_real_batches_score_what_the_caller_gives():
                 seen.append(feed["input"])
             return super().run(graph, feed)
 
-    compare_runners(Recording(), NumpyRunner(), GRAPHS, real_input_sets(data, 8),
+    compare_runners(Recording(), NumpyRunner(), GRAPHS, real_input_sets(data, 8, CONTRACT),
                     resolve_tolerances(), loss_inputs=lambda inputs: given)  # fmt: skip
     assert len(seen) == 1 and np.allclose(seen[0], np.full((8, 10), 0.1))
 
@@ -227,9 +234,9 @@ def test_loss_graphs_on_real_batches_score_what_the_caller_gives():
 def test_run_once_reruns_only_for_other_arrays():
     runner = RunOnce(NumpyRunner())
     images = np.zeros((2, 3, 32, 32), np.float32)
-    first = runner.run(model_graph(), {"images": images})
-    assert runner.run(model_graph(), {"images": images}) is first
-    assert runner.run(model_graph(), {"images": images.copy()}) is not first
+    first = runner.run(MODEL, {"images": images})
+    assert runner.run(MODEL, {"images": images}) is first
+    assert runner.run(MODEL, {"images": images.copy()}) is not first
     assert runner.calls == ["model", "model"] and runner.name == "numpy"
     assert not hasattr(runner, "run_float64")
 

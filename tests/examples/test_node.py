@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lossx.runtime import load_packaged_sample, to_model_input
+from lossx.runtime import load_packaged_sample
+from lossx.runtime.cifar10 import CONTRACT
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
 INSTALL = "(cd examples/node && npm ci --ignore-scripts --no-audit --no-fund)"
@@ -54,7 +55,7 @@ def test_node_matches_python_runtime(node, any_precision):
     got = json.loads(result.stdout)
 
     sample = load_packaged_sample()
-    x = to_model_input(sample.images)
+    x = CONTRACT.to_model_input(sample.images)
     (logits,) = shipped_artifact.session("model").run(["logits"], {"images": x})
     classes = logits.argmax(axis=1)
 

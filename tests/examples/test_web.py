@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lossx.runtime import load_packaged_sample, open_artifact, to_model_input
+from lossx.runtime import load_packaged_sample, open_artifact
+from lossx.runtime.cifar10 import CONTRACT
 from tests.examples.test_node import check_trained
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "web"
@@ -41,11 +42,14 @@ def browser(tmp_path_factory) -> str:
 
 
 def run_page(node: str, artifact: Path, out: Path, plan: Path | None = None,
-             steps: int | None = None, files: list[Path] = ()) -> dict:  # fmt: skip
+             steps: int | None = None, files: list[Path] = (),
+             sample: Path | None = None) -> dict:  # fmt: skip
     """Serve the artifact, drive the page, return what it reported (files land in `out`)."""
     serve = [node, str(EXAMPLE / "serve.js"), str(artifact), "--port", "0"]
     if plan:
         serve += ["--plan", str(plan)]
+    if sample:
+        serve += ["--sample", str(sample)]
     server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
@@ -66,7 +70,7 @@ def run_page(node: str, artifact: Path, out: Path, plan: Path | None = None,
 
 def python_logits(artifact) -> np.ndarray:
     (logits,) = artifact.session("model").run(
-        ["logits"], {"images": to_model_input(load_packaged_sample().images)}
+        ["logits"], {"images": CONTRACT.to_model_input(load_packaged_sample().images)}
     )
     return logits
 

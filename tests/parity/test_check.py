@@ -17,9 +17,12 @@ from lossx.errors import SpecError
 from lossx.parity.check import check_artifact
 from lossx.runtime import load_artifact, load_packaged_sample
 from lossx.runtime.artifact import sha256_of
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.graphs import fused_graph, model_graph
 from lossx.runtime.loss_specs import parse_loss_spec
 from tests.cli.test_cli import assert_one_line_error, run_cli
+
+MODEL = model_graph(CONTRACT.shape, CONTRACT.num_classes)
 
 
 def perturbed_copy(artifact_dir, target, initializer: str, delta: float, files=("model.onnx",)):
@@ -179,7 +182,7 @@ def test_a_missing_artifact_exits_2(tmp_path):
 
 def test_per_output_tolerances():
     tolerances = resolve_tolerances("fp16", atol_for=("logits=0.5", "model_ce/logits=2"))
-    model, fused = model_graph(), fused_graph(parse_loss_spec("ce"))
+    model, fused = MODEL, fused_graph(parse_loss_spec("ce"), MODEL)
     assert tolerances.of(model, "logits").atol == 0.5
     assert tolerances.of(fused, "logits").atol == 2
     assert tolerances.of(fused, "loss").atol == 1e-2

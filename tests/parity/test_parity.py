@@ -13,7 +13,8 @@ from lossx.build import export_artifact
 from lossx.build.eager import EagerRunner
 from lossx.compare.tolerances import resolve_tolerances
 from lossx.parity.check import compare_with_eager
-from lossx.runtime import evaluate, load_artifact, to_model_input
+from lossx.runtime import evaluate, load_artifact
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.feeds import graph_feed
 from tests.conftest import copy_with_eager_weights_changed
 
@@ -105,7 +106,7 @@ def test_eval_losses_are_torch_on_the_same_inputs(every_loss_artifact, test_spli
     averaged)."""
     eager = EagerRunner.of_artifact(every_loss_artifact)
     with torch.no_grad():
-        logits = eager.model(torch.from_numpy(to_model_input(test_split.images))).numpy()
+        logits = eager.model(torch.from_numpy(CONTRACT.to_model_input(test_split.images))).numpy()
     result = evaluate(every_loss_artifact, test_split, batch_size=1000)
     for spec in every_loss_artifact.manifest.losses:
         graph = every_loss_artifact.manifest.loss_graph(spec.name)

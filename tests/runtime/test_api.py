@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from lossx.errors import ArtifactError, DataError, LossxError, ProviderError
-from lossx.runtime import Runtime, evaluate, open_artifact, to_model_input
+from lossx.runtime import Runtime, evaluate, open_artifact
 from lossx.runtime import session as session_module
+from lossx.runtime.cifar10 import CONTRACT
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,10 @@ def runtime(artifact_dir):
 def test_predict_takes_decoded_images_or_model_input(runtime, artifact, test_split):
     images = test_split.images[:300]
     from_uint8 = runtime.predict(images)
-    from_float = runtime.predict(to_model_input(images))
-    (logits,) = artifact.session("model").run(["logits"], {"images": to_model_input(images)})
+    from_float = runtime.predict(CONTRACT.to_model_input(images))
+    (logits,) = artifact.session("model").run(
+        ["logits"], {"images": CONTRACT.to_model_input(images)}
+    )
     np.testing.assert_array_equal(from_uint8.logits, from_float.logits)
     np.testing.assert_allclose(from_uint8.logits, logits, rtol=1e-6, atol=1e-6)
     assert from_uint8.classes.tolist() == logits.argmax(axis=1).tolist()

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from lossx.errors import DataError
-from lossx.runtime import evaluate, feeds, to_model_input
+from lossx.runtime import evaluate, feeds
+from lossx.runtime.cifar10 import CONTRACT
 from tests.conftest import eager_model
 
 
@@ -16,7 +17,7 @@ def eager_figures(trained_artifact, test_split):
     """Accuracy and losses computed by eager torch over the 1,000 real test images."""
     model = eager_model(trained_artifact)
     with torch.no_grad():
-        logits = model(torch.from_numpy(to_model_input(test_split.images))).double()
+        logits = model(torch.from_numpy(CONTRACT.to_model_input(test_split.images))).double()
     labels = torch.from_numpy(test_split.labels)
     probabilities = logits.softmax(dim=1)
     one_hot = nn.functional.one_hot(labels, 10).double()

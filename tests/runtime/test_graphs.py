@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lossx.errors import ArtifactError
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.graphs import (
     GraphKind,
     Role,
@@ -19,11 +20,13 @@ from lossx.runtime.graphs import (
 from lossx.runtime.loss_specs import parse_loss_spec
 from lossx.runtime.manifest import load_manifest
 
+MODEL = model_graph(CONTRACT.shape, CONTRACT.num_classes)
+
 PARAMETERS = [("conv.weight", (4, 3, 3, 3)), ("conv.bias", (4,)), ("fc.weight", (10, 1024))]
 
 
 def test_a_training_graph_names_its_parameters_and_their_gradients():
-    spec = train_graph(parse_loss_spec("ce"), PARAMETERS)
+    spec = train_graph(parse_loss_spec("ce"), MODEL, PARAMETERS)
     assert spec.kind is GraphKind.TRAIN
     assert spec.parameter_names == ("conv.weight", "conv.bias", "fc.weight")
     assert spec.buffer_names == ()
@@ -33,7 +36,7 @@ def test_a_training_graph_names_its_parameters_and_their_gradients():
 
 
 def test_the_image_gradient_is_an_output_only_when_asked():
-    spec = train_graph(parse_loss_spec("mse"), PARAMETERS, input_grad=True)
+    spec = train_graph(parse_loss_spec("mse"), MODEL, PARAMETERS, input_grad=True)
     assert spec.input_grad
     assert spec.gradients["images"] == "grad.images"
     assert spec.output("grad.images").gradient_of == "images"
@@ -41,7 +44,7 @@ def test_the_image_gradient_is_an_output_only_when_asked():
 
 def test_each_output_follows_the_tolerance_rule_of_its_role():
     loss = parse_loss_spec("ce")
-    train = train_graph(loss, PARAMETERS)
+    train = train_graph(loss, MODEL, PARAMETERS)
     assert train.output("logits").tolerance_rule is ToleranceRule.TASK
     assert train.output("loss").tolerance_rule is ToleranceRule.ELEMENTWISE
     assert train.output("grad.fc.weight").tolerance_rule is ToleranceRule.GRADIENT
@@ -51,11 +54,11 @@ def test_each_output_follows_the_tolerance_rule_of_its_role():
 @pytest.mark.parametrize(
     ("spec", "runs_model", "class_dim"),
     [
-        (model_graph(), True, 10),
+        (MODEL, True, 10),
         (loss_graph(parse_loss_spec("ce")), False, "C"),
         (loss_graph(parse_loss_spec("ce(weight=[1, 2, 3])")), False, 3),
-        (fused_graph(parse_loss_spec("nll")), True, 10),
-        (train_graph(parse_loss_spec("l1"), PARAMETERS), True, 10),
+        (fused_graph(parse_loss_spec("nll"), MODEL), True, 10),
+        (train_graph(parse_loss_spec("l1"), MODEL, PARAMETERS), True, 10),
     ],
     ids=["model", "loss", "weighted-loss", "fused", "train"],
 )
@@ -76,10 +79,10 @@ def test_only_model_and_fused_graphs_hold_the_weights_as_initializers():
 
 
 def test_tensor_specs_round_trip_through_the_manifest_form():
-    for spec in artifact_graphs([parse_loss_spec("ce")], PARAMETERS, input_grad=True):
+    for spec in artifact_graphs([parse_loss_spec("ce")], MODEL, PARAMETERS, input_grad=True):
         for tensor in (*spec.inputs, *spec.outputs):
             assert TensorSpec.from_dict(json.loads(json.dumps(tensor.to_dict()))) == tensor
-    assert model_graph().inputs[0].role is Role.IMAGES
+    assert MODEL.inputs[0].role is Role.IMAGES
 
 
 @pytest.mark.parametrize(("key", "value"), [("role", "weights"), ("kind", "backward")])

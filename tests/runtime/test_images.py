@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from lossx.errors import DataError
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.images import as_jpeg, jpeg_copies, load_image
 
 
@@ -19,12 +20,12 @@ def cat(test_split):
 @pytest.mark.parametrize("suffix", [".png", ".bmp", ".tiff"])
 def test_lossless_32x32_files_come_back_unchanged(tmp_path, cat, suffix):
     Image.fromarray(cat).save(tmp_path / f"cat{suffix}")
-    np.testing.assert_array_equal(load_image(tmp_path / f"cat{suffix}"), cat)
+    np.testing.assert_array_equal(load_image(tmp_path / f"cat{suffix}", CONTRACT), cat)
 
 
 def test_jpeg_and_other_sizes_are_resized_to_32x32(tmp_path, cat):
     Image.fromarray(cat).resize((100, 80)).save(tmp_path / "cat.jpg", quality=95)
-    image = load_image(tmp_path / "cat.jpg")
+    image = load_image(tmp_path / "cat.jpg", CONTRACT)
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     assert np.abs(image.astype(int) - cat.astype(int)).mean() < 12  # close to the original
 
@@ -41,7 +42,7 @@ def test_other_modes_become_rgb(tmp_path, cat, mode):
         expected = np.asarray(image.convert("RGB"))
     suffix = ".tiff" if mode in ("CMYK", "I") else ".png"
     image.save(tmp_path / f"x{suffix}")
-    loaded = load_image(tmp_path / f"x{suffix}")
+    loaded = load_image(tmp_path / f"x{suffix}", CONTRACT)
     assert loaded.shape == (32, 32, 3)
     np.testing.assert_array_equal(loaded, expected)
 
@@ -58,7 +59,7 @@ def test_unreadable_files_are_refused(tmp_path, content, message):
     if content is not None:
         (tmp_path / "notes.png").write_bytes(content)
     with pytest.raises(DataError, match=message):
-        load_image(tmp_path / "notes.png")
+        load_image(tmp_path / "notes.png", CONTRACT)
 
 
 def test_a_truncated_png_is_refused(tmp_path, cat):
@@ -66,7 +67,7 @@ def test_a_truncated_png_is_refused(tmp_path, cat):
     data = (tmp_path / "cat.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"cut.png: cannot read the image"):
-        load_image(tmp_path / "cut.png")
+        load_image(tmp_path / "cut.png", CONTRACT)
 
 
 def test_a_zero_by_zero_png_is_refused(tmp_path):
@@ -83,7 +84,7 @@ def test_a_zero_by_zero_png_is_refused(tmp_path):
     )
     (tmp_path / "empty.png").write_bytes(png)
     with pytest.raises(DataError, match=r"empty.png: "):
-        load_image(tmp_path / "empty.png")
+        load_image(tmp_path / "empty.png", CONTRACT)
 
 
 def test_jpeg_copies_are_what_pillow_decodes_from_the_jpeg_file(tmp_path, test_split):

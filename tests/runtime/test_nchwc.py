@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lossx.build.eager import EagerRunner
-from lossx.runtime import load_artifact, to_model_input
+from lossx.runtime import load_artifact
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.feeds import graph_feed
 from lossx.runtime.nchwc import DOMAIN, block_size, with_nchwc_convs
 from lossx.runtime.options import SessionOptions
@@ -116,7 +117,7 @@ def test_the_training_engine_runs_the_rewritten_graph(resnet20_train_artifact_di
     path = artifact.path / spec.file
     rewritten = with_nchwc_convs(onnx.load(path))
     assert nchwc_convs(rewritten) == 18 + 16
-    images = to_model_input(test_split.images[:32])
+    images = CONTRACT.to_model_input(test_split.images[:32])
     feed = graph_feed(spec, images, test_split.labels[:32], None, artifact.state_dict())
     want = EagerRunner.of_artifact(artifact).run(spec, feed)
     standard = open_session(path, SessionOptions(threads=2)).run(None, feed)

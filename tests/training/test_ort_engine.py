@@ -18,6 +18,7 @@ from lossx.build.torch_engine import train as train_torch
 from lossx.cli import main
 from lossx.errors import CheckpointError, SpecError, TrainingDiverged
 from lossx.runtime import load_artifact, open_artifact
+from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.options import SessionOptions
 from lossx.training.checkpoints import STATE_KEY
 from lossx.training.ort_engine import train as train_onnxruntime
@@ -164,7 +165,7 @@ def test_every_graph_with_weights_runs_on_them(train_artifact, ort_run, test_spl
     from lossx.build.eager import EagerRunner
     from lossx.runtime.feeds import graph_feed, iter_batches
 
-    images, labels = next(iter_batches(test_split, 16))
+    images, labels = next(iter_batches(test_split, 16, CONTRACT))
     eager = EagerRunner.of_artifact(artifact)
     logits = eager.run(artifact.graph("model").spec, {"images": images})["logits"]
     for entry in artifact.manifest.graphs:

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from lossx.errors import SpecError
-from lossx.runtime.cifar10 import load_cifar10
-from lossx.runtime.preprocessing import scale
+from lossx.runtime.cifar10 import CONTRACT, load_cifar10
 from lossx.training.plan import PLAN_FORMAT, read_plan, write_plan
 from lossx.training.recipe import TrainConfig
 from lossx.training.schedule import epoch_batches, one_cycle
@@ -30,13 +29,15 @@ def test_a_plan_holds_the_batches_and_schedule_the_trainers_take(cifar_dir, tmp_
     header, steps = read_plan(tmp_path / "plan.npz")
 
     split = load_cifar10(cifar_dir, "train", limit=config.limit)
-    expected = [b for e in range(1, config.epochs + 1) for b in epoch_batches(split, config, e)]
+    expected = [
+        b for e in range(1, config.epochs + 1) for b in epoch_batches(split, config, e, CONTRACT)
+    ]
     assert steps_written == len(steps) == len(expected) == header["steps"]
     assert images == config.epochs * config.limit
     pairs = zip(steps, expected, strict=True)
     for index, ((pixels, labels, lr, momentum), (x, y)) in enumerate(pairs):
         assert pixels.dtype == np.uint8
-        np.testing.assert_array_equal(scale(pixels), x)  # bit-identical model input
+        np.testing.assert_array_equal(CONTRACT.scale(pixels), x)  # bit-identical model input
         np.testing.assert_array_equal(labels, y)
         assert (lr, momentum) == one_cycle(index, len(expected), config.lr)
     assert header["format"] == PLAN_FORMAT

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lossx.errors import SpecError
-from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.cifar10 import CONTRACT
+from lossx.runtime.image_set import ImageSet
 from lossx.runtime.images import jpeg_copies
 from lossx.training.optimizers import NesterovSGD
 from lossx.training.recipe import TrainConfig
@@ -102,16 +103,16 @@ def test_jpeg_augment_compresses_about_half_the_images_at_a_drawn_quality(test_s
 def test_jpeg_augment_is_drawn_from_seed_and_epoch_and_changes_nothing_else(test_split):
     split = test_split.head(64)
     config = TrainConfig(batch_size=64, jpeg_augment=True, seed=2)
-    first = next(epoch_batches(split, config, 1))
-    np.testing.assert_array_equal(first[0], next(epoch_batches(split, config, 1))[0])
-    plain = next(epoch_batches(split, TrainConfig(batch_size=64, seed=2), 1))
+    first = next(epoch_batches(split, config, 1, CONTRACT))
+    np.testing.assert_array_equal(first[0], next(epoch_batches(split, config, 1, CONTRACT))[0])
+    plain = next(epoch_batches(split, TrainConfig(batch_size=64, seed=2), 1, CONTRACT))
     np.testing.assert_array_equal(first[1], plain[1])  # the same order
     assert not np.array_equal(first[0], plain[0])
 
 
-def _split(n: int) -> Cifar10Split:
+def _split(n: int) -> ImageSet:
     images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
-    return Cifar10Split(images, np.arange(n) % 10, tuple("abcdefghij"), "test")
+    return ImageSet(images, np.arange(n) % 10, tuple("abcdefghij"), "test")
 
 
 def test_each_epoch_visits_every_image_once_in_an_order_of_seed_and_epoch():
@@ -119,7 +120,7 @@ def test_each_epoch_visits_every_image_once_in_an_order_of_seed_and_epoch():
     config = TrainConfig(batch_size=32, augment=False, seed=3)
 
     def order(config, epoch):
-        batches = list(epoch_batches(split, config, epoch))
+        batches = list(epoch_batches(split, config, epoch, CONTRACT))
         assert [len(labels) for _, labels in batches] == [32, 32, 32, 4]
         return np.concatenate([images[:, 0, 0, 0] * 255 for images, _ in batches]).round()
 

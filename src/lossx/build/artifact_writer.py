@@ -25,22 +25,16 @@ from lossx.build.precision import (
     precision_record,
     splice_model,
 )
-from lossx.build.self_check import verify_graph
+from lossx.build.self_check import self_check_images, verify_graph
 from lossx.build.surgery import default_opset
 from lossx.build.torch_engine import CHECKPOINT_FORMAT as TORCH_CHECKPOINT_FORMAT
 from lossx.errors import ExportError, SpecError
 from lossx.runtime.artifact import load_artifact, sha256_of
-from lossx.runtime.cifar10 import CLASS_NAMES, load_packaged_sample
-from lossx.runtime.graphs import (
-    GraphKind,
-    GraphSpec,
-    TensorSpec,
-    model_graph,
-)
+from lossx.runtime.contract import ImageContract
+from lossx.runtime.graphs import GraphKind, GraphSpec, TensorSpec
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.manifest import MANIFEST_FILE, GraphEntry, Manifest
 from lossx.runtime.precisions import PRECISIONS
-from lossx.runtime.preprocessing import PREPROCESSING
 from lossx.training.checkpoints import CHECKPOINT_FORMAT as ORT_CHECKPOINT_FORMAT
 
 WEIGHTS_FILE = "weights.npz"
@@ -107,24 +101,25 @@ def write_artifact(
     weights: dict,
     opset: int,
     progress: Callable[[str], None] | None,
+    contract: ImageContract,
     precision: str = "fp32",
     calibration: Calibration | None = None,
 ) -> Manifest:
-    """Write the artifact into folder `staged`: every graph, each verified, converted to
-    `precision` where it follows it, the weights file and the manifest, which the runtime then
-    loads as it would any artifact."""
+    """Write the artifact into folder `staged`: every graph, each verified (on images of
+    `contract`), converted to `precision` where it follows it, the weights file and the
+    manifest, which the runtime then loads as it would any artifact."""
     producer = producer_versions()
     common = {
         "lossx.model": model_name,
-        "lossx.class_names": json.dumps(CLASS_NAMES),
-        "lossx.preprocessing": json.dumps(PREPROCESSING),
+        "lossx.class_names": json.dumps(contract.class_names),
+        "lossx.preprocessing": json.dumps(contract.to_manifest()),
         "lossx.weights": json.dumps(weights),
         **{f"producer.{k}": v for k, v in producer.items()},
     }
-    entries = _exported_graphs(staged, model, graphs, opset, common, progress)
+    entries = _exported_graphs(staged, model, graphs, opset, common, progress, contract)
     if PRECISIONS[precision].converted:
         entries = [
-            lowered(e, model, staged, precision, calibration, progress)
+            lowered(e, model, staged, precision, calibration, progress, contract)
             if e.spec.kind.follows_precision
             else e
             for e in entries
@@ -136,8 +131,8 @@ def write_artifact(
         model_source=source,
         model_args=model_args,
         opset=opset,
-        class_names=CLASS_NAMES,
-        preprocessing=PREPROCESSING,
+        class_names=contract.class_names,
+        preprocessing=contract.to_manifest(),
         losses=tuple(losses),
         weights=weights,
         graphs=tuple(entries),
@@ -160,12 +155,13 @@ def _exported_graphs(
     opset: int,
     common: dict[str, str],
     progress: Callable[[str], None] | None,
+    contract: ImageContract,
 ) -> list[GraphEntry]:
     """Every graph exported into `staged` and verified, with the `common` metadata and its
     own; the loss graphs exported in one torch.onnx call where there are several."""
     entries = []
     loss_graphs = [g for g in graphs if g.kind is GraphKind.LOSS]
-    exports = Graphs(model, opset, loss_graphs if len(loss_graphs) > 1 else ())
+    exports = Graphs(model, opset, loss_graphs if len(loss_graphs) > 1 else (), contract)
     for spec in graphs:
         if progress:
             progress(spec.file)
@@ -189,6 +185,7 @@ def lowered(
     precision: str,
     calibration: Calibration | None,
     progress: Callable[[str], None] | None,
+    contract: ImageContract,
 ) -> GraphEntry:
     """Graph `entry` (model first, then the fused graphs), verified in fp32, converted to
     `precision` and verified again against eager under that precision's profile, on the
@@ -199,7 +196,7 @@ def lowered(
     if spec.kind is GraphKind.MODEL:
         lower_model(path, spec, precision, calibration)
     else:
-        splice_model(path, staged / model_graph().file, spec, precision)
+        splice_model(path, staged / "model.onnx", spec, precision)
     proto = onnx.load(path)
     if default_opset(proto) != entry.opset:
         raise ExportError(
@@ -207,7 +204,7 @@ def lowered(
             f"not {entry.opset}"
         )
     profile = PRECISIONS[precision].tolerance_profile
-    verify_graph(spec, model, path, profile, load_packaged_sample())
+    verify_graph(spec, model, path, contract, profile, self_check_images(contract, None))
     return GraphEntry(spec, entry.opset, proto.ir_version)
 
 
@@ -216,7 +213,8 @@ def export_summary(manifest: Manifest, out_dir: Path) -> str:
     manifest's own sha256 (what --require-sha256 pins)."""
     lines = [
         f"wrote {out_dir}: {len(manifest.graphs)} graphs at opset {manifest.opset}, model "
-        f"{manifest.precision_name}, each verified against eager PyTorch"
+        f"{manifest.precision_name}, each verified against eager PyTorch",
+        f"images: {manifest.contract.describe()}",
     ]
     for name, info in manifest.files.items():
         lines.append(f"  {name:<16} {info['bytes']:>9,} bytes  sha256 {info['sha256']}")

@@ -27,11 +27,12 @@ from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lossx.build.losses import OnLogits, reference_loss
 from lossx.build.models import user_code_in_traceback
 from lossx.errors import ExportError, SpecError, first_line
-from lossx.runtime.graphs import IMAGE_SHAPE, NUM_CLASSES, Buffer, GraphSpec
+from lossx.runtime.graphs import Buffer, GraphSpec
 from lossx.runtime.loss_specs import LossSpec
 
 aten = torch.ops.aten
@@ -247,9 +248,10 @@ def decompositions() -> dict:
 # --- the step: traced, checked, and its reference ---------------------------------------------
 
 
-def model_buffers(model: nn.Module) -> tuple[Buffer, ...]:
-    """Every buffer of `model` as its training graphs take it, refusing dtypes they cannot."""
-    updated = updated_buffers(model)
+def model_buffers(model: nn.Module, image_shape: tuple[int, ...]) -> tuple[Buffer, ...]:
+    """Every buffer of `model` (which takes images of `image_shape`, C,H,W) as its training
+    graphs take it, refusing dtypes they cannot."""
+    updated = updated_buffers(model, image_shape)
     buffers = []
     for name, value in model.named_buffers():
         dtype = str(value.dtype).removeprefix("torch.")
@@ -261,12 +263,12 @@ def model_buffers(model: nn.Module) -> tuple[Buffer, ...]:
     return tuple(buffers)
 
 
-def updated_buffers(model: nn.Module) -> list[str]:
+def updated_buffers(model: nn.Module, image_shape: tuple[int, ...]) -> list[str]:
     """The buffers a train-mode forward changes (batch-norm statistics), by state_dict name."""
     probe = copy.deepcopy(model).train()
     before = {k: v.clone() for k, v in probe.named_buffers()}
     with torch.no_grad():
-        probe(torch.rand(2, 3, 32, 32))
+        probe(torch.rand(2, *image_shape))
     after = dict(probe.named_buffers())
     return [k for k, v in before.items() if not torch.equal(v, after[k])]
 
@@ -322,12 +324,14 @@ class TrainingStep(nn.Module):
         super().__init__()
         check_trainable(model, spec.loss)
         tensors = [p.detach() for p in model.parameters()] + [b.detach() for b in model.buffers()]
-        args = _symbolic_batch(_example(spec.loss), tensors)
+        args = _symbolic_batch(_example(spec), tensors)
         step = _functional_step(model, spec, OnLogits(reference_loss(spec.loss), spec.loss))
         try:
-            self.traced = make_fx(step, decompositions(), tracing_mode="symbolic")(*args)
+            # attention through its math path: the fused kernels' backward ops have no ONNX form
+            with sdpa_kernel(SDPBackend.MATH):
+                self.traced = make_fx(step, decompositions(), tracing_mode="symbolic")(*args)
         except Exception as e:  # the user's model may raise anything while it is traced
-            raise in_place_refusal(e, model) or ExportError(
+            raise in_place_refusal(e, model, spec.image_shape) or ExportError(
                 f"{spec.file}: tracing the train-mode step failed: {first_line(e)}"
             ) from None
         check_traced(self.traced, model)
@@ -337,7 +341,7 @@ class TrainingStep(nn.Module):
 
 
 def in_place_refusal(
-    error: Exception, model: nn.Module, context: str = "--train"
+    error: Exception, model: nn.Module, image_shape: tuple[int, ...], context: str = "--train"
 ) -> SpecError | None:
     """A one-line refusal (after `context`) for autograd's "modified by an inplace operation",
     naming what was changed and, from a rerun under torch's anomaly mode, where the model made
@@ -346,7 +350,7 @@ def in_place_refusal(
     if "modified by an inplace operation" not in text:
         return None
     made = re.search(r"which is (output \d+ of \w+)", text)
-    where = _forward_site(model)
+    where = _forward_site(model, image_shape)
     return SpecError(
         f"{context}: the model changes {made.group(1) if made else 'a tensor'}"
         f"{f' (made at {where})' if where else ''} in place, but its gradient needs it as it "
@@ -354,7 +358,7 @@ def in_place_refusal(
     )
 
 
-def _forward_site(model: nn.Module) -> str | None:
+def _forward_site(model: nn.Module, image_shape: tuple[int, ...]) -> str | None:
     """Where the model's forward made the tensor that an in-place op then changed: a
     train-mode step of a copy under torch.autograd.detect_anomaly, which records the forward
     stack of each op."""
@@ -362,7 +366,7 @@ def _forward_site(model: nn.Module) -> str | None:
     with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly():
         warnings.simplefilter("always")
         try:
-            logits = probe(torch.rand(2, *IMAGE_SHAPE))
+            logits = probe(torch.rand(2, *image_shape))
             torch.autograd.grad(logits.float().sum(), list(probe.parameters()))
         except RuntimeError:
             pass
@@ -390,11 +394,13 @@ def _symbolic_batch(batch: tuple[torch.Tensor, ...], weights: list[torch.Tensor]
     return [fake(t, i, i < len(batch)) for i, t in enumerate(tensors)]
 
 
-def _example(loss: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.rand(4, *IMAGE_SHAPE)
-    if loss.target == "class_index":
-        return images, torch.tensor([0, 1, 2, 3])
-    return images, torch.softmax(torch.rand(4, NUM_CLASSES), 1)
+def _example(spec: GraphSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 4 to trace training graph `spec` with: images, and targets in its form."""
+    images = torch.rand(4, *spec.image_shape)
+    classes = spec.class_dim()
+    if spec.loss.target == "class_index":
+        return images, torch.arange(4) % classes
+    return images, torch.softmax(torch.rand(4, classes), 1)
 
 
 def check_traced(graph: torch.fx.GraphModule, model: nn.Module) -> None:

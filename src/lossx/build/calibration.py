@@ -2,14 +2,18 @@
 from a training split. Torch-free, so that `lossx export --precision int8` checks its
 calibration data before it imports torch."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from lossx.errors import DataError, SpecError
-from lossx.runtime.cifar10 import CLASS_NAMES, Cifar10Split, load_cifar10, validated_batch
+from lossx.runtime.cifar10 import CLASS_NAMES, IMAGE_SHAPE, is_test_only, validated_batch
+from lossx.runtime.contract import ImageContract, contract_for
+from lossx.runtime.datasets import has_splits, is_folder_of_classes, load_dataset
+from lossx.runtime.image_set import ImageSet
+from lossx.runtime.images import fit
 from lossx.runtime.precisions import CALIBRATION_METHODS
 
 CALIBRATION_RESOURCE = "cifar10_train_calibration.npz"
@@ -24,10 +28,20 @@ MIN_CALIBRATION_IMAGES = 256
 class Calibration:
     """The training images int8 calibration reads, and how it reads them."""
 
-    images: np.ndarray  # uint8 [N,32,32,3]
+    images: np.ndarray  # uint8 [N,H,W,C], at the artifact's image size
     labels: np.ndarray
     source: str
     method: str = "minmax"
+    contract: ImageContract | None = None  # the artifact's, set once the model is known
+
+    def for_contract(self, contract: ImageContract) -> "Calibration":
+        """The images as the model with `contract` takes them, before preprocessing."""
+        return replace(self, images=fit(self.images, contract), contract=contract)
+
+    def model_inputs(self, batch: int):
+        """The images preprocessed as the contract says, `batch` at a time."""
+        for start in range(0, len(self.images), batch):
+            yield self.contract.to_model_input(self.images[start : start + batch])
 
     def record(self) -> dict:
         return {"source": self.source, "images": len(self.labels), "method": self.method}
@@ -38,10 +52,13 @@ def load_calibration(
     images: int | None = None,
     method: str = "minmax",
     seed: int = 0,
+    input_shape: tuple[int, int, int] | None = None,
+    resize: str = "stretch",
 ) -> Calibration:
     """`images` training images for calibration: the packaged sample (data_dir None, at most
-    its 512 images), or a seeded draw from `data_dir`'s training split. The test split is never
-    read: its images are the ones evaluation reports."""
+    its 512 images), or a seeded draw from `data_dir`'s training split (any layout
+    lossx.runtime.datasets reads), at `input_shape` (C,H,W). The test split is never read: its
+    images are the ones evaluation reports."""
     if method not in CALIBRATION_METHODS:
         raise SpecError(
             f"unknown calibration method {method!r}; choose {', '.join(CALIBRATION_METHODS)}"
@@ -51,7 +68,12 @@ def load_calibration(
             f"--calibration-images must be at least {MIN_CALIBRATION_IMAGES}, got {images}: "
             "fewer give activation ranges the int8 gate refuses"
         )
-    split = _packaged_calibration() if data_dir is None else _training_split(Path(data_dir))
+    sizing = contract_for(tuple(input_shape or IMAGE_SHAPE), ("any",), resize=resize)
+    if data_dir is None:
+        split = _packaged_calibration()
+        split = ImageSet(fit(split.images, sizing), split.labels, split.class_names, split.source)
+    else:
+        split = _training_split(Path(data_dir), sizing)
     wanted = images or min(DEFAULT_CALIBRATION_IMAGES, len(split))
     if wanted > len(split) or wanted < MIN_CALIBRATION_IMAGES:
         raise SpecError(
@@ -68,20 +90,23 @@ def load_calibration(
     return Calibration(split.images[index], split.labels[index], source, method)
 
 
-def _training_split(data_dir: Path) -> Cifar10Split:
-    batches = data_dir / "cifar-10-batches-py"
-    folder = batches if batches.is_dir() else data_dir
-    only_test = (folder / "test_batch").exists() and not any(folder.glob("data_batch_*"))
-    if only_test:
+def _training_split(data_dir: Path, sizing: ImageContract) -> ImageSet:
+    if is_test_only(data_dir):
         raise DataError(
             f"--calibration-data {data_dir}: holds only the test split; calibration reads "
             "training images (data_batch_1..5), never the test images evaluation reports"
         )
-    return load_cifar10(data_dir, "train")
+    if is_folder_of_classes(data_dir) and not has_splits(data_dir):
+        raise DataError(
+            f"--calibration-data {data_dir}: an image folder without train/ and test/ (or val/) "
+            "sub-folders; calibration reads training images, so give the folder of those alone"
+            " as train/"
+        )
+    return load_dataset(data_dir, "train", sizing, classes_checked=False)
 
 
-def _packaged_calibration() -> Cifar10Split:
+def _packaged_calibration() -> ImageSet:
     resource = resources.files("lossx.runtime").joinpath("data", CALIBRATION_RESOURCE)
     with resources.as_file(resource) as path, np.load(path, allow_pickle=False) as npz:
         images, labels = validated_batch(npz["images"], npz["labels"], CALIBRATION_RESOURCE)
-    return Cifar10Split(images, labels, CLASS_NAMES, f"packaged {CALIBRATION_RESOURCE}")
+    return ImageSet(images, labels, CLASS_NAMES, f"packaged {CALIBRATION_RESOURCE}")

@@ -21,15 +21,24 @@ from lossx.build.calibration import Calibration, load_calibration
 from lossx.build.graph_export import export_graph
 from lossx.build.models import (
     build_model,
-    check_model,
+    model_contract,
     model_source,
+    recorded_contract,
     source_record,
 )
 from lossx.build.preflight import DEFAULT_OPSET, MIN_OPSET, check_export_request
 from lossx.build.torch_onnx import max_opset
 from lossx.errors import ArtifactError, SpecError
 from lossx.files import sole_writer, write_folder_atomically
-from lossx.runtime.graphs import DEFAULT_MODEL, GraphSpec, artifact_graphs, loss_graph
+from lossx.runtime.contract import ImageContract
+from lossx.runtime.graphs import (
+    DEFAULT_MODEL,
+    GraphSpec,
+    artifact_graphs,
+    check_loss_classes,
+    loss_graph,
+    model_graph,
+)
 from lossx.runtime.loss_specs import DEFAULT_LOSSES, LossSpec, parse_loss_spec
 from lossx.runtime.manifest import Manifest
 from lossx.runtime.precisions import PRECISIONS
@@ -90,6 +99,11 @@ def export_artifact(
     precision: str = "fp32",
     calibration: Calibration | None = None,
     model_args: dict[str, object] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    class_names: tuple[str, ...] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    resize: str | None = None,
 ) -> Manifest:
     """Export the model, each loss alone and each model+loss pair into `out_dir`; with
     `train`, also a training graph per loss (loss, logits and every parameter's gradient,
@@ -104,6 +118,11 @@ def export_artifact(
     `precision` int8 or fp16 converts the model and fused graphs after their fp32 self-check
     (lossx.build.precision); int8 calibrates on `calibration` (default: the packaged training
     images).
+
+    The image contract (lossx.runtime.contract) is `input_shape` (C,H,W), the model's class
+    count named by `class_names`, normalised by `mean` and `std`, files fitted by `resize`;
+    what is not given comes from a training checkpoint's recipe, else the defaults (CIFAR-10's
+    3x32x32 images, its class names for 10 classes, no normalisation, stretched files).
 
     The artifact is written to a hidden sibling directory and renamed into place only after every
     graph passed its self-check; on any failure `out_dir` is left as it was.
@@ -121,7 +140,13 @@ def export_artifact(
         model, model_name, seed, checkpoint, model_args
     )
     check_size(model)
-    graphs = _graphs_of(model, specs, train, input_grad)
+    given_contract = {"input_shape": input_shape, "class_names": class_names, "mean": mean,
+                      "std": std, "resize": resize}  # fmt: skip
+    contract = model_contract(model, model_name, **recorded_contract(checkpoint, given_contract))
+    check_loss_classes(specs, contract.num_classes)
+    if calibration is not None:
+        calibration = calibration.for_contract(contract)
+    graphs = _graphs_of(model, specs, train, input_grad, contract)
     if given:
         weights = {"file": WEIGHTS_FILE, "source": "model"}  # the instance's own weights
     else:
@@ -140,6 +165,7 @@ def export_artifact(
                 weights,
                 opset,
                 progress,
+                contract,
                 precision,
                 calibration,
             ),
@@ -158,19 +184,24 @@ def _model_to_export(
     if not isinstance(model, nn.Module):
         raise SpecError(f"model: expected an nn.Module instance, got {type(model).__name__}")
     model_name = f"{type(model).__module__}:{type(model).__qualname__}"
-    check_model(model, model_name)
     source = source_record(model_name, sys.modules.get(type(model).__module__))
     return model.eval(), model_name, source, checkpoint is None
 
 
 def _graphs_of(
-    model: nn.Module, specs: list[LossSpec], train: bool, input_grad: bool
+    model: nn.Module,
+    specs: list[LossSpec],
+    train: bool,
+    input_grad: bool,
+    contract: ImageContract,
 ) -> list[GraphSpec]:
-    """Every graph the artifact holds; with `train`, each loss's training graph, whose
-    parameters and buffers are the model's."""
+    """Every graph the artifact holds, on images and classes of `contract`; with `train`, each
+    loss's training graph, whose parameters and buffers are the model's."""
+    model_spec = model_graph(contract.shape, contract.num_classes)
     if not train:
-        return artifact_graphs(specs)
+        return artifact_graphs(specs, model_spec)
     for spec in specs:
         check_trainable(model, spec)
     parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    return artifact_graphs(specs, parameters, input_grad, model_buffers(model))
+    buffers = model_buffers(model, contract.shape)
+    return artifact_graphs(specs, model_spec, parameters, input_grad, buffers)

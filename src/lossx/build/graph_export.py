@@ -14,22 +14,30 @@ from lossx.build.self_check import verify_graph
 from lossx.build.surgery import fused_proto
 from lossx.build.torch_onnx import exported_proto, exported_together
 from lossx.errors import ExportError, first_line
-from lossx.runtime.graphs import GraphSpec, loss_graph, model_graph
+from lossx.runtime.contract import ImageContract
+from lossx.runtime.graphs import GraphSpec, loss_graph, model_part
 
 
 class Graphs:
     """The graphs of one export, each exported once: the loss graphs `together` in one
     torch.onnx.export call, the others alone, fused graphs composed from the model and loss
-    graphs."""
+    graphs. Graphs that run the model are verified on images of `contract`."""
 
-    def __init__(self, model: nn.Module, opset: int, together: Sequence[GraphSpec] = ()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        opset: int,
+        together: Sequence[GraphSpec] = (),
+        contract: ImageContract | None = None,
+    ) -> None:
         self.model, self.opset, self.together = model, opset, list(together)
+        self.contract = contract
         self.exported: dict[GraphSpec, onnx.ModelProto] = {}
 
     def proto(self, spec: GraphSpec) -> onnx.ModelProto:
         """Graph `spec`, exported or composed."""
         if MODULES[spec.kind].composed:
-            model, loss = self.proto(model_graph()), self.proto(loss_graph(spec.loss))
+            model, loss = self.proto(model_part(spec)), self.proto(loss_graph(spec.loss))
             return fused_proto(spec, model, loss)
         if spec in self.together:
             self.exported.update(exported_together(self.together, self.model, self.opset))
@@ -76,5 +84,5 @@ def export_verified(
     spec: GraphSpec, model: nn.Module, path: Path, metadata: dict[str, str], graphs: Graphs
 ) -> onnx.ModelProto:
     proto = write_graph(graphs.proto(spec), spec, path, metadata)
-    verify_graph(spec, model, path)
+    verify_graph(spec, model, path, graphs.contract)
     return proto

@@ -2,8 +2,8 @@
 
 A model is a registry name ("tudui") or a user's `MODULE:ATTR`: `MODULE` imported as `python -m`
 imports (the current directory first on sys.path), `ATTR` an nn.Module subclass or a function
-returning one, which takes float32 [N,3,32,32] images and returns [N,10] logits. Importing it
-runs the user's code, by their choice.
+returning one, which takes float32 [N,C,H,W] images (CIFAR-10's 3x32x32 unless the export says
+otherwise) and returns [N,classes] logits. Importing it runs the user's code, by their choice.
 """
 
 import hashlib
@@ -26,7 +26,10 @@ from torch import nn
 
 from lossx.errors import CheckpointError, SpecError, first_line, with_article
 from lossx.files import regular_file
-from lossx.runtime.graphs import DEFAULT_MODEL, IMAGE_SHAPE, NUM_CLASSES
+from lossx.runtime.cifar10 import CLASS_NAMES
+from lossx.runtime.cifar10 import IMAGE_SHAPE as DEFAULT_INPUT_SHAPE  # the registry's models'
+from lossx.runtime.contract import ImageContract, contract_for, default_class_names
+from lossx.runtime.graphs import DEFAULT_MODEL
 from lossx.runtime.weights import check_finite, file_kind, read_weights
 from lossx.training.checkpoints import checkpoint_state
 
@@ -168,8 +171,8 @@ def build_model(
     name: str = DEFAULT_MODEL, seed: int = 0, args: dict[str, object] | None = None
 ) -> nn.Module:
     """A model from the registry or a `MODULE:ATTR` import path, constructed with keyword
-    `args`, its initial weights drawn from `seed`, in eval mode, checked to map [N,3,32,32]
-    images to [N,10] logits."""
+    `args`, its initial weights drawn from `seed`, in eval mode (`model_contract` or
+    `check_model` then checks what it takes and gives)."""
     constructor = model_constructor(name)
     torch.manual_seed(seed)
     try:
@@ -180,8 +183,6 @@ def build_model(
         raise SpecError(
             f"--model {name}: returned {with_article(type(model).__name__)}, not an nn.Module"
         )
-    if name not in MODELS:  # the registry's models are tested; a user's is checked here
-        check_model(model, name)
     return model.eval()
 
 
@@ -248,33 +249,62 @@ def source_record(name: str, module) -> dict:
 PROBE_BATCHES = (1, 2)  # batch 1 too: a squeeze() that drops the batch dim shows only there
 
 
-def check_model(model: nn.Module, name: str) -> None:
-    """Refuse a model that does not map float32 [N,3,32,32] images to float32 [N,10] logits,
-    at batch 1 and 2."""
+def model_contract(
+    model: nn.Module,
+    name: str,
+    input_shape: tuple[int, int, int] | None = None,
+    class_names: tuple[str, ...] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    resize: str = "stretch",
+) -> ImageContract:
+    """The image contract of `model` (lossx.runtime.contract): images of `input_shape` (default
+    CIFAR-10's, the registry's models'), as many classes as its logits have (checked by
+    `check_model`), named `class_names` (default: CIFAR-10's where there are 10, else the
+    indices), normalised by `mean` and `std` (default none)."""
+    shape = tuple(input_shape or DEFAULT_INPUT_SHAPE)
+    classes = check_model(model, name, shape)
+    names = tuple(class_names) if class_names else default_class_names(classes, CLASS_NAMES)
+    if len(names) != classes:
+        raise SpecError(
+            f"--class-names names {len(names)} classes; --model {name} gives {classes} logits "
+            f"for {list(shape)} images"
+        )
+    return contract_for(shape, names, mean, std, resize)
+
+
+def check_model(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> int:
+    """Refuse a model that does not map float32 [N,*input_shape] images to float32 [N,K]
+    logits, the same K at batch 1 and 2; return K, its number of classes."""
+    classes = None
     for batch in PROBE_BATCHES:
-        shape = [batch, *IMAGE_SHAPE]
+        shape = [batch, *input_shape]
         try:
             with torch.no_grad():
                 logits = model.eval()(torch.zeros(shape))
         except Exception as e:
             raise SpecError(
-                f"--model {name}: fails on float32 {shape} images: {first_line(e)}"
+                f"--model {name}: fails on float32 {shape} images: {first_line(e)} (give the "
+                "images it takes with --input-shape C,H,W)"
             ) from None
         if not isinstance(logits, torch.Tensor):
             kind = with_article(type(logits).__name__)
             raise SpecError(
                 f"--model {name}: returns {kind} for {shape} images; lossx needs a float32 "
-                f"[N, {NUM_CLASSES}] tensor of logits"
+                "[N, classes] tensor of logits"
             )
-        if tuple(logits.shape) != (batch, NUM_CLASSES):
+        wanted = classes or (logits.shape[1] if logits.dim() == 2 else "classes")
+        if logits.dim() != 2 or logits.shape[0] != batch or logits.shape[1] != wanted:
             squeezed = " (a squeeze() drops N at 1)" if logits.dim() < 2 else ""
             raise SpecError(
                 f"--model {name}: returns {list(logits.shape)} for {shape} images; lossx needs "
-                f"[N, {NUM_CLASSES}] logits{squeezed}"
+                f"[N, {wanted}] logits{squeezed}"
             )
         if logits.dtype != torch.float32:
             dtype = str(logits.dtype).removeprefix("torch.")
             raise SpecError(f"--model {name}: logits must be float32, got {dtype}")
+        classes = logits.shape[1]
+    return classes
 
 
 _NOT_USER_CODE = tuple(
@@ -350,6 +380,37 @@ def _load_failure(error: Exception) -> str:
     if "WeightsUnpickler error" in text or isinstance(error, EOFError):
         return "not a torch checkpoint (unreadable or truncated pickle)"
     return first_line(error).split(". ")[0]
+
+
+def recorded_contract(checkpoint: Path | None, given: dict) -> dict:
+    """The image contract's facts for model_contract: those `given` (not None), else those a
+    `lossx train` checkpoint's recipe records."""
+    facts = {name: value for name, value in given.items() if value is not None}
+    recipe = _checkpoint_recipe(Path(checkpoint)) if checkpoint is not None else {}
+    for name in given:
+        if name not in facts and recipe.get(name) is not None:
+            value = recipe[name]
+            facts[name] = tuple(value) if isinstance(value, list) else value
+    return facts
+
+
+def _checkpoint_recipe(path: Path) -> dict:
+    """The recipe a training checkpoint records; {} for any other file (load_checkpoint
+    reports what is wrong with one it cannot read)."""
+    try:
+        kind = file_kind(regular_file(path, "checkpoint", CheckpointError))
+        if kind == "npz":
+            payload = checkpoint_state(path) or {}
+        elif kind == "torch":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            return {}
+    except Exception:
+        return {}
+    recipe = payload.get("config") if isinstance(payload, dict) else None
+    return recipe if isinstance(recipe, dict) else {}
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> object:

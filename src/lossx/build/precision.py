@@ -20,9 +20,8 @@ import onnxruntime
 
 from lossx.build.calibration import Calibration
 from lossx.errors import ArtifactError, ExportError, SpecError, first_line
-from lossx.runtime.graphs import GraphSpec, Role, model_graph
+from lossx.runtime.graphs import GraphSpec, Role
 from lossx.runtime.precisions import PRECISIONS
-from lossx.runtime.preprocessing import to_model_input
 
 CALIBRATION_BATCH = 64
 
@@ -40,10 +39,10 @@ INT8_SETTINGS = {
 }
 
 
-def loss_part(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def loss_part(graph: onnx.GraphProto, logits: str) -> list[onnx.NodeProto]:
     """The nodes of fused graph `graph` that its `logits` output does not depend on."""
     producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
-    model, stack = set(), [model_graph().named(Role.LOGITS)]
+    model, stack = set(), [logits]
     while stack:
         index = producer.get(stack.pop())
         if index is not None and index not in model:
@@ -75,11 +74,11 @@ def splice_model(fused_path: Path, model_path: Path, spec: GraphSpec, precision:
     and the model part is exactly model.onnx."""
     fused, model = onnx.load(fused_path), onnx.load(model_path)
     graph = fused.graph
-    loss_nodes = loss_part(graph)
+    loss_nodes = loss_part(graph, spec.named(Role.LOGITS))
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for node in loss_nodes for a in node.attribute):  # fmt: skip
         raise ExportError(f"{spec.file}: its loss holds subgraphs, which lossx cannot splice")
-    logits = model_graph().named(Role.LOGITS)
+    logits = spec.named(Role.LOGITS)
     fixed = {logits, *(t.name for t in graph.input), *(t.name for t in graph.output)}
 
     def renamed(name: str) -> str:
@@ -152,15 +151,8 @@ def _quantize(path: Path, calibration: Calibration) -> None:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            images = calibration.images
-            self.batches = iter(
-                {
-                    model_graph().named(Role.IMAGES): to_model_input(
-                        images[i : i + CALIBRATION_BATCH]
-                    )
-                }
-                for i in range(0, len(images), CALIBRATION_BATCH)
-            )
+            images = onnx.load(path, load_external_data=False).graph.input[0].name
+            self.batches = iter({images: x} for x in calibration.model_inputs(CALIBRATION_BATCH))
 
         def get_next(self) -> dict | None:
             return next(self.batches, None)

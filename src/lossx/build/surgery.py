@@ -10,7 +10,7 @@ import onnx.utils
 import onnx.version_converter
 
 from lossx.errors import ExportError, first_line
-from lossx.runtime.graphs import GraphKind, GraphSpec, Role, loss_graph, model_graph
+from lossx.runtime.graphs import GraphKind, GraphSpec, Role, loss_graph, model_part
 
 # Ops whose ONNX translation runs in inference mode in ONNX Runtime: never in a training graph.
 INFERENCE_MODE_OPS = ("BatchNormalization", "Dropout")
@@ -86,7 +86,7 @@ def fused_proto(spec: GraphSpec, model: onnx.ModelProto, loss: onnx.ModelProto) 
     and loss graphs: every name of the model under `model.` (which gives its weights the fused
     module's state_dict names) and of the loss under `loss.`, the logits scored in the form the
     loss is defined on, and the inputs and outputs named as `spec` names them."""
-    parts = (model_graph(), loss_graph(spec.loss))
+    parts = (model_part(spec), loss_graph(spec.loss))
     loss = on_logits(loss, spec)
     try:
         fused = onnx.compose.merge_models(
@@ -143,7 +143,7 @@ def on_logits(loss: onnx.ModelProto, spec: GraphSpec) -> onnx.ModelProto:
     scored.CopyFrom(loss)
     graph = scored.graph
     scores = graph.input[0].name
-    logits = model_graph().named(Role.LOGITS)
+    logits = spec.named(Role.LOGITS)
     graph.input[0].name = logits
     graph.node.insert(0, onnx.helper.make_node("LogSoftmax", [logits], [scores], axis=1))
     return scored

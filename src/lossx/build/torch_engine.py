@@ -1,10 +1,11 @@
-"""`lossx train --engine torch`: train a registered model on CIFAR-10, reproducibly and
+"""`lossx train --engine torch`: train a model on a labelled image set, reproducibly and
 resumably, with eager PyTorch and autograd.
 
 The recipe and the loop are lossx.training.trainer's, which the ONNX Runtime engine follows too.
 The training split is decoded once; every batch is augmented and scaled on the fly.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,13 @@ from torch import nn
 
 from lossx.build.backward import in_place_refusal
 from lossx.build.losses import OnLogits, reference_loss
-from lossx.build.models import build_model
+from lossx.build.models import build_model, model_contract
 from lossx.errors import CheckpointError, ModelError, SpecError, first_line
 from lossx.files import regular_file, write_atomically
 from lossx.runtime.feeds import iter_batches, target_form
 from lossx.runtime.weights import check_finite, file_kind
 from lossx.training import trainer
-from lossx.training.recipe import TrainConfig
+from lossx.training.recipe import TrainConfig, contract_recipe
 from lossx.training.schedule import EVAL_BATCH, eval_scores
 from lossx.training.trainer import EpochResult
 
@@ -32,13 +33,14 @@ def _as_input(images: np.ndarray, memory_format: torch.memory_format) -> torch.T
     return torch.from_numpy(images).contiguous(memory_format=memory_format)
 
 
-def _evaluate(model: nn.Module, split, memory_format) -> tuple[float, float]:
+def _evaluate(model: nn.Module, split, contract, memory_format) -> tuple[float, float]:
     model.eval()
+    logits, labels = [], []
     with torch.inference_mode():
-        logits = [
-            model(_as_input(x, memory_format)).numpy() for x, _ in iter_batches(split, EVAL_BATCH)
-        ]
-    return eval_scores(np.concatenate(logits), split.labels)
+        for x, y in iter_batches(split, EVAL_BATCH, contract):
+            logits.append(model(_as_input(x, memory_format)).numpy())
+            labels.append(y)
+    return eval_scores(np.concatenate(logits), np.concatenate(labels))
 
 
 def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -95,9 +97,10 @@ class TorchEngine:
         self.out = out
         self.loss_spec = config.loss_spec()
         self.loss = OnLogits(reference_loss(self.loss_spec), self.loss_spec)
-        self.model = build_model(config.model, config.seed, config.model_args).to(
-            memory_format=memory_format
-        )
+        self.model = build_model(config.model, config.seed, config.model_args)
+        self.contract = model_contract(self.model, config.model, **config.contract_options)
+        self.config = replace(config, **contract_recipe(self.contract))  # recorded in full
+        self.model = self.model.to(memory_format=memory_format)
         if not any(True for _ in self.model.parameters()):
             raise SpecError(
                 f"--model {config.model} has no parameters, so there is nothing to train"
@@ -107,13 +110,14 @@ class TorchEngine:
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
         _schedule(self.optimizer, lr, momentum)
         self.model.train()
-        target = torch.from_numpy(target_form(self.loss_spec, labels))
+        target = torch.from_numpy(target_form(self.loss_spec, labels, self.contract.num_classes))
         try:
             loss = self.loss(self.model(_as_input(images, self.memory_format)), target)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         except Exception as e:  # the user's model may raise anything in a train-mode step
-            raise in_place_refusal(e, self.model, f"--model {self.config.model}") or ModelError(
+            context = f"--model {self.config.model}"
+            raise in_place_refusal(e, self.model, self.contract.shape, context) or ModelError(
                 f"--model {self.config.model}: a training step failed: {first_line(e)}"
             ) from None
         if self.config.clip_norm:
@@ -122,7 +126,7 @@ class TorchEngine:
         return loss.item()
 
     def evaluate(self, split) -> tuple[float, float]:
-        return _evaluate(self.model, split, self.memory_format)
+        return _evaluate(self.model, split, self.contract, self.memory_format)
 
     def save(self, history: list[EpochResult]) -> None:
         save_checkpoint(

@@ -102,6 +102,7 @@ def check(
     rtol: float | None,
     atol_for: tuple[str, ...],
     seed: int,
+    strict: bool,
     report_json: Path | None,
     junit_xml: Path | None,
     markdown: Path | None,
@@ -115,7 +116,7 @@ def check(
     Exit codes: 0 all outputs within tolerance, 1 a parity failure, 2 a usage or input error,
     3 an environment problem (e.g. the requested provider is not really available).
     """
-    from lossx.runtime import load_artifact, load_cifar10
+    from lossx.runtime import load_artifact, load_dataset
     from lossx.runtime.feeds import check_batch_size
 
     if checkpoint is not None and baseline is not None:
@@ -134,8 +135,8 @@ def check(
 
         check_checkpoint_kind(checkpoint, ("npz", "torch"))
     reference = load_artifact(baseline) if baseline is not None else checkpoint
-    data = load_cifar10(data_dir, split, limit, stream=True)
     profile, fp32_profile = tolerance_profiles(artifact, session, tolerance_profile)
+    data = load_dataset(data_dir, split, artifact.contract, limit, stream=True, strict=strict)
     tolerances = resolve_tolerances(profile, atol, rtol, atol_for, fp32_profile)
     tolerances.check_names([entry.spec for entry in artifact.manifest.graphs])
     from lossx.compare.render import RENDERERS, repro_beside, to_text, write_reports
@@ -156,6 +157,13 @@ def check(
         model_args=model_args or None,
     )
     echo(to_text(report), err=bool(to_stdout))
+    if data.skipped:
+        first = data.skipped[0]
+        click.echo(
+            f"skipped {len(data.skipped):,} files that are not readable images (the first: "
+            f"{first.file}: {first.reason}); --strict refuses them",
+            err=True,
+        )
     write_reports(report, files)
     if to_stdout:
         echo(RENDERERS[to_stdout[0]](report), nl=False)

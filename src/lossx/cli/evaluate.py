@@ -48,11 +48,13 @@ def predict(
     weights: Path | None,
     session: SessionOptions,
 ) -> None:
-    """Classify IMAGES (PNG, JPEG, ...) with the model in ARTIFACT_DIR."""
+    """Classify IMAGES (PNG, JPEG, ... files, or folders of them) with the model in
+    ARTIFACT_DIR, each read and fitted as its manifest's preprocessing says."""
     from lossx.runtime import Runtime
+    from lossx.runtime.image_folder import image_files
 
     runtime = Runtime(artifact_with_weights(artifact_dir, require_sha256, weights), session)
-    predictions = runtime.predict_files(list(images), top_k)
+    predictions = runtime.predict_files(image_files(list(images)), top_k)
     echo(json.dumps(predictions.to_dict(), indent=2) if as_json else predictions.to_text())
 
 
@@ -108,6 +110,7 @@ def eval_(
     split: str,
     batch_size: int,
     limit: int | None,
+    strict: bool,
     json_path: str | None,
     download: bool,
     require_sha256: str | None,
@@ -119,9 +122,9 @@ def eval_(
     confusion_png: Path | None,
     session: SessionOptions,
 ) -> None:
-    """Evaluate the artifact in ARTIFACT_DIR on CIFAR-10 with ONNX Runtime."""
+    """Evaluate the artifact in ARTIFACT_DIR on labelled images with ONNX Runtime."""
     from lossx.compare.render import strict_json, to_text
-    from lossx.runtime import evaluate, load_cifar10
+    from lossx.runtime import evaluate, load_dataset
     from lossx.runtime.feeds import check_batch_size
 
     if (atol is not None or rtol is not None) and not compare_eager:
@@ -137,14 +140,14 @@ def eval_(
 
         download_cifar10(data_dir)
     artifact = artifact_with_weights(artifact_dir, require_sha256, weights)
-    data = load_cifar10(data_dir, split, limit, stream=True)
+    check_batch_size(batch_size)
+    # a provider problem (or a graph that contradicts its manifest) stops here, before data
+    profile, fp32_profile = tolerance_profiles(artifact, session)
+    data = load_dataset(data_dir, split, artifact.contract, limit, stream=True, strict=strict)
     if jpeg_quality is not None:
         from lossx.runtime.images import as_jpeg
 
         data = as_jpeg(data, jpeg_quality)
-    check_batch_size(batch_size)
-    # a provider problem stops here, before any image is run
-    profile, fp32_profile = tolerance_profiles(artifact, session)
     tolerances = None
     if compare_eager:
         tolerances = resolve_tolerances(profile, atol, rtol, fp32_profile=fp32_profile)

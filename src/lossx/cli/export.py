@@ -8,9 +8,11 @@ from lossx.build.preflight import DEFAULT_OPSET, MIN_OPSET
 from lossx.build.torch_side import import_for_good, require_export_extra
 from lossx.cli.app import echo, main
 from lossx.cli.options import (
+    DATA_HELP,
     SEED,
     model_arg_option,
     path_arg,
+    with_contract_options,
 )
 from lossx.runtime.graphs import DEFAULT_MODEL
 from lossx.runtime.loss_specs import DEFAULT_LOSSES
@@ -29,6 +31,7 @@ from lossx.runtime.precisions import CALIBRATION_METHODS, PRECISIONS
     "returning one (imported with the current directory first on sys.path).",
 )
 @model_arg_option
+@with_contract_options
 @click.option(
     "--loss",
     "losses",
@@ -68,8 +71,8 @@ from lossx.runtime.precisions import CALIBRATION_METHODS, PRECISIONS
 @click.option(
     "--calibration-data",
     type=path_arg(),
-    help="int8: a folder holding cifar-10-batches-py/ whose training split calibrates.  "
-    "[default: 512 training images packaged with lossx]",
+    help=f"int8: {DATA_HELP}, whose training split calibrates.  [default: 512 CIFAR-10 "
+    "training images packaged with lossx]",
 )
 @click.option(
     "--calibration-images",
@@ -107,7 +110,12 @@ def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
         from lossx.build.calibration import load_calibration
 
         calibration_options["method"] = calibration_options["method"] or "minmax"
-        options["calibration"] = load_calibration(seed=options["seed"], **calibration_options)
+        options["calibration"] = load_calibration(
+            seed=options["seed"],
+            input_shape=options["input_shape"],
+            resize=options["resize"] or "stretch",
+            **calibration_options,
+        )
     require_export_extra("lossx export")
     import_for_good("lossx.build.export")
     from lossx.build.artifact_writer import export_summary

@@ -87,16 +87,22 @@ def with_options(command, options):
     return command
 
 
+DATA_HELP = (
+    "CIFAR-10 (a folder holding cifar-10-batches-py/), an image folder (DIR/<class>/<image>, "
+    "optionally under train/ and test/ or val/) or an .npz of images and labels"
+)
+
+
 def with_data_options(command):
-    """--data-dir, --split, --limit and --batch-size: the CIFAR-10 images eval and check read."""
+    """--data-dir, --split, --limit, --batch-size and --strict: the images eval and check
+    read."""
     return with_options(
         command,
         [
             click.option(
                 "--data-dir",
                 type=path_arg(),
-                help="Folder holding cifar-10-batches-py/; default: the packaged 1,000 test "
-                "images.",
+                help=f"{DATA_HELP}; default: the packaged 1,000 CIFAR-10 test images.",
             ),
             click.option(
                 "--split", type=click.Choice(["test", "train"]), default="test", show_default=True
@@ -106,6 +112,89 @@ def with_data_options(command):
             ),
             click.option(
                 "--batch-size", type=click.IntRange(min=1), default=256, show_default=True
+            ),
+            click.option(
+                "--strict",
+                is_flag=True,
+                help="Refuse a file that cannot be read as an image (default: skip it and "
+                "count it in the report).",
+            ),
+        ],
+    )
+
+
+def _parsed(parse):
+    """A click callback applying `parse` (a lossx.runtime.contract parser) to a given value."""
+
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except LossxError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+
+    return callback
+
+
+def _numbers(what: str):
+    def parse(text: str):
+        from lossx.runtime.contract import parse_numbers
+
+        return parse_numbers(text, what)
+
+    return parse
+
+
+def _shape(text: str):
+    from lossx.runtime.contract import parse_shape
+
+    return parse_shape(text)
+
+
+def _class_names(text: str):
+    from lossx.runtime.contract import parse_class_names
+
+    return parse_class_names(text)
+
+
+def with_contract_options(command):
+    """--input-shape, --mean, --std, --class-names and --resize: the image contract a model is
+    exported or trained with (lossx.runtime.contract)."""
+    return with_options(
+        command,
+        [
+            click.option(
+                "--input-shape",
+                metavar="C,H,W",
+                callback=_parsed(_shape),
+                help="The images the model takes.  [default: 3,32,32, CIFAR-10's]",
+            ),
+            click.option(
+                "--mean",
+                metavar="M[,M...]",
+                callback=_parsed(_numbers("--mean")),
+                help="Per-channel mean subtracted after scaling pixels to [0, 1] (one value for "
+                "every channel).  [default: 0]",
+            ),
+            click.option(
+                "--std",
+                metavar="S[,S...]",
+                callback=_parsed(_numbers("--std")),
+                help="Per-channel std divided by after the mean.  [default: 1]",
+            ),
+            click.option(
+                "--class-names",
+                metavar="A,B,...",
+                callback=_parsed(_class_names),
+                help="A name per logit.  [default: the dataset's classes, CIFAR-10's for 10 "
+                "logits, else the indices]",
+            ),
+            click.option(
+                "--resize",
+                type=click.Choice(["stretch", "crop"]),
+                help="How image files of another size are fitted: stretched, or the shorter "
+                "side fitted and the centre cut out.  [default: stretch]",
             ),
         ],
     )

@@ -7,6 +7,7 @@ import click
 from lossx.build.torch_side import require_export_extra
 from lossx.cli.app import echo, main, write_picture
 from lossx.cli.options import (
+    DATA_HELP,
     SEED,
     STDOUT_HELP,
     given_on_command_line,
@@ -14,11 +15,13 @@ from lossx.cli.options import (
     output_check,
     path_arg,
     picture_option,
+    with_contract_options,
     with_session_options,
 )
 from lossx.cli.progress import EpochProgress
 from lossx.runtime.options import SessionOptions
 from lossx.training.recipe import (
+    CONTRACT_FIELDS,
     DEFAULT_LR,
     MAX_EPOCHS,
     MAX_TRAIN_BATCH,
@@ -42,7 +45,7 @@ RECIPE = TrainConfig()  # the defaults of lossx train's options
 @click.option(
     "--data-dir",
     type=path_arg(),
-    help="Folder holding cifar-10-batches-py/ with the training batches (required).",
+    help=f"{DATA_HELP} (required). A dataset of one split needs --holdout.",
 )
 @click.option(
     "--model",
@@ -52,6 +55,7 @@ RECIPE = TrainConfig()  # the defaults of lossx train's options
     help="--engine torch: a registry model or your own MODULE:ATTR (as for export).",
 )
 @model_arg_option
+@with_contract_options
 @click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=RECIPE.epochs,
               show_default=True, help="Passes over the training images.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(1, MAX_TRAIN_BATCH), default=RECIPE.batch_size,
@@ -153,11 +157,12 @@ def train(
     session: SessionOptions,
     **recipe,
 ) -> None:
-    """Train the model on the CIFAR-10 training split: with eager PyTorch, or with ARTIFACT_DIR's
-    training graph in ONNX Runtime (--engine onnxruntime). Both follow the same recipe: from
-    the same weights and seed they take the same steps, to float rounding."""
+    """Train the model on a dataset's training split: with eager PyTorch, or with
+    ARTIFACT_DIR's training graph in ONNX Runtime (--engine onnxruntime). Both follow the same
+    recipe: from the same weights and seed they take the same steps, to float rounding."""
     if data_dir is None:
         raise click.UsageError("--data-dir is required: the training images do not ship with lossx")
+    recipe["resize"] = recipe["resize"] or RECIPE.resize
     if write_plan is not None:
         write_training_plan(write_plan, data_dir, TrainConfig(**recipe))
         return
@@ -171,12 +176,17 @@ def train(
         raise click.UsageError(
             "--model and --model-arg are for --engine torch; onnxruntime trains ARTIFACT_DIR's"
         )
+    given = given_on_command_line(recipe)  # with --resume, each must agree with the checkpoint
+    contract_given = sorted(set(given) & set(CONTRACT_FIELDS))
+    if engine == "onnxruntime" and contract_given:
+        options = ", ".join(f"--{name.replace('_', '-')}" for name in contract_given)
+        raise click.UsageError(
+            f"{options}: --engine onnxruntime trains ARTIFACT_DIR's model on the images its "
+            "manifest describes"
+        )
     config = TrainConfig(**recipe)
     config.validate()
-    given = given_on_command_line(recipe)  # with --resume, each must agree with the checkpoint
-    from lossx.files import input_folder
-
-    input_folder(data_dir, "data directory")
+    check_data(data_dir)
     kinds = ("torch",) if engine == "torch" else ("npz",)
     if resume is not None:
         from lossx.training.checkpoints import check_checkpoint_kind
@@ -232,12 +242,22 @@ def write_training_plan(path: Path, data_dir: Path, config: TrainConfig) -> None
     if config.optimizer != "sgd":
         raise click.UsageError("--write-plan records SGD steps; --optimizer adamw has no plan")
     config.validate()
-    from lossx.files import input_folder
     from lossx.training.plan import write_plan
 
-    input_folder(data_dir, "data directory")
+    check_data(data_dir)
     steps, images = write_plan(path, data_dir, config)
     echo(
         f"wrote {path}: {steps} steps, {images:,} images in batches of {config.batch_size} "
         f"({path.stat().st_size:,} bytes)"
     )
+
+
+def check_data(data: Path) -> None:
+    """Refuse a --data-dir that is neither a folder nor a file, before anything starts."""
+    from lossx.errors import DataError
+    from lossx.files import input_folder, regular_file
+
+    if data.is_file() or data.suffix.lower() == ".npz":
+        regular_file(data, "data file", DataError)
+    else:
+        input_folder(data, "data directory")

@@ -1,4 +1,4 @@
-"""The inputs both sides of a comparison see: real CIFAR-10 batches and seeded random feeds
+"""The inputs both sides of a comparison see: real image batches and seeded random feeds
 drawn in numpy from a graph's own tensor specs.
 
 One table of random sizes serves the export self-check and `lossx check`: batch 1, an odd
@@ -12,11 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from lossx.compare.runners import Runner
-from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.contract import ImageContract
 from lossx.runtime.feeds import graph_feed, iter_batches, log_softmax, softmax
-from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role, model_graph
+from lossx.runtime.graphs import GraphSpec, Role
+from lossx.runtime.image_set import ImageSet
 
-EXAMPLE_SIZES = {"N": 4, "C": NUM_CLASSES, "D": NUM_CLASSES, "d1": 3, "d2": 5, "d3": 2}
+# The sizes standalone losses are exported at (every dim but the fixed ones is dynamic).
+EXAMPLE_SIZES = {"N": 4, "C": 10, "D": 10, "d1": 3, "d2": 5, "d3": 2}
 RANDOM_SIZES = (
     {"N": 1, "C": 10, "D": 10, "d1": 1, "d2": 1, "d3": 1},
     {"N": 7, "C": 5, "D": 3, "d1": 2, "d2": 3, "d3": 4},
@@ -76,7 +78,7 @@ class InputSet:
     `sizes` drawn from `seed`."""
 
     label: str
-    images: np.ndarray | None = None  # float32 [B,3,32,32], model-ready
+    images: np.ndarray | None = None  # float32 [B,C,H,W], model-ready
     labels: np.ndarray | None = None
     sizes: dict[str, int] | None = None
     seed: int = 0
@@ -100,16 +102,16 @@ class InputSet:
 
 
 def real_input_sets(
-    data: Cifar10Split, batch_size: int, odd_batches: bool = False
+    data: ImageSet, batch_size: int, contract: ImageContract, odd_batches: bool = False
 ) -> Iterator[InputSet]:
-    """Every image of `data` in batches; with `odd_batches` then image 0 alone and images 1-7
-    as one batch (sizes a full pass may never see)."""
+    """Every image of `data` in batches, preprocessed as `contract` says; with `odd_batches`
+    then image 0 alone and images 1-7 as one batch (sizes a full pass may never see)."""
     start = 0
-    for images, labels in iter_batches(data, batch_size):
+    for images, labels in iter_batches(data, batch_size, contract):
         yield InputSet(f"images {start}-{start + len(labels) - 1}", images, labels)
         start += len(labels)
-    if odd_batches and len(data):
-        first = next(iter_batches(data.head(8), 8))
+    if odd_batches and start:
+        first = next(iter_batches(data.head(8), 8, contract))
         yield InputSet("image 0 alone", first[0][:1], first[1][:1], counts_for_accuracy=False)
         odd = InputSet(
             f"images 1-{len(first[1]) - 1} as one batch",
@@ -127,11 +129,10 @@ def random_input_sets(seed: int) -> Iterator[InputSet]:
         yield InputSet(f"random N={sizes['N']} seed {seed + index}", sizes=sizes, seed=seed + index)
 
 
-def reference_logits(reference: Runner) -> Callable[[InputSet], np.ndarray]:
+def reference_logits(reference: Runner, model: GraphSpec) -> Callable[[InputSet], np.ndarray]:
     """What standalone loss graphs score in a comparison with `reference` (compare_runners's
-    `loss_inputs`): the reference model's logits of each real batch, so that a loss graph is
-    measured alone, on the logits a model gives. Wrap `reference` in RunOnce to share that run
-    with the model graph's comparison."""
-    model = model_graph()
+    `loss_inputs`): the reference model's logits (graph `model`'s) of each real batch, so that
+    a loss graph is measured alone, on the logits a model gives. Wrap `reference` in RunOnce
+    to share that run with the model graph's comparison."""
     images, logits = model.named(Role.IMAGES), model.named(Role.LOGITS)
     return lambda inputs: reference.run(model, {images: inputs.images})[logits]

@@ -27,7 +27,6 @@ from lossx.compare.elementwise import element_errors
 from lossx.compare.report import LayerRow
 from lossx.compare.tolerances import Tolerance
 from lossx.runtime.artifact import Artifact
-from lossx.runtime.graphs import Role, model_graph
 from lossx.runtime.options import SessionOptions
 from lossx.runtime.session import open_session
 
@@ -145,7 +144,9 @@ def _run_values(
         probe = Path(scratch) / "model_values.onnx"
         onnx.save_model(proto, probe)
         session = open_session(probe, SessionOptions(provider))
-    feed = {model_graph().named(Role.IMAGES): images}
+    initializers = {t.name for t in proto.graph.initializer}
+    (images_name,) = [i.name for i in proto.graph.input if i.name not in initializers]
+    feed = {images_name: images}
     return dict(zip(names, session.run(names, feed), strict=True))
 
 

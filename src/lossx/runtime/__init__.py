@@ -9,19 +9,20 @@ from lossx import lazy_exports
 
 _EXPORTS = {
     "Artifact": "artifact",
-    "Cifar10Split": "cifar10",
     "EvalResult": "evaluation",
+    "ImageContract": "contract",
+    "ImageSet": "image_set",
     "Manifest": "manifest",
     "Prediction": "api",
     "Runtime": "api",
     "evaluate": "evaluation",
     "load_artifact": "artifact",
     "load_cifar10": "cifar10",
+    "load_dataset": "datasets",
     "load_manifest": "manifest",
     "load_packaged_sample": "cifar10",
     "model_input": "api",
     "open_artifact": "api",
-    "to_model_input": "preprocessing",
 }
 
 __all__ = sorted(_EXPORTS)

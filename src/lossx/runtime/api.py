@@ -1,10 +1,13 @@
 """The runtime an application embeds: load an artifact, predict, compute losses, evaluate.
 
     runtime = open_artifact("out/", provider="auto")
-    prediction = runtime.predict(images)   # uint8 [N,32,32,3] RGB, or float32 [N,3,32,32]
+    prediction = runtime.predict(images)   # uint8 [N,H,W,C], or float32 [N,C,H,W] preprocessed
     prediction.classes, prediction.probabilities, runtime.class_names, runtime.providers
     runtime.loss("ce", logits=logits, labels=labels)
-    runtime.evaluate(load_cifar10(data_dir, "test"))
+    runtime.evaluate(runtime.dataset(data_dir, "test"))
+
+The image size, channels, classes and preprocessing are the artifact's image contract
+(runtime.contract, lossx.runtime.contract).
 
 Every input is checked before ONNX Runtime sees it, with an error that names the input and
 what was expected. torch is never imported.
@@ -21,23 +24,23 @@ import onnxruntime as ort
 
 from lossx.errors import DataError, SpecError
 from lossx.runtime.artifact import Artifact, load_artifact
-from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.contract import COLORS, ImageContract
+from lossx.runtime.datasets import load_dataset
 from lossx.runtime.evaluation import EvalResult, evaluate
 from lossx.runtime.feeds import check_batch_size, check_feed, check_outputs, softmax
-from lossx.runtime.graphs import IMAGE_SHAPE, Role
+from lossx.runtime.graphs import Role
+from lossx.runtime.image_folder import DECODE_WORKERS
+from lossx.runtime.image_set import ImageSet
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
-from lossx.runtime.preprocessing import to_model_input
 from lossx.runtime.session import provider_names
-
-_HWC = (IMAGE_SHAPE[1], IMAGE_SHAPE[2], IMAGE_SHAPE[0])
 
 
 @dataclass(frozen=True)
 class Prediction:
     """The model's answer for a batch of images."""
 
-    logits: np.ndarray  # float32 [N, 10]
-    probabilities: np.ndarray  # float32 [N, 10], the softmax of the logits
+    logits: np.ndarray  # float32 [N, classes]
+    probabilities: np.ndarray  # float32 [N, classes], the softmax of the logits
     classes: np.ndarray  # int64 [N], the most probable class of each image
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +97,24 @@ class Runtime:
         return self.artifact.manifest.class_names
 
     @property
+    def contract(self) -> ImageContract:
+        """The image size, channels, classes and preprocessing the model takes."""
+        return self.artifact.contract
+
+    def dataset(
+        self,
+        data: Path | str | None,
+        split: str = "test",
+        limit: int | None = None,
+        strict: bool = False,
+    ) -> ImageSet:
+        """Split `split` of dataset `data` (CIFAR-10 batches, an image folder or an .npz; the
+        packaged sample where None) at this model's image size, streamed where it can be."""
+        return load_dataset(
+            None if data is None else Path(data), split, self.contract, limit, True, strict
+        )
+
+    @property
     def providers(self) -> list[str]:
         """The execution providers ONNX Runtime really uses, e.g. ["cuda", "cpu"]."""
         return provider_names(self.session("model"))
@@ -106,7 +127,7 @@ class Runtime:
         if self.providers[0] != "cuda":
             return self.artifact.run(stem, feed, self.options)
         spec = self.artifact.graph(stem).spec
-        check_feed(spec, feed)
+        check_feed(spec, feed, self.contract.pixel_range())
         session = self.session(stem)
         # IO binding: each input is copied to the GPU once and outputs stay there until the one
         # copy back, instead of ONNX Runtime staging every tensor through host buffers.
@@ -121,9 +142,9 @@ class Runtime:
         return outputs
 
     def predict(self, images: np.ndarray) -> Prediction:
-        """Classify `images`: uint8 [N,32,32,3] RGB as decoded (or one [32,32,3] image), or
-        float32 [N,3,32,32] already scaled to [0, 1] as the manifest's preprocessing says."""
-        batch = model_input(images)
+        """Classify `images`: uint8 [N,H,W,C] as decoded (or one [H,W,C] image) at the
+        contract's size, or float32 [N,C,H,W] already preprocessed as the contract says."""
+        batch = model_input(images, self.contract)
         spec = self.artifact.graph("model").spec
         name, output = spec.named(Role.IMAGES), spec.named(Role.LOGITS)
         logits = np.concatenate(
@@ -135,12 +156,22 @@ class Runtime:
         return Prediction(logits, softmax(logits), logits.argmax(axis=1))
 
     def predict_files(self, paths: list[Path], k: int = 1) -> FilePredictions:
-        """Classify image files (read and resized as the manifest's preprocessing says; every
-        file is read before any is classified)."""
+        """Classify image files, read and fitted as the contract says (by a pool of threads, a
+        batch at a time); any file that cannot be read is refused before anything is
+        reported."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from lossx.runtime.images import load_image  # Pillow, only where files are read
 
-        batch = np.stack([load_image(path) for path in paths])
-        classes, probabilities = self.predict(batch).top_k(k)
+        self.predict(np.zeros((1, *self.contract.hwc), np.uint8)).top_k(k)  # k checked first
+        chunks = []
+        with ThreadPoolExecutor(DECODE_WORKERS) as pool:
+            for start in range(0, len(paths), self.batch_size):
+                chunk = paths[start : start + self.batch_size]
+                batch = np.stack(list(pool.map(lambda p: load_image(p, self.contract), chunk)))
+                chunks.append(self.predict(batch).top_k(k))
+        classes = np.concatenate([c[0] for c in chunks])
+        probabilities = np.concatenate([c[1] for c in chunks])
         predictions = [
             {
                 "file": _printable(path),
@@ -166,7 +197,7 @@ class Runtime:
 
     def evaluate(
         self,
-        split: Cifar10Split,
+        split: ImageSet,
         batch_size: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> EvalResult:
@@ -186,38 +217,38 @@ def _printable(path: Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-# The layouts `model_input` takes: dtype -> (one image's shape, the rule, a hint)
-_LAYOUTS = {
-    np.dtype(np.uint8): (
-        _HWC,
-        "uint8 images must be [N, 32, 32, 3] or [32, 32, 3] RGB (HWC)",
-        " (resize and convert first, as lossx predict does)",
-    ),
-    np.dtype(np.float32): (
-        IMAGE_SHAPE,
-        "float32 images must be [N, 3, 32, 32] (NCHW) or [3, 32, 32]",
-        "",
-    ),
-}
-
-
-def model_input(images: np.ndarray) -> np.ndarray:
-    """`images` as the model takes them, float32 [N,3,32,32] in [0, 1], or DataError saying
+def model_input(images: np.ndarray, contract: ImageContract) -> np.ndarray:
+    """`images` as the model takes them, float32 [N,C,H,W] preprocessed, or DataError saying
     what was expected."""
+    hwc, chw = list(contract.hwc), list(contract.shape)
+    layouts = {
+        np.dtype(np.uint8): (
+            hwc,
+            f"uint8 images must be [N, {', '.join(map(str, hwc))}] or {hwc} "
+            f"{COLORS.get(contract.channels, '')} (HWC)",
+            " (resize and convert first, as lossx predict does)",
+        ),
+        np.dtype(np.float32): (
+            chw,
+            f"float32 images must be [N, {', '.join(map(str, chw))}] (NCHW) or {chw}",
+            "",
+        ),
+    }
     if not isinstance(images, np.ndarray):
         raise DataError(f"images: expected a numpy array, got {type(images).__name__}")
-    if images.dtype not in _LAYOUTS:
+    if images.dtype not in layouts:
         raise DataError(
-            f"images: expected uint8 RGB [N, 32, 32, 3] or float32 [N, 3, 32, 32], got "
-            f"{images.dtype}"
+            f"images: expected uint8 {COLORS.get(contract.channels, '')} "
+            f"[N, {', '.join(map(str, hwc))}] or float32 "
+            f"[N, {', '.join(map(str, chw))}], got {images.dtype}"
         )
-    shape, rule, hint = _LAYOUTS[images.dtype]
+    shape, rule, hint = layouts[images.dtype]
     batch = images[None] if images.ndim == 3 else images
-    if batch.ndim != 4 or batch.shape[1:] != shape:
+    if batch.ndim != 4 or list(batch.shape[1:]) != shape:
         raise DataError(f"images: {rule}; got {list(images.shape)}{hint}")
     if len(batch) == 0:
         raise DataError("images: an empty batch; nothing to predict")
-    return to_model_input(batch) if batch.dtype == np.uint8 else batch
+    return contract.to_model_input(batch) if batch.dtype == np.uint8 else batch
 
 
 def open_artifact(

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from lossx.errors import ArtifactError
 from lossx.files import regular_file
+from lossx.runtime.contract import ImageContract
 from lossx.runtime.feeds import check_feed, check_outputs
 from lossx.runtime.graphs import (
     GraphSpec,
@@ -65,6 +66,11 @@ class Artifact:
         check_weights(weights, self.shipped_state_dict())
         return replace(self, weights={k: np.ascontiguousarray(v) for k, v in weights.items()},
                        weights_source=source, _sessions={})  # fmt: skip
+
+    @property
+    def contract(self) -> ImageContract:
+        """The image size, channels, classes and preprocessing the model takes."""
+        return self.manifest.contract
 
     @property
     def weights_used(self) -> str:
@@ -129,7 +135,7 @@ class Artifact:
         """Graph `stem`'s outputs by name, run with `options` after checking `feed` (see
         `check_feed`), checked to be numbers where they must be (`check_outputs`)."""
         spec = self.graph(stem).spec
-        check_feed(spec, feed)
+        check_feed(spec, feed, self.contract.pixel_range())
         outputs = self.session(stem, options).run(spec.output_names, feed)
         outputs = dict(zip(spec.output_names, outputs, strict=True))
         check_outputs(spec, outputs)

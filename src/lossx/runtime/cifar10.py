@@ -8,7 +8,7 @@ plain containers) and refuses anything else before it runs.
 import codecs
 import io
 import pickle
-from dataclasses import dataclass
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -16,6 +16,8 @@ import numpy as np
 
 from lossx.errors import DataError
 from lossx.files import input_folder
+from lossx.runtime.contract import ImageContract
+from lossx.runtime.image_set import ImageSet
 
 CLASS_NAMES = (
     "airplane",
@@ -36,15 +38,25 @@ SPLIT_FILES = {
 }
 SAMPLE_RESOURCE = "cifar10_test_subset.npz"
 SAMPLE_SOURCE = "packaged sample: CIFAR-10 test images "
+IMAGE_SHAPE = (3, 32, 32)  # CIFAR-10's images, C,H,W
+# What a model trained on CIFAR-10 as it comes takes: its images scaled to [0, 1], its classes
+CONTRACT = ImageContract(*IMAGE_SHAPE, CLASS_NAMES, (0.0,) * 3, (1.0,) * 3)
 _PIXELS = 32 * 32 * 3
 
 
 class StreamedImages:
     """The images of several batch files, read again one file at a time when sliced, so that
-    going through a split in order holds one file (10,000 images, 30 MB) in memory, not all."""
+    going through a split in order holds one file (10,000 images, 30 MB) in memory, not all.
+    `fit` turns each slice into the artifact's image size (see lossx.runtime.images.fit)."""
 
-    def __init__(self, paths: list[Path], counts: list[int], length: int | None = None) -> None:
-        self.paths, self.counts = paths, counts
+    def __init__(
+        self,
+        paths: list[Path],
+        counts: list[int],
+        length: int | None = None,
+        fit: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        self.paths, self.counts, self.fit = paths, counts, fit
         self.starts = np.cumsum([0, *counts])
         self.length = int(self.starts[-1]) if length is None else length
         self._cached: tuple[int, np.ndarray] | None = None
@@ -52,12 +64,15 @@ class StreamedImages:
     def __len__(self) -> int:
         return self.length
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.length, 32, 32, 3)
-
     def head(self, limit: int) -> "StreamedImages":
-        return StreamedImages(self.paths, self.counts, min(limit, self.length))
+        return StreamedImages(self.paths, self.counts, min(limit, self.length), self.fit)
+
+    def fitted(self, fit: Callable[[np.ndarray], np.ndarray]) -> "StreamedImages":
+        return StreamedImages(self.paths, self.counts, self.length, fit)
+
+    def batch(self, start: int, stop: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = self[start:stop]
+        return (self.fit(images) if self.fit else images), labels
 
     def _file(self, index: int) -> np.ndarray:
         if self._cached is None or self._cached[0] != index:
@@ -76,39 +91,6 @@ class StreamedImages:
             if start < end and stop > first:
                 parts.append(self._file(index)[max(start, first) - first : min(stop, end) - first])
         return np.concatenate(parts) if parts else np.empty((0, 32, 32, 3), np.uint8)
-
-
-@dataclass(frozen=True)
-class Cifar10Split:
-    """Decoded images, uint8 [N,32,32,3] HWC RGB, with int64 labels [N]. The images are an
-    array, or StreamedImages when loaded with `stream=True`."""
-
-    images: np.ndarray | StreamedImages
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    source: str
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def head(self, limit: int | None) -> "Cifar10Split":
-        """The first `limit` images (all of them when `limit` is None)."""
-        if limit is None:
-            return self
-        images = (
-            self.images.head(limit)
-            if isinstance(self.images, StreamedImages)
-            else self.images[:limit]
-        )
-        source = self.source if limit >= len(self) else _first(self.source, limit)
-        return Cifar10Split(images, self.labels[:limit], self.class_names, source)
-
-
-def _first(source: str, limit: int) -> str:
-    """What the first `limit` images of `source` are."""
-    if source.startswith(SAMPLE_SOURCE):
-        return f"{SAMPLE_SOURCE}0-{limit - 1}"
-    return f"{source}, first {limit:,} images"
 
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's array reconstructor, whatever its module
@@ -198,6 +180,13 @@ def _read_class_names(batches: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
+def is_test_only(data_dir: Path) -> bool:
+    """Whether `data_dir` holds CIFAR-10's test batch and none of its training batches."""
+    batches = data_dir / BATCHES_DIR
+    folder = batches if batches.is_dir() else data_dir
+    return (folder / "test_batch").exists() and not any(folder.glob("data_batch_*"))
+
+
 def _batches_dir(data_dir: Path, split: str) -> Path:
     input_folder(data_dir, "data directory", DataError)
     for candidate in (data_dir / BATCHES_DIR, data_dir):
@@ -214,7 +203,7 @@ def load_cifar10(
     split: str = "test",
     limit: int | None = None,
     stream: bool = False,
-) -> Cifar10Split:
+) -> ImageSet:
     """Load a CIFAR-10 split from `data_dir` (the folder holding `cifar-10-batches-py/`).
 
     With `data_dir` None, the packaged sample is used: official test images 0-999. With
@@ -249,7 +238,7 @@ def load_cifar10(
     split_images = (
         StreamedImages(paths, [len(b) for b in labels]) if stream else np.concatenate(images)
     )
-    split_data = Cifar10Split(
+    split_data = ImageSet(
         split_images,
         np.concatenate(labels),
         _read_class_names(batches),
@@ -258,10 +247,10 @@ def load_cifar10(
     return split_data.head(limit)
 
 
-def load_packaged_sample() -> Cifar10Split:
+def load_packaged_sample() -> ImageSet:
     """The 1,000 official CIFAR-10 test images 0-999 shipped inside lossx."""
     resource = resources.files("lossx.runtime").joinpath("data", SAMPLE_RESOURCE)
     with resources.as_file(resource) as path, np.load(path, allow_pickle=False) as npz:
         where = f"packaged {SAMPLE_RESOURCE}"
         images, labels = validated_batch(npz["images"], npz["labels"], where)
-    return Cifar10Split(images, labels, CLASS_NAMES, f"{SAMPLE_SOURCE}0-{len(labels) - 1}")
+    return ImageSet(images, labels, CLASS_NAMES, f"{SAMPLE_SOURCE}0-{len(labels) - 1}")

@@ -1,4 +1,5 @@
-"""Evaluate an artifact over CIFAR-10 with ONNX Runtime: accuracy, losses, throughput.
+"""Evaluate an artifact over a labelled image set with ONNX Runtime: accuracy, losses,
+throughput.
 
 The losses come from the artifact's own loss graphs; numpy only prepares their inputs
 (the logits in the form each loss takes, and the labels in the form its target takes).
@@ -6,15 +7,15 @@ The losses come from the artifact's own loss graphs; numpy only prepares their i
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from lossx.errors import DataError
 from lossx.runtime.artifact import Artifact
-from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import check_batch_size, check_outputs, graph_feed, iter_batches
 from lossx.runtime.graphs import Role
+from lossx.runtime.image_set import ImageSet
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.session import provider_names
@@ -40,6 +41,8 @@ class EvalResult:
     class_names: list[str]  # the artifact's, in class-index order
     # confusion[true][predicted]: how many images of class `true` the model took for `predicted`
     confusion: list[list[int]]
+    # files of the data that could not be read and were left out: {"file", "reason"}
+    skipped: list[dict] = field(default_factory=list)
 
     @property
     def per_class(self) -> list[tuple[str, int, float | None]]:
@@ -62,6 +65,7 @@ class EvalResult:
             ("model precision", self.precision),
             ("data", self.data),
             ("images evaluated", f"{self.images:,}"),
+            *skipped_rows(self.skipped),
             ("top-1 accuracy", f"{self.top1_accuracy:.2%}"),
         ]
         rows += [
@@ -96,16 +100,16 @@ class EvalResult:
 
 def evaluate(
     artifact: Artifact,
-    split: Cifar10Split,
+    split: ImageSet,
     batch_size: int = 256,
     options: SessionOptions = DEFAULT_SESSION,
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Run the model and every loss graph of `artifact` over `split` in sessions opened with
     `options`."""
-    if not isinstance(split, Cifar10Split):
+    if not isinstance(split, ImageSet):
         raise DataError(
-            f"split: expected a Cifar10Split (lossx.runtime.load_cifar10), got "
+            f"split: expected an ImageSet (Runtime.dataset, lossx.runtime.load_dataset), got "
             f"{type(split).__name__}"
         )
     if len(split) == 0:
@@ -123,7 +127,7 @@ def evaluate(
     elements = dict.fromkeys(losses, 0)
     model_seconds = 0.0
     started = time.perf_counter()
-    for images, labels in iter_batches(split, batch_size):
+    for images, labels in iter_batches(split, batch_size, artifact.contract):
         model_started = time.perf_counter()
         (logits,) = model.run(
             [model_spec.named(Role.LOGITS)], {model_spec.named(Role.IMAGES): images}
@@ -141,7 +145,9 @@ def evaluate(
         if progress:
             progress(len(labels))
     seconds = time.perf_counter() - started
-    count = len(split)
+    count = int(confusion.sum())  # the images read: files that could not be are skipped
+    if count == 0:
+        raise DataError(f"{split.source}: none of its {len(split):,} files could be read")
     return EvalResult(
         artifact=str(artifact.path),
         weights=artifact.weights_used,
@@ -158,7 +164,16 @@ def evaluate(
         providers=provider_names(model),
         class_names=list(artifact.manifest.class_names),
         confusion=confusion.tolist(),
+        skipped=[{"file": s.file, "reason": s.reason} for s in split.skipped],
     )
+
+
+def skipped_rows(skipped: list[dict]) -> list[tuple[str, str]]:
+    """A report's row for the files left out, naming the first, if any were."""
+    if not skipped:
+        return []
+    first = skipped[0]
+    return [("skipped files", f"{len(skipped):,} (the first: {first['file']}: {first['reason']})")]
 
 
 def _aggregate(loss: LossSpec, total: float, elements: int) -> float:

@@ -1,4 +1,4 @@
-"""The feeds of an artifact's graphs: CIFAR-10 batches, and the logits and labels each loss
+"""The feeds of an artifact's graphs: image batches, and the logits and labels each loss
 takes in the form it is defined on. Evaluation, training and parity checks all feed graphs
 through here.
 """
@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from lossx.errors import DataError, ModelError, with_article
-from lossx.runtime.cifar10 import Cifar10Split
-from lossx.runtime.graphs import NUM_CLASSES, GraphSpec, Role, TensorSpec
+from lossx.runtime.contract import ImageContract
+from lossx.runtime.graphs import GraphSpec, Role, TensorSpec
+from lossx.runtime.image_set import ImageSet
 from lossx.runtime.loss_specs import LossSpec
-from lossx.runtime.preprocessing import to_model_input
 
 # Peak memory per image of a batch, measured with lossx eval: 8,192-image batches took 1.87 GB
 # of RSS against 0.19 GB for 256-image ones (float32 input and ONNX Runtime's activations).
@@ -46,12 +46,13 @@ def check_batch_size(batch_size: int) -> None:
         )
 
 
-def iter_batches(split: Cifar10Split, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Model-ready batches: float32 images [B,3,32,32] and int64 labels [B]."""
+def iter_batches(
+    split: ImageSet, batch_size: int, contract: ImageContract
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Model-ready batches: float32 images [B,C,H,W] as `contract` says and int64 labels [B]."""
     check_batch_size(batch_size)
-    for start in range(0, len(split), batch_size):
-        stop = start + batch_size
-        yield to_model_input(split.images[start:stop]), split.labels[start:stop]
+    for images, labels in split.batches(batch_size):
+        yield contract.to_model_input(images), labels
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -64,15 +65,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def one_hot(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def target_form(loss: LossSpec, labels: np.ndarray) -> np.ndarray:
+def target_form(loss: LossSpec, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """The target input of `loss` for class labels: the labels, or their one-hot vectors."""
     if loss.target == "class_index":
         return labels
-    targets = one_hot(labels)
+    targets = one_hot(labels, num_classes)
     if loss.target == "log_probabilities":
         return np.log(np.maximum(targets, np.finfo(np.float32).tiny))
     return targets
@@ -101,16 +102,24 @@ def graph_feed(
         elif tensor.role is Role.LOSS_INPUT:
             feed[tensor.name] = loss_input(spec.loss, logits)
         elif tensor.role is Role.TARGET:
-            feed[tensor.name] = target_form(spec.loss, labels)
+            feed[tensor.name] = target_form(spec.loss, labels, _classes(spec, logits))
         else:
             feed[tensor.name] = parameters[tensor.name]
     return feed
 
 
-def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
+def _classes(spec: GraphSpec, logits: np.ndarray | None) -> int:
+    classes = spec.class_dim()
+    return classes if isinstance(classes, int) else logits.shape[1]
+
+
+def check_feed(
+    spec: GraphSpec, feed: dict[str, np.ndarray], pixel_range: tuple[float, float] = (0.0, 1.0)
+) -> None:
     """Refuse inputs graph `spec` cannot take, naming the input and what was expected: names,
     dtypes, ranks, fixed and shared dims, empty batches, and class indices out of range (which
-    ONNX Runtime's gathers would read from the end or fail on without saying why)."""
+    ONNX Runtime's gathers would read from the end or fail on without saying why), and images
+    outside `pixel_range` (the image contract's, lossx.runtime.contract)."""
     if sorted(feed) != sorted(spec.input_names):
         given = ", ".join(feed) or "none"
         raise DataError(f"{spec.file} takes inputs {', '.join(spec.input_names)}; got {given}")
@@ -139,7 +148,7 @@ def check_feed(spec: GraphSpec, feed: dict[str, np.ndarray]) -> None:
         if value.size == 0:
             raise DataError(f"{tensor.name}: empty (shape {list(value.shape)}); nothing to compute")
         if value.dtype.kind == "f":
-            _check_values(tensor, value)
+            _check_values(tensor, value, pixel_range)
     for tensor in spec.inputs:
         if tensor.values == "class_index":
             classes = spec.class_dim()
@@ -174,9 +183,14 @@ def _described(value: object) -> str:
     return with_article(type(value).__name__)
 
 
-def _check_values(tensor: TensorSpec, value: np.ndarray) -> None:
+# How far a normalised pixel may lie outside the contract's range: float32 rounding of
+# (x - mean) / std, a few ulps of values up to a few units.
+_PIXEL_SLACK = 1e-5
+
+
+def _check_values(tensor: TensorSpec, value: np.ndarray, pixel_range: tuple[float, float]) -> None:
     """NaN anywhere, or Inf other than a log-probability's -inf (log 0), or images outside
-    [0, 1], are refused: they mean a broken input, not a number to compute with."""
+    `pixel_range`, are refused: they mean a broken input, not a number to compute with."""
     low, high = value.min(), value.max()  # NaN propagates: two fast passes decide most inputs
     if not (np.isfinite(low) and np.isfinite(high)):
         allowed = value == -np.inf if tensor.values == "log_probabilities" else False
@@ -186,11 +200,14 @@ def _check_values(tensor: TensorSpec, value: np.ndarray) -> None:
             raise DataError(
                 f"{tensor.name}: {value[tuple(where)]} at index {where}; expected finite values"
             )
-    if tensor.values == "image" and (low < 0 or high > 1):
-        raise DataError(
-            f"{tensor.name}: values from {low:g} to {high:g}; expected pixels scaled to [0, 1] "
-            "(x / 255, no mean/std normalisation)"
+    least, most = pixel_range
+    if tensor.values == "image" and (low < least - _PIXEL_SLACK or high > most + _PIXEL_SLACK):
+        expected = (
+            "pixels scaled to [0, 1] (x / 255, no mean/std normalisation)"
+            if pixel_range == (0.0, 1.0)
+            else f"pixels scaled by the artifact's preprocessing, within [{least:g}, {most:g}]"
         )
+        raise DataError(f"{tensor.name}: values from {low:g} to {high:g}; expected {expected}")
 
 
 def check_labels(spec: LossSpec, labels: np.ndarray, classes: int, name: str = "labels") -> None:

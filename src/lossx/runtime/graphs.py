@@ -14,8 +14,6 @@ from lossx.errors import SpecError
 from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
 
 DEFAULT_MODEL = "tudui"
-NUM_CLASSES = 10
-IMAGE_SHAPE = (3, 32, 32)
 
 
 class GraphKind(StrEnum):
@@ -144,7 +142,16 @@ class GraphSpec:
 
     def named(self, role: Role) -> str:
         """The name of the graph's (first) input or output of `role`, e.g. its logits'."""
-        return next(t.name for t in (*self.inputs, *self.outputs) if t.role is role)
+        return self.named_tensor(role).name
+
+    def named_tensor(self, role: Role) -> TensorSpec:
+        """The graph's (first) input or output of `role`."""
+        return next(t for t in (*self.inputs, *self.outputs) if t.role is role)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the images a graph that runs the model takes."""
+        return tuple(self.named_tensor(Role.IMAGES).shape[1:])
 
     def _named(self, role: Role) -> tuple[str, ...]:
         return tuple(t.name for t in self.inputs if t.role is role)
@@ -193,13 +200,17 @@ _SCORES = (Role.LOSS_INPUT, Role.LOGITS)
 NEXT_PREFIX = "next."
 
 
-_IMAGES = TensorSpec("images", "float32", ("N", *IMAGE_SHAPE), "image", Role.IMAGES)
-_LOGITS = TensorSpec("logits", "float32", ("N", NUM_CLASSES), "real", Role.LOGITS)
+def model_graph(image_shape: tuple[int, ...], classes: int) -> GraphSpec:
+    """`model.onnx`: images float32 [N,C,H,W] (image_shape) -> logits float32 [N,classes]."""
+    images = TensorSpec("images", "float32", ("N", *image_shape), "image", Role.IMAGES)
+    logits = TensorSpec("logits", "float32", ("N", classes), "real", Role.LOGITS)
+    return GraphSpec("model", GraphKind.MODEL, None, (images,), (logits,))
 
 
-def model_graph() -> GraphSpec:
-    """`model.onnx`: images float32 [N,3,32,32] -> logits float32 [N,10]."""
-    return GraphSpec("model", GraphKind.MODEL, None, (_IMAGES,), (_LOGITS,))
+def model_part(spec: GraphSpec) -> GraphSpec:
+    """The model graph whose images and logits graph `spec` (one that runs the model) takes."""
+    images, logits = spec.named_tensor(Role.IMAGES), spec.named_tensor(Role.LOGITS)
+    return GraphSpec("model", GraphKind.MODEL, None, (images,), (logits,))
 
 
 def _target(loss: LossSpec, name: str, shape: tuple, labels_shape: tuple) -> TensorSpec:
@@ -240,13 +251,14 @@ def loss_graph(loss: LossSpec, extra_dims: int = 0) -> GraphSpec:
     return GraphSpec(f"loss_{loss.name}", GraphKind.LOSS, loss, inputs, outputs)
 
 
-def fused_graph(loss: LossSpec) -> GraphSpec:
+def fused_graph(loss: LossSpec, model: GraphSpec) -> GraphSpec:
     """`model_<name>.onnx`: model and loss in one graph, `loss(model(images), target)`."""
-    shape = ("N", NUM_CLASSES)
+    (images,), (logits,) = model.inputs, model.outputs
+    shape = logits.shape
     target = _target(loss, "targets", shape, ("N",))
     per_element = ("N",) if loss.info.class_dim else shape
-    outputs = (_LOGITS, _loss_output(loss, per_element))
-    return GraphSpec(f"model_{loss.name}", GraphKind.FUSED, loss, (_IMAGES, target), outputs)
+    outputs = (logits, _loss_output(loss, per_element))
+    return GraphSpec(f"model_{loss.name}", GraphKind.FUSED, loss, (images, target), outputs)
 
 
 @dataclass(frozen=True)
@@ -266,6 +278,7 @@ class Buffer:
 
 def train_graph(
     loss: LossSpec,
+    model: GraphSpec,
     parameters: list[tuple[str, tuple[int, ...]]],
     input_grad: bool = False,
     buffers: tuple[Buffer, ...] = (),
@@ -273,11 +286,12 @@ def train_graph(
     """`train_<name>.onnx`, one train-mode step: the fused graph's inputs plus every parameter
     and every buffer (by state_dict name) -> loss, logits, `grad.<name>` of every parameter (and
     `grad.images`), and `next.<name>` of every buffer the step changes."""
-    fused = fused_graph(loss)
+    fused = fused_graph(loss, model)
+    (images,), (logits,) = model.inputs, model.outputs
     weights = tuple(
         TensorSpec(name, "float32", shape, "real", Role.PARAMETER) for name, shape in parameters
     )
-    wrt = [*weights, _IMAGES] if input_grad else weights
+    wrt = [*weights, images] if input_grad else weights
     grads = tuple(
         TensorSpec(f"grad.{t.name}", "float32", t.shape, "real", Role.GRADIENT, t.name) for t in wrt
     )
@@ -287,7 +301,7 @@ def train_graph(
         for b in buffers
         if b.updated
     )
-    outputs = (_loss_output(loss, ()), _LOGITS, *grads, *updates)
+    outputs = (_loss_output(loss, ()), logits, *grads, *updates)
     inputs = (*fused.inputs, *weights, *state)
     return GraphSpec(f"train_{loss.name}", GraphKind.TRAIN, loss, inputs, outputs)
 
@@ -304,21 +318,22 @@ def graph_buffers(spec: GraphSpec) -> tuple[Buffer, ...]:
 
 def artifact_graphs(
     losses: list[LossSpec],
+    model: GraphSpec,
     parameters: list[tuple[str, tuple[int, ...]]] | None = None,
     input_grad: bool = False,
     buffers: tuple[Buffer, ...] = (),
 ) -> list[GraphSpec]:
     """Every graph an artifact with these losses holds, model first; training graphs when
     `parameters` (the model's, by name and shape) are given, taking `buffers` too."""
-    graphs = [model_graph(), *(loss_graph(n) for n in losses), *(fused_graph(n) for n in losses)]
+    graphs = [model, *(loss_graph(n) for n in losses), *(fused_graph(n, model) for n in losses)]
     if parameters is not None:
-        graphs += [train_graph(n, parameters, input_grad, buffers) for n in losses]
+        graphs += [train_graph(n, model, parameters, input_grad, buffers) for n in losses]
     return graphs
 
 
-def _expected_train_graph(spec: GraphSpec) -> GraphSpec:
+def _expected_train_graph(spec: GraphSpec, model: GraphSpec) -> GraphSpec:
     parameters = [(t.name, t.shape) for t in spec.inputs if t.role is Role.PARAMETER]
-    return train_graph(spec.loss, parameters, spec.input_grad, graph_buffers(spec))
+    return train_graph(spec.loss, model, parameters, spec.input_grad, graph_buffers(spec))
 
 
 @dataclass(frozen=True)
@@ -328,30 +343,33 @@ class KindRecord:
     model's weights sit among its initializers, and whether it is at the artifact's precision.
     The modules it is exported from and checked against are lossx.build.graph_modules's."""
 
-    expected_spec: Callable[[GraphSpec], GraphSpec]
+    expected_spec: Callable[[GraphSpec, GraphSpec], GraphSpec]  # (entry, model graph) -> spec
     weights_prefix: str | None  # None: the weights are inputs (or absent), not initializers
     follows_precision: bool  # loss and training graphs are fp32 in every artifact
 
 
 KINDS: dict[GraphKind, KindRecord] = {
-    GraphKind.MODEL: KindRecord(lambda spec: model_graph(), "", True),
+    GraphKind.MODEL: KindRecord(lambda spec, model: model, "", True),
     GraphKind.LOSS: KindRecord(
-        lambda spec: loss_graph(spec.loss, max(0, len(spec.inputs[0].shape) - 2)), None, False
+        lambda spec, model: loss_graph(spec.loss, max(0, len(spec.inputs[0].shape) - 2)),
+        None,
+        False,
     ),
-    GraphKind.FUSED: KindRecord(lambda spec: fused_graph(spec.loss), "model.", True),
+    GraphKind.FUSED: KindRecord(lambda spec, model: fused_graph(spec.loss, model), "model.", True),
     GraphKind.TRAIN: KindRecord(_expected_train_graph, None, False),
 }
 if KINDS.keys() != set(GraphKind):
     raise ImportError(f"graph kinds without a record: {set(GraphKind) - KINDS.keys()}")
 
 
-def expected_spec(spec: GraphSpec) -> GraphSpec:
-    """The spec lossx writes for a graph of `spec`'s kind, loss and varying shapes."""
-    return KINDS[spec.kind].expected_spec(spec)
+def expected_spec(spec: GraphSpec, model: GraphSpec) -> GraphSpec:
+    """The spec lossx writes for a graph of `spec`'s kind, loss and varying shapes, in an
+    artifact whose model graph is `model`."""
+    return KINDS[spec.kind].expected_spec(spec, model)
 
 
 def resolve_losses(losses: list[LossSpec | str] | tuple[LossSpec | str, ...]) -> list[LossSpec]:
-    """Loss specs for an artifact: parsed, each loss at most once, weights sized for the model."""
+    """Loss specs for an artifact: parsed, each loss at most once."""
     specs = [parse_loss_spec(s) if isinstance(s, str) else s for s in losses]
     if not specs:
         raise SpecError("no losses given")
@@ -359,9 +377,13 @@ def resolve_losses(losses: list[LossSpec | str] | tuple[LossSpec | str, ...]) ->
     for name in names:
         if names.count(name) > 1:
             raise SpecError(f"loss {name} given twice; an artifact holds one spec per loss")
+    return specs
+
+
+def check_loss_classes(specs: list[LossSpec], classes: int) -> None:
+    """Refuse a loss whose weights are sized for another number of classes than the model's."""
     for spec in specs:
         length = spec.class_weight_length
-        if length is not None and length != NUM_CLASSES:
+        if length is not None and length != classes:
             dim = "classes" if spec.info.class_dim else "logits per image"
-            raise SpecError(f"{spec}: weights for {length} {dim}; the model has {NUM_CLASSES}")
-    return specs
+            raise SpecError(f"{spec}: weights for {length} {dim}; the model has {classes}")

@@ -10,16 +10,17 @@ from pathlib import Path
 
 from lossx.errors import ArtifactError, SpecError
 from lossx.files import input_folder, regular_file
+from lossx.runtime.contract import ImageContract
 from lossx.runtime.graphs import (
     GraphKind,
     GraphSpec,
+    Role,
     TensorSpec,
     expected_spec,
     model_graph,
 )
 from lossx.runtime.loss_specs import LossSpec
 from lossx.runtime.precisions import PRECISIONS, Precision
-from lossx.runtime.preprocessing import PREPROCESSING
 
 MANIFEST_FILE = "manifest.json"
 
@@ -27,7 +28,8 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "lossx-artifact"
 
 
-FORMAT_VERSION = 3  # 2: loss specs with options, tensor value kinds; 3: tensor roles
+# 2: loss specs with options, tensor value kinds; 3: tensor roles; 4: the image contract
+FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class Manifest:
     model: str  # a registry name or a MODULE:ATTR import path
     opset: int
     class_names: tuple[str, ...]
-    preprocessing: dict
+    preprocessing: dict  # ImageContract.to_manifest()
     losses: tuple[LossSpec, ...]
     weights: dict  # {"file": "weights.npz", "source": "seed" | "checkpoint", ...}
     graphs: tuple[GraphEntry, ...]
@@ -142,8 +144,7 @@ class Manifest:
         """Refuse a manifest that contradicts itself or what this lossx writes: every graph
         exactly as lossx builds it for its kind and loss, every loss with its graphs, every
         file listed, the preprocessing the runtime applies, a class name per logit."""
-        if self.preprocessing != PREPROCESSING:
-            raise ValueError("preprocessing differs from what this lossx applies to images")
+        contract = self.contract
         names = self.loss_names
         if len(set(names)) != len(names):
             raise ValueError(f"losses name a loss twice: {', '.join(names)}")
@@ -157,9 +158,17 @@ class Manifest:
                 raise ValueError(f"graph {entry.spec.file} is listed twice")
             if entry.opset != self.opset:
                 raise ValueError(f"{entry.spec.file} has opset {entry.opset}, not {self.opset}")
-            _check_graph_spec(entry.spec, self.losses)
         if "model" not in stems:
             raise ValueError("no model.onnx graph")
+        logits = self.graph("model").named_tensor(Role.LOGITS)
+        if logits.shape[1:] != (contract.num_classes,):
+            raise ValueError(
+                f"{contract.num_classes} class_names for a model of logits "
+                f"[{', '.join(map(str, logits.shape))}]"
+            )
+        model = model_graph(contract.shape, contract.num_classes)
+        for entry in self.graphs:
+            _check_graph_spec(entry.spec, self.losses, model)
         if not self.precision_record.trains and any(
             e.spec.kind is GraphKind.TRAIN for e in self.graphs
         ):
@@ -168,11 +177,14 @@ class Manifest:
             for stem in (f"loss_{loss.name}", f"model_{loss.name}"):
                 if stem not in stems:
                     raise ValueError(f"loss {loss.name} has no {stem}.onnx graph")
-        classes = model_graph().outputs[0].shape[1]
-        if len(self.class_names) != classes:
-            raise ValueError(
-                f"{len(self.class_names)} class_names for a model of {classes} classes"
-            )
+
+    @functools.cached_property
+    def contract(self) -> ImageContract:
+        """What the model takes and what its logits mean (see lossx.runtime.contract)."""
+        return ImageContract.from_manifest(self.preprocessing, self.class_names)
+
+    def graph(self, stem: str) -> GraphSpec:
+        return next(e.spec for e in self.graphs if e.spec.stem == stem)
 
     @property
     def precision_name(self) -> str:
@@ -224,11 +236,12 @@ def plain_name(name: object) -> bool:
     )
 
 
-def _check_graph_spec(spec: GraphSpec, losses: tuple[LossSpec, ...]) -> None:
-    """Refuse a graph entry that is not exactly the graph lossx builds for its kind and loss."""
+def _check_graph_spec(spec: GraphSpec, losses: tuple[LossSpec, ...], model: GraphSpec) -> None:
+    """Refuse a graph entry that is not exactly the graph lossx builds for its kind and loss in
+    an artifact whose model graph is `model` (from the image contract)."""
     if spec.loss is not None and spec.loss not in losses:
         raise ValueError(f"{spec.file}: its loss {spec.loss} is not among the manifest's losses")
-    expected = expected_spec(spec)
+    expected = expected_spec(spec, model)
     if spec != expected:
         for side in ("inputs", "outputs"):
             for got, want in zip(getattr(spec, side), getattr(expected, side), strict=False):

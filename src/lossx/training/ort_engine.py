@@ -18,9 +18,9 @@ import numpy as np
 
 from lossx.errors import SpecError
 from lossx.runtime.artifact import Artifact, sha256_of
-from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import graph_feed, iter_batches
 from lossx.runtime.graphs import GraphKind, GraphSpec, Role
+from lossx.runtime.image_set import ImageSet
 from lossx.runtime.manifest import MANIFEST_FILE
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.weights import check_weights, read_weights
@@ -32,7 +32,7 @@ from lossx.training.checkpoints import (
     write_npz_checkpoint,
 )
 from lossx.training.optimizers import NesterovSGD
-from lossx.training.recipe import TrainConfig
+from lossx.training.recipe import TrainConfig, contract_recipe
 from lossx.training.schedule import EVAL_BATCH, clip_factor, eval_scores
 from lossx.training.trainer import EpochResult
 
@@ -48,7 +48,10 @@ class OnnxRuntimeEngine:
                 f"the onnxruntime engine implements optimizer sgd only, not {config.optimizer}"
             )
         self.artifact = artifact
-        self.config = replace(config, model=artifact.manifest.model)
+        self.contract = artifact.contract
+        self.config = replace(
+            config, model=artifact.manifest.model, **contract_recipe(self.contract)
+        )
         self.out = out
         self.options = options
         self.graph = training_graph(artifact, config)
@@ -74,13 +77,15 @@ class OnnxRuntimeEngine:
         self.optimizer.step(dict(zip(self.parameters, grads, strict=True)), lr, momentum)
         return float(loss)
 
-    def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
+    def evaluate(self, split: ImageSet) -> tuple[float, float]:
         model = self.artifact.with_weights(self.state_dict())
         spec = model.graph("model").spec
         name, output = spec.named(Role.IMAGES), spec.named(Role.LOGITS)
-        logits = [model.run("model", {name: x}, self.options)[output]
-                  for x, _ in iter_batches(split, EVAL_BATCH)]  # fmt: skip
-        return eval_scores(np.concatenate(logits), split.labels)
+        logits, labels = [], []
+        for x, y in iter_batches(split, EVAL_BATCH, self.contract):
+            logits.append(model.run("model", {name: x}, self.options)[output])
+            labels.append(y)
+        return eval_scores(np.concatenate(logits), np.concatenate(labels))
 
     def save(self, history: list[EpochResult]) -> None:
         state = {

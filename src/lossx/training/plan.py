@@ -2,13 +2,14 @@
 replay.
 
 A plan is one uncompressed .npz: every step's batch as the model's pixels before scaling
-(`images`, uint8 [T,3,32,32], augmentation applied; the model takes them divided by 255 in
-float32), its `labels` (int64 [T]), `batch_sizes` (int64 [S]: step s takes the next
-batch_sizes[s] images), the `lr` and `momentum` the schedule gives each step (float64 [S]), and
-`plan` (the JSON below as UTF-8 bytes, uint8): the recipe, the loss in the manifest's form and the
-update rule. examples/node/train.js and the page in examples/web replay it with an artifact's
-training graph and reach the weights `lossx train --engine onnxruntime` reaches with the same
-recipe: the batches come from lossx.training.schedule, as the trainer's do.
+(`images`, uint8 [T,C,H,W], augmentation applied; the model takes them preprocessed as its
+artifact's manifest says, x / 255 then (x - mean) / std in float32), its `labels` (int64
+[T]), `batch_sizes` (int64 [S]: step s takes the next batch_sizes[s] images), the `lr` and
+`momentum` the schedule gives each step (float64 [S]), and `plan` (the JSON below as UTF-8
+bytes, uint8): the recipe, the loss in the manifest's form and the update rule.
+examples/node/train.js and the page in examples/web replay it with an artifact's training graph
+and reach the weights `lossx train --engine onnxruntime` reaches with the same recipe: the
+batches come from lossx.training.schedule, as the trainer's do.
 """
 
 import io
@@ -19,6 +20,9 @@ import numpy as np
 
 from lossx.errors import SpecError
 from lossx.files import sole_writer, write_atomically
+from lossx.runtime.cifar10 import IMAGE_SHAPE
+from lossx.runtime.contract import contract_for
+from lossx.runtime.datasets import dataset_class_names
 from lossx.training.recipe import TrainConfig
 from lossx.training.schedule import epoch_pixels, one_cycle, steps_per_epoch, training_data
 
@@ -45,7 +49,10 @@ def write_plan(path: Path, data_dir: Path, config: TrainConfig) -> tuple[int, in
 
 
 def _plan_arrays(data_dir: Path, config: TrainConfig) -> dict[str, np.ndarray]:
-    train_split, _ = training_data(data_dir, config)
+    names = config.class_names or dataset_class_names(Path(data_dir))
+    shape = config.input_shape or IMAGE_SHAPE  # the images of the artifact that replays it
+    contract = contract_for(shape, names, config.mean, config.std, config.resize)
+    train_split, _ = training_data(data_dir, config, contract)
     steps = steps_per_epoch(len(train_split), config.batch_size)
     total = config.epochs * len(train_split)
     if total > MAX_PLAN_IMAGES:

@@ -6,11 +6,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from lossx.errors import SpecError
+from lossx.runtime.contract import ImageContract
 from lossx.runtime.graphs import DEFAULT_MODEL
 from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
 from lossx.runtime.options import check_seed
 
 OPTIMIZERS = ("sgd", "adamw")
+CONTRACT_FIELDS = ("input_shape", "mean", "std", "class_names", "resize")
 MAX_EPOCHS, MAX_TRAIN_BATCH = 10_000, 4096
 # Peak one-cycle LR per optimizer (docs/training.md): AdamW at SGD's 0.02 diverges.
 DEFAULT_LR = {"sgd": 0.02, "adamw": 0.003}
@@ -34,6 +36,13 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None  # train on the first N training images only
     holdout: int = 0
+    # The image contract (lossx.runtime.contract); None: the model's default input shape, no
+    # normalisation, the dataset's class names
+    input_shape: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    resize: str = "stretch"
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -53,6 +62,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr is None and self.optimizer in DEFAULT_LR:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        for name in CONTRACT_FIELDS[:-1]:  # read back from JSON as lists
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def contract_options(self) -> dict:
+        """The image contract's facts the recipe sets (the ones that are not None)."""
+        return {n: getattr(self, n) for n in CONTRACT_FIELDS if getattr(self, n) is not None}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,3 +116,14 @@ class TrainConfig:
                 raise SpecError(message)
         check_seed(self.seed)
         self.loss_spec()
+
+
+def contract_recipe(contract: ImageContract) -> dict:
+    """The recipe fields that record `contract` (TrainConfig's CONTRACT_FIELDS)."""
+    return {
+        "input_shape": contract.shape,
+        "mean": contract.mean,
+        "std": contract.std,
+        "class_names": contract.class_names,
+        "resize": contract.resize,
+    }

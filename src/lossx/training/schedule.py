@@ -15,13 +15,14 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from lossx.errors import SpecError
-from lossx.runtime.cifar10 import Cifar10Split, load_cifar10
+from lossx.runtime.contract import ImageContract
+from lossx.runtime.datasets import has_splits, load_dataset
 from lossx.runtime.feeds import log_softmax
+from lossx.runtime.image_set import ImageSet
 from lossx.runtime.images import jpeg_copy
-from lossx.runtime.preprocessing import scale, to_chw
 from lossx.training.recipe import TrainConfig
 
-PAD = 4
+PAD = 4  # pixels of zeros around each side before a random crop of the image's own size
 JPEG_PROBABILITY = 0.5  # of each training image being JPEG-compressed, with --jpeg-augment
 JPEG_QUALITIES = (50, 95)  # drawn uniformly, both ends included
 # torch.optim.lr_scheduler.OneCycleLR's defaults, which the schedule reproduces
@@ -56,20 +57,20 @@ def _cosine(begin: float, end: float, fraction: float) -> float:
 
 
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random 32x32 crops of uint8 [N,32,32,3] images zero-padded by 4, each flipped
-    left-right with p=0.5, as uint8 [N,3,32,32] (channels first, as the model takes them)."""
-    n = len(images)
+    """Random HxW crops of uint8 [N,H,W,C] images zero-padded by PAD, each flipped left-right
+    with p=0.5, as uint8 [N,C,H,W] (channels first, as the model takes them)."""
+    n, height, width = images.shape[:3]
     padded = np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
     offsets = rng.integers(0, 2 * PAD + 1, size=(2, n))
     flip = rng.random(n) < 0.5
-    windows = sliding_window_view(padded, (32, 32), axis=(1, 2))  # [N,9,9,3,32,32], no copy
+    windows = sliding_window_view(padded, (height, width), axis=(1, 2))  # [N,9,9,C,H,W], a view
     crops = windows[np.arange(n), offsets[0], offsets[1]]
     crops[flip] = crops[flip][..., ::-1]
     return crops
 
 
 def jpeg_augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [N,32,32,3] images, each replaced with probability JPEG_PROBABILITY by its JPEG
+    """uint8 [N,H,W,C] images, each replaced with probability JPEG_PROBABILITY by its JPEG
     copy (Pillow) at a quality drawn from JPEG_QUALITIES."""
     chosen = rng.random(len(images)) < JPEG_PROBABILITY
     qualities = rng.integers(JPEG_QUALITIES[0], JPEG_QUALITIES[1] + 1, size=len(images))
@@ -84,18 +85,19 @@ def steps_per_epoch(images: int, batch_size: int) -> int:
 
 
 def epoch_batches(
-    split: Cifar10Split, config: TrainConfig, epoch: int
+    split: ImageSet, config: TrainConfig, epoch: int, contract: ImageContract
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Epoch `epoch`'s training batches: float32 images [B,3,32,32] (augmented if the recipe
-    says so) and int64 labels [B], in an order drawn from (seed, epoch)."""
+    """Epoch `epoch`'s training batches: float32 images [B,C,H,W] (augmented if the recipe
+    says so, preprocessed as `contract` says) and int64 labels [B], in an order drawn from
+    (seed, epoch)."""
     for pixels, labels in epoch_pixels(split, config, epoch):
-        yield scale(pixels), labels
+        yield contract.scale(pixels), labels
 
 
 def epoch_pixels(
-    split: Cifar10Split, config: TrainConfig, epoch: int
+    split: ImageSet, config: TrainConfig, epoch: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`epoch_batches` before scaling: the images as uint8 [B,3,32,32]."""
+    """`epoch_batches` before scaling: the images as uint8 [B,C,H,W]."""
     rng = np.random.default_rng((config.seed, epoch))
     order = rng.permutation(len(split))
     for start in range(0, len(order), config.batch_size):
@@ -106,7 +108,7 @@ def epoch_pixels(
         if config.augment:
             yield augment(images, rng), split.labels[index]
         else:
-            yield to_chw(images), split.labels[index]
+            yield np.ascontiguousarray(images.transpose(0, 3, 1, 2)), split.labels[index]
 
 
 def clip_factor(grad_norm: float, clip_norm: float) -> float:
@@ -116,23 +118,29 @@ def clip_factor(grad_norm: float, clip_norm: float) -> float:
     return min(clip_norm / (grad_norm + 1e-6), 1.0)
 
 
-def training_data(data_dir: Path | None, config: TrainConfig) -> tuple[Cifar10Split, Cifar10Split]:
-    """The images to train on, and the ones to report on: the holdout, or the test split."""
-    train_split = load_cifar10(data_dir, "train", config.limit)
+def training_data(
+    data_dir: Path | None, config: TrainConfig, contract: ImageContract
+) -> tuple[ImageSet, ImageSet]:
+    """The images to train on (in memory, at the contract's size), and the ones to report on:
+    the holdout, or the test split."""
+    if data_dir is None:
+        raise SpecError("training needs --data-dir: the packaged sample holds test images only")
+    if not config.holdout and not has_splits(data_dir):
+        raise SpecError(
+            f"{data_dir} is one set of images, with no test split to report on; keep some of "
+            "them out with --holdout N"
+        )
+    train_split = load_dataset(data_dir, "train", contract, config.limit)
     if not config.holdout:
-        test = load_cifar10(data_dir, "test")
-        return train_split, Cifar10Split(test.images, test.labels, test.class_names, "test")
+        return train_split, load_dataset(data_dir, "test", contract, stream=True).renamed("test")
     if config.holdout >= len(train_split):
         raise SpecError(f"holdout {config.holdout} leaves no training images")
     keep = len(train_split) - config.holdout
-    holdout = Cifar10Split(
-        train_split.images[keep:], train_split.labels[keep:], train_split.class_names, "holdout"
-    )
-    return train_split.head(keep), holdout
+    return train_split.head(keep), train_split.tail(keep, "holdout")
 
 
 def eval_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of logits [N,10] for labels [N], in float64."""
+    """(mean cross-entropy, accuracy) of logits [N,classes] for labels [N], in float64."""
     log_probs = log_softmax(logits.astype(np.float64))
     loss = -log_probs[np.arange(len(labels)), labels].mean()
     return float(loss), float((logits.argmax(axis=1) == labels).mean())

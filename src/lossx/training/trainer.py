@@ -8,7 +8,7 @@ included, is here once.
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -16,7 +16,9 @@ import numpy as np
 
 from lossx.errors import CheckpointError, SpecError, TrainingDiverged, first_line
 from lossx.files import sole_writer
-from lossx.runtime.cifar10 import Cifar10Split
+from lossx.runtime.contract import ImageContract
+from lossx.runtime.datasets import dataset_class_names
+from lossx.runtime.image_set import ImageSet
 from lossx.runtime.loss_specs import LossSpec
 from lossx.training.checkpoints import checkpoint_path
 from lossx.training.recipe import TrainConfig
@@ -102,11 +104,12 @@ class Engine(Protocol):
     """What `run_epochs` drives: one engine's model, optimizer and checkpoint."""
 
     config: TrainConfig
+    contract: ImageContract  # what the model takes (lossx.runtime.contract)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
         """One optimizer step on a batch with this LR and momentum; return the batch's loss."""
 
-    def evaluate(self, split: Cifar10Split) -> tuple[float, float]:
+    def evaluate(self, split: ImageSet) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) of the current weights on `split`."""
 
     def save(self, history: list[EpochResult]) -> None:
@@ -120,7 +123,7 @@ class Engine(Protocol):
 def run_epochs(
     engine: Engine,
     config: TrainConfig,
-    data: tuple[Cifar10Split, Cifar10Split],
+    data: tuple[ImageSet, ImageSet],
     history: list[EpochResult],
     stop_after: int | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
@@ -139,7 +142,8 @@ def run_epochs(
     for epoch in range(len(history) + 1, last_epoch + 1):
         started = time.perf_counter()
         total, done = 0.0, 0
-        for index, (images, labels) in enumerate(epoch_batches(train_split, config, epoch)):
+        batches = epoch_batches(train_split, config, epoch, engine.contract)
+        for index, (images, labels) in enumerate(batches):
             step = (epoch - 1) * steps + index
             loss = engine.step(images, labels, *one_cycle(step, total_steps, config.lr))
             _check_in_range(loss, loss_spec, step, epoch, config.lr)
@@ -214,10 +218,12 @@ def train(
     config = run_recipe(config, state, resume, given)
     config.validate()
     out = checkpoint_path(out, is_checkpoint, Path(resume) if resume else None)
+    if config.class_names is None and data_dir is not None:  # the model's classes: the data's
+        config = replace(config, class_names=dataset_class_names(Path(data_dir)))
     with sole_writer(out, CheckpointError):
         engine = open_engine(config, out)
-        config = engine.config  # the engine may complete the recipe (e.g. an artifact's model)
-        data = training_data(data_dir, config)
+        config = engine.config  # the engine completes the recipe (the contract, a model name)
+        data = training_data(data_dir, config, engine.contract)
         history: list[EpochResult] = []
         if state is not None:
             try:
