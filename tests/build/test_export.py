@@ -14,14 +14,17 @@ from lossx.build import artifact_writer, graph_export, torch_onnx
 from lossx.build.export import export_artifact, export_loss
 from lossx.build.graph_modules import Together
 from lossx.build.losses import reference_loss
+from lossx.build.models import Tudui
 from lossx.build.self_check import verify_graph
 from lossx.compare.inputs import sample_feed
 from lossx.errors import ArtifactError, ExportError, ParityError, SpecError
 from lossx.runtime import load_artifact
 from lossx.runtime.artifact import sha256_of
-from lossx.runtime.cifar10 import CLASS_NAMES
-from lossx.runtime.graphs import artifact_graphs, loss_graph
+from lossx.runtime.cifar10 import CLASS_NAMES, CONTRACT
+from lossx.runtime.graphs import artifact_graphs, loss_graph, model_graph
 from lossx.runtime.loss_specs import parse_loss_spec
+
+MODEL = model_graph(CONTRACT.shape, CONTRACT.num_classes)
 
 GRAPH_FILES = [
     "model.onnx",
@@ -108,7 +111,12 @@ def test_manifest_describes_how_to_use_the_artifact(artifact_dir):
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
     assert manifest["model"] == "tudui"
     assert manifest["class_names"] == list(CLASS_NAMES)
-    assert manifest["preprocessing"]["scale"].startswith("x / 255")
+    assert manifest["preprocessing"]["scale"] == 255
+    assert (manifest["preprocessing"]["mean"], manifest["preprocessing"]["std"]) == (
+        [0] * 3,
+        [1] * 3,
+    )
+    assert manifest["preprocessing"]["equivalent"] == "torchvision.transforms: ToTensor()"
     assert [loss["name"] for loss in manifest["losses"]] == ["ce", "mse", "l1"]
     assert manifest["losses"][0]["options"] == {
         "weight": None,
@@ -157,8 +165,9 @@ def test_the_model_and_the_losses_take_two_exports(tmp_path, monkeypatch):
     calls = _counted_exports(monkeypatch)
     out = tmp_path / "a"
     export_artifact(out, init="random", losses=["ce", "nll"])
+    state = list(Tudui().state_dict())  # inputs while exporting, initializers after
     assert calls == [
-        ["images"],
+        ["images", *state],
         ["loss_ce.logits", "loss_ce.labels", "loss_nll.log_probs", "loss_nll.labels"],
     ]
     stems = ("model", "loss_ce", "loss_nll", "model_ce", "model_nll")
@@ -175,7 +184,7 @@ def test_graphs_are_exported_alone_where_exporting_them_together_fails(tmp_path,
     monkeypatch.setattr(Together, "forward", untraceable)
     calls = _counted_exports(monkeypatch)
     export_artifact(tmp_path / "a", init="random", losses=["ce", "mse"])
-    assert calls[0] == ["images"] and calls[2:] == [["logits", "labels"], ["input", "target"]]
+    assert calls[0][0] == "images" and calls[2:] == [["logits", "labels"], ["input", "target"]]
     assert load_artifact(tmp_path / "a").manifest.loss_names == ["ce", "mse"]
 
 
@@ -280,7 +289,7 @@ def test_self_check_catches_a_graph_that_ignores_an_input(tmp_path):
 
 
 def test_self_check_inputs_are_distinct_tensors():
-    for spec in artifact_graphs([parse_loss_spec(n) for n in ("ce", "mse", "l1")]):
+    for spec in artifact_graphs([parse_loss_spec(n) for n in ("ce", "mse", "l1")], MODEL):
         arrays = list(sample_feed(spec, {"N": 4, "C": 10, "D": 10}, seed=0).values())
         for i, a in enumerate(arrays):
             assert not any(np.shares_memory(a, b) for b in arrays[i + 1 :])
@@ -292,7 +301,7 @@ def test_failed_export_leaves_the_previous_artifact_intact(tmp_path, monkeypatch
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
 
-    def failing_verify(spec, model, path):
+    def failing_verify(spec, model, path, contract):
         calls.append(spec.file)
         if len(calls) == 2:
             raise ParityError(f"export self-check failed: {spec.file}")

@@ -1,41 +1,70 @@
-"""The registry's models beyond the seed CNN: built by name, the size they are meant to be, and
-exported and checked like any other."""
+"""What once kept classifiers of the zoo from every command, each on a small model that shows it:
+weights folded into constants, batch norm over 1x1 maps at batch 1, attention's backward, a
+buffer named as the exporter names its values. bench/zoo.py runs torchvision's models through
+the same commands."""
 
-import pytest
-from torch import nn
+import numpy as np
+import onnx
+import torch
 
-from lossx.build.models import MODELS, build_model
-from tests.cli.test_cli import run_cli
-
-
-@pytest.mark.parametrize(
-    ("name", "parameters", "layers"),
-    [
-        ("tudui", 145_578, (nn.Conv2d, nn.MaxPool2d, nn.Linear)),
-        ("resnet20", 269_722, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)),
-        ("dsnet", 136_778, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU6, nn.AvgPool2d, nn.Dropout)),
-    ],
-)
-def test_zoo_models_are_what_they_say(name, parameters, layers):
-    model = build_model(name)
-    assert sum(p.numel() for p in model.parameters()) == parameters
-    kinds = {type(m) for m in model.modules()}
-    assert all(layer in kinds for layer in layers)
-    if name == "dsnet":
-        assert any(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1
-                   for m in model.modules())  # fmt: skip
-    assert set(MODELS) >= {"tudui", "resnet20", "dsnet"}
+from lossx.build import export_artifact
+from lossx.compare.tolerances import resolve_tolerances
+from lossx.parity.check import check_artifact
+from lossx.runtime import load_artifact, open_artifact
+from tests.build.zoo_models import FoldNet
 
 
-@pytest.mark.parametrize("name", ["resnet20", "dsnet"])
-def test_zoo_models_export_and_pass_check(name, tmp_path):
-    out = tmp_path / name
-    result = run_cli("export", out, "--model", name, "--init", "random", "--seed", "1",
-                     "--loss", "ce")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    result = run_cli("check", out, "--limit", "64")
-    assert result.exit_code == 0, result.output
-    assert f"model {name} with the artifact's weights.npz" in result.stdout
-    if name == "dsnet":  # resnet20's training graphs: tests/build/test_backward.py
-        refused = run_cli("export", tmp_path / "t", "--model", name, "--init", "random", "--train")
-        assert refused.exit_code == 2 and "classifier.1 (Dropout" in refused.stderr
+def _perturbed(weights: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: (value + rng.standard_normal(value.shape).astype(value.dtype) * 0.1)
+        if value.dtype == np.float32
+        else value
+        for name, value in weights.items()
+    }
+
+
+def test_every_weight_keeps_its_own_initializer_and_can_be_replaced(tmp_path, test_split):
+    out = tmp_path / "fold"
+    export_artifact(out, "tests.build.zoo_models:FoldNet", losses=["ce"], init="random")
+    artifact = load_artifact(out)
+    state = artifact.state_dict()
+    for graph, prefix in (("model.onnx", ""), ("model_ce.onnx", "model.")):
+        names = {t.name for t in onnx.load(out / graph).graph.initializer}
+        assert {prefix + name for name in state} <= names, graph
+    other = _perturbed(state, 1)  # a zero bias and GroupNorm's ones no longer are
+    images = artifact.contract.to_model_input(test_split.images[:16])
+    got = open_artifact(out, weights=other).predict(images).logits
+    model = FoldNet().eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in other.items()})
+    with torch.no_grad():
+        want = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # fp32 rounding
+
+
+def test_batch_norm_over_1x1_maps_trains_and_says_batch_1_was_not_compared(tmp_path, test_split):
+    out = tmp_path / "bn"
+    export_artifact(out, "tests.build.zoo_models:OneByOneBN", losses=["ce"], init="random",
+                    train=True)  # fmt: skip
+    artifact = load_artifact(out)
+    report = check_artifact(artifact, test_split.head(16), resolve_tolerances(), "fp32")
+    assert report.passed
+    refused = {k: v for k, v in report.not_compared.items() if k.startswith("train_ce.onnx")}
+    assert set(refused) == {"train_ce.onnx on random N=1 seed 0", "train_ce.onnx on image 0 alone"}
+    assert all("one value per channel" in why for why in refused.values())
+
+
+def test_attention_trains(tmp_path):
+    out = tmp_path / "vit"
+    export_artifact(out, "tests.build.zoo_models:SmallViT", losses=["ce"], init="random",
+                    train=True)  # fmt: skip
+    grads = load_artifact(out).graph("train_ce").spec.gradients
+    assert "encoder.layers.0.self_attn.in_proj_weight" in grads
+
+
+def test_a_buffer_named_like_an_exporter_value_exports(tmp_path):
+    out = tmp_path / "mean"
+    export_artifact(out, "tests.build.zoo_models:MeanBuffer", losses=["ce"], init="random",
+                    train=True)  # fmt: skip
+    spec = load_artifact(out).graph("train_ce").spec
+    assert {"mean", "std"} <= set(spec.buffer_names)

@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lossx.build.backward import ReferenceTrainingStep, TrainingStep
@@ -22,6 +23,25 @@ class Fused(nn.Module):
     def forward(self, images, target):
         logits = self.model(images)
         return logits, self.loss(logits, target)
+
+
+class StateAsInputs(nn.Module):
+    """The model with every state_dict entry an input after the images: forward(images,
+    *state) in `names` order. The model graph is exported from it so that no weight can be
+    folded into an anonymous constant (a zero bias dropped, GroupNorm's ones merged, a Linear's
+    weight transposed ahead of time); lossx.build.torch_onnx then makes each input an
+    initializer under its state_dict name, which other weights replace by name."""
+
+    WRAPPED = "model"  # the attribute holding the model: its module paths start `model.`
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(model.state_dict())
+
+    def forward(self, images, *state):
+        return torch.func.functional_call(self.model, dict(zip(self.names, state, strict=True)),
+                                          (images,))  # fmt: skip
 
 
 class Together(nn.Module):
@@ -57,7 +77,9 @@ class KindModules:
 
 
 MODULES: dict[GraphKind, KindModules] = {
-    GraphKind.MODEL: KindModules(lambda spec, model: model, lambda spec, model: model),
+    GraphKind.MODEL: KindModules(
+        lambda spec, model: model, lambda spec, model: StateAsInputs(model)
+    ),
     GraphKind.LOSS: KindModules(
         lambda spec, model: reference_loss(spec.loss),
         lambda spec, model: exported_loss(spec.loss),

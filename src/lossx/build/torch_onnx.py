@@ -5,6 +5,7 @@ several loss graphs, and the private parts of torch.onnx, onnxscript and onnx_ir
 import contextlib
 import functools
 import io
+import itertools
 import logging
 import unittest.mock
 import warnings
@@ -18,7 +19,7 @@ import onnxscript.rewriter
 import torch
 from torch import nn
 
-from lossx.build.graph_modules import Together, exported_module
+from lossx.build.graph_modules import StateAsInputs, Together, exported_module
 from lossx.build.models import (
     user_code_at,
 )
@@ -176,14 +177,37 @@ def _torch_onnx_export(
             )
     except Exception as e:
         if _branches_on_values(e):
-            where = user_code_at(e, module) or "its forward"
+            model = module.model if isinstance(module, StateAsInputs) else module
+            where = user_code_at(e, model) or "its forward"
             raise ModelError(
                 f"{file}: the model branches on a tensor's values at {where}; an ONNX graph "
                 "runs the same ops for every input, so compute both results and pick with "
                 "torch.where (or use torch.cond)"
             ) from None
         raise ExportError(f"{file}: torch.onnx.export failed: {first_line(e)}") from None
-    return program.model_proto
+    proto = program.model_proto  # made anew on every access
+    _unshadowed(proto.graph)
+    return proto
+
+
+def _unshadowed(graph: onnx.GraphProto) -> None:
+    """Rename node outputs that take the name of a graph input or initializer: torch.onnx names
+    values after their ops (`mean`), and a model's buffer or input may have that name too,
+    which breaks ONNX's single assignment. Uses after such a node read the renamed value."""
+    given = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    taken = given | {name for node in graph.node for name in node.output}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        for index, name in enumerate(node.output):
+            if name in given:
+                fresh = next(
+                    f"{name}_{k}" for k in itertools.count(1) if f"{name}_{k}" not in taken
+                )
+                taken.add(fresh)
+                renamed[name] = node.output[index] = fresh
+    for value in graph.value_info:
+        value.name = renamed.get(value.name, value.name)
 
 
 def _branches_on_values(error: BaseException) -> bool:
@@ -208,18 +232,52 @@ def _logging_off():
 
 def exported_proto(spec: GraphSpec, module: nn.Module, opset: int) -> onnx.ModelProto:
     """Graph `spec` exported from `module` by torch.onnx (dynamo) at `opset`, its inputs and
-    outputs checked against the spec."""
+    outputs checked against the spec; a StateAsInputs module's state inputs made initializers."""
     example = tuple(torch.from_numpy(x) for x in sample_feed(spec, EXAMPLE_SIZES, 0).values())
+    input_names, shapes = spec.input_names, _dynamic_shapes(spec)
+    if isinstance(module, StateAsInputs):
+        state = module.model.state_dict()
+        example += tuple(state[name].detach() for name in module.names)
+        input_names = [*input_names, *module.names]
+        shapes = (*shapes, tuple({} for _ in module.names))
     proto = _torch_onnx_export(
-        spec.file,
-        module,
-        example,
-        spec.input_names,
-        spec.output_names,
-        _dynamic_shapes(spec),
-        opset,
+        spec.file, module, example, input_names, spec.output_names, shapes, opset
     )
+    if isinstance(module, StateAsInputs):
+        _state_as_initializers(proto, state)
     return conformed(proto, spec, opset)
+
+
+_SCOPES = "pkg.torch.onnx.name_scopes"  # each node's module path, as lossx.parity.layers reads
+
+
+def _state_as_initializers(proto: onnx.ModelProto, state: dict[str, torch.Tensor]) -> None:
+    """Turn the graph inputs named by `state` into initializers holding its values (those the
+    graph does not read are dropped), and the module paths torch.onnx recorded under
+    StateAsInputs back into the model's own."""
+    graph = proto.graph
+    read = {name for node in graph.node for name in node.input}
+    lifted = [i for i in graph.input if i.name in state]
+    for value in lifted:
+        graph.input.remove(value)
+        if value.name in read:
+            array = state[value.name].detach().contiguous().numpy()
+            graph.initializer.append(onnx.numpy_helper.from_array(array, value.name))
+    prefix = StateAsInputs.WRAPPED
+    for node in graph.node:
+        for prop in node.metadata_props:
+            if prop.key == _SCOPES:
+                scopes = eval_scopes(prop.value)
+                if len(scopes) > 1 and scopes[1] == prefix:
+                    scopes = [scopes[0]] + [s.removeprefix(f"{prefix}.") for s in scopes[2:]]
+                    prop.value = repr(scopes)
+
+
+def eval_scopes(text: str) -> list[str]:
+    """A name_scopes entry (torch.onnx writes a Python list of strings)."""
+    import ast
+
+    return list(ast.literal_eval(text))
 
 
 def exported_together(

@@ -33,7 +33,7 @@ from lossx.compare.tolerances import (
 )
 from lossx.errors import LossxError, ParityError, SpecError, first_line
 from lossx.files import write_atomically
-from lossx.runtime.graphs import GraphSpec, Role, ToleranceRule
+from lossx.runtime.graphs import GraphKind, GraphSpec, Role, ToleranceRule
 
 T = TypeVar("T")
 
@@ -259,7 +259,7 @@ def compare_runners(
     tolerances.check_names(list(graphs))
     scored = [g.file for g in graphs if any(t.role is Role.LOSS_INPUT for t in g.inputs)]
     accumulators: dict[tuple[str, str], OutputAccumulator] = {}
-    labels = []
+    labels, refused = [], {}
     for inputs in input_sets:
         labels.append(inputs.label)
         scores = None
@@ -272,7 +272,9 @@ def compare_runners(
             if not inputs.real and _real_images_only(graph, tolerances):
                 continue
             feed = inputs.feed(graph, scores, parameters)
-            _compare_graph(subject, reference, graph, inputs, feed, tolerances, accumulators)
+            why = _compare_graph(subject, reference, graph, inputs, feed, tolerances, accumulators)
+            if why:
+                refused[f"{graph.file} on {inputs.label}"] = why
         if progress:
             progress(inputs)
     if not labels or not graphs:
@@ -283,6 +285,7 @@ def compare_runners(
         profile=profile,
         inputs=labels,
         outputs=[a.report() for a in accumulators.values()],
+        not_compared=refused,
     )
     saved = None
     if report.failures and repro is not None:
@@ -300,11 +303,22 @@ def _compare_graph(
     feed: dict[str, np.ndarray],
     tolerances: Tolerances,
     accumulators: dict[tuple[str, str], OutputAccumulator],
-) -> None:
+) -> str | None:
     """Run `graph` on both runners for `feed` and add every output to its accumulator; a
-    gradient that misses its rule is judged against the reference run in float64 (once)."""
+    gradient that misses its rule is judged against the reference run in float64 (once).
+    Returns why nothing was compared where torch itself refuses the inputs (TORCH_REFUSES)."""
+    try:
+        want = reference.run(graph, feed)
+    except LossxError:
+        raise
+    except Exception as e:
+        refusal = next((why for text, why in TORCH_REFUSES.items() if text in str(e)), None)
+        if refusal and graph.kind is GraphKind.TRAIN:
+            return refusal
+        raise ParityError(
+            f"{reference.name} failed to run {graph.file} on {inputs.label}: {first_line(e)}"
+        ) from None
     got = _run(subject, graph, feed, inputs)
-    want = _run(reference, graph, feed, inputs)
     losses = [t.name for t in graph.outputs if t.role is Role.LOSS]
     loss_finite = all(np.isfinite(want[name]).all() for name in losses)
     exact = None  # the reference in float64, run once where a gradient needs it
@@ -320,6 +334,15 @@ def _compare_graph(
         if failed and rule is ToleranceRule.GRADIENT and hasattr(reference, "run_float64"):
             exact = exact or _run(reference, graph, feed, inputs, float64=True)
             accumulators[key].judge_by_float64(inputs, got[name], want[name], exact[name], failed)
+
+
+# Inputs torch itself refuses in a train-mode step, by its message: not a defect of the graph.
+TORCH_REFUSES = {
+    "Expected more than 1 value per channel when training": (
+        "torch refuses a train-mode batch norm over one value per channel (a batch of 1 on "
+        "1x1 maps); compared on the other batches"
+    ),
+}
 
 
 def _real_images_only(graph: GraphSpec, tolerances: Tolerances) -> bool:

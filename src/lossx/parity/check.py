@@ -1,7 +1,7 @@
 """`lossx check` and `lossx eval --compare-eager`: an artifact against eager PyTorch (or, for
 drift between exports, another artifact) through the comparator (lossx.compare.comparator).
 
-`lossx check` compares every graph on the real CIFAR-10 batches, a batch of 1 and an odd batch
+`lossx check` compares every graph on the real image batches, a batch of 1 and an odd batch
 of 7, and seeded random inputs of several sizes; on a failure of a graph that runs the model
 it adds the layer-by-layer diagnosis. `--compare-eager` compares on the real batches only.
 """
@@ -34,9 +34,9 @@ from lossx.compare.tolerances import Tolerances
 from lossx.errors import SpecError
 from lossx.parity.layers import first_failing_node, layer_diagnosis
 from lossx.runtime.artifact import Artifact
-from lossx.runtime.cifar10 import Cifar10Split
 from lossx.runtime.feeds import check_batch_size, iter_batches
-from lossx.runtime.graphs import GraphSpec, Role, model_graph
+from lossx.runtime.graphs import GraphSpec, Role
+from lossx.runtime.image_set import ImageSet
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.session import provider_names
 
@@ -45,7 +45,7 @@ DIAGNOSIS_IMAGES = 64
 
 def check_artifact(
     artifact: Artifact,
-    data: Cifar10Split | None,
+    data: ImageSet | None,
     tolerances: Tolerances,
     profile: str,
     reference: Artifact | Path | None = None,
@@ -68,7 +68,9 @@ def check_artifact(
         expected = RunOnce(EagerRunner.of_artifact(artifact, reference, model_name, model_args))
     inputs = random_input_sets(seed)
     if data is not None:
-        inputs = chain(real_input_sets(data, batch_size, odd_batches=True), inputs)
+        inputs = chain(
+            real_input_sets(data, batch_size, artifact.contract, odd_batches=True), inputs
+        )
     report = compare_runners(
         OnnxRuntimeRunner.of_artifact(artifact, options=options),
         expected,
@@ -77,7 +79,7 @@ def check_artifact(
         tolerances,
         profile=profile,
         parameters=artifact.state_dict(),
-        loss_inputs=reference_logits(expected),
+        loss_inputs=reference_logits(expected, artifact.graph("model").spec),
         repro=repro,
         progress=progress,
     )
@@ -86,17 +88,21 @@ def check_artifact(
         artifact=str(artifact.path),
         fingerprint=fingerprint(artifact, options),
         not_compared={
-            entry.spec.file: "the baseline has no such graph"
-            for entry in artifact.manifest.graphs
-            if baseline is not None and not baseline.has_graph(entry.spec.stem)
+            **report.not_compared,
+            **{
+                entry.spec.file: "the baseline has no such graph"
+                for entry in artifact.manifest.graphs
+                if baseline is not None and not baseline.has_graph(entry.spec.stem)
+            },
         },
     )
     failing_model = [o for o in report.failures if artifact.graph(o.graph).spec.runs_model]
     if not failing_model or baseline is not None or artifact.manifest.precision_record.converted:
         return report  # the layers of a converted graph are not the eager model's
-    model = model_graph()
+    model = artifact.graph("model").spec
     if data is not None:
-        images = next(iter_batches(data.head(DIAGNOSIS_IMAGES), DIAGNOSIS_IMAGES))[0]
+        head = data.head(DIAGNOSIS_IMAGES)
+        images = next(iter_batches(head, DIAGNOSIS_IMAGES, artifact.contract))[0]
     else:
         images = sample_feed(model, {"N": 8}, seed)[model.named(Role.IMAGES)]
     tolerance = tolerances.of(model, model.named(Role.LOGITS))
@@ -108,7 +114,7 @@ def check_artifact(
 
 def compare_with_eager(
     artifact: Artifact,
-    data: Cifar10Split,
+    data: ImageSet,
     tolerances: Tolerances,
     profile: str,
     batch_size: int = 256,
@@ -122,11 +128,11 @@ def compare_with_eager(
         OnnxRuntimeRunner.of_artifact(artifact, options=options),
         reference,
         [entry.spec for entry in artifact.manifest.graphs],
-        real_input_sets(data, batch_size),
+        real_input_sets(data, batch_size, artifact.contract),
         tolerances,
         profile=profile,
         parameters=artifact.state_dict(),
-        loss_inputs=reference_logits(reference),
+        loss_inputs=reference_logits(reference, artifact.graph("model").spec),
         progress=progress,
     )
     return replace(report, artifact=str(artifact.path), fingerprint=fingerprint(artifact, options))

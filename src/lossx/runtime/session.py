@@ -104,24 +104,22 @@ def _model(path: Path, initializers: dict[str, np.ndarray] | None, nchwc_convs: 
 
     model = onnx.load(str(path))
     if initializers is not None:
-        _replace_initializers(model, initializers, path)
+        _replace_initializers(model, initializers)
     if nchwc_convs:
         model = with_nchwc_convs(model)
     return model.SerializeToString()
 
 
-def _replace_initializers(model, values: dict[str, np.ndarray], path: Path) -> None:
+def _replace_initializers(model, values: dict[str, np.ndarray]) -> None:
     from onnx import numpy_helper
 
+    # Every weight a graph reads is an initializer under its state_dict name (the model is
+    # exported with its state as inputs, lossx.build.graph_modules.StateAsInputs); one it does
+    # not read (a parameter forward never uses) changes nothing.
     present = {tensor.name: tensor for tensor in model.graph.initializer}
     for name, value in values.items():
-        if name not in present:
-            raise ArtifactError(
-                f"{path.name}: cannot run it with other weights: {name!r} is no weight of the "
-                "graph (the exporter folded it into a constant); export those weights into an "
-                "artifact with lossx export --checkpoint instead"
-            )
-        present[name].CopyFrom(numpy_helper.from_array(value, name))
+        if name in present:
+            present[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
 def provider_names(session: ort.InferenceSession) -> list[str]:
