@@ -5,9 +5,11 @@ the same commands."""
 
 import numpy as np
 import onnx
+import pytest
 import torch
+import torch.nn.functional as F
 
-from lossx.build import export_artifact
+from lossx.build import backward, export_artifact
 from lossx.compare.tolerances import resolve_tolerances
 from lossx.parity.check import check_artifact
 from lossx.runtime import load_artifact, open_artifact
@@ -68,3 +70,20 @@ def test_a_buffer_named_like_an_exporter_value_exports(tmp_path):
                     train=True)  # fmt: skip
     spec = load_artifact(out).graph("train_ce").spec
     assert {"mean", "std"} <= set(spec.buffer_names)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "size"),
+    [(3, 2, 1, 16), (3, 2, 1, 15), (3, 1, 1, 8), (2, 2, 0, 7), (3, 3, 0, 9), (2, 2, 0, 8)],
+)
+def test_max_pool_gradients_go_where_torch_sends_them_among_ties(kernel, stride, padding, size):
+    """Images with flat regions tie within pooling windows; the training graph's backward picks
+    torch's first maximum in row-major order, not ONNX Runtime's MaxPool index (which routed
+    1% of resnet18's conv1.weight gradient elsewhere). Summation order aside, exact."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (2, 3, size, size)).float().requires_grad_()  # ties everywhere
+    y, indices = F.max_pool2d(x, kernel, stride, padding, return_indices=True)
+    dy = torch.randn_like(y)
+    (want,) = torch.autograd.grad(y, x, dy)
+    got = backward._max_pool2d_backward(dy, x.detach(), kernel, stride, padding, 1, False, indices)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -16,6 +16,7 @@ before it lands.
 
 import copy
 import functools
+import math
 import re
 import warnings
 
@@ -188,20 +189,44 @@ def _adaptive_avg_pool2d_backward(dy, x):
 
 
 def _max_pool2d_backward(dy, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
-    """2x2 windows, stride 2: dy goes to the first maximum of each window in row-major order,
-    as torch's indices say, by comparisons (torch's general decomposition scatters, slower)."""
-    if (
-        _pairs(kernel_size) != (2, 2)
-        or _pairs(stride or kernel_size) != (2, 2)
-        or _pairs(padding) != (0, 0)
-        or _pairs(dilation) != (1, 1)
-        or x.dim() != 4
-        or x.shape[2] % 2
-        or x.shape[3] % 2
-    ):
+    """dy goes to the first maximum of each window in row-major order, as torch's indices say,
+    found by comparisons: ONNX Runtime's MaxPool indices break ties (flat image regions give
+    them) otherwise, which routed resnet18's stem gradient elsewhere (1% of conv1.weight's
+    gradient). 2x2 windows of stride 2 interleave the four masked copies; other windows place
+    each window offset's masked copy with a one-hot ConvTranspose (col2im)."""
+    kernel, stride = _pairs(kernel_size), _pairs(stride or kernel_size)
+    padding, dilation = _pairs(padding), _pairs(dilation)
+    if ceil_mode or dilation != (1, 1) or x.dim() != 4:
         return _TORCH_DECOMPOSITIONS[aten.max_pool2d_with_indices_backward.default](
             dy, x, kernel_size, stride, padding, dilation, ceil_mode, indices
         )
+    tiled = kernel == stride == (2, 2) and padding == (0, 0)
+    if tiled and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0:
+        return _tiled_max_pool2d_backward(dy, x)
+    y = F.max_pool2d(x, kernel, stride, padding)
+    out_h, out_w = y.shape[2], y.shape[3]
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=-math.inf)
+    taken = torch.zeros_like(y, dtype=torch.bool)
+    parts = []
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            window = padded[:, :, i : i + stride[0] * (out_h - 1) + 1 : stride[0],
+                            j : j + stride[1] * (out_w - 1) + 1 : stride[1]]  # fmt: skip
+            first = (window == y) & ~taken
+            taken = taken | first
+            parts.append(dy * first.to(dy.dtype))  # a 0/1 mask, as in the tiled case
+    planes = torch.stack(parts, 2).reshape(-1, kernel[0] * kernel[1], out_h, out_w)
+    one_hot = torch.eye(kernel[0] * kernel[1], dtype=dy.dtype).reshape(-1, 1, *kernel)
+    height, width = x.shape[2], x.shape[3]
+    extra = (
+        height - ((out_h - 1) * stride[0] - 2 * padding[0] + kernel[0]),
+        width - ((out_w - 1) * stride[1] - 2 * padding[1] + kernel[1]),
+    )
+    spread = F.conv_transpose2d(planes, one_hot, None, stride, padding, extra)
+    return spread.reshape(x.shape)
+
+
+def _tiled_max_pool2d_backward(dy, x):
     y = F.max_pool2d(x, 2)
     a, b = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]
     c = x[:, :, 1::2, 0::2]
