@@ -28,7 +28,8 @@ MODELS = {
     "shufflenet_v2_x0_5": ("torchvision.models:shufflenet_v2_x0_5", []),
     "squeezenet1_1": ("torchvision.models:squeezenet1_1", ["dropout=0.0"]),
     "efficientnet_b0": (
-        "torchvision.models:efficientnet_b0", ["dropout=0.0", "stochastic_depth_prob=0.0"]
+        "torchvision.models:efficientnet_b0",
+        ["dropout=0.0", "stochastic_depth_prob=0.0"],
     ),
     "regnet_x_400mf": ("torchvision.models:regnet_x_400mf", []),
     "vit (TransformerEncoder)": ("tests.build.zoo_models:SmallViT", ["dropout=0.0"]),
