@@ -256,8 +256,9 @@ def check_data(data: Path) -> None:
     """Refuse a --data-dir that is neither a folder nor a file, before anything starts."""
     from lossx.errors import DataError
     from lossx.files import input_folder, regular_file
+    from lossx.runtime.datasets import is_npz
 
-    if data.is_file() or data.suffix.lower() == ".npz":
+    if data.is_file() or is_npz(data):
         regular_file(data, "data file", DataError)
     else:
         input_folder(data, "data directory")

@@ -46,11 +46,14 @@ class Prediction:
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k most probable classes of each image, best first, and their probabilities;
         k from 1 to the number of classes."""
-        classes = self.probabilities.shape[1]
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= classes:
-            raise SpecError(f"top-k must be 1..{classes} (the model's classes), got {k!r}")
+        check_top_k(k, self.probabilities.shape[1])
         order = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
         return order, np.take_along_axis(self.probabilities, order, axis=1)
+
+
+def check_top_k(k: int, classes: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= classes:
+        raise SpecError(f"top-k must be 1..{classes} (the model's classes), got {k!r}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ class Runtime:
 
         from lossx.runtime.images import load_image  # Pillow, only where files are read
 
-        self.predict(np.zeros((1, *self.contract.hwc), np.uint8)).top_k(k)  # k checked first
+        check_top_k(k, self.contract.num_classes)  # before any file is read
         chunks = []
         with ThreadPoolExecutor(DECODE_WORKERS) as pool:
             for start in range(0, len(paths), self.batch_size):

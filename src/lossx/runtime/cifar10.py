@@ -187,6 +187,11 @@ def is_test_only(data_dir: Path) -> bool:
     return (folder / "test_batch").exists() and not any(folder.glob("data_batch_*"))
 
 
+def class_names(data_dir: Path) -> tuple[str, ...]:
+    """The class names of the CIFAR-10 batches in `data_dir`, from batches.meta alone."""
+    return _read_class_names(_batches_dir(Path(data_dir), "train"))
+
+
 def _batches_dir(data_dir: Path, split: str) -> Path:
     input_folder(data_dir, "data directory", DataError)
     for candidate in (data_dir / BATCHES_DIR, data_dir):

@@ -12,7 +12,6 @@ or channel count are fitted to the contract as image files are (lossx.runtime.im
 whose class names differ from the artifact's is refused: its labels would mean other classes.
 """
 
-import os
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -25,12 +24,13 @@ from lossx.runtime.cifar10 import (
     BATCHES_DIR,
     SPLIT_FILES,
     StreamedImages,
-    is_test_only,
     load_cifar10,
 )
+from lossx.runtime.cifar10 import class_names as cifar10_class_names
 from lossx.runtime.contract import ImageContract
 from lossx.runtime.image_folder import (
     DECODE_WORKERS,
+    class_folders,
     is_image_folder,
     load_image_folder,
     split_folder,
@@ -64,7 +64,7 @@ def load_dataset(
         raise DataError(f"limit must be at least 1, got {limit}")
     if data is None or is_cifar10(Path(data)):
         images = _fitted(load_cifar10(data, split, limit, stream), contract)
-    elif Path(data).suffix.lower() == ".npz" and not Path(data).is_dir():
+    elif is_npz(Path(data)):
         images = _fitted(load_npz(Path(data), contract).head(limit), contract)
     else:
         root = input_folder(Path(data), "data directory", DataError)
@@ -86,20 +86,17 @@ def dataset_class_names(data: Path) -> tuple[str, ...] | None:
     """The class names dataset `data` declares: CIFAR-10's, an image folder's class folders,
     an .npz's `class_names`; None where it declares none (an .npz without them)."""
     if is_cifar10(data):
-        return load_cifar10(data, "train" if not is_test_only(data) else "test", 1).class_names
-    if data.suffix.lower() == ".npz" and not data.is_dir():
-        try:
-            with np.load(regular_file(data, "data file", DataError), allow_pickle=False) as npz:
-                if "class_names" not in npz.files:
-                    return None
-                return tuple(str(n) for n in npz["class_names"])
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise DataError(f"{data}: not an .npz lossx can read ({e})") from None
+        return cifar10_class_names(data)
+    if is_npz(data):
+        names = _npz_arrays(data, ("class_names",)).get("class_names")
+        return None if names is None else _npz_class_names(names, data)
     root = input_folder(data, "data directory", DataError)
-    folder = split_folder(root, "train") or root
-    return tuple(
-        sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-    )
+    return class_folders(split_folder(root, "train") or root)
+
+
+def is_npz(data: Path) -> bool:
+    """Whether `data` names an .npz file (the one layout that is a file, not a folder)."""
+    return data.suffix.lower() == ".npz" and not data.is_dir()
 
 
 def has_splits(data: Path | None) -> bool:
@@ -137,16 +134,11 @@ def _fitted(images: ImageSet, contract: ImageContract) -> ImageSet:
 
 def load_npz(path: Path, contract: ImageContract) -> ImageSet:
     """An .npz of `images`, `labels` and optionally `class_names` (read without pickles)."""
-    regular_file(path, "data file", DataError)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = {"images", "labels"} - set(npz.files)
-            if missing:
-                raise DataError(f"{path}: no {' or '.join(sorted(missing))} array")
-            images, labels = npz["images"], npz["labels"]
-            names = npz["class_names"] if "class_names" in npz.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: not an .npz lossx can read ({e})") from None
+    arrays = _npz_arrays(path, ("images", "labels", "class_names"))
+    missing = {"images", "labels"} - arrays.keys()
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(sorted(missing))} array")
+    images, labels, names = arrays["images"], arrays["labels"], arrays.get("class_names")
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise DataError(
             f"{path}: images must be uint8 [N,H,W,C] (or [N,H,W]), got {images.dtype} "
@@ -159,18 +151,29 @@ def load_npz(path: Path, contract: ImageContract) -> ImageSet:
         )
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
-    if names is None:
-        class_names = contract.class_names
-    elif names.ndim == 1 and names.dtype.kind == "U":
-        class_names = tuple(str(n) for n in names)
-    else:
-        raise DataError(f"{path}: class_names must be strings [K], got {names.dtype}")
+    class_names = contract.class_names if names is None else _npz_class_names(names, path)
     bad = (labels < 0) | (labels >= len(class_names))
     if bad.any():
         raise DataError(
             f"{path}: label {int(labels[bad][0])} is not a class index 0..{len(class_names) - 1}"
         )
     return ImageSet(images, labels.astype(np.int64), class_names, f"{path} (.npz)")
+
+
+def _npz_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Those of arrays `names` that .npz file `path` holds (read without pickles)."""
+    regular_file(path, "data file", DataError)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in names if name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: not an .npz lossx can read ({e})") from None
+
+
+def _npz_class_names(names: np.ndarray, path: Path) -> tuple[str, ...]:
+    if names.ndim != 1 or names.dtype.kind != "U":
+        raise DataError(f"{path}: class_names must be strings [K], got {names.dtype}")
+    return tuple(str(n) for n in names)
 
 
 def check_class_names(images: ImageSet, expected: tuple[str, ...]) -> None:

@@ -37,9 +37,17 @@ def split_folder(root: Path, split: str) -> Path | None:
     raise DataError(f"{root}: no {' or '.join(SPLIT_FOLDERS[split])}/ folder for the {split} split")
 
 
+def class_folders(root: Path) -> tuple[str, ...]:
+    """The class names of folder `root`: its sub-folders' names, hidden ones left out, sorted
+    as torchvision sorts them."""
+    return tuple(
+        sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    )
+
+
 def is_image_folder(root: Path) -> bool:
     """Whether `root` holds class folders (or split folders that do)."""
-    return any(entry.is_dir() and not entry.name.startswith(".") for entry in os.scandir(root))
+    return bool(class_folders(root))
 
 
 def walk(root: Path) -> Iterator[Path]:
@@ -59,9 +67,7 @@ def is_image_file(path: Path) -> bool:
 
 def scan(root: Path) -> tuple[tuple[str, ...], list[Path], np.ndarray, list[Skipped]]:
     """Class names, image files, their labels, and the files that are not images."""
-    classes = tuple(
-        sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    )
+    classes = class_folders(root)
     if not classes:
         raise DataError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     files, labels, others = [], [], []
