@@ -1,7 +1,7 @@
 """What once kept classifiers of the zoo from every command, each on a small model that shows it:
 weights folded into constants, batch norm over 1x1 maps at batch 1, attention's backward, a
-buffer named as the exporter names its values. bench/zoo.py runs torchvision's models through
-the same commands."""
+buffer named as the exporter names its values, state_dict names no Python identifier takes.
+bench/zoo.py runs torchvision's models through the same commands."""
 
 import numpy as np
 import onnx
@@ -70,6 +70,15 @@ def test_a_buffer_named_like_an_exporter_value_exports(tmp_path):
                     train=True)  # fmt: skip
     spec = load_artifact(out).graph("train_ce").spec
     assert {"mean", "std"} <= set(spec.buffer_names)
+
+
+def test_state_dict_names_with_digits_first_and_dashes_export(tmp_path, test_split):
+    out = tmp_path / "dashed"
+    export_artifact(out, "tests.build.zoo_models:dashed_sequential", losses=["ce"],
+                    init="random", train=True)  # fmt: skip
+    artifact = load_artifact(out)
+    assert "0.block1-0.weight" in artifact.graph("train_ce").spec.gradients
+    assert check_artifact(artifact, test_split.head(16), resolve_tolerances(), "fp32").passed
 
 
 @pytest.mark.parametrize(

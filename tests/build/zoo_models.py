@@ -68,3 +68,21 @@ class MeanBuffer(nn.Module):
 
     def forward(self, x):
         return self.fc(((x - self.mean) / self.std).mean((2, 3)))
+
+
+def dashed_sequential() -> nn.Sequential:
+    """A top-level nn.Sequential (state_dict names start with a digit) holding an nn.ModuleDict
+    keyed with a dash, as regnet names its blocks ("block1-0")."""
+
+    class Blocks(nn.ModuleDict):
+        def forward(self, x):
+            for block in self.values():
+                x = block(x)
+            return x
+
+    return nn.Sequential(
+        Blocks({"block1-0": nn.Conv2d(3, 4, 3, stride=2), "block1-1": nn.BatchNorm2d(4)}),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    )
