@@ -86,3 +86,23 @@ def dashed_sequential() -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(4, 10),
     )
+
+
+class RoutingNet(nn.Module):
+    """Every op whose input decides where a gradient goes: ReLU in place, a 3x3 max pool of
+    stride 2, ReLU6 in place and hardtanh."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.relu6 = nn.ReLU6(inplace=True)
+        self.clip = nn.Hardtanh(-0.5, 0.5)
+        self.head = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv(x)))
+        x = self.clip(self.relu6(self.conv2(x)))
+        return self.head(x.mean((2, 3)))

@@ -324,6 +324,50 @@ def test_the_engine_asks_the_reference_for_float64_only_where_a_gradient_fails()
     assert quiet.float64_calls == 0  # nothing failed: nothing recomputed
 
 
+@pytest.mark.parametrize(("wrong", "cleared"), [(0.0, True), (0.01, False)])
+def test_a_gradient_float64_cannot_clear_is_judged_along_the_subjects_own_routing(wrong, cleared):
+    """The subject's forward fell on the other side of a near-tie (one ReLU decided otherwise):
+    its gradient is float64's along that routing, cleared; a gradient off by more than the
+    rule along its own routing is not."""
+    spec = _train_spec()
+    exact = np.linspace(-1, 1, 10)
+    other_side = exact.copy()
+    other_side[3] += 0.5  # the path the other decision opens
+    routes = [("relu", np.array([1.0, -1e-7]))]
+
+    class Subject:
+        name = "onnx"
+
+        def run(self, graph, feed):
+            return {"loss": np.float32(1), "logits": feed["logits_in"],
+                    "grad.w": (other_side + wrong).astype(np.float32)}  # fmt: skip
+
+        def run_exposing_routes(self, graph, feed):
+            return self.run(graph, feed), routes
+
+    class Reference:
+        name = "fp32 torch"
+
+        def run(self, graph, feed):
+            return {"loss": np.float32(1), "logits": feed["logits_in"],
+                    "grad.w": exact.astype(np.float32)}  # fmt: skip
+
+        def run_float64(self, graph, feed):
+            return {"loss": 1.0, "logits": feed["logits_in"].astype(np.float64), "grad.w": exact}
+
+        def run_float64_routed(self, graph, feed, given):
+            assert given is routes
+            return {**self.run_float64(graph, feed), "grad.w": other_side}
+
+    inputs = [InputSet("a", sizes={"N": 2}, seed=0)]
+    report = compare_runners(Subject(), Reference(), [spec], inputs, resolve_tolerances())
+    grad = next(o for o in report.outputs if o.output == "grad.w")
+    assert grad.mismatches >= 1 and grad.float64.onnx_max_abs_error >= 0.5
+    assert grad.float64.routed_inputs == ["a"]
+    assert grad.float64.routed_max_abs_error == pytest.approx(wrong, abs=1e-7)
+    assert grad.passed is cleared and report.passed is cleared
+
+
 def _train_spec():
     from lossx.runtime.graphs import GraphKind, GraphSpec, Role, TensorSpec
 

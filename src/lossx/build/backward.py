@@ -190,10 +190,9 @@ def _adaptive_avg_pool2d_backward(dy, x):
 
 def _max_pool2d_backward(dy, x, kernel_size, stride, padding, dilation, ceil_mode, indices):
     """dy goes to the first maximum of each window in row-major order, as torch's indices say,
-    found by comparisons: ONNX Runtime's MaxPool indices break ties (flat image regions give
-    them) otherwise, which routed resnet18's stem gradient elsewhere (1% of conv1.weight's
-    gradient). 2x2 windows of stride 2 interleave the four masked copies; other windows place
-    each window offset's masked copy with a one-hot ConvTranspose (col2im)."""
+    found by comparisons: ONNX Runtime's MaxPool indices may break ties (flat image regions
+    give them) otherwise. 2x2 windows of stride 2 interleave the four masked copies; other
+    windows place each window offset's masked copy with a one-hot ConvTranspose (col2im)."""
     kernel, stride = _pairs(kernel_size), _pairs(stride or kernel_size)
     padding, dilation = _pairs(padding), _pairs(dilation)
     if ceil_mode or dilation != (1, 1) or x.dim() != 4:

@@ -2,6 +2,7 @@
 
 import copy
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import nn
 
 from lossx.build.graph_modules import reference_module
 from lossx.build.models import build_model, load_checkpoint, model_source, weights_to_arrays
+from lossx.build.routing import run_routed
 from lossx.errors import SpecError
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.graphs import GraphSpec
@@ -66,6 +68,17 @@ class EagerRunner:
         module = reference_module(graph, self._model64).double()
         feed = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feed.items()}
         return _run(module, graph, feed)
+
+    def run_float64_routed(
+        self,
+        graph: GraphSpec,
+        feed: dict[str, np.ndarray],
+        routes: Sequence[tuple[str, np.ndarray]],
+    ) -> dict[str, np.ndarray] | None:
+        """`run_float64` with each ReLU, clip and max pool routing the gradient as the engine
+        whose inputs to them are `routes` did (lossx.build.routing); None where its ops do
+        not line up with the model's."""
+        return run_routed(lambda: self.run_float64(graph, feed), routes)
 
 
 def _run(module: nn.Module, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

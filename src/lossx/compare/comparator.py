@@ -83,6 +83,9 @@ class OutputAccumulator:
         self.invalid_reference, self.invalid_reference_inputs = 0, None
         self.float64_inputs: list[str] = []
         self.float64_onnx = self.float64_reference = 0.0
+        self.routed_inputs: list[str] = []
+        self.routed_onnx = 0.0
+        self.last_reference_error = 0.0  # the fp32 reference from float64, last input set
         self.cleared = 0
 
     def add(
@@ -141,24 +144,46 @@ class OutputAccumulator:
                 self.only_subject += int(np.count_nonzero(right & ~right_reference))
         return failed
 
-    def judge_by_float64(self, inputs: InputSet, got, want, exact, failed: int) -> None:
+    def judge_by_float64(self, inputs: InputSet, got, want, exact, failed: int) -> bool:
         """The `failed` elements of one input set, judged again by `exact`, the reference's
         float64 values: where the fp32 reference is itself that far from them (a batch norm's
-        backward cancels; a ReLU or a pooling window routes by a near-tie), the comparison
-        cannot tell which engine erred. They are cleared when the subject is within this
-        tolerance of float64, or no further from it than the fp32 reference is."""
+        backward cancels), the comparison cannot tell which engine erred. They are cleared when
+        the subject is within this tolerance of float64, or no further from it than the fp32
+        reference is. Returns whether they were."""
         got, want, exact = (np.asarray(x, dtype=np.float64) for x in (got, want, exact))
         if got.shape != exact.shape:
-            return
-        errors = element_errors(got, exact, self.tolerance.atol_for(exact), self.tolerance.rtol)
-        onnx_error = float(errors.error.max(initial=0.0))
+            return False
+        onnx_error, failing = self._against(got, exact)
         with np.errstate(invalid="ignore"):
             reference_error = float(np.nan_to_num(np.abs(want - exact), nan=np.inf).max(initial=0))
         self.float64_inputs.append(inputs.label)
         self.float64_onnx = max(self.float64_onnx, onnx_error)
         self.float64_reference = max(self.float64_reference, reference_error)
-        if not errors.failed.any() or onnx_error <= reference_error:
+        self.last_reference_error = reference_error
+        if not failing or onnx_error <= reference_error:
             self.cleared += failed
+            return True
+        return False
+
+    def judge_by_routes(self, inputs: InputSet, got, routed, failed: int) -> None:
+        """The `failed` elements `judge_by_float64` did not clear, judged by `routed`: float64
+        along the subject's own ReLU, clip and max-pool decisions (`got` is the subject's run
+        that exposed them). Where its fp32 forward fell on the other side of a near-tie, its
+        gradient is the exact one of that side, and is cleared when within this tolerance of
+        it, or no further from it than the fp32 reference is from float64."""
+        got, routed = (np.asarray(x, dtype=np.float64) for x in (got, routed))
+        if got.shape != routed.shape:
+            return
+        onnx_error, failing = self._against(got, routed)
+        self.routed_inputs.append(inputs.label)
+        self.routed_onnx = max(self.routed_onnx, onnx_error)
+        if not failing or onnx_error <= self.last_reference_error:
+            self.cleared += failed
+
+    def _against(self, got: np.ndarray, exact: np.ndarray) -> tuple[float, bool]:
+        """The subject's largest error from `exact`, and whether any element misses the rule."""
+        errors = element_errors(got, exact, self.tolerance.atol_for(exact), self.tolerance.rtol)
+        return float(errors.error.max(initial=0.0)), bool(errors.failed.any())
 
     def report(self) -> OutputReport:
         with np.errstate(over="ignore", invalid="ignore"):  # Inf errors give Inf (or NaN) stats
@@ -214,7 +239,12 @@ class OutputAccumulator:
             invalid_reference=self.invalid_reference,
             invalid_reference_inputs=self.invalid_reference_inputs,
             float64=Float64Check(
-                self.float64_inputs, self.float64_onnx, self.float64_reference, self.cleared
+                self.float64_inputs,
+                self.float64_onnx,
+                self.float64_reference,
+                self.cleared,
+                self.routed_inputs,
+                self.routed_onnx if self.routed_inputs else None,
             )
             if self.float64_inputs
             else None,
@@ -305,8 +335,9 @@ def _compare_graph(
     accumulators: dict[tuple[str, str], OutputAccumulator],
 ) -> str | None:
     """Run `graph` on both runners for `feed` and add every output to its accumulator; a
-    gradient or next buffer (batch-norm statistics: a variance over a small batch cancels) that
-    misses its rule is judged against the reference run in float64 (once).
+    gradient, or any output of a training step (its batch norms divide by the spread of a
+    small batch, which magnifies rounding), that misses its rule is judged against the
+    reference run in float64 (once), then along the subject's own routing (_judge_by_routes).
     Returns why nothing was compared where torch itself refuses the inputs (TORCH_REFUSES)."""
     try:
         want = reference.run(graph, feed)
@@ -323,6 +354,7 @@ def _compare_graph(
     losses = [t.name for t in graph.outputs if t.role is Role.LOSS]
     loss_finite = all(np.isfinite(want[name]).all() for name in losses)
     exact = None  # the reference in float64, run once where a gradient needs it
+    unexplained = {}  # output: failed elements float64 did not clear
     for name in graph.output_names:
         key = (graph.stem, name)
         rule = graph.output(name).tolerance_rule
@@ -332,10 +364,43 @@ def _compare_graph(
             )
         finite = graph.output(name).must_be_finite(loss_finite)
         failed = accumulators[key].add(inputs, got[name], want[name], feed, got, finite)
-        judged = rule is ToleranceRule.GRADIENT or graph.output(name).role is Role.NEXT_BUFFER
+        judged = rule is ToleranceRule.GRADIENT or graph.kind is GraphKind.TRAIN
         if failed and judged and hasattr(reference, "run_float64"):
             exact = exact or _run(reference, graph, feed, inputs, float64=True)
-            accumulators[key].judge_by_float64(inputs, got[name], want[name], exact[name], failed)
+            if not accumulators[key].judge_by_float64(
+                inputs, got[name], want[name], exact[name], failed
+            ):
+                unexplained[name] = failed
+    if unexplained:
+        _judge_by_routes(subject, reference, graph, inputs, feed, accumulators, unexplained)
+
+
+def _judge_by_routes(
+    subject: Runner,
+    reference: Runner,
+    graph: GraphSpec,
+    inputs: InputSet,
+    feed: dict[str, np.ndarray],
+    accumulators: dict[tuple[str, str], OutputAccumulator],
+    unexplained: dict[str, int],
+) -> None:
+    """Outputs float64 did not clear (`unexplained`: output to failed elements), judged again
+    along the subject's own gradient routing where both runners can tell it
+    (OutputAccumulator.judge_by_routes)."""
+    if not (hasattr(subject, "run_exposing_routes") and hasattr(reference, "run_float64_routed")):
+        return
+    what = f"run {graph.file} exposing its routes"
+    exposed = _guarded(subject, what, inputs, lambda: subject.run_exposing_routes(graph, feed))
+    if exposed is None:
+        return
+    got, routes = exposed
+    routed = _guarded(
+        reference, what, inputs, lambda: reference.run_float64_routed(graph, feed, routes)
+    )
+    if routed is None:
+        return
+    for name, failed in unexplained.items():
+        accumulators[(graph.stem, name)].judge_by_routes(inputs, got[name], routed[name], failed)
 
 
 # Inputs torch itself refuses in a train-mode step, by its message: not a defect of the graph.

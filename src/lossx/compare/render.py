@@ -171,9 +171,15 @@ def _float64_line(o: OutputReport) -> str | None:
     if f is None:
         return None
     inputs = ", ".join(f.inputs)
+    routed = ""
+    if f.routed_inputs:
+        routed = (
+            f", and along onnx's own ReLU/clip/max-pool routing on {', '.join(f.routed_inputs)}: "
+            f"{_num(f.routed_max_abs_error)} from it"
+        )
     return (
         f"judged by float64 on {inputs}: onnx {_num(f.onnx_max_abs_error)} from it, the fp32 "
-        f"reference {_num(f.reference_max_abs_error)}; {f.cleared} of {o.mismatches} "
+        f"reference {_num(f.reference_max_abs_error)}{routed}; {f.cleared} of {o.mismatches} "
         "mismatches cleared"
     )
 

@@ -44,12 +44,18 @@ class Float64Check:
     """A gradient's input sets that missed the gradient rule against the fp32 reference, judged
     again by the reference computed in float64: there the subject passes when it is within the
     rule of float64, or no further from float64 than the fp32 reference is (which engine's fp32
-    rounding is further from the truth decides, not which engine is the reference)."""
+    rounding is further from the truth decides, not which engine is the reference). Those still
+    out are judged by float64 along the subject's own gradient routing: an fp32 forward on the
+    other side of a near-tie computes the exact gradient of that side."""
 
     inputs: list[str]  # the input sets judged by float64
     onnx_max_abs_error: float  # the subject against float64, over those input sets
     reference_max_abs_error: float  # the fp32 reference against float64, over the same
     cleared: int  # elements out of tolerance against fp32 that float64 showed to be as accurate
+    # input sets judged again by float64 routed as the subject's forward decided (ReLU, clip,
+    # max pool: lossx.build.routing), and the subject's largest error from that
+    routed_inputs: list[str] = field(default_factory=list)
+    routed_max_abs_error: float | None = None
 
 
 @dataclass(frozen=True)

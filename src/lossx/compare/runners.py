@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from lossx.runtime.artifact import Artifact, check_signature
 from lossx.runtime.graphs import GraphSpec
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.session import open_session
+
+# ONNX ops whose input decides where a gradient goes, by kind (torch's: lossx.build.routing)
+ROUTING_OPS = {"Relu": "relu", "Clip": "clip", "MaxPool": "max_pool"}
 
 
 class Runner(Protocol):
@@ -70,6 +74,31 @@ class OnnxRuntimeRunner:
     def run(self, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.session_for(graph).run(graph.output_names, feed)
         return dict(zip(graph.output_names, outputs, strict=True))
+
+    def run_exposing_routes(
+        self, graph: GraphSpec, feed: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], list[tuple[str, np.ndarray]]] | None:
+        """`run`, in a session that also returns the input of each op that routes gradients
+        (ROUTING_OPS, once per distinct input, in graph order) as (kind, value); None where
+        the graph file is not at hand."""
+        path = self.folder / graph.file if self.folder else None
+        if path is None or not path.is_file():
+            return None
+        model = onnx.load(path)
+        exposed, seen = [], set(graph.output_names)
+        for node in model.graph.node:
+            kind = ROUTING_OPS.get(node.op_type)
+            if kind is not None and node.input[0] not in seen:
+                seen.add(node.input[0])
+                exposed.append((kind, node.input[0]))
+                model.graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
+        providers = self.session_for(graph).get_providers()
+        session = ort.InferenceSession(model.SerializeToString(), providers=providers)
+        values = session.run([*graph.output_names, *(name for _, name in exposed)], feed)
+        count = len(graph.output_names)
+        outputs = dict(zip(graph.output_names, values[:count], strict=True))
+        routes = [(kind, v) for (kind, _), v in zip(exposed, values[count:], strict=True)]
+        return outputs, routes
 
 
 class RunOnce:
