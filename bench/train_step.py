@@ -98,7 +98,8 @@ def measure(model_name: str, split, args, peak: float) -> None:
         for batch in (64, 256):
             steps = args.steps if batch == 64 else max(2, args.steps // 4)
             config = TrainConfig(model=model_name, batch_size=batch, seed=0)
-            batches = list(itertools.islice(epoch_batches(split, config, 1), steps))
+            batches = epoch_batches(split, config, 1, artifact.contract)
+            batches = list(itertools.islice(batches, steps))
             onnx = OnnxRuntimeEngine(
                 artifact, config, Path(tmp) / "o.npz", SessionOptions(threads=args.threads)
             )
@@ -110,7 +111,7 @@ def measure(model_name: str, split, args, peak: float) -> None:
                 speeds["onnx"].append(timed_round(onnx, batches, first, total_steps))
                 speeds["eager"].append(timed_round(eager, batches, first, total_steps))
                 speeds["nchw"].append(timed_round(nchw, batches, first, total_steps))
-            weights = onnx.weights()
+            weights = onnx.state_dict()
             apart = max(
                 float(np.abs(weights[k] - v.numpy()).max() / max(np.abs(v.numpy()).max(), 1e-12))
                 for k, v in eager.model.state_dict().items()

@@ -287,7 +287,7 @@ def test_float64_decides_which_engine_erred_where_fp32_cannot(subject_error, cle
     accumulator = _gradient_accumulator()
     failed = accumulator.add(InputSet("batch"), subject, reference)
     assert failed == 1
-    accumulator.judge_by_float64(InputSet("batch"), subject, reference, exact, failed)
+    accumulator.judge_by_float64(InputSet("batch"), subject, [reference], exact, failed)
     report = accumulator.report()
     assert report.mismatches == 1  # the fp32 comparison is reported as it was
     assert report.float64.inputs == ["batch"]
@@ -295,6 +295,22 @@ def test_float64_decides_which_engine_erred_where_fp32_cannot(subject_error, cle
     assert report.float64.onnx_max_abs_error == pytest.approx(abs(subject_error))
     assert report.float64.cleared == (1 if cleared else 0)
     assert report.passed is cleared
+
+
+@pytest.mark.parametrize(("subject_error", "cleared"), [(8e-3, True), (1.1e-2, False)])
+def test_the_further_of_the_references_fp32_runs_is_the_yardstick(subject_error, cleared):
+    """Torch's oneDNN and native kernels are both correct fp32; a subject no further from
+    float64 than the further of them is as right as fp32 can tell."""
+    exact = np.linspace(-0.5, 0.5, 100)
+    onednn, native, subject = exact.copy(), exact.copy(), exact.copy()
+    onednn[7] += 5e-3
+    native[7] -= 1e-2
+    subject[7] += subject_error
+    accumulator = _gradient_accumulator()
+    failed = accumulator.add(InputSet("batch"), subject, onednn)
+    assert accumulator.judge_by_float64(InputSet("batch"), subject, [onednn, native], exact,
+                                        failed) is cleared  # fmt: skip
+    assert accumulator.report().float64.reference_max_abs_error == pytest.approx(1e-2)
 
 
 def test_the_engine_asks_the_reference_for_float64_only_where_a_gradient_fails():

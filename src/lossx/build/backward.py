@@ -246,12 +246,73 @@ def _threshold_backward(dy, x, threshold):
     return dy * (x > threshold).to(dy.dtype)
 
 
+def _channel_sums(x):
+    """The sum of `x` per channel (dim 1): float32 over each image's map, then float64 over the
+    batch. As near the exact sum as float64 throughout (within 0.61 of float32's last place
+    against 0.49, measured to 256x16x32x32), at float32's speed (float64 throughout made
+    resnet20's step 9-18% slower); float32 throughout was 2.1-9.4 last places off."""
+    per_image = x.sum(list(range(2, x.dim()))) if x.dim() > 2 else x
+    return per_image.to(torch.float64).sum(0)
+
+
+def _batch_norm_statistics(x):
+    """The biased variance and the mean of `x` per channel, as float32 [C] (_channel_sums)."""
+    # the count is symbolic in the batch size: a float64 tensor, or ONNX gets a float32 one
+    count = torch.scalar_tensor(x.numel() // x.shape[1], dtype=torch.float64)
+    mean = (_channel_sums(x) / count).to(x.dtype)
+    centred = x - _channels(mean, x)
+    return (_channel_sums(centred * centred) / count).to(x.dtype), mean
+
+
+def _channels(t, like):
+    return t.reshape(1, -1, *[1] * (like.dim() - 2))
+
+
+def _batch_norm(op, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Batch norm `op` in train mode with its statistics summed as torch's CPU kernel sums them,
+    near the exact value (_channel_sums: with float32 sums, ONNX Runtime's new running means
+    were 2.9 times as far from float64 as torch's); in eval mode as torch decomposes it."""
+    if not training:
+        return _TORCH_DECOMPOSITIONS[op](
+            x, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+    var, mean = _batch_norm_statistics(x)
+    rstd = torch.rsqrt(var + eps)
+    out = (x - _channels(mean, x)) * _channels(rstd, x)
+    if weight is not None:
+        out = out * _channels(weight, x)
+    if bias is not None:
+        out = out + _channels(bias, x)
+    if running_mean is not None:
+        count = x.numel() // x.shape[1]  # symbolic in the batch size: its ratio is a float
+        running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
+        running_var.copy_(momentum * var * (count / (count - 1)) + (1 - momentum) * running_var)
+    return out, mean, rstd
+
+
+def _batch_norm_backward(dy, x, weight, running_mean, running_var, mean, rstd, train, eps, mask):
+    """A train-mode batch norm's backward with its two sums as the forward's (_channel_sums)."""
+    if not train:
+        return _TORCH_DECOMPOSITIONS[aten.native_batch_norm_backward.default](
+            dy, x, weight, running_mean, running_var, mean, rstd, train, eps, mask
+        )
+    count = x.numel() // x.shape[1]  # symbolic, a float
+    centred = x - _channels(mean, x)
+    dy_sum = _channel_sums(dy).to(x.dtype)
+    dot = _channel_sums(dy * centred).to(x.dtype)
+    scale = rstd if weight is None else rstd * weight
+    projection = _channels(dot / count * rstd * rstd, x)
+    dx = (dy - centred * projection - _channels(dy_sum / count, x)) * _channels(scale, x)
+    return dx, dot * rstd if mask[1] else None, dy_sum if mask[2] else None
+
+
 _TORCH_DECOMPOSITIONS = get_decompositions(
     [
         aten._native_batch_norm_legit,
         aten._native_batch_norm_legit_functional,
         aten._native_batch_norm_legit_no_training,
         aten.native_batch_norm,
+        aten.native_batch_norm_backward,
         aten.max_pool2d_with_indices_backward,
     ]
 )
@@ -266,6 +327,9 @@ def decompositions() -> dict:
     table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_backward
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
     table[aten.threshold_backward.default] = _threshold_backward
+    for op in (aten.native_batch_norm.default, aten._native_batch_norm_legit.default):
+        table[op] = functools.partial(_batch_norm, op)
+    table[aten.native_batch_norm_backward.default] = _batch_norm_backward
     return table
 
 

@@ -69,6 +69,18 @@ class EagerRunner:
         feed = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feed.items()}
         return _run(module, graph, feed)
 
+    def run_other_kernels(
+        self, graph: GraphSpec, feed: dict[str, np.ndarray]
+    ) -> list[dict[str, np.ndarray]]:
+        """`run` on torch's native CPU convolutions instead of oneDNN's: another correct fp32
+        computation of the same step, its sums in other orders. Where a step is ill-conditioned
+        (a batch norm over a few values) the two land apart: shufflenet_v2_x0_5's training
+        logits 2.4e-5 and 1.0e-4 from float64 on the same 64 images."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the flags' note on TF32, for Intel GPUs
+            with torch.backends.mkldnn.flags(enabled=False):
+                return [self.run(graph, feed)]
+
     def run_float64_routed(
         self,
         graph: GraphSpec,
