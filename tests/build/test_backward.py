@@ -344,6 +344,15 @@ def test_what_has_no_onnx_backward_is_refused_by_name(tmp_path, model, loss, mes
     assert not (tmp_path / "a").exists()
 
 
+def test_an_op_with_no_onnx_backward_is_refused_before_any_other_graph_is_exported(tmp_path):
+    exported = []
+    with pytest.raises(SpecError, match=r"no ONNX backward for aten\._upsample_bilinear2d_aa"):
+        export_artifact(tmp_path / "aa", model=AntiAliased(), losses=["ce", "mse"], train=True,
+                        progress=exported.append)  # fmt: skip
+    assert exported == ["train_ce.onnx"]
+    assert not (tmp_path / "aa").exists()
+
+
 def test_onnxscript_still_has_the_batch_norm_fusions_export_turns_off():
     """torch.onnx's optimizer would fold batch norms into convolutions, changing the weights it
     keeps under their state_dict names; export turns those rules off (a private tuple)."""

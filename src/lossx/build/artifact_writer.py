@@ -158,11 +158,13 @@ def _exported_graphs(
     contract: ImageContract,
 ) -> list[GraphEntry]:
     """Every graph exported into `staged` and verified, with the `common` metadata and its
-    own; the loss graphs exported in one torch.onnx call where there are several."""
-    entries = []
+    own, in the order of `graphs`; the loss graphs exported in one torch.onnx call where there
+    are several. Training graphs go first: tracing the step is what finds an op with no ONNX
+    backward, and it refuses before minutes of other exports."""
+    entries = {}
     loss_graphs = [g for g in graphs if g.kind is GraphKind.LOSS]
     exports = Graphs(model, opset, loss_graphs if len(loss_graphs) > 1 else (), contract)
-    for spec in graphs:
+    for spec in sorted(graphs, key=lambda g: g.kind is not GraphKind.TRAIN):
         if progress:
             progress(spec.file)
         metadata = {
@@ -174,8 +176,8 @@ def _exported_graphs(
         if spec.loss:
             metadata["lossx.loss"] = json.dumps(spec.loss.to_dict())
         proto = export_verified(spec, model, staged / spec.file, metadata, exports)
-        entries.append(GraphEntry(spec, opset, proto.ir_version))
-    return entries
+        entries[spec] = GraphEntry(spec, opset, proto.ir_version)
+    return [entries[spec] for spec in graphs]
 
 
 def lowered(
