@@ -255,13 +255,15 @@ def _channel_sums(x):
     return per_image.to(torch.float64).sum(0)
 
 
-def _batch_norm_statistics(x):
-    """The biased variance and the mean of `x` per channel, as float32 [C] (_channel_sums)."""
+def _batch_norm_statistics(x, eps):
+    """The biased variance, the mean and 1/sqrt(variance + eps) of `x` per channel: float64
+    [C] (sums as _channel_sums)."""
     # the count is symbolic in the batch size: a float64 tensor, or ONNX gets a float32 one
     count = torch.scalar_tensor(x.numel() // x.shape[1], dtype=torch.float64)
-    mean = (_channel_sums(x) / count).to(x.dtype)
-    centred = x - _channels(mean, x)
-    return (_channel_sums(centred * centred) / count).to(x.dtype), mean
+    mean = _channel_sums(x) / count
+    centred = x - _channels(mean.to(x.dtype), x)
+    var = _channel_sums(centred * centred) / count
+    return var, mean, torch.rsqrt(var + eps)
 
 
 def _channels(t, like):
@@ -276,13 +278,12 @@ def _batch_norm(op, x, weight, bias, running_mean, running_var, training, moment
         return _TORCH_DECOMPOSITIONS[op](
             x, weight, bias, running_mean, running_var, training, momentum, eps
         )
-    var, mean = _batch_norm_statistics(x)
-    rstd = torch.rsqrt(var + eps)
-    out = (x - _channels(mean, x)) * _channels(rstd, x)
-    if weight is not None:
-        out = out * _channels(weight, x)
-    if bias is not None:
-        out = out + _channels(bias, x)
+    var, mean, rstd = _batch_norm_statistics(x, eps)
+    # x * scale + shift, as torch's kernel computes it: two roundings per element
+    scale = rstd if weight is None else rstd * weight.to(torch.float64)
+    shift = -mean * scale if bias is None else bias.to(torch.float64) - mean * scale
+    out = x * _channels(scale.to(x.dtype), x) + _channels(shift.to(x.dtype), x)
+    var, mean, rstd = var.to(x.dtype), mean.to(x.dtype), rstd.to(x.dtype)
     if running_mean is not None:
         count = x.numel() // x.shape[1]  # symbolic in the batch size: its ratio is a float
         running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)

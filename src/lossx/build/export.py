@@ -140,17 +140,18 @@ def export_artifact(
         model, model_name, seed, checkpoint, model_args
     )
     check_size(model)
-    given_contract = {"input_shape": input_shape, "class_names": class_names, "mean": mean,
-                      "std": std, "resize": resize}  # fmt: skip
-    contract = model_contract(model, model_name, **recorded_contract(checkpoint, given_contract))
-    check_loss_classes(specs, contract.num_classes)
-    if calibration is not None:
-        calibration = calibration.for_contract(contract)
-    graphs = _graphs_of(model, specs, train, input_grad, contract)
     if given:
         weights = {"file": WEIGHTS_FILE, "source": "model"}  # the instance's own weights
     else:
         weights = weights_record(model, model_name, init, checkpoint, seed)
+    given_contract = {"input_shape": input_shape, "class_names": class_names, "mean": mean,
+                      "std": std, "resize": resize}  # fmt: skip
+    recorded = recorded_contract(weights.get("recipe"), given_contract)
+    contract = model_contract(model, model_name, **recorded)
+    check_loss_classes(specs, contract.num_classes)
+    if calibration is not None:
+        calibration = calibration.for_contract(contract)
+    graphs = _graphs_of(model, specs, train, input_grad, contract)
     with sole_writer(out_dir, ArtifactError):
         return write_folder_atomically(
             out_dir,

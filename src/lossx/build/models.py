@@ -32,6 +32,7 @@ from lossx.runtime.contract import ImageContract, contract_for, default_class_na
 from lossx.runtime.graphs import DEFAULT_MODEL
 from lossx.runtime.weights import check_finite, file_kind, read_weights
 from lossx.training.checkpoints import checkpoint_state
+from lossx.training.recipe import TrainConfig
 
 MODELS: dict[str, Callable[[], nn.Module]] = {}
 # Trained weights in lossx/build/weights: `lossx train` checkpoints (docs/training.md).
@@ -382,35 +383,11 @@ def _load_failure(error: Exception) -> str:
     return first_line(error).split(". ")[0]
 
 
-def recorded_contract(checkpoint: Path | None, given: dict) -> dict:
-    """The image contract's facts for model_contract: those `given` (not None), else those a
-    `lossx train` checkpoint's recipe records."""
-    facts = {name: value for name, value in given.items() if value is not None}
-    recipe = _checkpoint_recipe(Path(checkpoint)) if checkpoint is not None else {}
-    for name in given:
-        if name not in facts and recipe.get(name) is not None:
-            value = recipe[name]
-            facts[name] = tuple(value) if isinstance(value, list) else value
-    return facts
-
-
-def _checkpoint_recipe(path: Path) -> dict:
-    """The recipe a training checkpoint records; {} for any other file (load_checkpoint
-    reports what is wrong with one it cannot read)."""
-    try:
-        kind = file_kind(regular_file(path, "checkpoint", CheckpointError))
-        if kind == "npz":
-            payload = checkpoint_state(path) or {}
-        elif kind == "torch":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                payload = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            return {}
-    except Exception:
-        return {}
-    recipe = payload.get("config") if isinstance(payload, dict) else None
-    return recipe if isinstance(recipe, dict) else {}
+def recorded_contract(recipe: dict | None, given: dict) -> dict:
+    """The image contract's facts for model_contract: those `given` (not None), else those
+    `recipe` (a `lossx train` checkpoint's, None for any other weights) records."""
+    recorded = TrainConfig.from_dict(recipe).contract_options if recipe else {}
+    return {**recorded, **{name: value for name, value in given.items() if value is not None}}
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> object:
