@@ -249,8 +249,8 @@ def _threshold_backward(dy, x, threshold):
 def _channel_sums(x):
     """The sum of `x` per channel (dim 1): float32 over each image's map, then float64 over the
     batch. As near the exact sum as float64 throughout (within 0.61 of float32's last place
-    against 0.49, measured to 256x16x32x32), at float32's speed (float64 throughout made
-    resnet20's step 9-18% slower); float32 throughout was 2.1-9.4 last places off."""
+    against 0.49, measured to 256x16x32x32), at float32's speed (float64 throughout: resnet20's
+    step 9-18% slower in one unpaired run); float32 throughout was 2.1-9.4 last places off."""
     per_image = x.sum(list(range(2, x.dim()))) if x.dim() > 2 else x
     return per_image.to(torch.float64).sum(0)
 
