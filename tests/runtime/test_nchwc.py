@@ -10,12 +10,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lossx.build.eager import EagerRunner
+from lossx.compare.runners import OnnxRuntimeRunner
 from lossx.runtime import load_artifact
 from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.feeds import graph_feed
 from lossx.runtime.nchwc import DOMAIN, block_size, with_nchwc_convs
 from lossx.runtime.options import SessionOptions
-from lossx.runtime.session import open_session
 
 
 def nchwc_convs(model: onnx.ModelProto) -> int:
@@ -107,11 +107,16 @@ def test_without_nchwc_kernels_nothing_changes():
     assert with_nchwc_convs(model, block=1) is model
 
 
-def test_the_training_engine_runs_the_rewritten_graph(resnet20_train_artifact_dir, test_split):
+def test_the_training_engine_runs_the_rewritten_graph(
+    resnet20_train_artifact_dir, test_split, tmp_path
+):
     """resnet20's training graph: 3x3 convolutions, stride 2, 16 to 64 channels, batch norm.
     34 Convs go to NCHWc: 18 forward ones (not the first: 3 input channels fill no block) and 16
-    input gradients (the two stride-2 ones are ConvTransposes). Its outputs are as close to
-    torch.autograd as the standard graph's (the gradient rule itself is test_backward.py's)."""
+    input gradients (the two stride-2 ones are ConvTransposes). Its outputs are as near float64
+    as torch's, judged as lossx check judges them: along the graph's own ReLU decisions, where
+    a near-tie sends a gradient down another path (on the packaged sample's first 32 images,
+    grad.conv.weight landed 5.4e-4 or 6.4e-5 of its largest value from float64 unrouted, as
+    the batch norms' sums were summed one way or another; torch's fp32 6.4e-5)."""
     artifact = load_artifact(resnet20_train_artifact_dir)
     spec = artifact.graph("train_ce").spec
     path = artifact.path / spec.file
@@ -119,14 +124,18 @@ def test_the_training_engine_runs_the_rewritten_graph(resnet20_train_artifact_di
     assert nchwc_convs(rewritten) == 18 + 16
     images = CONTRACT.to_model_input(test_split.images[:32])
     feed = graph_feed(spec, images, test_split.labels[:32], None, artifact.state_dict())
-    want = EagerRunner.of_artifact(artifact).run(spec, feed)
-    standard = open_session(path, SessionOptions(threads=2)).run(None, feed)
     engine = artifact.session(spec.stem, SessionOptions(threads=2)).run(None, feed)
-    outputs = zip(spec.output_names, standard, engine, run(rewritten, feed), strict=True)
-    for name, plain, got, fast in outputs:
+    for name, got, fast in zip(spec.output_names, engine, run(rewritten, feed), strict=True):
         np.testing.assert_array_equal(got, fast, err_msg=name)  # the engine's session is it
-        scale = max(float(np.abs(want[name]).max()), 1e-12)
-        error, plain_error = (float(np.abs(x - want[name]).max()) / scale for x in (got, plain))
-        # measured: grad.conv.weight 8.0e-4 against the standard graph's 9.7e-4 (batch norm's
-        # backward cancels); every other output within 5e-7 of its largest value
-        assert error <= max(2 * plain_error, 1e-6), (name, error, plain_error)
+    onnx.save(rewritten, tmp_path / spec.file)
+    exposed, routes = OnnxRuntimeRunner.of_file(tmp_path / spec.file).run_exposing_routes(
+        spec, feed
+    )
+    runner = EagerRunner.of_artifact(artifact)
+    routed, torch_fp32 = runner.run_float64_routed(spec, feed, routes), runner.run(spec, feed)
+    exact = runner.run_float64(spec, feed)
+    for name in spec.output_names:
+        scale = max(float(np.abs(exact[name]).max()), 1e-12)
+        error = float(np.abs(exposed[name] - routed[name]).max()) / scale
+        torch_error = float(np.abs(torch_fp32[name] - exact[name]).max()) / scale
+        assert error <= max(torch_error, 1e-5), (name, error, torch_error)
