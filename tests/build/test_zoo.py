@@ -44,16 +44,22 @@ def test_every_weight_keeps_its_own_initializer_and_can_be_replaced(tmp_path, te
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # fp32 rounding
 
 
-def test_batch_norm_over_1x1_maps_trains_and_says_batch_1_was_not_compared(tmp_path, test_split):
+@pytest.mark.parametrize(("side", "values"), [(1, "1 value"), (2, "4 values")])
+def test_batch_norm_over_few_values_trains_and_says_batch_1_was_not_compared(
+    tmp_path, test_split, side, values
+):
+    """One image gives a batch norm over 1x1 maps 1 value per channel (torch refuses it), over
+    2x2 maps 4: both below BN_MIN_VALUES, so the training step is compared on the other
+    batches (7 images give 7 and 28 values) and the report says why."""
     out = tmp_path / "bn"
     export_artifact(out, "tests.build.zoo_models:OneByOneBN", losses=["ce"], init="random",
-                    train=True)  # fmt: skip
+                    train=True, model_args={"side": side})  # fmt: skip
     artifact = load_artifact(out)
     report = check_artifact(artifact, test_split.head(16), resolve_tolerances(), "fp32")
     assert report.passed
     refused = {k: v for k, v in report.not_compared.items() if k.startswith("train_ce.onnx")}
     assert set(refused) == {"train_ce.onnx on random N=1 seed 0", "train_ce.onnx on image 0 alone"}
-    assert all("one value per channel" in why for why in refused.values())
+    assert all(f"batch norm over {values} per channel" in why for why in refused.values())
 
 
 def test_attention_trains(tmp_path):

@@ -45,13 +45,14 @@ class FoldNet(nn.Module):
 
 
 class OneByOneBN(nn.Module):
-    """Batch norm over 1x1 maps, which torch refuses to train on a batch of one image."""
+    """Batch norm over `side`x`side` maps: on 1x1, torch refuses to train it on a batch of one
+    image; on 2x2, one image gives it 4 values per channel, too few to judge fp32 by."""
 
-    def __init__(self) -> None:
+    def __init__(self, side: int = 1) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.AdaptiveAvgPool2d(side))
         self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 10)
+        self.fc = nn.Linear(8 * side * side, 10)
 
     def forward(self, x):
         return self.fc(self.bn(self.features(x)).flatten(1))

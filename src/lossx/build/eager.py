@@ -2,7 +2,8 @@
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from torch import nn
 from lossx.build.graph_modules import reference_module
 from lossx.build.models import build_model, load_checkpoint, model_source, weights_to_arrays
 from lossx.build.routing import run_routed
+from lossx.compare.runners import Unjudgeable
+from lossx.compare.tolerances import BN_MIN_VALUES
 from lossx.errors import SpecError
 from lossx.runtime.artifact import Artifact
 from lossx.runtime.graphs import GraphSpec
@@ -94,11 +97,34 @@ class EagerRunner:
 
 
 def _run(module: nn.Module, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _judgeable_batch_norms(module):
         warnings.simplefilter("ignore")  # e.g. KLDivLoss's note on reduction="mean"
         outputs = module(*(torch.from_numpy(feed[name]) for name in graph.input_names))
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     return {name: value.numpy() for name, value in zip(graph.output_names, outputs, strict=True)}
+
+
+@contextmanager
+def _judgeable_batch_norms(module: nn.Module) -> Iterator[None]:
+    """Within it, a train-mode batch norm of `module` over fewer than BN_MIN_VALUES values per
+    channel raises Unjudgeable: fp32 keeps too few digits of such a step to judge it by."""
+
+    def refuse_few(norm: nn.Module, args: tuple) -> None:
+        values = args[0].numel() // max(args[0].shape[1], 1)
+        if norm.training and values < BN_MIN_VALUES:
+            raise Unjudgeable(
+                f"a train-mode batch norm over {values} value{'s' * (values != 1)} per channel "
+                f"(fewer than {BN_MIN_VALUES}: fp32 keeps too few digits of its variance to "
+                "judge by); compared on the other batches"
+            )
+
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [norm.register_forward_pre_hook(refuse_few) for norm in norms]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def rebuild_model(manifest: Manifest) -> nn.Module:

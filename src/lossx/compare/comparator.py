@@ -24,8 +24,9 @@ from lossx.compare.report import (
     ParityReport,
     WorstElement,
 )
-from lossx.compare.runners import Runner
+from lossx.compare.runners import Runner, Unjudgeable
 from lossx.compare.tolerances import (
+    FP32_SPREAD,
     Tolerance,
     Tolerances,
     agreement_upper_bound,
@@ -85,7 +86,7 @@ class OutputAccumulator:
         self.float64_onnx = self.float64_reference = 0.0
         self.routed_inputs: list[str] = []
         self.routed_onnx = 0.0
-        self.last_reference_error = 0.0  # the fp32 reference from float64, last input set
+        self.spread_used: float | None = None  # the largest share of FP32_SPREAD used
         self.cleared = 0
 
     def add(
@@ -144,16 +145,21 @@ class OutputAccumulator:
                 self.only_subject += int(np.count_nonzero(right & ~right_reference))
         return failed
 
-    def judge_by_float64(self, inputs: InputSet, got, wants, exact, failed: int) -> bool:
+    def judge_by_float64(
+        self, inputs: InputSet, got, wants, exact, failed: int
+    ) -> tuple[float, float] | None:
         """The `failed` elements of one input set, judged again by `exact`, the reference's
         float64 values: where the fp32 reference is itself that far from them (a batch norm's
         backward cancels), the comparison cannot tell which engine erred. They are cleared when
-        the subject is within this tolerance of float64, or no further from it than the fp32
-        reference is: the further of its fp32 runs `wants` (correct fp32 computations of the
-        same step, rounded in different orders). Returns whether they were."""
+        the subject is within this tolerance of float64, or within FP32_SPREAD times the
+        distance from float64 of the further of the reference's fp32 runs `wants` (correct fp32
+        computations of the same step, rounded in different orders). Those further from float64
+        than that run are left to `judge_by_routes` first (a near-tie routed otherwise shows at
+        full size): returns None when they were cleared, else the run's distance and the share
+        of the spread used."""
         got, exact = (np.asarray(x, dtype=np.float64) for x in (got, exact))
         if got.shape != exact.shape:
-            return False
+            return 0.0, np.inf
         onnx_error, failing = self._against(got, exact)
         with np.errstate(invalid="ignore"):
             reference_error = max(
@@ -163,25 +169,40 @@ class OutputAccumulator:
         self.float64_inputs.append(inputs.label)
         self.float64_onnx = max(self.float64_onnx, onnx_error)
         self.float64_reference = max(self.float64_reference, reference_error)
-        self.last_reference_error = reference_error
-        if not failing or onnx_error <= reference_error:
+        if not failing:
             self.cleared += failed
-            return True
-        return False
+            return None
+        used = _spread_share(onnx_error, reference_error)
+        if used * FP32_SPREAD <= 1.0:  # no further than the fp32 reference: routing can wait
+            self.settle(failed, used)
+            return None
+        return reference_error, used
 
-    def judge_by_routes(self, inputs: InputSet, got, routed, failed: int) -> None:
-        """The `failed` elements `judge_by_float64` did not clear, judged by `routed`: float64
-        along the subject's own ReLU, clip and max-pool decisions (`got` is the subject's run
-        that exposed them). Where its fp32 forward fell on the other side of a near-tie, its
-        gradient is the exact one of that side, and is cleared when within this tolerance of
-        it, or no further from it than the fp32 reference is from float64."""
+    def judge_by_routes(
+        self, inputs: InputSet, got, routed, failed: int, yardstick: float, used: float
+    ) -> None:
+        """The `failed` elements `judge_by_float64` did not clear (the fp32 reference
+        `yardstick` from float64, `used` of the spread), judged by `routed`: float64 along the
+        subject's own ReLU, clip and max-pool decisions (`got` is the subject's run that exposed
+        them). Where its fp32 forward fell on the other side of a near-tie, its gradient is the
+        exact one of that side, and is cleared when within this tolerance of it, or within
+        FP32_SPREAD times `yardstick`."""
         got, routed = (np.asarray(x, dtype=np.float64) for x in (got, routed))
         if got.shape != routed.shape:
+            self.settle(failed, used)
             return
         onnx_error, failing = self._against(got, routed)
         self.routed_inputs.append(inputs.label)
         self.routed_onnx = max(self.routed_onnx, onnx_error)
-        if not failing or onnx_error <= self.last_reference_error:
+        if not failing:
+            self.cleared += failed
+        else:
+            self.settle(failed, min(used, _spread_share(onnx_error, yardstick)))
+
+    def settle(self, failed: int, used: float) -> None:
+        """An input set's `failed` elements decided by the spread clause, `used` of it."""
+        self.spread_used = max(self.spread_used or 0.0, used)
+        if used <= 1.0:
             self.cleared += failed
 
     def _against(self, got: np.ndarray, exact: np.ndarray) -> tuple[float, bool]:
@@ -249,6 +270,7 @@ class OutputAccumulator:
                 self.cleared,
                 self.routed_inputs,
                 self.routed_onnx if self.routed_inputs else None,
+                self.spread_used,
             )
             if self.float64_inputs
             else None,
@@ -342,15 +364,19 @@ def _compare_graph(
     gradient, or any output of a training step (its batch norms divide by the spread of a
     small batch, which magnifies rounding), that misses its rule is judged against the
     reference run in float64 (once), then along the subject's own routing (_judge_by_routes).
-    Returns why nothing was compared where torch itself refuses the inputs (TORCH_REFUSES)."""
+    Returns why nothing was compared where the reference finds a training step's inputs
+    Unjudgeable."""
     try:
         want = reference.run(graph, feed)
     except LossxError:
         raise
+    except Unjudgeable as e:
+        if graph.kind is GraphKind.TRAIN:
+            return str(e)
+        raise ParityError(
+            f"{reference.name} cannot judge {graph.file} on {inputs.label}: {e}"
+        ) from None
     except Exception as e:
-        refusal = next((why for text, why in TORCH_REFUSES.items() if text in str(e)), None)
-        if refusal and graph.kind is GraphKind.TRAIN:
-            return refusal
         raise ParityError(
             f"{reference.name} failed to run {graph.file} on {inputs.label}: {first_line(e)}"
         ) from None
@@ -359,7 +385,7 @@ def _compare_graph(
     loss_finite = all(np.isfinite(want[name]).all() for name in losses)
     exact = None  # the reference in float64, run once where a gradient needs it
     others = None  # the reference's fp32 runs on other kernels (run_other_kernels), likewise
-    unexplained = {}  # output: failed elements float64 did not clear
+    unexplained = {}  # output: (failed elements float64 did not clear, yardstick, share used)
     for name in graph.output_names:
         key = (graph.stem, name)
         rule = graph.output(name).tolerance_rule
@@ -374,12 +400,21 @@ def _compare_graph(
             exact = exact or _run(reference, graph, feed, inputs, float64=True)
             others = _other_runs(reference, graph, feed, inputs) if others is None else others
             wants = [want[name], *(other[name] for other in others)]
-            if not accumulators[key].judge_by_float64(
+            pending = accumulators[key].judge_by_float64(
                 inputs, got[name], wants, exact[name], failed
-            ):
-                unexplained[name] = failed
+            )
+            if pending is not None:
+                unexplained[name] = (failed, *pending)
     if unexplained:
         _judge_by_routes(subject, reference, graph, inputs, feed, accumulators, unexplained)
+
+
+def _spread_share(onnx_error: float, reference_error: float) -> float:
+    """The subject's distance from float64 as a share of what fp32 rounding does there,
+    FP32_SPREAD times the fp32 reference's (0/0: no spread to be within)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        used = float(np.float64(onnx_error) / (FP32_SPREAD * reference_error))
+    return np.inf if used != used else used
 
 
 def _other_runs(
@@ -399,34 +434,27 @@ def _judge_by_routes(
     inputs: InputSet,
     feed: dict[str, np.ndarray],
     accumulators: dict[tuple[str, str], OutputAccumulator],
-    unexplained: dict[str, int],
+    unexplained: dict[str, tuple[int, float, float]],
 ) -> None:
-    """Outputs float64 did not clear (`unexplained`: output to failed elements), judged again
-    along the subject's own gradient routing where both runners can tell it
-    (OutputAccumulator.judge_by_routes)."""
-    if not (hasattr(subject, "run_exposing_routes") and hasattr(reference, "run_float64_routed")):
-        return
+    """Outputs float64 did not clear (`unexplained`: output to its failed elements, the fp32
+    yardstick and the share of the spread used), judged again along the subject's own gradient
+    routing where both runners can tell it (OutputAccumulator.judge_by_routes); settled as
+    they are where not."""
+    exposed = routed = None
     what = f"run {graph.file} exposing its routes"
-    exposed = _guarded(subject, what, inputs, lambda: subject.run_exposing_routes(graph, feed))
-    if exposed is None:
-        return
-    got, routes = exposed
-    routed = _guarded(
-        reference, what, inputs, lambda: reference.run_float64_routed(graph, feed, routes)
-    )
-    if routed is None:
-        return
-    for name, failed in unexplained.items():
-        accumulators[(graph.stem, name)].judge_by_routes(inputs, got[name], routed[name], failed)
-
-
-# Inputs torch itself refuses in a train-mode step, by its message: not a defect of the graph.
-TORCH_REFUSES = {
-    "Expected more than 1 value per channel when training": (
-        "torch refuses a train-mode batch norm over one value per channel (a batch of 1 on "
-        "1x1 maps); compared on the other batches"
-    ),
-}
+    if hasattr(subject, "run_exposing_routes") and hasattr(reference, "run_float64_routed"):
+        exposed = _guarded(subject, what, inputs, lambda: subject.run_exposing_routes(graph, feed))
+    if exposed is not None:
+        got, routes = exposed
+        routed = _guarded(
+            reference, what, inputs, lambda: reference.run_float64_routed(graph, feed, routes)
+        )
+    for name, (failed, yardstick, used) in unexplained.items():
+        accumulator = accumulators[(graph.stem, name)]
+        if routed is None:
+            accumulator.settle(failed, used)
+        else:
+            accumulator.judge_by_routes(inputs, got[name], routed[name], failed, yardstick, used)
 
 
 def _real_images_only(graph: GraphSpec, tolerances: Tolerances) -> bool:

@@ -177,10 +177,13 @@ def _float64_line(o: OutputReport) -> str | None:
             f", and along onnx's own ReLU/clip/max-pool routing on {', '.join(f.routed_inputs)}: "
             f"{_num(f.routed_max_abs_error)} from it"
         )
+    spread = ""
+    if f.max_spread_used is not None:
+        spread = f", {_pct(f.max_spread_used)} of fp32's spread used"
     return (
         f"judged by float64 on {inputs}: onnx {_num(f.onnx_max_abs_error)} from it, the fp32 "
-        f"reference {_num(f.reference_max_abs_error)}{routed}; {f.cleared} of {o.mismatches} "
-        "mismatches cleared"
+        f"reference {_num(f.reference_max_abs_error)}{routed}{spread}; {f.cleared} of "
+        f"{o.mismatches} mismatches cleared"
     )
 
 

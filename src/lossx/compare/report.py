@@ -43,8 +43,8 @@ class NonFinite:
 class Float64Check:
     """A gradient's input sets that missed the gradient rule against the fp32 reference, judged
     again by the reference computed in float64: there the subject passes when it is within the
-    rule of float64, or no further from float64 than the fp32 reference is (which engine's fp32
-    rounding is further from the truth decides, not which engine is the reference). Those still
+    rule of float64, or within FP32_SPREAD times the fp32 reference's distance from float64
+    (what fp32 rounding does decides, not which engine is the reference). Those still
     out are judged by float64 along the subject's own gradient routing: an fp32 forward on the
     other side of a near-tie computes the exact gradient of that side."""
 
@@ -56,6 +56,10 @@ class Float64Check:
     # max pool: lossx.build.routing), and the subject's largest error from that
     routed_inputs: list[str] = field(default_factory=list)
     routed_max_abs_error: float | None = None
+    # the largest share used of what fp32 rounding does (FP32_SPREAD times the fp32 reference's
+    # distance from float64), over the input sets float64 judged by it; None where the subject
+    # was within the rule of float64 on all of them
+    max_spread_used: float | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,11 @@ from lossx.runtime.session import open_session
 ROUTING_OPS = {"Relu": "relu", "Clip": "clip", "MaxPool": "max_pool"}
 
 
+class Unjudgeable(Exception):
+    """Raised by a reference runner for inputs on which fp32 results cannot be judged; its
+    message says why, and the comparison reports it for the graph and inputs it skips."""
+
+
 class Runner(Protocol):
     """Runs any graph an artifact describes."""
 
@@ -80,10 +85,23 @@ class OnnxRuntimeRunner:
     ) -> tuple[dict[str, np.ndarray], list[tuple[str, np.ndarray]]] | None:
         """`run`, in a session that also returns the input of each op that routes gradients
         (ROUTING_OPS, once per distinct input, in graph order) as (kind, value); None where
-        the graph file is not at hand."""
+        the graph file is not at hand. The session is opened for the call and dropped: kept,
+        its memory arena would hold a training step's peak a second time."""
         path = self.folder / graph.file if self.folder else None
         if path is None or not path.is_file():
             return None
+        session, exposed = self._session_exposing_routes(graph, path)
+        values = session.run([*graph.output_names, *(name for _, name in exposed)], feed)
+        count = len(graph.output_names)
+        outputs = dict(zip(graph.output_names, values[:count], strict=True))
+        routes = [(kind, v) for (kind, _), v in zip(exposed, values[count:], strict=True)]
+        return outputs, routes
+
+    def _session_exposing_routes(
+        self, graph: GraphSpec, path: Path
+    ) -> tuple[ort.InferenceSession, list[tuple[str, str]]]:
+        """A session of the graph file at `path` that also returns the input of each routing
+        op, and those inputs as (kind, name)."""
         model = onnx.load(path)
         exposed, seen = [], set(graph.output_names)
         for node in model.graph.node:
@@ -93,12 +111,7 @@ class OnnxRuntimeRunner:
                 exposed.append((kind, node.input[0]))
                 model.graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
         providers = self.session_for(graph).get_providers()
-        session = ort.InferenceSession(model.SerializeToString(), providers=providers)
-        values = session.run([*graph.output_names, *(name for _, name in exposed)], feed)
-        count = len(graph.output_names)
-        outputs = dict(zip(graph.output_names, values[:count], strict=True))
-        routes = [(kind, v) for (kind, _), v in zip(exposed, values[count:], strict=True)]
-        return outputs, routes
+        return ort.InferenceSession(model.SerializeToString(), providers=providers), exposed
 
 
 class RunOnce:

@@ -93,6 +93,20 @@ DEFAULT_PROFILE = "fp32-cpu"
 GRADIENT_TOLERANCE = Tolerance(2e-3, 1e-3, max_mismatch_fraction=0.001, atol_scales=True)
 
 
+# Where an output misses its rule against the fp32 reference and float64 decides, the subject
+# passes when its distance from float64 is at most FP32_SPREAD times the further of the
+# reference's fp32 runs (torch on its oneDNN and its native kernels), along the subject's own
+# routing where that is nearer. Correct fp32 computations of an ill-conditioned step (a
+# train-mode batch norm over a few values per channel) land far from float64 and apart: torch's
+# two kernels a median 1.4-7x apart (bench/fp32_spread.py), the lossx graph in ONNX Runtime up to
+# 1.7x further than the further of them on torchvision's models at 32x32 and 64x64 where every
+# batch norm sees at least BN_MIN_VALUES values per channel. Below that it reached 3.2-4.8x (2
+# and 4 values on 1x1 maps, one image on 2x2 maps): a variance of so few values keeps too few
+# digits in fp32 to judge by, so a training step is not compared there (the reason is reported),
+# as torch itself refuses one value per channel.
+FP32_SPREAD = 2.0
+BN_MIN_VALUES = 5
+
 # The task-level checks judge a sample: one flipped argmax among 64 images moves agreement by
 # 1.6 points, more than int8's whole margin. A check therefore fails only where the sample
 # shows the limit is missed: the 95% confidence bound (z = 1.96) on the side of passing is
