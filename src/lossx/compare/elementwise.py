@@ -4,6 +4,7 @@ An element passes when |onnx - reference| <= atol + rtol * |reference|. NaN or I
 where both sides hold the same value (NaN with NaN, +Inf with +Inf).
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,3 +53,38 @@ def error_histogram(errors: np.ndarray) -> dict[str, int]:
     for k in range(12, 0, -1):
         counts[f"1e-{k}"] = int(np.count_nonzero((small >= 10.0**-k) & (small < 10.0 ** (1 - k))))
     return counts
+
+
+class Percentiles:
+    """Non-negative values (element errors) counted by 1/64 of a decade between 1e-40 and
+    1e40, exact zeros and values past either end in bins of their own: a percentile over every
+    element of many input sets (a training graph's gradients hold every parameter) is read
+    from 5,122 counts instead of every value, to within 1.8% (half a bin; below 1e-40 read
+    as 1e-40, from 1e40 up as Inf)."""
+
+    PER_DECADE, LOW, HIGH = 64, -40, 40
+
+    def __init__(self) -> None:
+        self.zeros = 0
+        # [0]: below 1e-40; [1..n]: the bins; [n+1]: 1e40 and beyond, Inf included
+        self.counts = np.zeros((self.HIGH - self.LOW) * self.PER_DECADE + 2, np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        positive = values[values > 0]
+        self.zeros += values.size - positive.size
+        with np.errstate(over="ignore"):
+            bins = np.floor((np.log10(positive) - self.LOW) * self.PER_DECADE)
+        bins = np.clip(np.nan_to_num(bins, posinf=np.inf), -1, len(self.counts) - 2) + 1
+        self.counts += np.bincount(bins.astype(np.int64), minlength=len(self.counts))
+
+    def percentile(self, q: float) -> float:
+        """The smallest value with at least `q`% of the values at or below it (numpy's
+        "inverted_cdf" percentile), 0 where there are none."""
+        total = self.zeros + int(self.counts.sum())
+        rank = max(1, math.ceil(q / 100 * total))  # that value's place, counted from 1
+        if total == 0 or rank <= self.zeros:
+            return 0.0
+        at = int(np.searchsorted(self.zeros + np.cumsum(self.counts), rank, side="left"))
+        if at == len(self.counts) - 1:
+            return float("inf")
+        return 10.0 ** (self.LOW + (max(at, 1) - 0.5) / self.PER_DECADE)

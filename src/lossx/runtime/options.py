@@ -40,13 +40,16 @@ def check_session_options(
 class SessionOptions:
     """How ONNX Runtime runs graphs, checked when made: the provider ("cpu", "cuda", or "auto":
     CUDA where it works), intra-op threads (None: one per core), the graph optimisation level,
-    and whether CUDA may use TF32 (off: it rounds fp32 inputs to 10-bit mantissas, which breaks
-    parity)."""
+    whether CUDA may use TF32 (off: it rounds fp32 inputs to 10-bit mantissas, which breaks
+    parity), and whether the CPU keeps a memory arena across runs (faster on many batches of a
+    size; off, a run gives its memory back: comparisons, which run eager torch in float64 beside
+    it, turn it off)."""
 
     provider: str = "cpu"
     threads: int | None = None
     optimization: str = "all"
     tf32: bool = False
+    memory_arena: bool = True
 
     def __post_init__(self) -> None:
         check_session_options(self.provider, self.threads, self.optimization)

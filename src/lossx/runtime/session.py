@@ -56,6 +56,7 @@ def open_session(
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 3  # errors only: lossx reports problems itself
     session_options.graph_optimization_level = _LEVELS[optimization]
+    session_options.enable_cpu_mem_arena = options.memory_arena
     # Idle pool threads would spin between runs; with several sessions (and eager torch beside
     # them in parity checks) spinning threads starve the work on a small machine.
     session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
