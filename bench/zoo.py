@@ -7,7 +7,9 @@ peak memory read from the kernel): `lossx export --train` (random weights, 10 cl
 0.0 where the constructor has it), `lossx check` of every graph (training graphs included) on
 64 real images, then 4 steps of `lossx train` with each engine on the same 64 images (no
 augmentation), and the largest difference of the two runs' weights, relative to each tensor's
-largest |weight|. Prints a table; the first line of any error in the last column.
+largest |weight| (at least 1e-3); beside it, the same for two torch runs, on 1 and on 2 threads
+(oneDNN splits its sums otherwise): how far rounding alone carries the weights in those steps.
+Prints a table; the first line of any error in the last column.
 """
 
 import argparse
@@ -37,11 +39,12 @@ MODELS = {
 RECIPE = ["--epochs", "1", "--limit", "64", "--batch-size", "16", "--no-augment", "--seed", "0"]
 
 
-def run(command: list[str]) -> tuple[int, float, float, str]:
+def run(command: list[str], env: dict[str, str] | None = None) -> tuple[int, float, float, str]:
     """(exit code, seconds, peak RSS of that process in GB, last line of its stderr)."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                 env={**os.environ, **(env or {})})  # fmt: skip
         _, status, usage = os.wait4(child.pid, 0)
         err.seek(0)
         last = (err.read().strip().splitlines() or [""])[-1]
@@ -64,25 +67,36 @@ def one(name: str, size: int, data: Path, work: Path) -> list[str]:
                                           "--train", "--loss", "ce"))  # fmt: skip
     row.append(f"{seconds:.0f} s, {peak:.1f} GB" if code == 0 else f"exit {code}")
     if code != 0:
-        return [*row, "-", "-", last]
+        return [*row, "-", "-", "-", last]
     code, seconds, peak, last = run(lossx("check", art, "--data-dir", data, "--limit", "64"))
     row.append(f"{'PASS' if code == 0 else f'exit {code}'} {seconds:.0f} s, {peak:.1f} GB")
     if code != 0:
-        return [*row, "-", last]
+        return [*row, "-", "-", last]
     ort_run = run(lossx("train", art, "--engine", "onnxruntime", "--data-dir", data, *RECIPE,
                         "--out", work / "o.npz"))  # fmt: skip
     torch_run = run(lossx("train", "--data-dir", data, *model, *shape, *RECIPE,
                           "--out", work / "t.pt"))  # fmt: skip
-    if ort_run[0] or torch_run[0]:
-        return [*row, "-", ort_run[3] or torch_run[3]]
-    trained = torch.load(work / "t.pt", weights_only=True)["model"]
+    one_thread = run(lossx("train", "--data-dir", data, *model, *shape, *RECIPE,
+                           "--out", work / "t1.pt"), {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    if ort_run[0] or torch_run[0] or one_thread[0]:
+        return [*row, "-", "-", ort_run[3] or torch_run[3] or one_thread[3]]
+    trained = _float_weights(torch.load(work / "t.pt", weights_only=True)["model"])
+    other = _float_weights(torch.load(work / "t1.pt", weights_only=True)["model"])
     with np.load(work / "o.npz") as npz:
-        worst = max(
-            float(np.abs(npz[k] - v.numpy()).max() / max(float(v.abs().max()), 1e-3))
-            for k, v in trained.items()
-            if v.is_floating_point()
-        )
-    return [*row, f"{worst:.1e}", ""]
+        onnx = {k: npz[k] for k in trained}
+    return [*row, f"{_apart(onnx, trained):.1e}", f"{_apart(other, trained):.1e}", ""]
+
+
+def _float_weights(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in state.items() if v.is_floating_point()}
+
+
+def _apart(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    """The largest difference of two runs' weights, relative to each tensor's largest |weight|
+    (at least 1e-3)."""
+    return max(
+        float(np.abs(got[k] - v).max() / max(float(np.abs(v).max()), 1e-3)) for k, v in want.items()
+    )
 
 
 def main() -> None:
@@ -94,7 +108,8 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
     )
-    header = ["model", "size", "export --train", "check (all graphs)", "train parity", "error"]
+    header = ["model", "size", "export --train", "check (all graphs)", "train parity",
+              "torch 1 vs 2 threads", "error"]  # fmt: skip
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
