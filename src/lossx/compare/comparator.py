@@ -155,7 +155,7 @@ class OutputAccumulator:
     def _keep(self, error: np.ndarray, relative: np.ndarray) -> None:
         """One input set's element errors, counted into the output's statistics."""
         self.elements += error.size
-        with np.errstate(over="ignore", invalid="ignore"):  # Inf errors give Inf, as before
+        with np.errstate(over="ignore", invalid="ignore"):  # an Inf error gives an Inf mean
             self.max_error = float(np.max([self.max_error, error.max(initial=0.0)]))
             self.max_relative = float(np.max([self.max_relative, relative.max(initial=0.0)]))
             self.sum_error += float(error.sum())
