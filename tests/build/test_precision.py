@@ -226,3 +226,24 @@ def test_lowered_artifacts_pass_their_gate_on_cuda(lowered, cifar_dir):
     result = run_cli("check", lowered.path, *data, "--provider", "cuda")
     assert result.exit_code == 0, result.output
     assert f"profile {lowered.manifest.precision_name}" in result.output
+
+
+def test_calibration_images_are_fitted_once_to_the_size_known_last(tmp_path, test_split):
+    """Read before the model's size is known (an export from a checkpoint), 64x64 photos are
+    read again at 64x64 once it is, not shrunk to 32x32 and blown up again (which moved pixels
+    by up to 69 of 255 here)."""
+    from lossx.runtime.contract import contract_for
+
+    photos = tmp_path / "photos"
+    for split, images in (("train", test_split.images[:256]), ("test", test_split.images[:2])):
+        for i, image in enumerate(images):
+            folder = photos / split / f"class{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).resize((64, 64), Image.BICUBIC).save(folder / f"{i}.png")
+    early = load_calibration(photos, 256, seed=1)  # the default size, 3x32x32
+    assert early.images.shape[1:] == (32, 32, 3)
+    contract = contract_for((3, 64, 64), ("class0", "class1"))
+    fitted = early.for_contract(contract)
+    direct = load_calibration(photos, 256, seed=1, input_shape=(3, 64, 64))
+    np.testing.assert_array_equal(fitted.images, direct.images)
+    assert fitted.contract == contract and fitted.source == direct.source

@@ -2,7 +2,9 @@
 from a training split. Torch-free, so that `lossx export --precision int8` checks its
 calibration data before it imports torch."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -33,9 +35,16 @@ class Calibration:
     source: str
     method: str = "minmax"
     contract: ImageContract | None = None  # the artifact's, set once the model is known
+    reader: Callable[[ImageContract], "Calibration"] | None = None  # reads them at a size
 
     def for_contract(self, contract: ImageContract) -> "Calibration":
-        """The images as the model with `contract` takes them, before preprocessing."""
+        """The images as the model with `contract` takes them, before preprocessing: read
+        again from their files at its size and resize policy where they were read at another
+        (a checkpoint's own input shape is known only once torch reads it), so that they are
+        fitted once."""
+        sized = (contract.height, contract.width, contract.channels)
+        if self.reader is not None and self.images.shape[1:] != sized:
+            return replace(self.reader(contract), contract=contract)
         return replace(self, images=fit(self.images, contract), contract=contract)
 
     def model_inputs(self, batch: int):
@@ -84,10 +93,18 @@ def load_calibration(
         index = np.arange(wanted)
     else:
         index = np.sort(np.random.default_rng(seed).choice(len(split), wanted, replace=False))
-    source = split.source
+    source, reader = split.source, None
     if data_dir is not None:
         source += f", {wanted} drawn with seed {seed}"
-    return Calibration(split.images[index], split.labels[index], source, method)
+        reader = partial(_read_at, data_dir, wanted, method, seed)
+    return Calibration(split.images[index], split.labels[index], source, method, reader=reader)
+
+
+def _read_at(
+    data_dir: Path, images: int, method: str, seed: int, contract: ImageContract
+) -> Calibration:
+    shape = (contract.channels, contract.height, contract.width)
+    return load_calibration(data_dir, images, method, seed, shape, contract.resize)
 
 
 def _training_split(data_dir: Path, sizing: ImageContract) -> ImageSet:
