@@ -2,9 +2,7 @@
 from a training split. Torch-free, so that `lossx export --precision int8` checks its
 calibration data before it imports torch."""
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -35,7 +33,8 @@ class Calibration:
     source: str
     method: str = "minmax"
     contract: ImageContract | None = None  # the artifact's, set once the model is known
-    reader: Callable[[ImageContract], "Calibration"] | None = None  # reads them at a size
+    data_dir: Path | None = None  # where they were drawn from (None: the packaged sample)
+    seed: int = 0  # the draw's seed
 
     def for_contract(self, contract: ImageContract) -> "Calibration":
         """The images as the model with `contract` takes them, before preprocessing: read
@@ -43,8 +42,12 @@ class Calibration:
         (a checkpoint's own input shape is known only once torch reads it), so that they are
         fitted once."""
         sized = (contract.height, contract.width, contract.channels)
-        if self.reader is not None and self.images.shape[1:] != sized:
-            return replace(self.reader(contract), contract=contract)
+        if self.data_dir is not None and self.images.shape[1:] != sized:
+            shape = (contract.channels, contract.height, contract.width)
+            again = load_calibration(
+                self.data_dir, len(self.labels), self.method, self.seed, shape, contract.resize
+            )
+            return replace(again, contract=contract)
         return replace(self, images=fit(self.images, contract), contract=contract)
 
     def model_inputs(self, batch: int):
@@ -93,18 +96,11 @@ def load_calibration(
         index = np.arange(wanted)
     else:
         index = np.sort(np.random.default_rng(seed).choice(len(split), wanted, replace=False))
-    source, reader = split.source, None
+    source = split.source
     if data_dir is not None:
         source += f", {wanted} drawn with seed {seed}"
-        reader = partial(_read_at, data_dir, wanted, method, seed)
-    return Calibration(split.images[index], split.labels[index], source, method, reader=reader)
-
-
-def _read_at(
-    data_dir: Path, images: int, method: str, seed: int, contract: ImageContract
-) -> Calibration:
-    shape = (contract.channels, contract.height, contract.width)
-    return load_calibration(data_dir, images, method, seed, shape, contract.resize)
+    images, labels = split.images[index], split.labels[index]
+    return Calibration(images, labels, source, method, data_dir=data_dir, seed=seed)
 
 
 def _training_split(data_dir: Path, sizing: ImageContract) -> ImageSet:
