@@ -95,12 +95,7 @@ class InputSet:
         if not self.real or not self.counts_for_accuracy or len(self.images) <= size:
             return [self]
         return [
-            InputSet(
-                f"images {self.first + i}-{self.first + min(i + size, len(self.images)) - 1}",
-                self.images[i : i + size],
-                self.labels[i : i + size],
-                first=self.first + i,
-            )
+            pass_batch(self.images[i : i + size], self.labels[i : i + size], self.first + i)
             for i in range(0, len(self.images), size)
         ]
 
@@ -121,6 +116,11 @@ class InputSet:
         return graph_feed(spec, self.images, self.labels, logits, parameters)
 
 
+def pass_batch(images: np.ndarray, labels: np.ndarray, first: int) -> InputSet:
+    """A batch of a pass over the data from image `first` on, labelled by its images."""
+    return InputSet(f"images {first}-{first + len(labels) - 1}", images, labels, first=first)
+
+
 def real_input_sets(
     data: ImageSet, batch_size: int, contract: ImageContract, odd_batches: bool = False
 ) -> Iterator[InputSet]:
@@ -128,7 +128,7 @@ def real_input_sets(
     then image 0 alone and images 1-7 as one batch (sizes a full pass may never see)."""
     start = 0
     for images, labels in iter_batches(data, batch_size, contract):
-        yield InputSet(f"images {start}-{start + len(labels) - 1}", images, labels, first=start)
+        yield pass_batch(images, labels, start)
         start += len(labels)
     if odd_batches and start:
         first = next(iter_batches(data.head(8), 8, contract))
