@@ -8,7 +8,7 @@ same ones), then runs the step each engine of `lossx train` takes, on the same b
 default recipe (shuffled, augmented training images; the packaged test images without
 --data-dir) with the one-cycle schedule, at batch 64 and 256:
 
-- onnxruntime: train_ce.onnx in ONNX Runtime, then clipping and Nesterov SGD in numpy;
+- onnxruntime: train_ce.onnx in ONNX Runtime, then the update graph (clipping, Nesterov SGD);
 - torch: eager forward, backward, clipping and torch.optim.SGD, channels-last as `lossx train`
   runs it, and in the default contiguous (NCHW) memory format beside it.
 

@@ -1,4 +1,4 @@
-"""The shared training recipe: torch's schedule, clipping and SGD reproduced in numpy, and a
+"""The shared training recipe: torch's schedule reproduced in numpy, and a
 data order and augmentation that depend on (seed, epoch) only."""
 
 import numpy as np
@@ -9,11 +9,9 @@ from lossx.errors import SpecError
 from lossx.runtime.cifar10 import CONTRACT
 from lossx.runtime.image_set import ImageSet
 from lossx.runtime.images import jpeg_copies
-from lossx.training.optimizers import NesterovSGD
 from lossx.training.recipe import TrainConfig
 from lossx.training.schedule import (
     augment,
-    clip_factor,
     epoch_batches,
     eval_scores,
     jpeg_augment,
@@ -35,40 +33,6 @@ def test_one_cycle_is_torchs_one_cycle_lr(total_steps, max_lr):
     assert one_cycle(total_steps, total_steps, max_lr)[0] == pytest.approx(
         schedule.get_last_lr()[0], rel=1e-12
     )
-
-
-@pytest.mark.parametrize("norm", [0.5, 4.999, 5.0, 12.0, 1e6])
-def test_clip_factor_is_torchs_clip_grad_norm(norm):
-    grads = [torch.full((3,), norm / 3**0.5)]
-    p = torch.zeros(3, requires_grad=True)
-    p.grad = grads[0].clone()
-    torch.nn.utils.clip_grad_norm_([p], 5.0)
-    factor = clip_factor(float(np.linalg.norm(grads[0].numpy())), 5.0)
-    np.testing.assert_allclose(grads[0].numpy() * np.float32(factor), p.grad.numpy(), rtol=1e-6)
-    assert clip_factor(norm, 0.0) == 1.0
-
-
-def test_nesterov_sgd_is_torchs():
-    rng = np.random.default_rng(0)
-    start = {"w": rng.standard_normal((4, 5)).astype(np.float32),
-             "b": rng.standard_normal(5).astype(np.float32)}  # fmt: skip
-    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in start.items()}
-    reference = torch.optim.SGD(
-        tensors.values(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
-    )
-    mine = NesterovSGD({k: v.copy() for k, v in start.items()}, weight_decay=5e-4)
-    for step in range(5):
-        lr, momentum = one_cycle(step, 5, 0.1)
-        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()}
-        for name, tensor in tensors.items():
-            tensor.grad = torch.from_numpy(grads[name])
-        for group in reference.param_groups:
-            group["lr"], group["momentum"] = lr, momentum
-        reference.step()
-        mine.step(grads, lr, momentum)
-    for name, tensor in tensors.items():
-        np.testing.assert_allclose(mine.parameters[name], tensor.detach().numpy(), rtol=1e-6,
-                                   atol=1e-7)  # fmt: skip
 
 
 def test_augment_returns_shifted_or_flipped_crops():

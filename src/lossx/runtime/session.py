@@ -37,13 +37,14 @@ def _requested_providers(provider: str) -> list[str]:
 
 
 def open_session(
-    path: Path,
+    path: Path | bytes,
     options: SessionOptions = DEFAULT_SESSION,
     initializers: dict[str, np.ndarray] | None = None,
     weights_as_inputs: bool = False,
 ) -> ort.InferenceSession:
-    """An InferenceSession for `path` that really runs on `options.provider` ("cpu", "cuda" or
-    "auto"), with `options`' threads, optimisation level and TF32 setting.
+    """An InferenceSession for `path` (or a serialised model) that really runs on
+    `options.provider` ("cpu", "cuda" or "auto"), with `options`' threads, optimisation level
+    and TF32 setting.
 
     `initializers`: values that replace the graph's initializers of the same names.
     `weights_as_inputs`: the graph takes its Conv weights as inputs (a training graph). ONNX
@@ -83,7 +84,8 @@ def open_session(
     except ArtifactError:
         raise
     except Exception as e:  # ORT raises several unrelated types for unreadable models
-        raise ArtifactError(f"{path.name}: ONNX Runtime cannot load it: {first_line(e)}") from None
+        what = path.name if isinstance(path, Path) else "the model"
+        raise ArtifactError(f"{what}: ONNX Runtime cannot load it: {first_line(e)}") from None
     if provider == "cuda" and session.get_providers()[0] != _ORT_NAMES["cuda"]:
         raise ProviderError(
             f"provider 'cuda' requested but ONNX Runtime fell back to {session.get_providers()[0]} "
@@ -92,18 +94,18 @@ def open_session(
     return session
 
 
-def _model(path: Path, initializers: dict[str, np.ndarray] | None, nchwc_convs: bool):
+def _model(path: Path | bytes, initializers: dict[str, np.ndarray] | None, nchwc_convs: bool):
     """The model at `path` as ONNX Runtime should load it: the path itself, or the model
     serialised with these initializers replaced (SessionOptions.add_initializer is no substitute:
     at optimisation level all, ONNX Runtime's NCHWc layout transformer keeps the file's Conv
     weights and silently ignores the replacements) and its Convs with weight inputs on NCHWc."""
     if initializers is None and not nchwc_convs:
-        return str(path)
+        return path if isinstance(path, bytes) else str(path)
     import onnx
 
     from lossx.runtime.nchwc import with_nchwc_convs
 
-    model = onnx.load(str(path))
+    model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
     if initializers is not None:
         _replace_initializers(model, initializers)
     if nchwc_convs:

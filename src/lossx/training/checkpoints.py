@@ -1,8 +1,9 @@
 """Checkpoint files of `lossx train`: what kind a file is, whether training may write over it,
 and the ONNX Runtime engine's .npz checkpoint (the weights and buffers by state_dict name, what
 `lossx export --checkpoint`, `lossx eval --weights` and `Artifact.with_weights` read; the
-momentum buffers under "momentum/<name>"; the recipe, log and artifact under "lossx/state" as
-JSON). The torch engine's .pt checkpoint needs torch to read: lossx.build.torch_engine.
+optimizer's state under "<state>/<name>", e.g. "exp_avg/fc.weight"; the recipe, log, optimizer
+step count and artifact under "lossx/state" as JSON). The torch engine's .pt checkpoint needs
+torch to read: lossx.build.torch_engine.
 Checked before torch is imported, so that a wrong file is refused in a fraction of a second.
 """
 
@@ -22,7 +23,6 @@ from lossx.runtime.weights import check_npz_sizes, file_kind
 
 CHECKPOINT_FORMAT = "lossx-onnxruntime-checkpoint"
 STATE_KEY = "lossx/state"
-MOMENTUM_PREFIX = "momentum/"
 
 
 def check_checkpoint_kind(path: Path, kinds: tuple[str, ...], overwrite: bool = False) -> None:
@@ -57,11 +57,16 @@ def checkpoint_path(out: Path, is_checkpoint: Callable[[Path], bool], resume: Pa
 
 
 def write_npz_checkpoint(
-    out: Path, weights: dict[str, np.ndarray], momentum: dict[str, np.ndarray], state: dict
+    out: Path,
+    weights: dict[str, np.ndarray],
+    optimizer_state: dict[str, dict[str, np.ndarray]],
+    state: dict,
 ) -> None:
-    """Write an .npz checkpoint atomically: weights, momentum buffers and the JSON state."""
+    """Write an .npz checkpoint atomically: weights, each optimizer state by parameter and the
+    JSON state."""
     arrays = dict(weights)
-    arrays.update({MOMENTUM_PREFIX + k: v for k, v in momentum.items()})
+    for kind, values in optimizer_state.items():
+        arrays.update({f"{kind}/{name}": value for name, value in values.items()})
     arrays[STATE_KEY] = np.array(json.dumps({"format": CHECKPOINT_FORMAT, **state}))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)

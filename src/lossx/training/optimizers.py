@@ -1,27 +1,70 @@
-"""The optimizers of the ONNX Runtime engine, in float32 numpy, updating weights in place with
-torch.optim's arithmetic (so both engines take the same steps)."""
+"""The ONNX Runtime engine's optimizer: an update rule's graph (lossx.runtime.optimizer_graphs)
+run once per step over every parameter, so that this engine, Node.js and the browser take
+torch.optim's steps from the same file."""
 
 import numpy as np
+from onnx.helper import tensor_dtype_to_np_dtype
+
+from lossx.runtime.optimizer_graphs import NEXT, RULES, gradient_name, state_name
+from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
+from lossx.runtime.session import open_session
+
+# torch.optim.AdamW's defaults for what the recipe leaves out (its beta1 is the schedule's
+# momentum).
+ADAMW_BETA2, ADAMW_EPS = 0.999, 1e-8
 
 
-class NesterovSGD:
-    """torch.optim.SGD(momentum, nesterov=True, weight_decay) in float32 numpy, in place."""
+class GraphOptimizer:
+    """One run's optimizer state, stepped by update rule `rule`'s graph `model` (serialised
+    ONNX) over `parameters` (state_dict name -> float32 array, replaced by the updated arrays
+    after each step)."""
 
-    def __init__(self, parameters: dict[str, np.ndarray], weight_decay: float) -> None:
+    def __init__(
+        self,
+        rule: str,
+        model: bytes,
+        parameters: dict[str, np.ndarray],
+        weight_decay: float,
+        clip_norm: float,
+        options: SessionOptions = DEFAULT_SESSION,
+    ) -> None:
+        self.rule = RULES[rule]
+        self.session = open_session(model, options)
         self.parameters = parameters
-        self.weight_decay = np.float32(weight_decay)
-        self.momentum_buffers: dict[str, np.ndarray] = {}
+        self.scalars = {"weight_decay": weight_decay, "clip_norm": clip_norm}
+        self.state = {
+            state_name(s, name): np.zeros_like(value)
+            for name, value in parameters.items()
+            for s in self.rule.state
+        }
+        self.steps = 0
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def step(self, grads: dict[str, np.ndarray], lr: float, momentum: float) -> None:
-        lr, momentum = np.float32(lr), np.float32(momentum)
-        for name, weight in self.parameters.items():
-            grad = grads[name]
-            if self.weight_decay:
-                grad = grad + self.weight_decay * weight
-            buffer = self.momentum_buffers.get(name)
-            if buffer is None:
-                buffer = self.momentum_buffers[name] = grad.copy()
-            else:
-                buffer *= momentum
-                buffer += grad
-            weight -= lr * (grad + momentum * buffer)
+    def step(self, grads: dict[str, np.ndarray], lr: float, momentum: float) -> float:
+        """Update every parameter by its gradient in `grads`, with this step's LR and momentum
+        (AdamW's beta1); return the gradients' global norm before clipping."""
+        self.steps += 1
+        feed = {**self._scalars(lr, momentum), **self.parameters, **self.state}
+        feed.update({gradient_name(name): grads[name] for name in self.parameters})
+        results = dict(zip(self.outputs, self.session.run(self.outputs, feed), strict=True))
+        for tensors in (self.parameters, self.state):
+            for name in tensors:
+                tensors[name] = results[NEXT + name]
+        return float(results["grad_norm"])
+
+    def _scalars(self, lr: float, momentum: float) -> dict[str, np.ndarray]:
+        scalars = {"lr": lr, **self.scalars}
+        if self.rule.name == "sgd":
+            scalars.update(momentum=momentum, nesterov=True)
+        else:
+            scalars.update(beta1=momentum, beta2=ADAMW_BETA2, eps=ADAMW_EPS, step=self.steps)
+        return {
+            name: np.array(scalars[name], dtype=tensor_dtype_to_np_dtype(dtype))
+            for name, dtype, _ in self.rule.scalars
+        }
+
+    def restore(self, state: dict[str, np.ndarray], steps: int) -> None:
+        """Continue from a checkpoint's state (every `<state>.<name>`, checked against the
+        parameters by the caller) after `steps` steps."""
+        self.state = {name: np.array(state[name], dtype=np.float32) for name in self.state}
+        self.steps = steps

@@ -3,7 +3,8 @@ and numpy updates, without torch.
 
 Each step feeds the batch, the current weights and buffers to `train_<loss>.onnx`, takes the
 loss, every parameter's gradient and the buffers' next values (batch-norm statistics) back, and
-applies torch.optim.SGD's Nesterov update in numpy. The recipe (data order, augmentation,
+runs the optimizer's update graph on them (lossx.runtime.optimizer_graphs: clipping, then
+torch.optim.SGD's Nesterov step or torch.optim.AdamW's). The recipe (data order, augmentation,
 schedule, clipping) and the loop are lossx.training.trainer's, which the torch engine follows
 too, so both engines take the same steps from the same weights and seed.
 
@@ -22,18 +23,14 @@ from lossx.runtime.feeds import graph_feed, iter_batches
 from lossx.runtime.graphs import GraphKind, GraphSpec, Role
 from lossx.runtime.image_set import ImageSet
 from lossx.runtime.manifest import MANIFEST_FILE
+from lossx.runtime.optimizer_graphs import optimizer_model, state_name
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
 from lossx.runtime.weights import check_weights, read_weights
 from lossx.training import trainer
-from lossx.training.checkpoints import (
-    MOMENTUM_PREFIX,
-    is_checkpoint,
-    resume_state,
-    write_npz_checkpoint,
-)
-from lossx.training.optimizers import NesterovSGD
+from lossx.training.checkpoints import is_checkpoint, resume_state, write_npz_checkpoint
+from lossx.training.optimizers import GraphOptimizer
 from lossx.training.recipe import TrainConfig, contract_recipe
-from lossx.training.schedule import EVAL_BATCH, clip_factor, eval_scores
+from lossx.training.schedule import EVAL_BATCH, eval_scores
 from lossx.training.trainer import EpochResult
 
 
@@ -43,10 +40,6 @@ class OnnxRuntimeEngine:
     def __init__(
         self, artifact: Artifact, config: TrainConfig, out: Path, options: SessionOptions
     ) -> None:
-        if config.optimizer != "sgd":
-            raise SpecError(
-                f"the onnxruntime engine implements optimizer sgd only, not {config.optimizer}"
-            )
         self.artifact = artifact
         self.contract = artifact.contract
         self.config = replace(
@@ -62,7 +55,15 @@ class OnnxRuntimeEngine:
         self.parameters = {name: weights[name] for name in names}
         self.buffers = {name: weights[name] for name in self.graph.buffer_names}
         self.next_buffers = self.graph.next_buffers
-        self.optimizer = NesterovSGD(self.parameters, config.weight_decay)
+        shapes = [(name, self.parameters[name].shape) for name in names]
+        self.optimizer = GraphOptimizer(
+            config.optimizer,
+            optimizer_model(config.optimizer, shapes),
+            self.parameters,
+            config.weight_decay,
+            config.clip_norm,
+            options,
+        )
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
         feed = graph_feed(self.graph, images, labels, None, {**self.parameters, **self.buffers})
@@ -70,10 +71,6 @@ class OnnxRuntimeEngine:
         loss, *outputs = self.session.run(wanted, feed)
         grads = outputs[: len(self.grad_names)]
         self.buffers.update(zip(self.next_buffers, outputs[len(self.grad_names) :], strict=True))
-        norm = np.sqrt(sum(float(np.vdot(g, g)) for g in grads))
-        factor = np.float32(clip_factor(norm, self.config.clip_norm))
-        if factor != 1:
-            grads = [g * factor for g in grads]
         self.optimizer.step(dict(zip(self.parameters, grads, strict=True)), lr, momentum)
         return float(loss)
 
@@ -93,8 +90,16 @@ class OnnxRuntimeEngine:
             "artifact_manifest_sha256": sha256_of(self.artifact.path / MANIFEST_FILE),
             "config": self.config.to_dict(),
             "history": [e.to_dict() for e in history],
+            "optimizer_steps": self.optimizer.steps,
         }
-        write_npz_checkpoint(self.out, self.state_dict(), self.optimizer.momentum_buffers, state)
+        write_npz_checkpoint(self.out, self.state_dict(), self._optimizer_state(), state)
+
+    def _optimizer_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """Each optimizer state (e.g. exp_avg) by parameter."""
+        return {
+            s: {name: self.optimizer.state[state_name(s, name)] for name in self.parameters}
+            for s in self.optimizer.rule.state
+        }
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The model's parameters and buffers by state_dict name."""
@@ -102,13 +107,15 @@ class OnnxRuntimeEngine:
 
     def restore(self, path: Path, state: dict) -> list[EpochResult]:
         weights = read_weights(path)
-        momentum = read_weights(path, MOMENTUM_PREFIX)
         check_weights(weights, self.state_dict())
-        if momentum:
-            check_weights(momentum, self.parameters)
+        optimizer_state = {}
+        for s in self.optimizer.rule.state:
+            values = read_weights(path, f"{s}/")
+            check_weights(values, self.parameters)
+            optimizer_state.update({state_name(s, k): v for k, v in values.items()})
         for name, value in weights.items():
             self.state_dict()[name][...] = value
-        self.optimizer.momentum_buffers = {k: v.copy() for k, v in momentum.items()}
+        self.optimizer.restore(optimizer_state, int(state["optimizer_steps"]))
         return [EpochResult(**e) for e in state["history"]]
 
 

@@ -111,13 +111,6 @@ def epoch_pixels(
             yield np.ascontiguousarray(images.transpose(0, 3, 1, 2)), split.labels[index]
 
 
-def clip_factor(grad_norm: float, clip_norm: float) -> float:
-    """What torch.nn.utils.clip_grad_norm_ multiplies every gradient by (1.0: unchanged)."""
-    if not clip_norm:
-        return 1.0
-    return min(clip_norm / (grad_norm + 1e-6), 1.0)
-
-
 def training_data(
     data_dir: Path | None, config: TrainConfig, contract: ImageContract
 ) -> tuple[ImageSet, ImageSet]:
