@@ -19,6 +19,7 @@ from runtime_speed import cpu_name
 from lossx.build.models import build_model
 from lossx.runtime.optimizer_graphs import optimizer_model
 from lossx.runtime.options import SessionOptions
+from lossx.runtime.session import open_session
 from lossx.training.optimizers import GraphOptimizer
 
 
@@ -57,8 +58,8 @@ def measure(model_name: str, args) -> None:
     options = SessionOptions(threads=args.threads)
     row = [model_name, f"{sum(w.size for w in weights.values()):,}"]
     for rule in ("sgd", "adamw"):
-        mine = GraphOptimizer(rule, optimizer_model(rule, shapes), dict(weights), 5e-4, 5.0,
-                              options)  # fmt: skip
+        session = open_session(optimizer_model(rule, shapes), options)
+        mine = GraphOptimizer(rule, session, dict(weights), 5e-4, 5.0)
         row.append(f"{best_ms(lambda m=mine: m.step(grads, 0.01, 0.9), args.steps):.2f}")
     buffers = {n: np.zeros_like(w) for n, w in weights.items()}
     copies = {n: w.copy() for n, w in weights.items()}

@@ -143,7 +143,8 @@ def shipped_train_artifact_dir(tmp_path_factory) -> Path:
 def training_plan(tmp_path_factory, shipped_train_artifact_dir, cifar_dir):
     """16 steps of the default recipe on the first 1,024 real training images: the plan
     `lossx train --write-plan` writes, and the weights `lossx train --engine onnxruntime`
-    reaches after its first 4 and all 16 steps (the JavaScript examples must reach them too)."""
+    reaches after its first 4 and all 16 steps (the JavaScript examples must reach them too);
+    and 4 steps of AdamW ("adamw4", plan_adamw4.npz)."""
     from lossx.training.ort_engine import train as train_onnxruntime
     from lossx.training.plan import write_plan
 
@@ -156,6 +157,12 @@ def training_plan(tmp_path_factory, shipped_train_artifact_dir, cifar_dir):
         out = folder / f"python{limit // 64}.npz"
         train_onnxruntime(load_artifact(shipped_train_artifact_dir), cifar_dir, out, config)
         reached[limit // 64] = read_weights(out)
+    config = TrainConfig(epochs=1, batch_size=64, limit=256, optimizer="adamw")
+    write_plan(folder / "plan_adamw4.npz", cifar_dir, config)
+    train_onnxruntime(
+        load_artifact(shipped_train_artifact_dir), cifar_dir, folder / "a.npz", config
+    )
+    reached["adamw4"] = read_weights(folder / "a.npz")
     return {
         "folder": folder,
         "weights": reached,

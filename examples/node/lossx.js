@@ -1,7 +1,7 @@
 // What a JavaScript app needs of a lossx artifact: its manifest's graphs, its image contract (the
 // image size, channels, classes and preprocessing), and
-// training with its training graph (an SGD with Nesterov momentum and weight decay, written here,
-// carrying the graph's next.* buffers from step to step). Plain JavaScript over typed arrays and
+// training with its training graph and its optimizer graph (SGD or AdamW, carrying the
+// training graph's next.* buffers and the optimizer's state from step to step). Plain JavaScript over typed arrays and
 // an onnxruntime module passed in, so it runs in Node (require('./lossx'), onnxruntime-node) and
 // in a browser (<script src>, as globalThis.lossx, onnxruntime-web).
 'use strict';
@@ -12,6 +12,7 @@
 })(typeof self !== 'undefined' ? self : this, ({ refuse }) => {
   const FORMAT_VERSION = 4;
   const PLAN_FORMAT = 'lossx-training-plan';
+  const PLAN_FORMAT_VERSION = 2;
 
   function parseManifest(text, file) {
     let manifest;
@@ -182,10 +183,10 @@
     } catch (err) {
       refuse(`${file}: its plan header is not JSON (${err.message})`);
     }
-    if (header?.format !== PLAN_FORMAT || header.format_version !== 1) {
-      refuse(`${file} is not a lossx training plan of format_version 1`);
+    if (header?.format !== PLAN_FORMAT || header.format_version !== PLAN_FORMAT_VERSION) {
+      refuse(`${file} is not a lossx training plan of format_version ${PLAN_FORMAT_VERSION}`);
     }
-    if (header.optimizer !== 'sgd') refuse(`${file}: optimizer ${header.optimizer}, not sgd`);
+    if (!/^[a-z0-9]+$/.test(header.optimizer ?? '')) refuse(`${file}: names no optimizer`);
     const { images, labels } = arrays;
     const total = labels.typed.length;
     if (images.descr !== '|u1' || JSON.stringify(images.shape) !== JSON.stringify([total, C, H, W])) {
@@ -277,45 +278,47 @@
     return new ort.Tensor('float32', data, [labels.length, classes]);
   }
 
-  // torch.optim.SGD(momentum, nesterov=True, weight_decay) with the global-norm clip of
-  // torch.nn.utils.clip_grad_norm_, rounding to float32 after every operation as lossx's numpy
-  // update does (Math.fround): the same weights from the same gradients.
-  class NesterovSGD {
-    constructor(parameters, weightDecay, clipNorm) {
-      this.parameters = parameters; // { name: Float32Array }, updated in place
-      this.weightDecay = Math.fround(weightDecay);
-      this.clipNorm = clipNorm;
-      this.momentumBuffers = {};
+  // The artifact's graph of update rule `rule` (docs/training.md, "Optimizer graphs") for the
+  // parameters training graph `train` trains: its file, hyperparameters, each parameter's
+  // gradient input and its state (zeros before the first step).
+  function optimizerGraph(manifest, rule, train, file) {
+    const name = `optimizer_${rule}.onnx`;
+    const graph = (manifest.graphs || []).find((g) => g.kind === 'optimizer' && g.file === name);
+    if (!graph) refuse(`${file}: no ${name}; export the artifact with --train again`);
+    const byRole = (role) => graph.inputs.filter((t) => t.role === role);
+    const updated = byRole('parameter').map((t) => t.name).join();
+    if (updated !== train.parameters.map((t) => t.name).join()) {
+      refuse(`${file}: ${name} updates other parameters than ${train.file} trains`);
     }
-
-    step(grads, lr, momentum) {
-      const f = Math.fround;
-      [lr, momentum] = [f(lr), f(momentum)];
-      let squares = 0;
-      for (const g of Object.values(grads)) for (let i = 0; i < g.length; i++) squares += g[i] * g[i];
-      const clip = this.clipNorm ? f(Math.min(this.clipNorm / (Math.sqrt(squares) + 1e-6), 1)) : 1;
-      for (const [name, w] of Object.entries(this.parameters)) {
-        const grad = grads[name];
-        const first = !(name in this.momentumBuffers);
-        const buf = first ? new Float32Array(w.length) : this.momentumBuffers[name];
-        this.momentumBuffers[name] = buf;
-        for (let i = 0; i < w.length; i++) {
-          let g = clip === 1 ? grad[i] : f(grad[i] * clip);
-          if (this.weightDecay) g = f(g + f(this.weightDecay * w[i]));
-          buf[i] = first ? g : f(f(buf[i] * momentum) + g);
-          w[i] = f(w[i] - f(lr * f(g + f(momentum * buf[i]))));
-        }
-      }
-    }
+    return {
+      file: name,
+      sha256: fileHash(manifest, name, file),
+      hyperparameters: byRole('hyperparameter'),
+      gradients: Object.fromEntries(byRole('gradient').map((t) => [t.gradient_of, t.name])),
+      states: byRole('optimizer_state'),
+    };
   }
 
-  // Trains with a training graph's session: weights ({ name: { typed, shape } }, updated in
-  // place) step by step through a plan's steps; `onStep(index, loss)` after each.
+  const SCALARS = {
+    float64: (ort, v) => new ort.Tensor('float64', Float64Array.of(v), []),
+    int64: (ort, v) => new ort.Tensor('int64', BigInt64Array.of(BigInt(v)), []),
+    bool: (ort, v) => new ort.Tensor('bool', Uint8Array.of(v ? 1 : 0), []),
+  };
+
+  // Trains with a training graph's session and an optimizer graph's (`optimizer`: { session,
+  // graph } from optimizerGraph): weights ({ name: { typed, shape } }, updated in place) step
+  // by step through a plan's steps. Each step runs the training graph (loss, gradients, next
+  // batch-norm statistics), then the update graph on the gradients, as lossx train --engine
+  // onnxruntime does.
   class Trainer {
-    constructor(ort, session, graph, weights, header) {
-      Object.assign(this, { ort, session, graph, weights });
-      const parameters = Object.fromEntries(graph.parameters.map((t) => [t.name, weights[t.name].typed]));
-      this.optimizer = new NesterovSGD(parameters, header.weight_decay, header.clip_norm);
+    constructor(ort, session, graph, weights, header, optimizer) {
+      Object.assign(this, { ort, session, graph, weights, optimizer });
+      this.settings = {
+        weight_decay: header.weight_decay, clip_norm: header.clip_norm, ...header.hyperparameters,
+      };
+      this.state = Object.fromEntries(optimizer.graph.states.map(
+        (t) => [t.name, new Float32Array(t.shape.reduce((a, b) => a * b, 1))]));
+      this.steps = 0;
     }
 
     async step({ pixels, labels, lr, momentum }) {
@@ -328,12 +331,26 @@
       };
       for (const t of [...graph.parameters, ...graph.buffers]) feeds[t.name] = tensor(t);
       const out = await this.session.run(feeds);
-      const grads = Object.fromEntries(
-        graph.parameters.map((t) => [t.name, out[graph.gradients[t.name]].data]));
       for (const [buffer, name] of Object.entries(graph.nextBuffers)) {
         weights[buffer].typed = out[name].data.slice();
       }
-      this.optimizer.step(grads, lr, momentum);
+      this.steps += 1;
+      const update = this.optimizer.graph;
+      // the schedule's momentum is SGD's momentum and AdamW's beta1
+      const values = { ...this.settings, lr, momentum, beta1: momentum, step: this.steps };
+      const inputs = {};
+      for (const h of update.hyperparameters) {
+        if (!(h.name in values)) refuse(`the plan sets no ${h.name} for ${update.file}`);
+        inputs[h.name] = SCALARS[h.dtype](ort, values[h.name]);
+      }
+      for (const t of graph.parameters) {
+        inputs[t.name] = tensor(t);
+        inputs[update.gradients[t.name]] = out[graph.gradients[t.name]];
+      }
+      for (const t of update.states) inputs[t.name] = new ort.Tensor('float32', this.state[t.name], t.shape);
+      const next = await this.optimizer.session.run(inputs);
+      for (const t of graph.parameters) weights[t.name].typed = next[`next.${t.name}`].data;
+      for (const t of update.states) this.state[t.name] = next[`next.${t.name}`].data;
       return out.loss.data[0];
     }
   }
@@ -343,6 +360,7 @@
     checkFinite,
     fileHash,
     modelGraph,
+    optimizerGraph,
     parseManifest,
     readPlan,
     startingWeights,

@@ -1,14 +1,16 @@
 #!/usr/bin/env node
 // Train a lossx artifact's model with its training graph in onnxruntime-node: the graph gives
-// the loss, every gradient and the next batch-norm statistics; the SGD (Nesterov momentum,
-// weight decay, gradient clipping) is lossx.js's JavaScript. The batches and the schedule come
+// the loss, every gradient and the next batch-norm statistics; the artifact's optimizer graph
+// (gradient clipping, then SGD or AdamW) updates the weights. The batches and the schedule come
 // from a plan that `lossx train --write-plan` writes, so the weights reached equal
 // `lossx train --engine onnxruntime`'s with the same recipe.
 // Usage: node train.js ARTIFACT_DIR --plan PLAN.npz --out WEIGHTS.npz [--threads N] [--json]
 'use strict';
 
 const { readNpz, refuse } = require('./npz');
-const { readPlan, startingWeights, trainingGraph, Trainer } = require('./lossx');
+const {
+  optimizerGraph, readPlan, startingWeights, trainingGraph, Trainer,
+} = require('./lossx');
 const {
   checkOutputNpz, inflateRaw, loadOnnxRuntime, openSession, readChecked, readManifest,
   readNpzFile, runMain, writeNpzFile,
@@ -38,6 +40,7 @@ async function main() {
   const { file, manifest } = readManifest(args.dir);
   const { header, steps } = readPlan(readNpzFile(args.plan, 'plan'), args.plan, manifest.contract);
   const graph = trainingGraph(manifest, header.loss, file);
+  const update = optimizerGraph(manifest, header.optimizer, graph, file);
   const weightsFile = manifest.weights?.file ?? refuse(`${file}: names no weights file`);
   const weightsBytes = readChecked(args.dir, manifest, weightsFile);
   const arrays = readNpz(weightsBytes, weightsFile, inflateRaw);
@@ -50,7 +53,12 @@ async function main() {
   if (args.threads) options.intraOpNumThreads = args.threads;
   const session = await openSession(
     ort, readChecked(args.dir, manifest, graph.file), manifest, graph.file, options);
-  const trainer = new Trainer(ort, session, graph, weights, header);
+  const optimizer = {
+    graph: update,
+    session: await openSession(
+      ort, readChecked(args.dir, manifest, update.file), manifest, update.file, options),
+  };
+  const trainer = new Trainer(ort, session, graph, weights, header, optimizer);
 
   const losses = [];
   const started = process.hrtime.bigint();
@@ -81,7 +89,7 @@ async function main() {
   };
   if (args.json) process.stdout.write(`${JSON.stringify(result)}\n`);
   else {
-    console.log(`wrote ${args.out}: ${steps.length} steps of ${graph.file}, last loss ` +
+    console.log(`wrote ${args.out}: ${steps.length} steps of ${graph.file} and ${update.file}, last loss ` +
       `${losses.at(-1).toFixed(4)}, ${result.images_per_second.toFixed(0)} images/s ` +
       `(onnxruntime-node ${result.onnxruntime_node})`);
   }

@@ -91,6 +91,7 @@ async function initTraining(manifest) {
   const plan = lossx.readPlan(arrays, 'plan.npz', manifest.contract);
   try {
     state.graph = lossx.trainingGraph(manifest, plan.header.loss, 'manifest.json');
+    state.update = lossx.optimizerGraph(manifest, plan.header.optimizer, state.graph, 'manifest.json');
   } catch (err) {
     if (!(err instanceof lossxNpz.Refusal)) throw err;
     $('train-info').textContent = `${err.message} (int8 and fp16 artifacts have none).`;
@@ -100,7 +101,7 @@ async function initTraining(manifest) {
   const wanted = Number(new URLSearchParams(location.search).get('steps')) || plan.steps.length;
   state.steps = plan.steps.slice(0, wanted);
   fact('training plan', `${plan.steps.length} steps of ${plan.steps[0].labels.length} images, ` +
-    `loss ${plan.header.loss.name}, from lossx train --write-plan`);
+    `loss ${plan.header.loss.name}, optimizer ${plan.header.optimizer}, from lossx train --write-plan`);
   $('train').textContent = `Train ${state.steps.length} steps`;
   $('train').disabled = false;
 }
@@ -215,7 +216,7 @@ async function classifyFiles(files) {
 
 async function train() {
   $('train').disabled = true;
-  const { manifest, graph } = state;
+  const { manifest, graph, update } = state;
   const weightsFile = manifest.weights.file;
   const arrays = await readNpz(
     await artifactFile(weightsFile, lossx.fileHash(manifest, weightsFile, 'manifest.json')),
@@ -224,7 +225,12 @@ async function train() {
   const session = await ort.InferenceSession.create(
     await artifactFile(graph.file, graph.sha256),
     { executionProviders: ['wasm'], graphOptimizationLevel: 'extended' });
-  const trainer = new lossx.Trainer(ort, session, graph, weights, state.plan.header);
+  const optimizer = {
+    graph: update,
+    session: await ort.InferenceSession.create(
+      await artifactFile(update.file, update.sha256), { executionProviders: ['wasm'] }),
+  };
+  const trainer = new lossx.Trainer(ort, session, graph, weights, state.plan.header, optimizer);
   const losses = [];
   const started = performance.now();
   for (const [index, step] of state.steps.entries()) {

@@ -433,7 +433,6 @@ def test_train_write_plan_writes_a_plan_and_trains_nothing(tmp_path, cifar_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--optimizer", "adamw"], "--optimizer adamw has no plan"),
         (["--epochs", "3"], "holds 150,000 images, more than 100,000"),
         (["--limit", "0"], "'--limit': 0 is not in the range x>=1"),
     ],

@@ -89,7 +89,12 @@ def test_node_refuses_a_tampered_model(node, shipped_artifact, tmp_path):
 # 3.6e-6 / 3.0e-8 and 3.4e-4 / 3.4e-4. The 16-step bound is what float rounding alone gives in
 # this max-pool network: Python itself, started from weights perturbed by 1e-7 (relative), ends
 # 3.4e-4 away, as argmax choices in the pools flip. The weights move 1.75e-2 in 16 steps.
-WEIGHTS_ATOL = {"node": {4: 2e-6, 16: 1e-3}, "browser": {4: 2e-5, 16: 1e-3}}
+# AdamW ("adamw4", 4 steps; both update with the artifact's optimizer graph) divides each
+# gradient by its running root, so gradient elements at rounding's level (Python's training
+# graph runs on NCHWc kernels, the examples' on the plain ones) move by up to the learning rate:
+# measured 6.0e-6 (Node.js) and 1.2e-5 (browser) on an AMD EPYC (AVX2).
+WEIGHTS_ATOL = {"node": {4: 2e-6, 16: 1e-3, "adamw4": 2e-5},
+                "browser": {4: 2e-5, 16: 1e-3, "adamw4": 4e-5}}  # fmt: skip
 
 
 def weight_difference(got: dict, want: dict) -> float:
@@ -97,8 +102,9 @@ def weight_difference(got: dict, want: dict) -> float:
     return max(float(np.abs(got[k] - want[k]).max()) for k in want)
 
 
-def check_trained(weights_file: Path, plan: dict, steps: int, runtime: str) -> float:
-    """The largest difference from Python's weights, asserted within WEIGHTS_ATOL."""
+def check_trained(weights_file: Path, plan: dict, steps: int | str, runtime: str) -> float:
+    """The largest difference from Python's weights after `steps` (4, 16 or "adamw4"),
+    asserted within WEIGHTS_ATOL."""
     from lossx.runtime.weights import read_weights
 
     got = read_weights(weights_file)
@@ -111,17 +117,19 @@ def check_trained(weights_file: Path, plan: dict, steps: int, runtime: str) -> f
     return difference
 
 
-@pytest.mark.parametrize("steps", [4, 16])
+@pytest.mark.parametrize("steps", [4, 16, "adamw4"])
 def test_node_training_reaches_python_weights(node, training_plan, shipped_train_artifact_dir,
                                               tmp_path, steps):  # fmt: skip
     out = tmp_path / "weights.npz"
-    plan = training_plan["folder"] / f"plan{steps}.npz"
+    plan = training_plan["folder"] / (
+        f"plan{steps}.npz" if steps != "adamw4" else "plan_adamw4.npz"
+    )
     command = [node, str(EXAMPLE / "train.js"), str(shipped_train_artifact_dir), "--plan",
                str(plan), "--out", str(out), "--json"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["steps"] == steps and len(report["losses"]) == steps
+    assert report["steps"] == len(report["losses"]) == (4 if steps == "adamw4" else steps)
     check_trained(out, training_plan, steps, "node")
 
 

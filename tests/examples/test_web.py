@@ -75,10 +75,12 @@ def python_logits(artifact) -> np.ndarray:
     return logits
 
 
-@pytest.mark.parametrize("steps", [4, 16])
+@pytest.mark.parametrize("steps", [4, 16, "adamw4"])
 def test_page_classifies_and_trains(browser, training_plan, shipped_train_artifact_dir,
                                     shipped_artifact, tmp_path, steps):  # fmt: skip
-    plan = training_plan["folder"] / f"plan{steps}.npz"
+    plan = training_plan["folder"] / (
+        f"plan{steps}.npz" if steps != "adamw4" else "plan_adamw4.npz"
+    )
     results = run_page(browser, shipped_train_artifact_dir, tmp_path, plan)
     assert results["precision"] == "fp32"
     got = np.array(results["classify"]["logits"], dtype=np.float32)
@@ -87,7 +89,7 @@ def test_page_classifies_and_trains(browser, training_plan, shipped_train_artifa
     assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
     labels = load_packaged_sample().labels
     assert results["classify"]["accuracy"] == pytest.approx((want.argmax(axis=1) == labels).mean())
-    assert results["train"]["steps"] == steps
+    assert results["train"]["steps"] == (4 if steps == "adamw4" else steps)
     check_trained(tmp_path / "weights.npz", training_plan, steps, "browser")
 
 

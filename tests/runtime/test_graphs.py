@@ -75,6 +75,7 @@ def test_only_model_and_fused_graphs_hold_the_weights_as_initializers():
         GraphKind.LOSS: None,
         GraphKind.FUSED: "model.",
         GraphKind.TRAIN: None,
+        GraphKind.OPTIMIZER: None,
     }
 
 

@@ -5,7 +5,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from lossx.runtime.optimizer_graphs import NEXT, RULES, gradient_name, optimizer_model, state_name
+from lossx.runtime.graphs import NEXT_PREFIX, gradient_name
+from lossx.runtime.optimizer_graphs import optimizer_model
+from lossx.runtime.update_rules import RULES, state_name
 from lossx.training.optimizers import ADAMW_BETA2, ADAMW_EPS, GraphOptimizer
 from lossx.training.schedule import one_cycle
 
@@ -35,13 +37,8 @@ def test_update_graph_takes_torch_optims_steps(rule, clip_norm):
     params = [torch.nn.Parameter(torch.from_numpy(start[name].copy())) for name, _ in SHAPES]
     max_lr = 0.02 if rule == "sgd" else 3e-3
     reference = _torch_optimizer(rule, params, max_lr)
-    mine = GraphOptimizer(
-        rule,
-        optimizer_model(rule, SHAPES),
-        {k: v.copy() for k, v in start.items()},
-        5e-4,
-        clip_norm,
-    )
+    session = ort.InferenceSession(optimizer_model(rule, SHAPES))
+    mine = GraphOptimizer(rule, session, {k: v.copy() for k, v in start.items()}, 5e-4, clip_norm)
     norms = []
     for step in range(STEPS):
         lr, momentum = one_cycle(step, STEPS, max_lr)
@@ -77,7 +74,7 @@ def test_state_starts_at_zero_and_is_returned():
     """The graph's state outputs are the next step's state inputs; zeros are torch's first step."""
     session = ort.InferenceSession(optimizer_model("adamw", [("w", (3,))]))
     outputs = [o.name for o in session.get_outputs()]
-    assert outputs == [NEXT + "w", NEXT + state_name("exp_avg", "w"),
-                       NEXT + state_name("exp_avg_sq", "w"), "grad_norm"]  # fmt: skip
+    assert outputs == [NEXT_PREFIX + "w", NEXT_PREFIX + state_name("exp_avg", "w"),
+                       NEXT_PREFIX + state_name("exp_avg_sq", "w"), "grad_norm"]  # fmt: skip
     inputs = {i.name for i in session.get_inputs()}
     assert {"w", gradient_name("w"), "lr", "step"} <= inputs

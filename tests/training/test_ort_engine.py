@@ -4,6 +4,7 @@ and the API."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -175,6 +176,27 @@ def test_adamw_resumes_with_its_moments_and_step_count(data_dir, train_artifact,
                 np.testing.assert_array_equal(a[name], b[name])
 
 
+def test_an_artifact_without_optimizer_graphs_trains_with_graphs_built_at_once(
+    data_dir, train_artifact, tmp_path
+):
+    """An artifact exported without optimizer graphs: the engine builds the same graph."""
+    bare = tmp_path / "bare"
+    shutil.copytree(train_artifact, bare)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    for entry in [g for g in manifest["graphs"] if g["kind"] == "optimizer"]:
+        manifest["graphs"].remove(entry)
+        del manifest["files"][entry["file"]]
+        (bare / entry["file"]).unlink()
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    config = replace(SMALL, optimizer="adamw", lr=DEFAULT_LR["adamw"], epochs=1, limit=128)
+    for artifact, out in ((train_artifact, "with.npz"), (bare, "without.npz")):
+        train_onnxruntime(load_artifact(artifact), data_dir, tmp_path / out, config)
+    with np.load(tmp_path / "with.npz") as a, np.load(tmp_path / "without.npz") as b:
+        for name in a.files:
+            if name != STATE_KEY:
+                np.testing.assert_array_equal(a[name], b[name])
+
+
 def test_trained_weights_run_in_the_runtime_and_export(data_dir, train_artifact, ort_run, tmp_path):
     weights, log = ort_run
     runtime = open_artifact(train_artifact, weights=weights)
@@ -200,6 +222,7 @@ def test_trained_weights_run_in_the_runtime_and_export(data_dir, train_artifact,
 def test_every_graph_with_weights_runs_on_them(train_artifact, ort_run, test_split):
     artifact = load_artifact(train_artifact).with_weights(ort_run[0])
     from lossx.build.eager import EagerRunner
+    from lossx.compare.inputs import sample_feed
     from lossx.runtime.feeds import graph_feed, iter_batches
 
     images, labels = next(iter_batches(test_split, 16, CONTRACT))
@@ -207,7 +230,10 @@ def test_every_graph_with_weights_runs_on_them(train_artifact, ort_run, test_spl
     logits = eager.run(artifact.graph("model").spec, {"images": images})["logits"]
     for entry in artifact.manifest.graphs:
         spec = entry.spec
-        feed = graph_feed(spec, images, labels, logits, artifact.state_dict())
+        if spec.takes_data:
+            feed = graph_feed(spec, images, labels, logits, artifact.state_dict())
+        else:  # an optimizer's: random gradients and state
+            feed = sample_feed(spec, {}, 0, parameters=artifact.state_dict())
         got = artifact.run(spec.stem, feed)
         for name, want in eager.run(spec, feed).items():
             if name not in spec.gradients.values():

@@ -8,6 +8,7 @@ import pytest
 
 from lossx.errors import SpecError
 from lossx.runtime.cifar10 import CONTRACT, load_cifar10
+from lossx.training.optimizers import fixed_hyperparameters
 from lossx.training.plan import PLAN_FORMAT, read_plan, write_plan
 from lossx.training.recipe import TrainConfig
 from lossx.training.schedule import epoch_batches, one_cycle
@@ -20,6 +21,7 @@ from tests.conftest import require_shared
         {"epochs": 2, "batch_size": 48, "limit": 120},  # a short last batch each epoch
         {"epochs": 1, "batch_size": 32, "limit": 64, "augment": False, "seed": 3},
         {"epochs": 1, "batch_size": 16, "limit": 48, "jpeg_augment": True},
+        {"epochs": 1, "batch_size": 32, "limit": 64, "optimizer": "adamw"},
     ],
 )
 def test_a_plan_holds_the_batches_and_schedule_the_trainers_take(cifar_dir, tmp_path, recipe):
@@ -44,6 +46,8 @@ def test_a_plan_holds_the_batches_and_schedule_the_trainers_take(cifar_dir, tmp_
     assert header["loss"] == config.loss_spec().to_dict()
     assert header["recipe"] == json.loads(json.dumps(config.to_dict()))
     assert (header["weight_decay"], header["clip_norm"]) == (config.weight_decay, config.clip_norm)
+    assert header["optimizer"] == config.optimizer
+    assert header["hyperparameters"] == fixed_hyperparameters(config.optimizer)
 
 
 def test_a_plan_too_large_is_refused_before_anything_is_written(cifar_dir, tmp_path):

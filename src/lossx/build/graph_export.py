@@ -35,7 +35,9 @@ class Graphs:
         self.exported: dict[GraphSpec, onnx.ModelProto] = {}
 
     def proto(self, spec: GraphSpec) -> onnx.ModelProto:
-        """Graph `spec`, exported or composed."""
+        """Graph `spec`, exported, composed or built."""
+        if MODULES[spec.kind].built:
+            return MODULES[spec.kind].built(spec, self.opset)
         if MODULES[spec.kind].composed:
             model, loss = self.proto(model_part(spec)), self.proto(loss_graph(spec.loss))
             return fused_proto(spec, model, loss)

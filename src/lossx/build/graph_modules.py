@@ -3,12 +3,15 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import onnx
 import torch
 from torch import nn
 
 from lossx.build.backward import ReferenceTrainingStep, TrainingStep
 from lossx.build.losses import OnLogits, exported_loss, reference_loss
+from lossx.build.optimizer_step import OptimizerStep
 from lossx.runtime.graphs import GraphKind, GraphSpec
+from lossx.runtime.optimizer_graphs import optimizer_proto
 
 
 class Fused(nn.Module):
@@ -69,11 +72,12 @@ class KindModules:
     """The eager modules of a graph kind, given a graph spec and the model: the one its graph
     must equal and the one torch.onnx exports it from (each forward takes the spec's inputs in
     order). A composed kind is not traced: lossx.build.surgery composes it from the model's and
-    the loss's graphs."""
+    the loss's graphs. A built kind is not traced either: `built(spec, opset)` writes it."""
 
     reference: Callable[[GraphSpec, nn.Module], nn.Module]
-    exported: Callable[[GraphSpec, nn.Module], nn.Module]
+    exported: Callable[[GraphSpec, nn.Module], nn.Module] | None
     composed: bool = False
+    built: Callable[[GraphSpec, int], onnx.ModelProto] | None = None
 
 
 MODULES: dict[GraphKind, KindModules] = {
@@ -92,6 +96,10 @@ MODULES: dict[GraphKind, KindModules] = {
     GraphKind.TRAIN: KindModules(
         lambda spec, model: ReferenceTrainingStep(model, spec),
         lambda spec, model: TrainingStep(model, spec),
+    ),
+    # an optimizer step is no module's forward to trace: lossx.runtime.optimizer_graphs
+    GraphKind.OPTIMIZER: KindModules(
+        lambda spec, model: OptimizerStep(spec), None, built=optimizer_proto
     ),
 }
 if MODULES.keys() != set(GraphKind):

@@ -346,6 +346,8 @@ def compare_runners(
         for graph in graphs:
             if not inputs.real and _real_images_only(graph, tolerances):
                 continue
+            if inputs.real and not graph.takes_data:  # an optimizer's graph
+                continue
             parts = inputs.parts(TRAIN_BATCH) if graph.kind is GraphKind.TRAIN else [inputs]
             for part in parts:
                 feed = part.feed(graph, scores, parameters)
@@ -358,6 +360,10 @@ def compare_runners(
             progress(inputs)
     if not labels or not graphs:
         raise SpecError("no inputs or no graphs to compare; a comparison of nothing proves nothing")
+    compared = {graph for graph, _ in accumulators}
+    for graph in graphs:
+        if not graph.takes_data and graph.stem not in compared:
+            refused[graph.file] = "it takes no images, and no random inputs were compared"
     report = ParityReport(
         artifact=subject.name,
         reference=reference.name,

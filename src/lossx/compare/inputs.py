@@ -16,6 +16,7 @@ from lossx.runtime.contract import ImageContract
 from lossx.runtime.feeds import graph_feed, iter_batches, log_softmax, softmax
 from lossx.runtime.graphs import GraphSpec, Role
 from lossx.runtime.image_set import ImageSet
+from lossx.runtime.update_rules import RULES
 
 # The sizes standalone losses are exported at (every dim but the fixed ones is dynamic).
 EXAMPLE_SIZES = {"N": 4, "C": 10, "D": 10, "d1": 3, "d2": 5, "d3": 2}
@@ -43,7 +44,7 @@ def sample_feed(
     aliased pair exports wrongly). Real values and scores are standard normal times `scale`;
     class indices are ignore_index with probability `ignore_fraction`; unit targets include
     exact 0 and 1; a training graph's parameters are `parameters` (a model's weights) or small
-    random values."""
+    random values; an optimizer's hyperparameters are drawn from their rule's check ranges."""
     rng = np.random.default_rng(seed)
     feed = {}
     for tensor in spec.inputs:
@@ -61,6 +62,10 @@ def sample_feed(
             labels = rng.integers(0, classes, shape, dtype=np.int64)
             ignored = rng.random(shape) < ignore_fraction
             feed[tensor.name] = np.where(ignored, spec.loss["ignore_index"], labels)
+        elif tensor.values == "hyperparameter":
+            feed[tensor.name] = _hyperparameter(tensor.name, rng)
+        elif tensor.values == "nonnegative":
+            feed[tensor.name] = np.abs(rng.standard_normal(shape) * scale).astype(np.float32)
         elif tensor.values == "image":
             feed[tensor.name] = rng.random(shape, dtype=np.float32)
         elif tensor.values == "unit":
@@ -74,6 +79,19 @@ def sample_feed(
         else:
             feed[tensor.name] = (rng.standard_normal(shape) * scale).astype(np.float32)
     return feed
+
+
+_HYPERPARAMETERS = {h.name: h for rule in RULES.values() for h in rule.hyperparameters}
+
+
+def _hyperparameter(name: str, rng: np.random.Generator) -> np.ndarray:
+    record = _HYPERPARAMETERS[name]
+    low, high = record.check_range
+    if record.dtype == "bool":
+        return np.array(rng.random() < 0.5)
+    if record.dtype == "int64":
+        return np.array(rng.integers(low, high + 1), np.int64)
+    return np.array(rng.uniform(low, high))
 
 
 @dataclass(frozen=True)

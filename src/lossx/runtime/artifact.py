@@ -24,7 +24,12 @@ from lossx.runtime.options import DEFAULT_SESSION, SessionOptions, check_sha256
 from lossx.runtime.session import open_session
 from lossx.runtime.weights import check_finite, check_weights, read_weights
 
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
 
 
 def sha256_of(path: Path) -> str:

@@ -12,18 +12,22 @@ from enum import StrEnum
 
 from lossx.errors import SpecError
 from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
+from lossx.runtime.update_rules import NONNEGATIVE_STATE, RULES, state_name
 
 DEFAULT_MODEL = "tudui"
 
 
 class GraphKind(StrEnum):
-    """What a graph computes: the model, a loss alone, both fused, or a training step."""
+    """What a graph computes: the model, a loss alone, both fused, a training step, or an
+    optimizer's update."""
 
     MODEL = "model"  # images -> logits
     LOSS = "loss"  # (loss input, target) -> loss
     FUSED = "fused"  # (images, target) -> (logits, loss)
     TRAIN = "train"  # (images, target, *parameters, *buffers) -> (loss, logits, *gradients,
     # *next buffers)
+    OPTIMIZER = "optimizer"  # (*hyperparameters, per parameter: it, its gradient, its state)
+    # -> (per parameter: it and its state after the step, grad_norm)
 
     @property
     def weights_prefix(self) -> str | None:
@@ -49,6 +53,11 @@ class Role(StrEnum):
     LOSS = "loss"
     GRADIENT = "gradient"  # d loss / d the input named by `gradient_of`
     NEXT_BUFFER = "next_buffer"  # a buffer as a train-mode step leaves it, `next.<buffer>`
+    HYPERPARAMETER = "hyperparameter"  # an optimizer's scalar: learning rate, momentum, ...
+    OPTIMIZER_STATE = "optimizer_state"  # `<state>.<parameter>`, e.g. AdamW's exp_avg
+    NEXT_PARAMETER = "next_parameter"  # a parameter after the optimizer's step
+    NEXT_OPTIMIZER_STATE = "next_optimizer_state"
+    GRAD_NORM = "grad_norm"  # the gradients' global L2 norm before clipping
 
 
 class ToleranceRule(StrEnum):
@@ -68,10 +77,13 @@ VALUES = {
     "log_probabilities": "the logs of such probabilities",
     "unit": "each in [0, 1]",
     "count": "an integer >= 0 (batch norm's num_batches_tracked)",
+    "nonnegative": "a real number >= 0",
+    "hyperparameter": "an optimizer's setting (lossx.runtime.update_rules)",
 }
 
 _RULES = {Role.LOGITS: ToleranceRule.TASK, Role.GRADIENT: ToleranceRule.GRADIENT}
 _FINITE_WITH_LOSS = (Role.GRADIENT, Role.NEXT_BUFFER)
+_FINITE = (Role.LOGITS, Role.NEXT_PARAMETER, Role.NEXT_OPTIMIZER_STATE, Role.GRAD_NORM)
 
 
 @dataclass(frozen=True)
@@ -90,8 +102,8 @@ class TensorSpec:
     def must_be_finite(self, loss_finite: bool = True) -> bool:
         """Whether a sound model gives only numbers here: logits always; gradients and next
         buffers wherever the loss of the same step is a number (a mean over targets that are
-        all ignored is NaN in torch too, and so is its gradient)."""
-        return self.role is Role.LOGITS or (self.role in _FINITE_WITH_LOSS and loss_finite)
+        all ignored is NaN in torch too, and so is its gradient); an optimizer's outputs."""
+        return self.role in _FINITE or (self.role in _FINITE_WITH_LOSS and loss_finite)
 
     def to_dict(self) -> dict:
         data = {
@@ -189,6 +201,17 @@ class GraphSpec:
     def runs_model(self) -> bool:
         return any(t.role is Role.IMAGES for t in self.inputs)
 
+    @property
+    def takes_data(self) -> bool:
+        """Whether the graph takes images or what a loss scores (an optimizer's takes
+        neither)."""
+        return any(t.role in (Role.IMAGES, Role.LOSS_INPUT) for t in self.inputs)
+
+    @property
+    def update_rule(self) -> str:
+        """An optimizer graph's rule (lossx.runtime.update_rules.RULES), named by its file."""
+        return self.stem.removeprefix(OPTIMIZER_PREFIX)
+
     def class_dim(self) -> int | str:
         """The size of the class dim (dim 1) of what the loss scores: the logits of a graph
         that runs the model, else the standalone loss's input (a symbol where dynamic)."""
@@ -198,6 +221,13 @@ class GraphSpec:
 
 _SCORES = (Role.LOSS_INPUT, Role.LOGITS)
 NEXT_PREFIX = "next."
+OPTIMIZER_PREFIX = "optimizer_"
+GRAD_NORM = "grad_norm"
+
+
+def gradient_name(parameter: str) -> str:
+    """The training graph output, and optimizer graph input, holding `parameter`'s gradient."""
+    return f"grad.{parameter}"
 
 
 def model_graph(image_shape: tuple[int, ...], classes: int) -> GraphSpec:
@@ -293,7 +323,8 @@ def train_graph(
     )
     wrt = [*weights, images] if input_grad else weights
     grads = tuple(
-        TensorSpec(f"grad.{t.name}", "float32", t.shape, "real", Role.GRADIENT, t.name) for t in wrt
+        TensorSpec(gradient_name(t.name), "float32", t.shape, "real", Role.GRADIENT, t.name)
+        for t in wrt
     )
     state = tuple(TensorSpec(b.name, b.dtype, b.shape, b.values, Role.BUFFER) for b in buffers)
     updates = tuple(
@@ -316,6 +347,42 @@ def graph_buffers(spec: GraphSpec) -> tuple[Buffer, ...]:
     )
 
 
+def optimizer_graph(rule: str, parameters: list[tuple[str, tuple[int, ...]]]) -> GraphSpec:
+    """`optimizer_<rule>.onnx`, one step of update rule `rule` (lossx.runtime.update_rules) over
+    `parameters` (state_dict name, shape): its hyperparameters, then each parameter, its
+    gradient and its state -> each parameter and its state after the step (`next.<name>`), and
+    the gradients' global norm before clipping."""
+    record = RULES[rule]
+    inputs = [
+        TensorSpec(h.name, h.dtype, (), "hyperparameter", Role.HYPERPARAMETER)
+        for h in record.hyperparameters
+    ]
+    outputs = []
+    for name, shape in parameters:
+        states = [
+            TensorSpec(state_name(s, name), "float32", shape,
+                       "nonnegative" if s in NONNEGATIVE_STATE else "real", Role.OPTIMIZER_STATE)
+            for s in record.state
+        ]  # fmt: skip
+        inputs += [
+            TensorSpec(name, "float32", shape, "real", Role.PARAMETER),
+            TensorSpec(gradient_name(name), "float32", shape, "real", Role.GRADIENT, name),
+            *states,
+        ]
+        outputs += [
+            TensorSpec(NEXT_PREFIX + name, "float32", shape, "real", Role.NEXT_PARAMETER),
+            *(
+                TensorSpec(NEXT_PREFIX + t.name, "float32", shape, t.values,
+                           Role.NEXT_OPTIMIZER_STATE)
+                for t in states
+            ),
+        ]  # fmt: skip
+    outputs.append(TensorSpec(GRAD_NORM, "float32", (), "nonnegative", Role.GRAD_NORM))
+    return GraphSpec(
+        OPTIMIZER_PREFIX + rule, GraphKind.OPTIMIZER, None, tuple(inputs), tuple(outputs)
+    )
+
+
 def artifact_graphs(
     losses: list[LossSpec],
     model: GraphSpec,
@@ -323,17 +390,26 @@ def artifact_graphs(
     input_grad: bool = False,
     buffers: tuple[Buffer, ...] = (),
 ) -> list[GraphSpec]:
-    """Every graph an artifact with these losses holds, model first; training graphs when
-    `parameters` (the model's, by name and shape) are given, taking `buffers` too."""
+    """Every graph an artifact with these losses holds, model first; training graphs and the
+    optimizers' graphs when `parameters` (the model's, by name and shape) are given, the
+    training graphs taking `buffers` too."""
     graphs = [model, *(loss_graph(n) for n in losses), *(fused_graph(n, model) for n in losses)]
     if parameters is not None:
         graphs += [train_graph(n, model, parameters, input_grad, buffers) for n in losses]
+        graphs += [optimizer_graph(rule, parameters) for rule in RULES]
     return graphs
 
 
 def _expected_train_graph(spec: GraphSpec, model: GraphSpec) -> GraphSpec:
     parameters = [(t.name, t.shape) for t in spec.inputs if t.role is Role.PARAMETER]
     return train_graph(spec.loss, model, parameters, spec.input_grad, graph_buffers(spec))
+
+
+def _expected_optimizer_graph(spec: GraphSpec, model: GraphSpec) -> GraphSpec:
+    if spec.update_rule not in RULES:
+        raise ValueError(f"{spec.file}: no update rule {spec.update_rule!r}")
+    parameters = [(t.name, t.shape) for t in spec.inputs if t.role is Role.PARAMETER]
+    return optimizer_graph(spec.update_rule, parameters)
 
 
 @dataclass(frozen=True)
@@ -357,6 +433,7 @@ KINDS: dict[GraphKind, KindRecord] = {
     ),
     GraphKind.FUSED: KindRecord(lambda spec, model: fused_graph(spec.loss, model), "model.", True),
     GraphKind.TRAIN: KindRecord(_expected_train_graph, None, False),
+    GraphKind.OPTIMIZER: KindRecord(_expected_optimizer_graph, None, False),
 }
 if KINDS.keys() != set(GraphKind):
     raise ImportError(f"graph kinds without a record: {set(GraphKind) - KINDS.keys()}")

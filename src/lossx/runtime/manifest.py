@@ -170,7 +170,7 @@ class Manifest:
         for entry in self.graphs:
             _check_graph_spec(entry.spec, self.losses, model)
         if not self.precision_record.trains and any(
-            e.spec.kind is GraphKind.TRAIN for e in self.graphs
+            e.spec.kind in (GraphKind.TRAIN, GraphKind.OPTIMIZER) for e in self.graphs
         ):
             raise ValueError(f"a {self.precision_name} artifact holds a training graph")
         for loss in self.losses:

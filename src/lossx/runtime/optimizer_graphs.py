@@ -11,69 +11,25 @@ clipping (`grad_norm`) out. Any runtime that runs ONNX takes the same update fro
 file: the ONNX Runtime engine, Node.js and the browser.
 
 torch fuses some multiply-adds (lerp, add with alpha) into one rounding that ONNX writes as two;
-the updates agree to a few float32 ulps (tests/runtime/test_optimizer_graphs.py measures it).
+the updates agree to a few float32 ulps (tests/training/test_optimizer_graphs.py measures it).
 """
-
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-OPSET = 17
-NEXT = "next."
-GRAD_NORM = "grad_norm"
-CLIP_EPS = 1e-6  # clip_grad_norm_'s max_norm / (total_norm + 1e-6)
-
-
-@dataclass(frozen=True)
-class UpdateRule:
-    """An optimizer as a graph: its per-parameter state and its scalar inputs (name, ONNX
-    dtype, what it is), all of which a runtime feeds on every step."""
-
-    name: str
-    equals: str  # the torch optimizer it computes
-    state: tuple[str, ...]
-    scalars: tuple[tuple[str, int, str], ...]
-
-
-_COMMON = (
-    ("lr", TensorProto.DOUBLE, "learning rate"),
-    ("weight_decay", TensorProto.DOUBLE, "weight decay (AdamW's decoupled)"),
-    ("clip_norm", TensorProto.DOUBLE, "max global L2 norm of the gradients; 0: no clipping"),
+from lossx.runtime.graphs import (
+    GRAD_NORM,
+    NEXT_PREFIX,
+    GraphSpec,
+    TensorSpec,
+    gradient_name,
+    optimizer_graph,
 )
-RULES = {
-    "sgd": UpdateRule(
-        "sgd",
-        "torch.optim.SGD(momentum, nesterov, weight_decay), dampening 0",
-        ("momentum_buffer",),
-        (
-            *_COMMON,
-            ("momentum", TensorProto.DOUBLE, "momentum"),
-            ("nesterov", TensorProto.BOOL, "Nesterov momentum"),
-        ),
-    ),
-    "adamw": UpdateRule(
-        "adamw",
-        "torch.optim.AdamW(betas, eps, weight_decay), amsgrad off",
-        ("exp_avg", "exp_avg_sq"),
-        (
-            *_COMMON,
-            ("beta1", TensorProto.DOUBLE, "first moment decay (the schedule's momentum)"),
-            ("beta2", TensorProto.DOUBLE, "second moment decay"),
-            ("eps", TensorProto.DOUBLE, "added to the second moment's root"),
-            ("step", TensorProto.INT64, "the step being taken, counted from 1"),
-        ),
-    ),
-}
+from lossx.runtime.update_rules import state_name
 
-
-def state_name(state: str, parameter: str) -> str:
-    return f"{state}.{parameter}"
-
-
-def gradient_name(parameter: str) -> str:
-    return f"grad.{parameter}"
+OPSET = 17  # when no artifact's opset is given
+CLIP_EPS = 1e-6  # clip_grad_norm_'s max_norm / (total_norm + 1e-6)
 
 
 class _Builder:
@@ -97,37 +53,36 @@ class _Builder:
         return name
 
     def float32(self, double: str) -> str:
-        return self.op("Cast", double, to=TensorProto.FLOAT)
+        return self.op("Cast", double, to=onnx.TensorProto.FLOAT)
 
 
-def optimizer_model(rule_name: str, parameters: list[tuple[str, tuple[int, ...]]]) -> bytes:
-    """The serialised ONNX graph of update rule `rule_name` over `parameters` (state_dict name,
-    shape), in that order."""
-    rule = RULES[rule_name]
+def optimizer_model(rule: str, parameters: list[tuple[str, tuple[int, ...]]]) -> bytes:
+    """The serialised graph of update rule `rule` over `parameters` (state_dict name, shape)."""
+    return optimizer_proto(optimizer_graph(rule, parameters)).SerializeToString()
+
+
+def optimizer_proto(spec: GraphSpec, opset: int = OPSET) -> onnx.ModelProto:
+    """The ONNX graph of optimizer graph `spec` (lossx.runtime.graphs.optimizer_graph)."""
     b = _Builder()
-    inputs = [helper.make_tensor_value_info(n, t, []) for n, t, _ in rule.scalars]
-    outputs = []
-    for name, shape in parameters:
-        for tensor in (name, gradient_name(name), *(state_name(s, name) for s in rule.state)):
-            inputs.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, list(shape)))
-        for tensor in (name, *(state_name(s, name) for s in rule.state)):
-            outputs.append(
-                helper.make_tensor_value_info(NEXT + tensor, TensorProto.FLOAT, list(shape))
-            )
-    norm, factor = _clipping(b, [gradient_name(n) for n, _ in parameters])
-    outputs.append(helper.make_tensor_value_info(GRAD_NORM, TensorProto.FLOAT, []))
+    inputs, outputs = ([_value_info(t) for t in tensors] for tensors in (spec.inputs, spec.outputs))
+    parameters = spec.parameter_names
+    norm, factor = _clipping(b, [gradient_name(n) for n in parameters])
     b.op("Identity", norm, name=GRAD_NORM)
-    update = {"sgd": _sgd, "adamw": _adamw}[rule.name](b)
-    for name, _ in parameters:
-        grad = b.op("Mul", gradient_name(name), factor)
-        update(name, grad)
-    graph = helper.make_graph(b.nodes, f"optimizer_{rule.name}", inputs, outputs, b.constants)
+    update = {"sgd": _sgd, "adamw": _adamw}[spec.update_rule](b)
+    for name in parameters:
+        update(name, b.op("Mul", gradient_name(name), factor))
+    graph = helper.make_graph(b.nodes, spec.stem, inputs, outputs, b.constants)
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lossx"
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lossx"
     )
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    return model
+
+
+def _value_info(tensor: TensorSpec) -> onnx.ValueInfoProto:
+    dtype = helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+    return helper.make_tensor_value_info(tensor.name, dtype, list(tensor.shape))
 
 
 def _clipping(b: _Builder, grads: list[str]) -> tuple[str, str]:
@@ -157,10 +112,10 @@ def _sgd(b: _Builder):
     def update(name: str, grad: str) -> None:
         grad = b.op("Add", grad, b.op("Mul", decay, name))
         buffer = state_name("momentum_buffer", name)
-        buffer = b.op("Add", b.op("Mul", buffer, momentum), grad, name=NEXT + buffer)
+        buffer = b.op("Add", b.op("Mul", buffer, momentum), grad, name=NEXT_PREFIX + buffer)
         nesterov = b.op("Add", grad, b.op("Mul", momentum, buffer))
         direction = b.op("Where", "nesterov", nesterov, buffer)
-        b.op("Sub", name, b.op("Mul", lr, direction), name=NEXT + name)
+        b.op("Sub", name, b.op("Mul", lr, direction), name=NEXT_PREFIX + name)
 
     return update
 
@@ -170,7 +125,7 @@ def _adamw(b: _Builder):
     m = m + (1 - beta1) * (g - m); v = v * beta2 + ((1 - beta2) * g) * g; w += -(lr / (1 -
     beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps), the scalar factors in double."""
     one = b.constant(1, np.float64)
-    step = b.op("Cast", "step", to=TensorProto.DOUBLE)
+    step = b.op("Cast", "step", to=onnx.TensorProto.DOUBLE)
     decay = b.float32(b.op("Sub", one, b.op("Mul", "lr", "weight_decay")))
     keep1 = b.float32(b.op("Sub", one, "beta1"))
     beta2 = b.float32("beta2")
@@ -183,11 +138,11 @@ def _adamw(b: _Builder):
     def update(name: str, grad: str) -> None:
         decayed = b.op("Mul", name, decay)
         m, v = state_name("exp_avg", name), state_name("exp_avg_sq", name)
-        m = b.op("Add", m, b.op("Mul", keep1, b.op("Sub", grad, m)), name=NEXT + m)
+        m = b.op("Add", m, b.op("Mul", keep1, b.op("Sub", grad, m)), name=NEXT_PREFIX + m)
         squared = b.op("Mul", b.op("Mul", keep2, grad), grad)
-        v = b.op("Add", b.op("Mul", v, beta2), squared, name=NEXT + v)
+        v = b.op("Add", b.op("Mul", v, beta2), squared, name=NEXT_PREFIX + v)
         denominator = b.op("Add", b.op("Div", b.op("Sqrt", v), correction2), eps)
         change = b.op("Div", b.op("Mul", step_size, m), denominator)
-        b.op("Add", decayed, change, name=NEXT + name)
+        b.op("Add", decayed, change, name=NEXT_PREFIX + name)
 
     return update

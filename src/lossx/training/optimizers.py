@@ -3,33 +3,36 @@ run once per step over every parameter, so that this engine, Node.js and the bro
 torch.optim's steps from the same file."""
 
 import numpy as np
-from onnx.helper import tensor_dtype_to_np_dtype
+import onnxruntime as ort
 
-from lossx.runtime.optimizer_graphs import NEXT, RULES, gradient_name, state_name
-from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
-from lossx.runtime.session import open_session
+from lossx.runtime.graphs import GRAD_NORM, NEXT_PREFIX, gradient_name
+from lossx.runtime.update_rules import RULES, state_name
 
 # torch.optim.AdamW's defaults for what the recipe leaves out (its beta1 is the schedule's
 # momentum).
 ADAMW_BETA2, ADAMW_EPS = 0.999, 1e-8
 
 
+def fixed_hyperparameters(rule: str) -> dict[str, float | bool]:
+    """The hyperparameters of update rule `rule` that no recipe option or schedule sets."""
+    return {"sgd": {"nesterov": True}, "adamw": {"beta2": ADAMW_BETA2, "eps": ADAMW_EPS}}[rule]
+
+
 class GraphOptimizer:
-    """One run's optimizer state, stepped by update rule `rule`'s graph `model` (serialised
-    ONNX) over `parameters` (state_dict name -> float32 array, replaced by the updated arrays
-    after each step)."""
+    """One run's optimizer state, stepped by `session`, update rule `rule`'s graph, over
+    `parameters` (state_dict name -> float32 array, replaced by the updated arrays after each
+    step)."""
 
     def __init__(
         self,
         rule: str,
-        model: bytes,
+        session: ort.InferenceSession,
         parameters: dict[str, np.ndarray],
         weight_decay: float,
         clip_norm: float,
-        options: SessionOptions = DEFAULT_SESSION,
     ) -> None:
         self.rule = RULES[rule]
-        self.session = open_session(model, options)
+        self.session = session
         self.parameters = parameters
         self.scalars = {"weight_decay": weight_decay, "clip_norm": clip_norm}
         self.state = {
@@ -49,19 +52,14 @@ class GraphOptimizer:
         results = dict(zip(self.outputs, self.session.run(self.outputs, feed), strict=True))
         for tensors in (self.parameters, self.state):
             for name in tensors:
-                tensors[name] = results[NEXT + name]
-        return float(results["grad_norm"])
+                tensors[name] = results[NEXT_PREFIX + name]
+        return float(results[GRAD_NORM])
 
     def _scalars(self, lr: float, momentum: float) -> dict[str, np.ndarray]:
-        scalars = {"lr": lr, **self.scalars}
-        if self.rule.name == "sgd":
-            scalars.update(momentum=momentum, nesterov=True)
-        else:
-            scalars.update(beta1=momentum, beta2=ADAMW_BETA2, eps=ADAMW_EPS, step=self.steps)
-        return {
-            name: np.array(scalars[name], dtype=tensor_dtype_to_np_dtype(dtype))
-            for name, dtype, _ in self.rule.scalars
-        }
+        # the schedule's momentum is SGD's momentum and AdamW's beta1
+        scalars = {"lr": lr, "momentum": momentum, "beta1": momentum, "step": self.steps}
+        scalars.update(self.scalars, **fixed_hyperparameters(self.rule.name))
+        return {h.name: np.array(scalars[h.name], h.dtype) for h in self.rule.hyperparameters}
 
     def restore(self, state: dict[str, np.ndarray], steps: int) -> None:
         """Continue from a checkpoint's state (every `<state>.<name>`, checked against the

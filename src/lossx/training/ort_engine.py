@@ -1,5 +1,5 @@
-"""`lossx train --engine onnxruntime`: train with an artifact's training graph in ONNX Runtime
-and numpy updates, without torch.
+"""`lossx train --engine onnxruntime`: train with an artifact's training and optimizer graphs in
+ONNX Runtime, without torch.
 
 Each step feeds the batch, the current weights and buffers to `train_<loss>.onnx`, takes the
 loss, every parameter's gradient and the buffers' next values (batch-norm statistics) back, and
@@ -16,15 +16,18 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from lossx.errors import SpecError
 from lossx.runtime.artifact import Artifact, sha256_of
 from lossx.runtime.feeds import graph_feed, iter_batches
-from lossx.runtime.graphs import GraphKind, GraphSpec, Role
+from lossx.runtime.graphs import GraphKind, GraphSpec, Role, optimizer_graph
 from lossx.runtime.image_set import ImageSet
 from lossx.runtime.manifest import MANIFEST_FILE
-from lossx.runtime.optimizer_graphs import optimizer_model, state_name
+from lossx.runtime.optimizer_graphs import optimizer_model
 from lossx.runtime.options import DEFAULT_SESSION, SessionOptions
+from lossx.runtime.session import open_session
+from lossx.runtime.update_rules import state_name
 from lossx.runtime.weights import check_weights, read_weights
 from lossx.training import trainer
 from lossx.training.checkpoints import is_checkpoint, resume_state, write_npz_checkpoint
@@ -55,14 +58,12 @@ class OnnxRuntimeEngine:
         self.parameters = {name: weights[name] for name in names}
         self.buffers = {name: weights[name] for name in self.graph.buffer_names}
         self.next_buffers = self.graph.next_buffers
-        shapes = [(name, self.parameters[name].shape) for name in names]
         self.optimizer = GraphOptimizer(
             config.optimizer,
-            optimizer_model(config.optimizer, shapes),
+            optimizer_session(artifact, config.optimizer, self.graph, options),
             self.parameters,
             config.weight_decay,
             config.clip_norm,
-            options,
         )
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
@@ -117,6 +118,18 @@ class OnnxRuntimeEngine:
             self.state_dict()[name][...] = value
         self.optimizer.restore(optimizer_state, int(state["optimizer_steps"]))
         return [EpochResult(**e) for e in state["history"]]
+
+
+def optimizer_session(
+    artifact: Artifact, rule: str, graph: GraphSpec, options: SessionOptions
+) -> ort.InferenceSession:
+    """A session of the artifact's graph of update rule `rule` for the parameters training
+    graph `graph` trains, or (an artifact exported without it) of that graph built now."""
+    parameters = [(t.name, t.shape) for t in graph.inputs if t.role is Role.PARAMETER]
+    wanted = optimizer_graph(rule, parameters)
+    if any(entry.spec == wanted for entry in artifact.manifest.graphs):
+        return artifact.session(wanted.stem, options)
+    return open_session(optimizer_model(rule, parameters), options)
 
 
 def training_graph(artifact: Artifact, config: TrainConfig) -> GraphSpec:

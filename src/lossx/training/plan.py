@@ -5,11 +5,13 @@ A plan is one uncompressed .npz: every step's batch as the model's pixels before
 (`images`, uint8 [T,C,H,W], augmentation applied; the model takes them preprocessed as its
 artifact's manifest says, x / 255 then (x - mean) / std in float32), its `labels` (int64
 [T]), `batch_sizes` (int64 [S]: step s takes the next batch_sizes[s] images), the `lr` and
-`momentum` the schedule gives each step (float64 [S]), and `plan` (the JSON below as UTF-8
-bytes, uint8): the recipe, the loss in the manifest's form and the update rule.
+`momentum` the schedule gives each step (float64 [S]; SGD's momentum, AdamW's beta1), and
+`plan` (the JSON below as UTF-8 bytes, uint8): the recipe, the loss in the manifest's form, the
+optimizer and the hyperparameters its graph takes that the schedule does not.
 examples/node/train.js and the page in examples/web replay it with an artifact's training graph
-and reach the weights `lossx train --engine onnxruntime` reaches with the same recipe: the
-batches come from lossx.training.schedule, as the trainer's do.
+and its optimizer graph (`optimizer_<rule>.onnx`), and reach the weights `lossx train --engine
+onnxruntime` reaches with the same recipe: the batches come from lossx.training.schedule, as
+the trainer's do.
 """
 
 import io
@@ -23,17 +25,18 @@ from lossx.files import sole_writer, write_atomically
 from lossx.runtime.cifar10 import IMAGE_SHAPE
 from lossx.runtime.contract import contract_for
 from lossx.runtime.datasets import dataset_class_names
+from lossx.training.optimizers import fixed_hyperparameters
 from lossx.training.recipe import TrainConfig
 from lossx.training.schedule import epoch_pixels, one_cycle, steps_per_epoch, training_data
 
 PLAN_FORMAT = "lossx-training-plan"
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # 2: the optimizer's graph updates the weights
 MAX_PLAN_IMAGES = 100_000  # 300 MB of pixels: a plan is for replaying a few epochs, not a run
 UPDATE = (
-    "torch.optim.SGD(nesterov=True) in float32, one rounding per operation: g = grad * clip "
-    "(clip = min(clip_norm / (global L2 norm + 1e-6), 1), 1 without clipping); g = g + "
-    "weight_decay * w; first step buf = g, later buf = buf * momentum + g; "
-    "w = w - lr * (g + momentum * buf)"
+    "the artifact's optimizer_<optimizer>.onnx once per step, after the training graph: "
+    "clip_grad_norm_, then torch.optim.SGD(nesterov) or torch.optim.AdamW; its inputs lr and "
+    "momentum (AdamW: beta1) are the step's, weight_decay, clip_norm and hyperparameters the "
+    "header's, step the 1-based count of steps, its state zeros before the first step"
 )
 
 
@@ -74,7 +77,8 @@ def _plan_arrays(data_dir: Path, config: TrainConfig) -> dict[str, np.ndarray]:
         "format_version": PLAN_FORMAT_VERSION,
         "recipe": config.to_dict(),
         "loss": config.loss_spec().to_dict(),
-        "optimizer": "sgd",
+        "optimizer": config.optimizer,
+        "hyperparameters": fixed_hyperparameters(config.optimizer),
         "weight_decay": config.weight_decay,
         "clip_norm": config.clip_norm,
         "update": UPDATE,
