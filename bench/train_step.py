@@ -1,7 +1,7 @@
 """One training step in ONNX Runtime beside eager PyTorch: `lossx train`'s two engines.
 
     python bench/train_step.py [--data-dir DIR] [--models tudui,resnet20] [--threads 2]
-        [--steps 20] [--rounds 3] [--profile]
+        [--steps 20] [--rounds 3] [--profile] [--trainable GLOB[,GLOB...]]
 
 For each model, exports seeded random weights with `--train` (the torch engine starts from the
 same ones), then runs the step each engine of `lossx train` takes, on the same batches of the
@@ -18,7 +18,9 @@ engine reaches (the best sgemm rate of ONNX Runtime, torch.mm and numpy, measure
 run, against a step's FLOPs: forward, weight gradients and input gradients of every Conv2d and
 Linear but the first layer's input gradient), and how far apart the two engines' weights are
 after the same steps. --profile adds ONNX Runtime's time per operator type
-(SessionOptions.enable_profiling).
+(SessionOptions.enable_profiling). --trainable trains only the parameters its globs match in
+both engines (fine-tuning: the artifact exported with --trainable, the torch engine given the
+same); the FLOPs and peak shares then still count a full step.
 """
 
 import argparse
@@ -86,9 +88,8 @@ def step_flops(model_name: str) -> int:
 def measure(model_name: str, split, args, peak: float) -> None:
     total_steps = args.rounds * args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        export_artifact(
-            Path(tmp) / "a", model_name, losses=["ce"], init="random", seed=0, train=True
-        )
+        export_artifact(Path(tmp) / "a", model_name, losses=["ce"], init="random", seed=0,
+                        train=True, trainable=args.trainable)  # fmt: skip
         artifact = load_artifact(Path(tmp) / "a")
         flops = step_flops(model_name)
         print(f"\n{model_name}: {flops / 1e6:.1f} MFLOP per image per step")
@@ -97,7 +98,8 @@ def measure(model_name: str, split, args, peak: float) -> None:
               f"{'weights apart':>15}")  # fmt: skip
         for batch in (64, 256):
             steps = args.steps if batch == 64 else max(2, args.steps // 4)
-            config = TrainConfig(model=model_name, batch_size=batch, seed=0)
+            config = TrainConfig(model=model_name, batch_size=batch, seed=0,
+                                 trainable=args.trainable)  # fmt: skip
             batches = epoch_batches(split, config, 1, artifact.contract)
             batches = list(itertools.islice(batches, steps))
             onnx = OnnxRuntimeEngine(
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--trainable", type=lambda text: tuple(text.split(",")))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.data_dir:

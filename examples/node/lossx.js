@@ -1,9 +1,9 @@
 // What a JavaScript app needs of a lossx artifact: its manifest's graphs, its image contract (the
-// image size, channels, classes and preprocessing), and
-// training with its training graph and its optimizer graph (SGD or AdamW, carrying the
-// training graph's next.* buffers and the optimizer's state from step to step). Plain JavaScript over typed arrays and
-// an onnxruntime module passed in, so it runs in Node (require('./lossx'), onnxruntime-node) and
-// in a browser (<script src>, as globalThis.lossx, onnxruntime-web).
+// image size, channels, classes and preprocessing), and training with its training graph and
+// its optimizer graph (SGD or AdamW, carrying the training graph's next.* buffers and the
+// optimizer's state from step to step). Plain JavaScript over typed arrays and an onnxruntime
+// module passed in, so it runs in Node (require('./lossx'), onnxruntime-node) and in a browser
+// (<script src>, as globalThis.lossx, onnxruntime-web).
 'use strict';
 
 (function (root, factory) {
@@ -142,7 +142,8 @@
       classes: manifest.class_names.length,
       images: images.name,
       target,
-      parameters,
+      parameters, // the trainable ones: each has a gradient
+      frozen: byRole(graph.inputs, 'frozen_parameter'), // fed as they are, never updated
       buffers: byRole(graph.inputs, 'buffer'),
       gradients,
       nextBuffers,
@@ -157,7 +158,7 @@
   // against its inputs' shapes and dtypes and copied: { name: { typed, shape } }.
   function startingWeights(graph, arrays, file) {
     const weights = {};
-    for (const t of [...graph.parameters, ...graph.buffers]) {
+    for (const t of [...graph.parameters, ...graph.frozen, ...graph.buffers]) {
       const array = arrays[t.name];
       if (!array) refuse(`${file} has no ${t.name}`);
       const descr = t.dtype === 'int64' ? '<i8' : '<f4';
@@ -329,7 +330,7 @@
         [graph.images]: new ort.Tensor('float32', scale(pixels, graph.contract), [labels.length, C, H, W]),
         [graph.target.name]: targetTensor(ort, graph, labels),
       };
-      for (const t of [...graph.parameters, ...graph.buffers]) feeds[t.name] = tensor(t);
+      for (const t of [...graph.parameters, ...graph.frozen, ...graph.buffers]) feeds[t.name] = tensor(t);
       const out = await this.session.run(feeds);
       for (const [buffer, name] of Object.entries(graph.nextBuffers)) {
         weights[buffer].typed = out[name].data.slice();

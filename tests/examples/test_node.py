@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lossx.runtime import load_packaged_sample
+from lossx.runtime import load_artifact, load_packaged_sample
 from lossx.runtime.cifar10 import CONTRACT
+from lossx.training.recipe import TrainConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
 INSTALL = "(cd examples/node && npm ci --ignore-scripts --no-audit --no-fund)"
@@ -131,6 +132,29 @@ def test_node_training_reaches_python_weights(node, training_plan, shipped_train
     report = json.loads(result.stdout)
     assert report["steps"] == len(report["losses"]) == (4 if steps == "adamw4" else steps)
     check_trained(out, training_plan, steps, "node")
+
+
+def test_node_trains_the_head_alone_as_python_does(node, training_plan, cifar_dir, tmp_path):
+    """An artifact whose training graph trains the last layer only (--trainable): train.js feeds
+    the frozen weights as they are and updates the head as lossx train --engine onnxruntime."""
+    from lossx.build.export import export_artifact
+    from lossx.runtime.weights import read_weights
+    from lossx.training.ort_engine import train as train_onnxruntime
+
+    artifact = tmp_path / "head"
+    export_artifact(artifact, losses=["ce"], train=True, trainable=("model1.8.*",))
+    config = TrainConfig(epochs=1, batch_size=64, limit=256)  # plan4's recipe
+    train_onnxruntime(load_artifact(artifact), cifar_dir, tmp_path / "python.npz", config)
+    out = tmp_path / "node.npz"
+    command = [node, str(EXAMPLE / "train.js"), str(artifact), "--plan",
+               str(training_plan["folder"] / "plan4.npz"), "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    got, want = read_weights(out), read_weights(tmp_path / "python.npz")
+    start = read_weights(artifact / "weights.npz")
+    for name, value in want.items():
+        assert np.array_equal(value, start[name]) != name.startswith("model1.8."), name
+        assert np.abs(got[name] - value).max() <= WEIGHTS_ATOL["node"][4], name
 
 
 def test_node_trained_weights_feed_lossx(node, training_plan, shipped_train_artifact_dir,

@@ -337,10 +337,47 @@ def decompositions() -> dict:
 # --- the step: traced, checked, and its reference ---------------------------------------------
 
 
-def model_buffers(model: nn.Module, image_shape: tuple[int, ...]) -> tuple[Buffer, ...]:
+def frozen_batch_norms(model: nn.Module, frozen: frozenset[str], frozen_bn: str) -> list[str]:
+    """The batch-norm layers (module names) that run in eval mode in a training step: with
+    `frozen_bn` "eval", those whose parameters are all in `frozen` (a layer without affine
+    parameters follows the batch)."""
+    if frozen_bn != "eval":
+        return []
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and any(True for _ in module.parameters(recurse=False))
+        and all(f"{name}.{p}" in frozen for p, _ in module.named_parameters(recurse=False))
+    ]
+
+
+def eval_batch_norms(model: nn.Module, spec: GraphSpec) -> list[nn.Module]:
+    """The batch-norm layers training graph `spec` runs in eval mode: those whose running
+    statistics it takes but does not update (in train mode a step always updates them)."""
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and f"{name}.running_mean" in spec.buffer_names
+        and f"{name}.running_mean" not in spec.next_buffers
+    ]
+
+
+def train_mode(model: nn.Module, eval_modules: list[nn.Module]) -> None:
+    """`model` in train mode but for `eval_modules`."""
+    model.train()
+    for module in eval_modules:
+        module.eval()
+
+
+def model_buffers(
+    model: nn.Module, image_shape: tuple[int, ...], eval_modules: list[str] = ()
+) -> tuple[Buffer, ...]:
     """Every buffer of `model` (which takes images of `image_shape`, C,H,W) as its training
-    graphs take it, refusing dtypes they cannot."""
-    updated = updated_buffers(model, image_shape)
+    graphs take it, the modules named in `eval_modules` in eval mode, refusing dtypes they
+    cannot."""
+    updated = updated_buffers(model, image_shape, eval_modules)
     buffers = []
     for name, value in model.named_buffers():
         dtype = str(value.dtype).removeprefix("torch.")
@@ -352,9 +389,14 @@ def model_buffers(model: nn.Module, image_shape: tuple[int, ...]) -> tuple[Buffe
     return tuple(buffers)
 
 
-def updated_buffers(model: nn.Module, image_shape: tuple[int, ...]) -> list[str]:
-    """The buffers a train-mode forward changes (batch-norm statistics), by state_dict name."""
-    probe = copy.deepcopy(model).train()
+def updated_buffers(
+    model: nn.Module, image_shape: tuple[int, ...], eval_modules: list[str] = ()
+) -> list[str]:
+    """The buffers a train-mode forward (the modules named in `eval_modules` in eval mode)
+    changes (batch-norm statistics), by state_dict name."""
+    probe = copy.deepcopy(model)
+    modules = dict(probe.named_modules())
+    train_mode(probe, [modules[name] for name in eval_modules])
     before = {k: v.clone() for k, v in probe.named_buffers()}
     with torch.no_grad():
         probe(torch.rand(2, *image_shape))
@@ -364,28 +406,35 @@ def updated_buffers(model: nn.Module, image_shape: tuple[int, ...]) -> list[str]
 
 def _functional_step(model: nn.Module, spec: GraphSpec, loss_fn: nn.Module):
     """Training graph `spec` as a function: (images, target, *parameters, *buffers) -> (loss,
-    logits, *gradients, *next buffers), the model in train mode on copies of the buffers,
-    scored by `loss_fn` (an OnLogits)."""
-    names, buffer_names = spec.parameter_names, spec.buffer_names
+    logits, *gradients of the parameters it trains, *next buffers), the model in train mode
+    (its batch norms whose statistics the spec keeps fixed in eval mode) on copies of the
+    buffers, scored by `loss_fn` (an OnLogits)."""
+    trained, buffer_names = set(spec.parameter_names), set(spec.buffer_names)
     updated, input_grad = list(spec.next_buffers), spec.input_grad
-    count = len(names)
+    eval_modules = eval_batch_norms(model, spec)
 
     def step(images, target, *tensors):
         with torch.enable_grad():
-            leaves = [p.detach().requires_grad_() for p in tensors[:count]]
+            state, leaves = {}, []
+            for name, tensor in zip(spec.state_names, tensors, strict=True):
+                if name in trained:
+                    tensor = tensor.detach().requires_grad_()
+                    leaves.append(tensor)
+                elif name in buffer_names:
+                    tensor = tensor.clone()  # a train-mode step changes it in place
+                state[name] = tensor
             images = images.detach().requires_grad_(input_grad)
-            buffers = dict(zip(buffer_names, (b.clone() for b in tensors[count:]), strict=True))
-            state = {**dict(zip(names, leaves, strict=True)), **buffers}
-            was_training = model.training
-            model.train()
+            modes = {module: module.training for module in model.modules()}
+            train_mode(model, eval_modules)
             try:
                 logits = torch.func.functional_call(model, state, (images,))
             finally:
-                model.train(was_training)
+                for module, mode in modes.items():
+                    module.training = mode
             loss = loss_fn(logits, target)
             wanted = [*leaves, images] if input_grad else leaves
             grads = torch.autograd.grad(loss, wanted)
-        return (loss.detach(), logits.detach(), *grads, *(buffers[k] for k in updated))
+        return (loss.detach(), logits.detach(), *grads, *(state[k] for k in updated))
 
     return step
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from lossx.build.artifact_writer import WEIGHTS_FILE, weights_record, write_artifact
-from lossx.build.backward import check_trainable, model_buffers
+from lossx.build.backward import check_trainable, frozen_batch_norms, model_buffers
 from lossx.build.calibration import Calibration, load_calibration
 from lossx.build.graph_export import export_graph
 from lossx.build.models import (
@@ -42,6 +42,7 @@ from lossx.runtime.graphs import (
 from lossx.runtime.loss_specs import DEFAULT_LOSSES, LossSpec, parse_loss_spec
 from lossx.runtime.manifest import Manifest
 from lossx.runtime.precisions import PRECISIONS
+from lossx.training.recipe import frozen_parameters
 
 # protobuf serialises no message over 2 GiB, and an artifact's graphs hold their weights inside
 # (external data would lie outside what the manifest's sha256s cover); the rest of a graph
@@ -104,10 +105,15 @@ def export_artifact(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     resize: str | None = None,
+    trainable: tuple[str, ...] | None = None,
+    frozen: tuple[str, ...] | None = None,
+    frozen_bn: str = "eval",
 ) -> Manifest:
     """Export the model, each loss alone and each model+loss pair into `out_dir`; with
     `train`, also a training graph per loss (loss, logits and every parameter's gradient,
-    plus the images' gradient with `input_grad`).
+    plus the images' gradient with `input_grad`), of the parameters a `trainable` glob
+    matches, or all but the ones a `frozen` glob matches (state_dict names, shell globs); batch
+    norms whose parameters are all frozen run in eval mode unless `frozen_bn` is "train".
 
     The model is `model_name` (a registry name or a `MODULE:ATTR` import path) constructed with
     keyword `model_args`, or `model`, an nn.Module instance (recorded as its class's import
@@ -127,8 +133,17 @@ def export_artifact(
     The artifact is written to a hidden sibling directory and renamed into place only after every
     graph passed its self-check; on any failure `out_dir` is left as it was.
     """
+    trains = {"trainable": trainable, "frozen": frozen, "frozen_bn": frozen_bn}
     out_dir, specs = check_export_request(
-        out_dir, losses, checkpoint, seed, train, input_grad, precision, calibration is not None
+        out_dir,
+        losses,
+        checkpoint,
+        seed,
+        train,
+        input_grad,
+        precision,
+        calibration is not None,
+        trains,
     )
     check_opset(opset)
     if PRECISIONS[precision].calibrated and calibration is None:
@@ -151,7 +166,7 @@ def export_artifact(
     check_loss_classes(specs, contract.num_classes)
     if calibration is not None:
         calibration = calibration.for_contract(contract)
-    graphs = _graphs_of(model, specs, train, input_grad, contract)
+    graphs = _graphs_of(model, specs, train, input_grad, contract, trains)
     with sole_writer(out_dir, ArtifactError):
         return write_folder_atomically(
             out_dir,
@@ -195,14 +210,18 @@ def _graphs_of(
     train: bool,
     input_grad: bool,
     contract: ImageContract,
+    trains: dict,
 ) -> list[GraphSpec]:
     """Every graph the artifact holds, on images and classes of `contract`; with `train`, each
-    loss's training graph, whose parameters and buffers are the model's."""
+    loss's training graph, whose parameters and buffers are the model's, training those
+    `trains` (trainable, frozen, frozen_bn) chooses."""
     model_spec = model_graph(contract.shape, contract.num_classes)
     if not train:
         return artifact_graphs(specs, model_spec)
     for spec in specs:
         check_trainable(model, spec)
     parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    buffers = model_buffers(model, contract.shape)
-    return artifact_graphs(specs, model_spec, parameters, input_grad, buffers)
+    frozen = frozen_parameters([n for n, _ in parameters], trains["trainable"], trains["frozen"])
+    eval_modules = frozen_batch_norms(model, frozen, trains["frozen_bn"])
+    buffers = model_buffers(model, contract.shape, eval_modules)
+    return artifact_graphs(specs, model_spec, parameters, input_grad, buffers, frozen)

@@ -24,17 +24,28 @@ def check_export_request(
     input_grad: bool = False,
     precision: str = "fp32",
     calibrated: bool = False,
+    trains: dict | None = None,
 ) -> tuple[Path, list[LossSpec]]:
     """The destination as an absolute path and the loss specs, or a one-line refusal of what
     cannot be exported: a loss spec, --input-grad without --train, a precision with options
     that do not go with it, a seed, a checkpoint that is neither an .npz nor a torch checkpoint,
-    a destination that cannot be written."""
+    a destination that cannot be written, a choice of what trains (`trains`: trainable, frozen,
+    frozen_bn) without --train or that contradicts itself."""
     from lossx.runtime.manifest import MANIFEST_FILE
     from lossx.training.checkpoints import check_checkpoint_kind
+    from lossx.training.recipe import FROZEN_BN
 
     specs = resolve_losses(losses)
     if input_grad and not train:
         raise SpecError("--input-grad adds grad.images to training graphs; it needs --train")
+    trains = {k: v for k, v in (trains or {}).items() if v is not None}
+    if not train and set(trains) - {"frozen_bn"}:
+        option = "--trainable" if "trainable" in trains else "--frozen"
+        raise SpecError(f"{option} chooses what training graphs train; it needs --train")
+    if trains.get("trainable") is not None and trains.get("frozen") is not None:
+        raise SpecError("give --trainable or --frozen, not both")
+    if trains.get("frozen_bn", "eval") not in FROZEN_BN:
+        raise SpecError(f"--frozen-bn must be one of {', '.join(FROZEN_BN)}")
     check_precision(precision, train, calibrated)
     check_seed(seed)
     if checkpoint is not None:

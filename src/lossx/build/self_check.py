@@ -56,7 +56,7 @@ def verify_graph(
     ModelError where eager PyTorch itself computes NaN or Inf where numbers belong.
     """
     parameters = None
-    if spec.parameter_names or spec.buffer_names:
+    if spec.state_names:
         parameters = weights_to_arrays(model)
     real = ()
     if spec.runs_model:

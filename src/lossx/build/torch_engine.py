@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lossx.build.backward import in_place_refusal
+from lossx.build.backward import frozen_batch_norms, in_place_refusal, train_mode
 from lossx.build.losses import OnLogits, reference_loss
 from lossx.build.models import build_model, model_contract
 from lossx.errors import CheckpointError, ModelError, SpecError, first_line
@@ -20,7 +20,7 @@ from lossx.files import regular_file, write_atomically
 from lossx.runtime.feeds import iter_batches, target_form
 from lossx.runtime.weights import check_finite, file_kind
 from lossx.training import trainer
-from lossx.training.recipe import TrainConfig, contract_recipe
+from lossx.training.recipe import TrainConfig, contract_recipe, frozen_parameters
 from lossx.training.schedule import EVAL_BATCH, eval_scores
 from lossx.training.trainer import EpochResult
 
@@ -43,16 +43,16 @@ def _evaluate(model: nn.Module, split, contract, memory_format) -> tuple[float, 
     return eval_scores(np.concatenate(logits), np.concatenate(labels))
 
 
-def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(),
+            params,
             lr=config.lr,
             momentum=0.9,  # set by the schedule before every step
             nesterov=True,
             weight_decay=config.weight_decay,
         )
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, lr: float, momentum: float) -> None:
@@ -105,11 +105,20 @@ class TorchEngine:
             raise SpecError(
                 f"--model {config.model} has no parameters, so there is nothing to train"
             )
-        self.optimizer = _make_optimizer(config, self.model)
+        names = [name for name, _ in self.model.named_parameters()]
+        frozen = frozen_parameters(names, config.trainable, config.frozen)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name not in frozen)
+        self.trained = [p for n, p in self.model.named_parameters() if n not in frozen]
+        modules = dict(self.model.named_modules())
+        self.eval_modules = [
+            modules[name] for name in frozen_batch_norms(self.model, frozen, config.frozen_bn)
+        ]
+        self.optimizer = _make_optimizer(config, self.trained)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
         _schedule(self.optimizer, lr, momentum)
-        self.model.train()
+        train_mode(self.model, self.eval_modules)
         target = torch.from_numpy(target_form(self.loss_spec, labels, self.contract.num_classes))
         try:
             loss = self.loss(self.model(_as_input(images, self.memory_format)), target)
@@ -121,7 +130,7 @@ class TorchEngine:
                 f"--model {self.config.model}: a training step failed: {first_line(e)}"
             ) from None
         if self.config.clip_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+            nn.utils.clip_grad_norm_(self.trained, self.config.clip_norm)
         self.optimizer.step()
         return loss.item()
 

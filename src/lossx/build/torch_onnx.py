@@ -71,7 +71,7 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
     shapes = tuple(
         {axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs
     )
-    state = len(spec.parameter_names) + len(spec.buffer_names)
+    state = len(spec.state_names)
     if not state:
         return shapes
     leading = len(spec.inputs) - state  # forward(images, target, *parameters, *buffers)

@@ -13,6 +13,7 @@ from lossx.cli.options import (
     model_arg_option,
     path_arg,
     with_contract_options,
+    with_trainable_options,
 )
 from lossx.runtime.graphs import DEFAULT_MODEL
 from lossx.runtime.loss_specs import DEFAULT_LOSSES
@@ -61,6 +62,7 @@ from lossx.runtime.precisions import CALIBRATION_METHODS, PRECISIONS
     help="Also export train_<loss>.onnx per loss: loss, logits and every parameter's gradient.",
 )
 @click.option("--input-grad", is_flag=True, help="Training graphs also output grad.images.")
+@with_trainable_options
 @click.option(
     "--precision",
     type=click.Choice(list(PRECISIONS)),
@@ -102,9 +104,10 @@ def export(out_dir: Path, losses: tuple[str, ...], **options) -> None:
         "method": options.pop("calibration_method"),
     }
     calibrated = any(v is not None for v in calibration_options.values())
+    trains = {k: options[k] for k in ("trainable", "frozen", "frozen_bn")}
     check_export_request(
         out_dir, losses, options["checkpoint"], options["seed"], options["train"],
-        options["input_grad"], options["precision"], calibrated,
+        options["input_grad"], options["precision"], calibrated, trains,
     )  # fmt: skip
     if PRECISIONS[options["precision"]].calibrated:  # images read and checked before torch
         from lossx.build.calibration import load_calibration

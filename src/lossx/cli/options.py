@@ -200,6 +200,46 @@ def with_contract_options(command):
     )
 
 
+def _globs(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    globs = tuple(g.strip() for g in value.split(",") if g.strip())
+    if not globs:
+        raise click.BadParameter("no patterns given", ctx, param)
+    return globs
+
+
+def with_trainable_options(command):
+    """--trainable, --frozen and --frozen-bn: which parameters a training step trains."""
+    return with_options(
+        command,
+        [
+            click.option(
+                "--trainable",
+                metavar="GLOB[,GLOB...]",
+                callback=_globs,
+                help="Train only the parameters these shell globs match (state_dict names, "
+                "e.g. 'fc.*'); the others stay as they are.  [default: all]",
+            ),
+            click.option(
+                "--frozen",
+                metavar="GLOB[,GLOB...]",
+                callback=_globs,
+                help="Train all parameters but the ones these globs match.",
+            ),
+            click.option(
+                "--frozen-bn",
+                type=click.Choice(["eval", "train"]),
+                default="eval",
+                show_default=True,
+                help="A batch norm whose parameters are all frozen: eval (its running "
+                "statistics normalise and stay fixed) or train (batch statistics, running "
+                "statistics updated).",
+            ),
+        ],
+    )
+
+
 def with_session_options(command):
     """--provider, --threads, --optimization and --tf32: how ONNX Runtime runs the graphs,
     given to the command as one value, `session` (a SessionOptions)."""

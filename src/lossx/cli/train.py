@@ -17,6 +17,7 @@ from lossx.cli.options import (
     picture_option,
     with_contract_options,
     with_session_options,
+    with_trainable_options,
 )
 from lossx.cli.progress import EpochProgress
 from lossx.runtime.options import SessionOptions
@@ -56,6 +57,7 @@ RECIPE = TrainConfig()  # the defaults of lossx train's options
 )
 @model_arg_option
 @with_contract_options
+@with_trainable_options
 @click.option("--epochs", type=click.IntRange(1, MAX_EPOCHS), default=RECIPE.epochs,
               show_default=True, help="Passes over the training images.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(1, MAX_TRAIN_BATCH), default=RECIPE.batch_size,

@@ -25,7 +25,7 @@ RANDOM_SIZES = (
     {"N": 7, "C": 5, "D": 3, "d1": 2, "d2": 3, "d3": 4},
     {"N": 64, "C": 13, "D": 21, "d1": 3, "d2": 1, "d3": 2},
 )
-_WEIGHTS = (Role.PARAMETER, Role.BUFFER)
+_WEIGHTS = (Role.PARAMETER, Role.FROZEN_PARAMETER, Role.BUFFER)
 # A training step holds every activation for its backward, and ONNX Runtime's more than eager
 # torch's: resnet18's at 64x64 on 256 images peaked at 3.8 GB in ONNX Runtime alone. Training
 # graphs are compared on batches of at most this many images (a larger real batch in parts).

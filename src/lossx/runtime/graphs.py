@@ -47,7 +47,8 @@ class Role(StrEnum):
     IMAGES = "images"  # the model's input
     LOSS_INPUT = "loss_input"  # what a standalone loss scores: logits or log-probabilities
     TARGET = "target"  # the loss's target: class indices or a tensor shaped like the input
-    PARAMETER = "parameter"  # a model parameter fed to a training graph
+    PARAMETER = "parameter"  # a model parameter fed to a training graph, which it trains
+    FROZEN_PARAMETER = "frozen_parameter"  # a parameter a training graph takes but does not train
     BUFFER = "buffer"  # a model buffer fed to a training graph (e.g. batch-norm statistics)
     LOGITS = "logits"
     LOSS = "loss"
@@ -170,8 +171,18 @@ class GraphSpec:
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
-        """The model parameters the graph takes as inputs, by state_dict name, in order."""
+        """The model parameters the graph trains (or updates), by state_dict name, in order."""
         return self._named(Role.PARAMETER)
+
+    @property
+    def frozen_names(self) -> tuple[str, ...]:
+        """The model parameters a training graph takes but does not train."""
+        return self._named(Role.FROZEN_PARAMETER)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Every parameter and buffer the graph takes, in input order (after the batch)."""
+        return tuple(t.name for t in self.inputs if t.role in _STATE)
 
     @property
     def buffer_names(self) -> tuple[str, ...]:
@@ -220,6 +231,7 @@ class GraphSpec:
 
 
 _SCORES = (Role.LOSS_INPUT, Role.LOGITS)
+_STATE = (Role.PARAMETER, Role.FROZEN_PARAMETER, Role.BUFFER)
 NEXT_PREFIX = "next."
 OPTIMIZER_PREFIX = "optimizer_"
 GRAD_NORM = "grad_norm"
@@ -312,16 +324,20 @@ def train_graph(
     parameters: list[tuple[str, tuple[int, ...]]],
     input_grad: bool = False,
     buffers: tuple[Buffer, ...] = (),
+    frozen: frozenset[str] = frozenset(),
 ) -> GraphSpec:
     """`train_<name>.onnx`, one train-mode step: the fused graph's inputs plus every parameter
-    and every buffer (by state_dict name) -> loss, logits, `grad.<name>` of every parameter (and
-    `grad.images`), and `next.<name>` of every buffer the step changes."""
+    and every buffer (by state_dict name) -> loss, logits, `grad.<name>` of every parameter not
+    in `frozen` (and `grad.images`), and `next.<name>` of every buffer the step changes."""
     fused = fused_graph(loss, model)
     (images,), (logits,) = model.inputs, model.outputs
     weights = tuple(
-        TensorSpec(name, "float32", shape, "real", Role.PARAMETER) for name, shape in parameters
-    )
-    wrt = [*weights, images] if input_grad else weights
+        TensorSpec(name, "float32", shape, "real",
+                   Role.FROZEN_PARAMETER if name in frozen else Role.PARAMETER)
+        for name, shape in parameters
+    )  # fmt: skip
+    trained = tuple(t for t in weights if t.role is Role.PARAMETER)
+    wrt = [*trained, images] if input_grad else trained
     grads = tuple(
         TensorSpec(gradient_name(t.name), "float32", t.shape, "real", Role.GRADIENT, t.name)
         for t in wrt
@@ -389,20 +405,23 @@ def artifact_graphs(
     parameters: list[tuple[str, tuple[int, ...]]] | None = None,
     input_grad: bool = False,
     buffers: tuple[Buffer, ...] = (),
+    frozen: frozenset[str] = frozenset(),
 ) -> list[GraphSpec]:
     """Every graph an artifact with these losses holds, model first; training graphs and the
     optimizers' graphs when `parameters` (the model's, by name and shape) are given, the
-    training graphs taking `buffers` too."""
+    training graphs taking `buffers` too and training the parameters not in `frozen`."""
     graphs = [model, *(loss_graph(n) for n in losses), *(fused_graph(n, model) for n in losses)]
     if parameters is not None:
-        graphs += [train_graph(n, model, parameters, input_grad, buffers) for n in losses]
-        graphs += [optimizer_graph(rule, parameters) for rule in RULES]
+        graphs += [train_graph(n, model, parameters, input_grad, buffers, frozen) for n in losses]
+        trained = [(name, shape) for name, shape in parameters if name not in frozen]
+        graphs += [optimizer_graph(rule, trained) for rule in RULES]
     return graphs
 
 
 def _expected_train_graph(spec: GraphSpec, model: GraphSpec) -> GraphSpec:
-    parameters = [(t.name, t.shape) for t in spec.inputs if t.role is Role.PARAMETER]
-    return train_graph(spec.loss, model, parameters, spec.input_grad, graph_buffers(spec))
+    parameters = [(t.name, t.shape) for t in spec.inputs if t.role in _STATE[:2]]
+    frozen = frozenset(spec.frozen_names)
+    return train_graph(spec.loss, model, parameters, spec.input_grad, graph_buffers(spec), frozen)
 
 
 def _expected_optimizer_graph(spec: GraphSpec, model: GraphSpec) -> GraphSpec:

@@ -32,7 +32,7 @@ from lossx.runtime.weights import check_weights, read_weights
 from lossx.training import trainer
 from lossx.training.checkpoints import is_checkpoint, resume_state, write_npz_checkpoint
 from lossx.training.optimizers import GraphOptimizer
-from lossx.training.recipe import TrainConfig, contract_recipe
+from lossx.training.recipe import TrainConfig, contract_recipe, frozen_parameters
 from lossx.training.schedule import EVAL_BATCH, eval_scores
 from lossx.training.trainer import EpochResult
 
@@ -45,17 +45,21 @@ class OnnxRuntimeEngine:
     ) -> None:
         self.artifact = artifact
         self.contract = artifact.contract
+        self.graph = training_graph(artifact, config)
         self.config = replace(
-            config, model=artifact.manifest.model, **contract_recipe(self.contract)
+            config,
+            model=artifact.manifest.model,
+            **contract_recipe(self.contract),
+            **trained_recipe(self.graph, config),
         )
         self.out = out
         self.options = options
-        self.graph = training_graph(artifact, config)
         self.session = artifact.session(self.graph.stem, options)
         names = self.graph.parameter_names
         self.grad_names = [self.graph.gradients[name] for name in names]
         weights = {name: value.copy() for name, value in artifact.state_dict().items()}
         self.parameters = {name: weights[name] for name in names}
+        self.frozen = {name: weights[name] for name in self.graph.frozen_names}
         self.buffers = {name: weights[name] for name in self.graph.buffer_names}
         self.next_buffers = self.graph.next_buffers
         self.optimizer = GraphOptimizer(
@@ -67,7 +71,7 @@ class OnnxRuntimeEngine:
         )
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
-        feed = graph_feed(self.graph, images, labels, None, {**self.parameters, **self.buffers})
+        feed = graph_feed(self.graph, images, labels, None, self.state_dict())
         wanted = [self.graph.named(Role.LOSS), *self.grad_names, *self.next_buffers.values()]
         loss, *outputs = self.session.run(wanted, feed)
         grads = outputs[: len(self.grad_names)]
@@ -104,7 +108,7 @@ class OnnxRuntimeEngine:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The model's parameters and buffers by state_dict name."""
-        return {**self.parameters, **self.buffers}
+        return {**self.parameters, **self.frozen, **self.buffers}
 
     def restore(self, path: Path, state: dict) -> list[EpochResult]:
         weights = read_weights(path)
@@ -130,6 +134,30 @@ def optimizer_session(
     if any(entry.spec == wanted for entry in artifact.manifest.graphs):
         return artifact.session(wanted.stem, options)
     return open_session(optimizer_model(rule, parameters), options)
+
+
+def trained_recipe(graph: GraphSpec, config: TrainConfig) -> dict:
+    """The recipe's record of what training graph `graph` trains (its frozen parameters by
+    name), refusing a --trainable or --frozen choice that differs from it: what trains is
+    fixed when the graph is exported."""
+    frozen = set(graph.frozen_names)
+    if config.trainable is not None or config.frozen is not None:
+        names = [t.name for t in graph.inputs if t.role in (Role.PARAMETER, Role.FROZEN_PARAMETER)]
+        chosen = frozen_parameters(names, config.trainable, config.frozen)
+        if chosen != frozen:
+            trains = ", ".join(graph.parameter_names[:4])
+            more = ", ..." if len(graph.parameter_names) > 4 else ""
+            raise SpecError(
+                f"{graph.file} trains {trains}{more}, not what --trainable/--frozen choose; "
+                "export the artifact with that choice"
+            )
+    recipe = {"trainable": None, "frozen": tuple(graph.frozen_names) or None}
+    # a batch norm whose weight is frozen: eval mode where its statistics stay as they are
+    statistics = [n for n in graph.buffer_names if n.endswith(".running_mean")]
+    layers = [n for n in statistics if n.replace(".running_mean", ".weight") in frozen]
+    if layers:
+        recipe["frozen_bn"] = "train" if layers[0] in graph.next_buffers else "eval"
+    return recipe
 
 
 def training_graph(artifact: Artifact, config: TrainConfig) -> GraphSpec:

@@ -2,6 +2,7 @@
 builds one while parsing). Its steps in numpy are lossx.training.schedule's.
 """
 
+import fnmatch
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -12,6 +13,7 @@ from lossx.runtime.loss_specs import LossSpec, parse_loss_spec
 from lossx.runtime.options import check_seed
 
 OPTIMIZERS = ("sgd", "adamw")
+FROZEN_BN = ("eval", "train")  # what a batch norm whose parameters are all frozen does
 CONTRACT_FIELDS = ("input_shape", "mean", "std", "class_names", "resize")
 MAX_EPOCHS, MAX_TRAIN_BATCH = 10_000, 4096
 # Peak one-cycle LR per optimizer (docs/training.md): AdamW at SGD's 0.02 diverges.
@@ -43,6 +45,11 @@ class TrainConfig:
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
     resize: str = "stretch"
+    # Which parameters train (state_dict names, shell globs): the ones `trainable` matches, or
+    # all but the ones `frozen` matches; None: all
+    trainable: tuple[str, ...] | None = None
+    frozen: tuple[str, ...] | None = None
+    frozen_bn: str = "eval"
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -62,7 +69,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr is None and self.optimizer in DEFAULT_LR:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
-        for name in CONTRACT_FIELDS[:-1]:  # read back from JSON as lists
+        for name in (*CONTRACT_FIELDS[:-1], "trainable", "frozen"):  # JSON gives lists
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
@@ -107,6 +114,14 @@ class TrainConfig:
             (self.limit is None or self.limit >= 1, f"limit must be at least 1, got {self.limit}"),
             (self.holdout >= 0, f"holdout must be at least 0, got {self.holdout}"),
             (
+                self.trainable is None or self.frozen is None,
+                "give --trainable or --frozen, not both",
+            ),
+            (
+                self.frozen_bn in FROZEN_BN,
+                f"frozen batch norms run in {' or '.join(FROZEN_BN)} mode, not {self.frozen_bn}",
+            ),
+            (
                 self.limit is None or self.holdout < self.limit,
                 f"holdout {self.holdout} leaves none of the {self.limit} images to train on",
             ),
@@ -116,6 +131,36 @@ class TrainConfig:
                 raise SpecError(message)
         check_seed(self.seed)
         self.loss_spec()
+
+
+def frozen_parameters(
+    names: list[str], trainable: tuple[str, ...] | None, frozen: tuple[str, ...] | None
+) -> frozenset[str]:
+    """The parameters (of `names`, state_dict names) that do not train: all but the ones a
+    `trainable` glob matches, or the ones a `frozen` glob matches. Refuses a glob that matches
+    no parameter and a choice that leaves none to train."""
+    if trainable is None and frozen is None:
+        return frozenset()
+    if trainable is not None and frozen is not None:
+        raise SpecError("give --trainable or --frozen, not both")
+    option, globs = ("--trainable", trainable) if trainable is not None else ("--frozen", frozen)
+    if not globs:
+        raise SpecError(f"{option}: no patterns given")
+    matched = set()
+    for glob in globs:
+        hits = [name for name in names if fnmatch.fnmatchcase(name, glob)]
+        if not hits:
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise SpecError(f"{option} {glob!r} matches no parameter (they are {shown})")
+        matched.update(hits)
+    chosen = (
+        frozenset(n for n in names if n not in matched)
+        if trainable is not None
+        else (frozenset(matched))
+    )
+    if len(chosen) == len(names):
+        raise SpecError(f"{option} {','.join(globs)} leaves no parameter to train")
+    return chosen
 
 
 def contract_recipe(contract: ImageContract) -> dict:
