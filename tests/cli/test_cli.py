@@ -434,6 +434,7 @@ def test_train_write_plan_writes_a_plan_and_trains_nothing(tmp_path, cifar_dir):
     "args, message",
     [
         (["--epochs", "3"], "holds 150,000 images, more than 100,000"),
+        (["--accumulate", "2"], "a plan records one batch per optimizer step"),
         (["--limit", "0"], "'--limit': 0 is not in the range x>=1"),
     ],
 )

@@ -117,6 +117,9 @@ def test_recipes_without_loss_clip_norm_or_augment_load_with_defaults():
         ({"clip_norm": -1.0}, "clip norm must be at least 0"),
         ({"loss": "ce(reduction=none)"}, "has no scalar loss"),
         ({"loss": "hinge"}, "unknown loss"),
+        ({"accumulate": 0}, "accumulate must be 1..1024 batches"),
+        ({"trainable": ("fc.*",), "frozen": ("conv.*",)}, "give --trainable or --frozen"),
+        ({"frozen_bn": "fixed"}, "frozen batch norms run in eval or train mode"),
     ],
 )
 def test_bad_recipes_are_refused(change, message):

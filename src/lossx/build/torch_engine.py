@@ -115,24 +115,39 @@ class TorchEngine:
             modules[name] for name in frozen_batch_norms(self.model, frozen, config.frozen_bn)
         ]
         self.optimizer = _make_optimizer(config, self.trained)
+        self.pending_batches = 0  # batches whose gradients the next update takes
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
-        _schedule(self.optimizer, lr, momentum)
+        """One optimizer step on one batch; its loss."""
+        loss = self.accumulate(images, labels)
+        self.update(lr, momentum)
+        return loss
+
+    def accumulate(self, images: np.ndarray, labels: np.ndarray) -> float:
         train_mode(self.model, self.eval_modules)
         target = torch.from_numpy(target_form(self.loss_spec, labels, self.contract.num_classes))
         try:
             loss = self.loss(self.model(_as_input(images, self.memory_format)), target)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # adds to the gradients of the batches since the last update
         except Exception as e:  # the user's model may raise anything in a train-mode step
             context = f"--model {self.config.model}"
             raise in_place_refusal(e, self.model, self.contract.shape, context) or ModelError(
                 f"--model {self.config.model}: a training step failed: {first_line(e)}"
             ) from None
+        self.pending_batches += 1
+        return loss.item()
+
+    def update(self, lr: float, momentum: float) -> None:
+        _schedule(self.optimizer, lr, momentum)
+        if self.pending_batches > 1:  # the mean of the batches' gradients
+            for param in self.trained:
+                if param.grad is not None:
+                    param.grad.mul_(1 / self.pending_batches)
         if self.config.clip_norm:
             nn.utils.clip_grad_norm_(self.trained, self.config.clip_norm)
         self.optimizer.step()
-        return loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_batches = 0
 
     def evaluate(self, split) -> tuple[float, float]:
         return _evaluate(self.model, split, self.contract, self.memory_format)

@@ -24,6 +24,7 @@ from lossx.runtime.options import SessionOptions
 from lossx.training.recipe import (
     CONTRACT_FIELDS,
     DEFAULT_LR,
+    MAX_ACCUMULATE,
     MAX_EPOCHS,
     MAX_TRAIN_BATCH,
     OPTIMIZERS,
@@ -90,6 +91,15 @@ RECIPE = TrainConfig()  # the defaults of lossx train's options
     default=RECIPE.clip_norm,
     show_default=True,
     help="Clip the gradients' global norm to this (0: no clipping).",
+)
+@click.option(
+    "--accumulate",
+    type=click.IntRange(1, MAX_ACCUMULATE),
+    default=RECIPE.accumulate,
+    show_default=True,
+    metavar="K",
+    help="Step the optimizer after every K batches, on the mean of their gradients (an "
+    "effective batch of K x --batch-size; batch norms still see --batch-size).",
 )
 @click.option(
     "--augment/--no-augment",

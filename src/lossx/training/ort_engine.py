@@ -61,6 +61,8 @@ class OnnxRuntimeEngine:
         self.parameters = {name: weights[name] for name in names}
         self.frozen = {name: weights[name] for name in self.graph.frozen_names}
         self.buffers = {name: weights[name] for name in self.graph.buffer_names}
+        self.pending: list[np.ndarray] | None = None  # gradients summed since the last update
+        self.pending_batches = 0
         self.next_buffers = self.graph.next_buffers
         self.optimizer = GraphOptimizer(
             config.optimizer,
@@ -71,13 +73,31 @@ class OnnxRuntimeEngine:
         )
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
+        """One optimizer step on one batch; its loss."""
+        loss = self.accumulate(images, labels)
+        self.update(lr, momentum)
+        return loss
+
+    def accumulate(self, images: np.ndarray, labels: np.ndarray) -> float:
         feed = graph_feed(self.graph, images, labels, None, self.state_dict())
         wanted = [self.graph.named(Role.LOSS), *self.grad_names, *self.next_buffers.values()]
         loss, *outputs = self.session.run(wanted, feed)
         grads = outputs[: len(self.grad_names)]
         self.buffers.update(zip(self.next_buffers, outputs[len(self.grad_names) :], strict=True))
-        self.optimizer.step(dict(zip(self.parameters, grads, strict=True)), lr, momentum)
+        if self.pending is None:
+            self.pending = grads
+        else:  # in float32, as torch's autograd adds a backward's gradients to .grad
+            for total, grad in zip(self.pending, grads, strict=True):
+                total += grad
+        self.pending_batches += 1
         return float(loss)
+
+    def update(self, lr: float, momentum: float) -> None:
+        grads = self.pending
+        if self.pending_batches > 1:
+            grads = [g * np.float32(1 / self.pending_batches) for g in grads]
+        self.optimizer.step(dict(zip(self.parameters, grads, strict=True)), lr, momentum)
+        self.pending, self.pending_batches = None, 0
 
     def evaluate(self, split: ImageSet) -> tuple[float, float]:
         model = self.artifact.with_weights(self.state_dict())

@@ -52,6 +52,8 @@ def write_plan(path: Path, data_dir: Path, config: TrainConfig) -> tuple[int, in
 
 
 def _plan_arrays(data_dir: Path, config: TrainConfig) -> dict[str, np.ndarray]:
+    if config.accumulate > 1:
+        raise SpecError("a plan records one batch per optimizer step; it takes no --accumulate")
     names = config.class_names or dataset_class_names(Path(data_dir))
     shape = config.input_shape or IMAGE_SHAPE  # the images of the artifact that replays it
     contract = contract_for(shape, names, config.mean, config.std, config.resize)

@@ -15,7 +15,7 @@ from lossx.runtime.options import check_seed
 OPTIMIZERS = ("sgd", "adamw")
 FROZEN_BN = ("eval", "train")  # what a batch norm whose parameters are all frozen does
 CONTRACT_FIELDS = ("input_shape", "mean", "std", "class_names", "resize")
-MAX_EPOCHS, MAX_TRAIN_BATCH = 10_000, 4096
+MAX_EPOCHS, MAX_TRAIN_BATCH, MAX_ACCUMULATE = 10_000, 4096, 1024
 # Peak one-cycle LR per optimizer (docs/training.md): AdamW at SGD's 0.02 diverges.
 DEFAULT_LR = {"sgd": 0.02, "adamw": 0.003}
 
@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     loss: str = "ce"  # a loss spec; targets are the labels or their one-hot vectors
     clip_norm: float = 5.0  # 0: no clipping
+    accumulate: int = 1  # batches whose mean gradient one optimizer step takes
     augment: bool = True
     jpeg_augment: bool = False  # JPEG-compress half the training images (recipe.jpeg_augment)
     seed: int = 0
@@ -103,6 +104,10 @@ class TrainConfig:
                 f"lr must be in (0, 10], got {self.lr}",
             ),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (
+                isinstance(self.accumulate, int) and 1 <= self.accumulate <= MAX_ACCUMULATE,
+                f"accumulate must be 1..{MAX_ACCUMULATE} batches, got {self.accumulate}",
+            ),
             (
                 0 <= self.weight_decay < 1,
                 f"weight decay must be in [0, 1), got {self.weight_decay}",

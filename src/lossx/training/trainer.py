@@ -106,8 +106,12 @@ class Engine(Protocol):
     config: TrainConfig
     contract: ImageContract  # what the model takes (lossx.runtime.contract)
 
-    def step(self, images: np.ndarray, labels: np.ndarray, lr: float, momentum: float) -> float:
-        """One optimizer step on a batch with this LR and momentum; return the batch's loss."""
+    def accumulate(self, images: np.ndarray, labels: np.ndarray) -> float:
+        """Add a batch's gradients to the pending ones (the buffers move on as a train-mode
+        step moves them); return the batch's loss."""
+
+    def update(self, lr: float, momentum: float) -> None:
+        """One optimizer step with the mean of the pending gradients, this LR and momentum."""
 
     def evaluate(self, split: ImageSet) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) of the current weights on `split`."""
@@ -131,10 +135,12 @@ def run_epochs(
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[EpochResult]:
     """Train from epoch len(history) + 1 to the last (or `stop_after`), evaluating and saving
-    after each epoch. Callbacks: `on_batch(epoch, images done this epoch, images per epoch)`,
-    `on_epoch(result)`, `on_step(step, loss)` with steps counted from 0 over the whole run."""
+    after each epoch; the optimizer steps after every `config.accumulate` batches (and after an
+    epoch's last). Callbacks: `on_batch(epoch, images done this epoch, images per epoch)`,
+    `on_epoch(result)`, `on_step(batch, loss)` with batches counted from 0 over the whole run."""
     train_split, eval_split = data
-    steps = steps_per_epoch(len(train_split), config.batch_size)
+    batches_per_epoch = steps_per_epoch(len(train_split), config.batch_size)
+    steps = math.ceil(batches_per_epoch / config.accumulate)  # optimizer steps per epoch
     total_steps = config.epochs * steps
     loss_spec = config.loss_spec()
     per_image = loss_spec["reduction"] == "mean"
@@ -144,13 +150,16 @@ def run_epochs(
         total, done = 0.0, 0
         batches = epoch_batches(train_split, config, epoch, engine.contract)
         for index, (images, labels) in enumerate(batches):
-            step = (epoch - 1) * steps + index
-            loss = engine.step(images, labels, *one_cycle(step, total_steps, config.lr))
-            _check_in_range(loss, loss_spec, step, epoch, config.lr)
+            batch = (epoch - 1) * batches_per_epoch + index
+            loss = engine.accumulate(images, labels)
+            _check_in_range(loss, loss_spec, batch, epoch, config.lr)
+            if (index + 1) % config.accumulate == 0 or index + 1 == batches_per_epoch:
+                step = (epoch - 1) * steps + index // config.accumulate
+                engine.update(*one_cycle(step, total_steps, config.lr))
             total += loss * len(labels) if per_image else loss
             done += len(labels)
             if on_step:
-                on_step(step, loss)
+                on_step(batch, loss)
             if on_batch:
                 on_batch(epoch, done, len(train_split))
         seconds = time.perf_counter() - started
