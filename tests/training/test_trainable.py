@@ -10,12 +10,16 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
+from lossx.build.backward import eval_batch_norms, model_buffers
 from lossx.build.export import export_artifact
 from lossx.build.torch_engine import train as train_torch
 from lossx.cli import main
 from lossx.errors import SpecError
 from lossx.runtime import load_artifact
+from lossx.runtime.graphs import model_graph, train_graph
+from lossx.runtime.loss_specs import parse_loss_spec
 from lossx.runtime.options import SessionOptions
 from lossx.training.ort_engine import train as train_onnxruntime
 from lossx.training.recipe import DEFAULT_LR, TrainConfig, frozen_parameters
@@ -51,6 +55,19 @@ def test_globs_choose_the_frozen_parameters(trainable, frozen, expected):
 def test_choices_that_train_nothing_or_match_nothing_are_refused(trainable, frozen, message):
     with pytest.raises(SpecError, match=re.escape(message)):
         frozen_parameters(NAMES, trainable, frozen)
+
+
+def test_the_spec_says_which_batch_norms_run_in_eval_mode():
+    """Eval mode is a batch norm none of whose buffers the step updates; one at momentum 0
+    still counts the batch, so it keeps batch statistics."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.0), nn.BatchNorm2d(4))
+    shape = (3, 8, 8)
+    parameters = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    for frozen_layers, expected in (([], []), (["2"], [model[2]])):
+        buffers = model_buffers(model, shape, frozen_layers)
+        spec = train_graph(parse_loss_spec("mse"), model_graph(shape, 4), parameters,
+                           buffers=buffers)  # fmt: skip
+        assert eval_batch_norms(model, spec) == expected
 
 
 @pytest.fixture(scope="module")

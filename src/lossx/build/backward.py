@@ -353,15 +353,17 @@ def frozen_batch_norms(model: nn.Module, frozen: frozenset[str], frozen_bn: str)
 
 
 def eval_batch_norms(model: nn.Module, spec: GraphSpec) -> list[nn.Module]:
-    """The batch-norm layers training graph `spec` runs in eval mode: those whose running
-    statistics it takes but does not update (in train mode a step always updates them)."""
-    return [
-        module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and f"{name}.running_mean" in spec.buffer_names
-        and f"{name}.running_mean" not in spec.next_buffers
-    ]
+    """The batch-norm layers training graph `spec` runs in eval mode: those whose buffers it
+    takes but none of which it updates (in train mode a step always counts the batch in
+    num_batches_tracked, even at momentum 0)."""
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            buffers = [f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)]
+            taken = [b for b in buffers if b in spec.buffer_names]
+            if taken and not any(b in spec.next_buffers for b in taken):
+                layers.append(module)
+    return layers
 
 
 def train_mode(model: nn.Module, eval_modules: list[nn.Module]) -> None:
