@@ -72,10 +72,9 @@ def optimizer_proto(spec: GraphSpec, opset: int = OPSET) -> onnx.ModelProto:
     for name in parameters:
         update(name, b.op("Mul", gradient_name(name), factor))
     graph = helper.make_graph(b.nodes, spec.stem, inputs, outputs, b.constants)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lossx"
-    )
-    model.ir_version = 8
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="lossx")
+    model.ir_version = helper.find_min_ir_version_for(opsets)  # what older runtimes load
     onnx.checker.check_model(model, full_check=True)
     return model
 
