@@ -115,15 +115,8 @@ class Artifact:
         if key not in self._sessions:
             entry = self.graph(stem)
             replaced = None
-            prefix = entry.spec.kind.weights_prefix
-            if self.weights is not None and prefix is not None:
-                # integer buffers (batch-norm's num_batches_tracked) are read by training
-                # graphs only
-                replaced = {
-                    prefix + name: value
-                    for name, value in self.weights.items()
-                    if value.dtype == np.float32
-                }
+            if self.weights is not None:
+                replaced = graph_initializers(entry.spec, self.weights)
             session = open_session(
                 self.path / entry.spec.file,
                 options,
@@ -211,6 +204,16 @@ def _safe_member(root: Path, name: object) -> Path:
     if not path.exists():
         raise ArtifactError(f"{path}: listed in the manifest but missing")
     return regular_file(path, "artifact file", ArtifactError)
+
+
+def graph_initializers(spec: GraphSpec, weights: dict[str, np.ndarray]) -> dict | None:
+    """`weights` under the initializer names graph `spec` holds them by (None for a graph that
+    takes its weights as inputs). Integer buffers (batch norm's num_batches_tracked) are read
+    by training graphs only."""
+    prefix = spec.kind.weights_prefix
+    if prefix is None:
+        return None
+    return {prefix + name: value for name, value in weights.items() if value.dtype == np.float32}
 
 
 def load_artifact(artifact_dir: Path, manifest_sha256: str | None = None) -> Artifact:

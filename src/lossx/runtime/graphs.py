@@ -231,7 +231,8 @@ class GraphSpec:
 
 
 _SCORES = (Role.LOSS_INPUT, Role.LOGITS)
-_STATE = (Role.PARAMETER, Role.FROZEN_PARAMETER, Role.BUFFER)
+_PARAMETERS = (Role.PARAMETER, Role.FROZEN_PARAMETER)
+_STATE = (*_PARAMETERS, Role.BUFFER)
 NEXT_PREFIX = "next."
 OPTIMIZER_PREFIX = "optimizer_"
 GRAD_NORM = "grad_norm"
@@ -419,7 +420,7 @@ def artifact_graphs(
 
 
 def _expected_train_graph(spec: GraphSpec, model: GraphSpec) -> GraphSpec:
-    parameters = [(t.name, t.shape) for t in spec.inputs if t.role in _STATE[:2]]
+    parameters = [(t.name, t.shape) for t in spec.inputs if t.role in _PARAMETERS]
     frozen = frozenset(spec.frozen_names)
     return train_graph(spec.loss, model, parameters, spec.input_grad, graph_buffers(spec), frozen)
 

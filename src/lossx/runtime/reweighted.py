@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from lossx.errors import ArtifactError
 from lossx.files import check_destination, write_folder_atomically
-from lossx.runtime.artifact import Artifact, load_artifact, sha256_of
+from lossx.runtime.artifact import Artifact, graph_initializers, load_artifact, sha256_of
 from lossx.runtime.manifest import MANIFEST_FILE, Manifest
+from lossx.runtime.session import replace_initializers
 from lossx.runtime.weights import check_weights
 
 
@@ -44,15 +44,12 @@ def _write(artifact: Artifact, weights: dict, staged: Path, record: dict) -> Man
     record = {"file": manifest.weights["file"], **record}
     for entry in manifest.graphs:
         source, target = artifact.path / entry.spec.file, staged / entry.spec.file
-        prefix = entry.spec.kind.weights_prefix
-        if prefix is None:
+        initializers = graph_initializers(entry.spec, weights)
+        if initializers is None:
             shutil.copyfile(source, target)
             continue
         model = onnx.load(str(source))
-        for tensor in model.graph.initializer:
-            name = tensor.name.removeprefix(prefix)
-            if tensor.name.startswith(prefix) and name in weights:
-                tensor.CopyFrom(numpy_helper.from_array(weights[name], tensor.name))
+        replace_initializers(model, initializers)
         for prop in model.metadata_props:
             if prop.key == "lossx.weights":
                 prop.value = json.dumps(record)

@@ -107,13 +107,14 @@ def _model(path: Path | bytes, initializers: dict[str, np.ndarray] | None, nchwc
 
     model = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
     if initializers is not None:
-        _replace_initializers(model, initializers)
+        replace_initializers(model, initializers)
     if nchwc_convs:
         model = with_nchwc_convs(model)
     return model.SerializeToString()
 
 
-def _replace_initializers(model, values: dict[str, np.ndarray]) -> None:
+def replace_initializers(model, values: dict[str, np.ndarray]) -> None:
+    """Give `model`'s (an onnx ModelProto's) initializers named in `values` those values."""
     from onnx import numpy_helper
 
     # Every weight a graph reads is an initializer under its state_dict name (the model is

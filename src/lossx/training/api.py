@@ -25,7 +25,7 @@ from lossx.runtime.reweighted import write_reweighted
 from lossx.training.checkpoints import resume_state
 from lossx.training.ort_engine import OnnxRuntimeEngine
 from lossx.training.recipe import TrainConfig
-from lossx.training.schedule import EVAL_BATCH, eval_scores
+from lossx.training.schedule import EVAL_BATCH
 
 MOMENTUM = 0.9  # SGD's momentum and AdamW's beta1 where the caller gives none
 
@@ -70,15 +70,8 @@ class FineTuning:
     def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) of the current weights on these images."""
         x, y = self._batch(images, labels)
-        model = self.artifact.with_weights(self.engine.state_dict())
-        spec = model.graph("model").spec
-        logits = [
-            model.run("model", {"images": x[i : i + EVAL_BATCH]}, self.options)[
-                spec.output_names[0]
-            ]
-            for i in range(0, len(x), EVAL_BATCH)
-        ]
-        return eval_scores(np.concatenate(logits), y)
+        starts = range(0, len(x), EVAL_BATCH)
+        return self.engine.scores((x[i : i + EVAL_BATCH], y[i : i + EVAL_BATCH]) for i in starts)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The model's current weights and buffers by state_dict name (copies)."""

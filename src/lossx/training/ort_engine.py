@@ -11,6 +11,7 @@ too, so both engines take the same steps from the same weights and seed.
 Its checkpoint is an .npz (lossx.training.checkpoints).
 """
 
+from collections.abc import Iterable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -100,11 +101,15 @@ class OnnxRuntimeEngine:
         self.pending, self.pending_batches = None, 0
 
     def evaluate(self, split: ImageSet) -> tuple[float, float]:
+        return self.scores(iter_batches(split, EVAL_BATCH, self.contract))
+
+    def scores(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of the current weights on model-ready batches."""
         model = self.artifact.with_weights(self.state_dict())
         spec = model.graph("model").spec
         name, output = spec.named(Role.IMAGES), spec.named(Role.LOGITS)
         logits, labels = [], []
-        for x, y in iter_batches(split, EVAL_BATCH, self.contract):
+        for x, y in batches:
             logits.append(model.run("model", {name: x}, self.options)[output])
             labels.append(y)
         return eval_scores(np.concatenate(logits), np.concatenate(labels))
@@ -162,7 +167,7 @@ def trained_recipe(graph: GraphSpec, config: TrainConfig) -> dict:
     fixed when the graph is exported."""
     frozen = set(graph.frozen_names)
     if config.trainable is not None or config.frozen is not None:
-        names = [t.name for t in graph.inputs if t.role in (Role.PARAMETER, Role.FROZEN_PARAMETER)]
+        names = [*graph.parameter_names, *graph.frozen_names]
         chosen = frozen_parameters(names, config.trainable, config.frozen)
         if chosen != frozen:
             trains = ", ".join(graph.parameter_names[:4])
@@ -173,10 +178,13 @@ def trained_recipe(graph: GraphSpec, config: TrainConfig) -> dict:
             )
     recipe = {"trainable": None, "frozen": tuple(graph.frozen_names) or None}
     # a batch norm whose weight is frozen: eval mode where its statistics stay as they are
-    statistics = [n for n in graph.buffer_names if n.endswith(".running_mean")]
-    layers = [n for n in statistics if n.replace(".running_mean", ".weight") in frozen]
-    if layers:
-        recipe["frozen_bn"] = "train" if layers[0] in graph.next_buffers else "eval"
+    # (a step in train mode updates some buffer of it, num_batches_tracked at least)
+    layers = [n.removesuffix(".running_mean") for n in graph.buffer_names
+              if n.endswith(".running_mean")]  # fmt: skip
+    frozen_layers = [layer for layer in layers if f"{layer}.weight" in frozen]
+    if frozen_layers:
+        updated = any(b.startswith(f"{frozen_layers[0]}.") for b in graph.next_buffers)
+        recipe["frozen_bn"] = "train" if updated else "eval"
     return recipe
 
 
