@@ -55,6 +55,13 @@ def cifar_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
+def data_dir(cifar_dir) -> Path:
+    """The real dataset's folder, for tests that need all of it (require_shared)."""
+    require_shared(cifar_dir)
+    return cifar_dir
+
+
+@pytest.fixture(scope="session")
 def test_split(cifar_dir):
     """The official CIFAR-10 test images 0-999 (1,000 real images)."""
     return load_cifar10(cifar_dir, "test") if cifar_dir else load_packaged_sample()

@@ -15,15 +15,8 @@ from lossx.runtime import load_artifact
 from lossx.runtime.cifar10 import CONTRACT
 from lossx.training.recipe import TrainConfig
 from lossx.training.schedule import epoch_batches, one_cycle
-from tests.conftest import require_shared
 
 SMALL = TrainConfig(epochs=2, batch_size=32, lr=0.02, limit=512)
-
-
-@pytest.fixture(scope="module")
-def data_dir(cifar_dir):
-    require_shared(cifar_dir)
-    return cifar_dir
 
 
 @pytest.fixture(scope="module")

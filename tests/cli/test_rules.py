@@ -45,19 +45,11 @@ from tests.conftest import (
     copy_with_eager_weights_changed,
     copy_with_nan_logits,
     rehash,
-    require_shared,
-    shared_cifar10_dir,
 )
 
 MODEL = model_graph(CONTRACT.shape, CONTRACT.num_classes)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    require_shared(shared_cifar10_dir())
-    return shared_cifar10_dir()
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,6 @@ from tests.conftest import require_shared, shared_cifar10_dir
 SHORT = ["--limit", "128", "--holdout", "64", "--epochs", "1", "--batch-size", "32"]
 
 
-@pytest.fixture(scope="module")
-def data_dir():
-    require_shared(shared_cifar10_dir())
-    return shared_cifar10_dir()
-
-
 @pytest.fixture(scope="module", params=["torch", "onnxruntime"])
 def finished(request, data_dir, seeded_train_artifact_dir, tmp_path_factory):
     """A run of each engine that finished all its epochs: (engine arguments, checkpoint)."""

@@ -25,16 +25,9 @@ from lossx.runtime.options import SessionOptions
 from lossx.training.checkpoints import STATE_KEY
 from lossx.training.ort_engine import train as train_onnxruntime
 from lossx.training.recipe import DEFAULT_LR, TrainConfig
-from tests.conftest import require_shared
 from tests.runtime.test_torch_free import BLOCK_TORCH
 
 SMALL = TrainConfig(epochs=2, batch_size=64, limit=512)  # 16 steps of the default recipe
-
-
-@pytest.fixture(scope="module")
-def data_dir(cifar_dir):
-    require_shared(cifar_dir)
-    return cifar_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from lossx.runtime.loss_specs import parse_loss_spec
 from lossx.runtime.options import SessionOptions
 from lossx.training.ort_engine import train as train_onnxruntime
 from lossx.training.recipe import DEFAULT_LR, TrainConfig, frozen_parameters
-from tests.conftest import require_shared
 
 NAMES = ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"]
 HEAD = TrainConfig(model="resnet20", epochs=2, batch_size=64, limit=512, trainable=("fc.*",))
@@ -68,12 +67,6 @@ def test_the_spec_says_which_batch_norms_run_in_eval_mode():
         spec = train_graph(parse_loss_spec("mse"), model_graph(shape, 4), parameters,
                            buffers=buffers)  # fmt: skip
         assert eval_batch_norms(model, spec) == expected
-
-
-@pytest.fixture(scope="module")
-def data_dir(cifar_dir):
-    require_shared(cifar_dir)
-    return cifar_dir
 
 
 @pytest.fixture(scope="module")
